@@ -1,0 +1,293 @@
+//! Turns flow files into runnable flows, collecting every problem on the way.
+//!
+//! The phases run in order: parse ([`crate::config::load`]), structure (names resolve, no two
+//! flows claim one endpoint), and compile (schemas, templates, JSONPaths, URLs, durations).
+//! Each phase reports all it finds, so `ferry check` shows every problem at once.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_saphyr::Location;
+
+use crate::config::load::{LoadedFlow, load_dir};
+use crate::diagnostic::{self, Diagnostic, Severity};
+use crate::flow::Flow;
+use crate::schema::{SchemaError, Schemas};
+use crate::template::Templates;
+
+/// Where a project's flows and schemas are.
+#[derive(Debug, Clone)]
+pub struct ProjectPaths {
+    /// The flows folder.
+    pub flows: PathBuf,
+    /// The schemas folder that `validate` steps name files in.
+    pub schemas: PathBuf,
+}
+
+impl ProjectPaths {
+    /// `flows` and, unless given, the `schemas` folder beside it.
+    pub fn new(flows: &Path, schemas: Option<&Path>) -> Self {
+        let schemas = schemas.map_or_else(
+            || flows.parent().unwrap_or(Path::new(".")).join("schemas"),
+            Path::to_path_buf,
+        );
+        Self {
+            flows: flows.to_path_buf(),
+            schemas,
+        }
+    }
+}
+
+/// Every flow of a project, compiled and ready to serve.
+#[derive(Debug)]
+pub struct Project {
+    /// The flows, in file order.
+    pub flows: Vec<Arc<Flow>>,
+    /// Warnings found while compiling; errors prevent a project from existing.
+    pub warnings: Vec<Diagnostic>,
+}
+
+impl Project {
+    /// The flow named `name`.
+    pub fn flow(&self, name: &str) -> Option<&Arc<Flow>> {
+        self.flows.iter().find(|f| f.name == name)
+    }
+}
+
+/// Loads, checks and compiles every flow under `paths.flows`.
+///
+/// # Errors
+///
+/// Every diagnostic found, sorted by file and line, when any of them is an error.
+pub fn load_project(paths: &ProjectPaths) -> Result<Project, Vec<Diagnostic>> {
+    let (loaded, mut diagnostics) = load_dir(&paths.flows);
+    let mut schemas = Schemas::new(&paths.schemas);
+    check_unique_names(&loaded, &mut diagnostics);
+    check_endpoints(&loaded, &mut diagnostics);
+    let mut flows = Vec::new();
+    for flow in &loaded {
+        if let Some(compiled) = Flow::compile(flow, &mut schemas, &mut diagnostics) {
+            flows.push(Arc::new(compiled));
+        }
+    }
+    diagnostic::sort(&mut diagnostics);
+    if diagnostics.iter().any(|d| d.severity == Severity::Error) {
+        return Err(diagnostics);
+    }
+    Ok(Project {
+        flows,
+        warnings: diagnostics,
+    })
+}
+
+fn check_unique_names(flows: &[LoadedFlow], diagnostics: &mut Vec<Diagnostic>) {
+    let mut seen: HashMap<&str, &Path> = HashMap::new();
+    for flow in flows {
+        let name = &flow.config.name;
+        if let Some(first) = seen.insert(&name.value, &flow.file) {
+            diagnostics.push(
+                Diagnostic::error(
+                    &flow.file,
+                    format!(
+                        "flow name \"{}\" is already used by {}",
+                        name.value,
+                        first.display()
+                    ),
+                )
+                .at_location(name.referenced),
+            );
+        }
+    }
+}
+
+/// Two flows may not serve the same method and path; `{id}` and `{key}` in the same place
+/// are the same path.
+fn check_endpoints(flows: &[LoadedFlow], diagnostics: &mut Vec<Diagnostic>) {
+    let mut seen: HashMap<(String, String), (&str, &Path)> = HashMap::new();
+    for flow in flows {
+        let crate::config::TriggerConfig::Http(http) = &flow.config.trigger;
+        let key = (
+            http.method.value.to_ascii_uppercase(),
+            route_shape(&http.path.value),
+        );
+        let name = flow.config.name.value.as_str();
+        if let Some((other, file)) = seen.get(&key) {
+            diagnostics.push(
+                Diagnostic::error(
+                    &flow.file,
+                    format!(
+                        "{} {} is already served by flow \"{other}\" ({})",
+                        key.0,
+                        http.path.value,
+                        file.display()
+                    ),
+                )
+                .in_flow(name)
+                .in_context("trigger")
+                .at_location(http.path.referenced),
+            );
+        } else {
+            seen.insert(key, (name, &flow.file));
+        }
+    }
+}
+
+/// The path with parameter names erased: `/a/{id}` → `/a/{}`.
+fn route_shape(path: &str) -> String {
+    path.split('/')
+        .map(|segment| match segment.strip_prefix("{*") {
+            Some(_) => "{*}",
+            None if segment.starts_with('{') => "{}",
+            None => segment,
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// What compiling one flow needs: where to report problems and the shared compilers.
+pub(crate) struct Ctx<'a> {
+    pub file: &'a Path,
+    pub flow: &'a str,
+    pub part: String,
+    /// Where the part being compiled starts, for problems with no more precise place.
+    pub at: Location,
+    pub templates: &'a mut Templates,
+    pub schemas: &'a mut Schemas,
+    pub diagnostics: &'a mut Vec<Diagnostic>,
+    /// Target names, in declaration order; routes refer to them.
+    pub targets: Vec<String>,
+}
+
+impl Ctx<'_> {
+    /// Records an error at `at`.
+    pub fn error(&mut self, at: Location, message: impl Into<String>) {
+        let d = self.diagnostic(message).at_location(at);
+        self.diagnostics.push(d);
+    }
+
+    /// Records a warning at `at`.
+    pub fn warn(&mut self, at: Location, message: impl Into<String>) {
+        let mut d = self.diagnostic(message).at_location(at);
+        d.severity = Severity::Warning;
+        self.diagnostics.push(d);
+    }
+
+    fn diagnostic(&self, message: impl Into<String>) -> Diagnostic {
+        Diagnostic::error(self.file, message)
+            .in_flow(self.flow)
+            .in_context(self.part.clone())
+    }
+
+    /// Compiles a schema, reporting a problem at `at` (or inside the schema file when its
+    /// JSON is broken).
+    pub fn schema(&mut self, name: &str, at: Location) -> Option<Arc<jsonschema::Validator>> {
+        match self.schemas.get(name) {
+            Ok(schema) => Some(schema),
+            Err(SchemaError::NotJson {
+                path,
+                line,
+                column,
+                reason,
+            }) => {
+                self.diagnostics
+                    .push(Diagnostic::error(&path, reason).at(line as u64, column as u64));
+                self.error(at, format!("schema \"{name}\" is not valid JSON"));
+                None
+            }
+            Err(error) => {
+                self.error(at, error.to_string());
+                None
+            }
+        }
+    }
+
+    /// Parses a JSONPath that reads the message, reporting a problem at `at`.
+    pub fn message_path(
+        &mut self,
+        source: &str,
+        at: Location,
+    ) -> Option<crate::jsonpath::JsonPath> {
+        let path = match crate::jsonpath::JsonPath::parse(source) {
+            Ok(path) => path,
+            Err(reason) => {
+                self.error(at, format!("invalid JSONPath \"{source}\": {reason}"));
+                return None;
+            }
+        };
+        match path.root_name() {
+            Some(root) if crate::template::ROOTS.contains(&root) => Some(path),
+            _ => {
+                self.error(
+                    at,
+                    format!("JSONPath \"{source}\" must start with $.body, $.vars or $.meta"),
+                );
+                None
+            }
+        }
+    }
+
+    /// Compiles a structural template, reporting each bad leaf at `at` with its pointer.
+    pub fn json_template(
+        &mut self,
+        tree: &serde_json::Value,
+        at: Location,
+    ) -> Option<crate::template::JsonTemplate> {
+        match self.templates.compile_json(tree) {
+            Ok(template) => Some(template),
+            Err(errors) => {
+                for (pointer, message) in errors {
+                    let place = if pointer.is_empty() {
+                        String::new()
+                    } else {
+                        format!("at {pointer}: ")
+                    };
+                    self.error(at, format!("{place}{message}"));
+                }
+                None
+            }
+        }
+    }
+
+    /// Compiles a text template, reporting a problem at `at`.
+    pub fn text_template(
+        &mut self,
+        source: &str,
+        escape: crate::template::Escape,
+        at: Location,
+    ) -> Option<crate::template::TextTemplate> {
+        match self.templates.compile_text(source, escape) {
+            Ok(template) => Some(template),
+            Err(message) => {
+                self.error(at, message);
+                None
+            }
+        }
+    }
+
+    /// Parses a duration such as `500ms` or `10s`, reporting a problem at `at`.
+    pub fn duration(&mut self, source: &str, at: Location) -> Option<std::time::Duration> {
+        match humantime::parse_duration(source) {
+            Ok(duration) => Some(duration),
+            Err(error) => {
+                self.error(
+                    at,
+                    format!("invalid duration \"{source}\": {error}; write e.g. 500ms, 10s or 5m"),
+                );
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_shapes_erase_parameter_names() {
+        assert_eq!(route_shape("/a/{id}/b"), route_shape("/a/{key}/b"));
+        assert_ne!(route_shape("/a/{id}"), route_shape("/a/id"));
+        assert_eq!(route_shape("/f/{*rest}"), "/f/{*}");
+    }
+}

@@ -1,0 +1,257 @@
+//! Reading flow files: discovery, `${VAR}` interpolation and YAML parsing.
+//!
+//! This is the only module that parses YAML. It deserializes straight from text into the
+//! typed [`FlowConfig`], never through a generic YAML value, so every error keeps its line
+//! and column.
+
+use std::path::{Path, PathBuf};
+
+use super::FlowConfig;
+use crate::diagnostic::Diagnostic;
+
+/// A parsed flow file.
+#[derive(Debug)]
+pub struct LoadedFlow {
+    /// The file the flow came from, as found under the flows folder.
+    pub file: PathBuf,
+    /// The flow as written, after interpolation.
+    pub config: FlowConfig,
+}
+
+/// Finds and parses every flow file (`*.yaml`, `*.yml`) under `dir`, recursively.
+///
+/// Returns the flows that parsed and a diagnostic for every problem found.
+pub fn load_dir(dir: &Path) -> (Vec<LoadedFlow>, Vec<Diagnostic>) {
+    let mut diagnostics = Vec::new();
+    let mut files = Vec::new();
+    if let Err(error) = find_flow_files(dir, &mut files) {
+        diagnostics.push(Diagnostic::error(
+            dir,
+            format!("cannot read flows folder: {error}"),
+        ));
+        return (Vec::new(), diagnostics);
+    }
+    if files.is_empty() {
+        diagnostics.push(Diagnostic::error(dir, "no flow files (*.yaml) found"));
+    }
+    files.sort();
+    let env = |name: &str| std::env::var(name).ok();
+    let mut flows = Vec::new();
+    for file in files {
+        let text = match std::fs::read_to_string(&file) {
+            Ok(text) => text,
+            Err(error) => {
+                diagnostics.push(Diagnostic::error(
+                    &file,
+                    format!("cannot read file: {error}"),
+                ));
+                continue;
+            }
+        };
+        match parse_flow(&file, &text, &env) {
+            Ok(config) => flows.push(LoadedFlow { file, config }),
+            Err(mut found) => diagnostics.append(&mut found),
+        }
+    }
+    (flows, diagnostics)
+}
+
+fn find_flow_files(dir: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            find_flow_files(&path, files)?;
+        } else if is_flow_file(&path) {
+            files.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Flow files end in `.yaml` or `.yml`; `*.test.yaml` files hold flow tests, not flows.
+fn is_flow_file(path: &Path) -> bool {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    (name.ends_with(".yaml") || name.ends_with(".yml"))
+        && !name.ends_with(".test.yaml")
+        && !name.ends_with(".test.yml")
+}
+
+/// Parses one flow file's text, interpolating environment variables through `env` first.
+///
+/// # Errors
+///
+/// Every unset variable and the first YAML or structure error, each located in `file`.
+pub fn parse_flow(
+    file: &Path,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<FlowConfig, Vec<Diagnostic>> {
+    let text = interpolate(file, text, env)?;
+    parse_yaml(file, &text).map_err(|d| vec![d])
+}
+
+/// Deserializes YAML text into `T` with ferry's parsing rules: YAML 1.2 booleans only
+/// (`yes`, `on` and `NO` stay strings), duplicate keys refused.
+///
+/// # Errors
+///
+/// The first syntax or structure error, located in `file`.
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(
+    file: &Path,
+    text: &str,
+) -> Result<T, Diagnostic> {
+    let options = serde_saphyr::options! { strict_booleans: true };
+    serde_saphyr::from_str_with_options(text, options).map_err(|error| {
+        let diagnostic = Diagnostic::error(file, yaml_message(&error));
+        match error.location() {
+            Some(location) => diagnostic.at_location(location),
+            None => diagnostic,
+        }
+    })
+}
+
+/// The error's own words, without the location and snippet that the diagnostic adds itself.
+fn yaml_message(error: &serde_saphyr::Error) -> String {
+    let rendered = error.without_snippet().to_string();
+    // The rendering ends in " at line L, column C"; the diagnostic carries that already.
+    let message = match rendered.rfind(" at line ") {
+        Some(at) => &rendered[..at],
+        None => &rendered,
+    };
+    message.trim().to_owned()
+}
+
+/// Replaces `${NAME}` and `${NAME:-default}` with environment values; `$${` stands for a
+/// literal `${`.
+///
+/// Values may not hold line breaks, so interpolation can never add YAML structure and line
+/// numbers stay those of the file.
+///
+/// # Errors
+///
+/// One diagnostic per unset variable without default, malformed reference, or multi-line
+/// value, each at the line and column of its `${`.
+pub fn interpolate(
+    file: &Path,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, Vec<Diagnostic>> {
+    let mut out = String::with_capacity(text.len());
+    let mut errors = Vec::new();
+    for (index, line) in text.split_inclusive('\n').enumerate() {
+        let line_no = index as u64 + 1;
+        let mut rest = line;
+        let mut column = 1u64;
+        while let Some(at) = rest.find('$') {
+            out.push_str(&rest[..at]);
+            column += rest[..at].chars().count() as u64;
+            let tail = &rest[at..];
+            if tail.starts_with("$${") {
+                out.push_str("${");
+                rest = &tail[3..];
+                column += 3;
+                continue;
+            }
+            if !tail.starts_with("${") {
+                out.push('$');
+                rest = &tail[1..];
+                column += 1;
+                continue;
+            }
+            let error = |message: String| Diagnostic::error(file, message).at(line_no, column);
+            let Some(end) = tail.find('}') else {
+                errors.push(error(
+                    "unterminated `${`: write `${NAME}`, or `$${` for a literal `${`".into(),
+                ));
+                out.push_str(tail);
+                rest = "";
+                break;
+            };
+            let reference = &tail[2..end];
+            let (name, default) = match reference.split_once(":-") {
+                Some((name, default)) => (name, Some(default)),
+                None => (reference, None),
+            };
+            if !is_variable_name(name) {
+                errors.push(error(format!(
+                    "invalid environment variable name \"{name}\""
+                )));
+            } else {
+                match (env(name).filter(|v| !v.is_empty()), default) {
+                    (Some(value), _) if value.contains(['\n', '\r']) => errors.push(error(format!(
+                        "environment variable {name} holds a line break, which a flow value cannot"
+                    ))),
+                    (Some(value), _) => out.push_str(&value),
+                    (None, Some(default)) => out.push_str(default),
+                    (None, None) => errors.push(error(format!(
+                        "environment variable {name} is not set and has no default; set it or write `${{{name}:-default}}`"
+                    ))),
+                }
+            }
+            column += tail[..=end].chars().count() as u64;
+            rest = &tail[end + 1..];
+        }
+        out.push_str(rest);
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
+fn is_variable_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "LAB_URL" => Some("http://lab.test".into()),
+            "EMPTY" => Some(String::new()),
+            "MULTI" => Some("a\nb".into()),
+            _ => None,
+        }
+    }
+
+    fn run(text: &str) -> Result<String, Vec<String>> {
+        interpolate(Path::new("f.yaml"), text, &env)
+            .map_err(|d| d.into_iter().map(|d| d.to_string()).collect())
+    }
+
+    #[test]
+    fn substitutes_values_and_defaults() {
+        assert_eq!(
+            run("url: ${LAB_URL}/orders").unwrap(),
+            "url: http://lab.test/orders"
+        );
+        assert_eq!(run("url: ${NOPE:-http://x}").unwrap(), "url: http://x");
+        assert_eq!(run("v: ${EMPTY:-d}").unwrap(), "v: d");
+        assert_eq!(run("p: $.body.x $${LIT}").unwrap(), "p: $.body.x ${LIT}");
+    }
+
+    #[test]
+    fn reports_every_unset_variable_with_its_position() {
+        let errors = run("a: 1\nurl: ${A}/x/${B}\n").unwrap_err();
+        assert_eq!(errors.len(), 2);
+        assert!(errors[0].starts_with("f.yaml:2:6: error: environment variable A is not set"));
+        assert!(errors[1].starts_with("f.yaml:2:13: error: environment variable B"));
+    }
+
+    #[test]
+    fn refuses_line_breaks_and_bad_names() {
+        assert!(run("x: ${MULTI}").unwrap_err()[0].contains("line break"));
+        assert!(run("x: ${1A}").unwrap_err()[0].contains("invalid environment variable name"));
+        assert!(run("x: ${A").unwrap_err()[0].contains("unterminated"));
+    }
+}

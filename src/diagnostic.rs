@@ -1,0 +1,131 @@
+//! One problem found in a flow, with where it is and what to do about it.
+//!
+//! Loading and compiling collect every problem as a [`Diagnostic`] instead of stopping at the
+//! first, so `ferry check` can report them all at once.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// How bad a [`Diagnostic`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    /// The flow cannot run.
+    Error,
+    /// The flow runs, but probably not as meant.
+    Warning,
+}
+
+/// A problem in a flow file (or a file it references), located as precisely as possible.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// Error or warning.
+    pub severity: Severity,
+    /// The file the problem is in.
+    pub file: PathBuf,
+    /// 1-based line and column, when known.
+    pub position: Option<(u64, u64)>,
+    /// Name of the flow, when known.
+    pub flow: Option<String>,
+    /// The step, as `step 2 (validate)`, or the part of the flow (`trigger`, `target "lab"`).
+    pub context: Option<String>,
+    /// What is wrong, lowercase, quoting the offending value.
+    pub message: String,
+}
+
+impl Diagnostic {
+    /// An error in `file` with no location yet.
+    pub fn error(file: &Path, message: impl Into<String>) -> Self {
+        Self {
+            severity: Severity::Error,
+            file: file.to_path_buf(),
+            position: None,
+            flow: None,
+            context: None,
+            message: message.into(),
+        }
+    }
+
+    /// Sets the 1-based line and column; a zero line means unknown and is ignored.
+    #[must_use]
+    pub fn at(mut self, line: u64, column: u64) -> Self {
+        if line > 0 {
+            self.position = Some((line, column.max(1)));
+        }
+        self
+    }
+
+    /// Locates the diagnostic at a YAML node.
+    #[must_use]
+    pub fn at_location(self, location: serde_saphyr::Location) -> Self {
+        self.at(location.line(), location.column())
+    }
+
+    /// Names the flow the diagnostic belongs to.
+    #[must_use]
+    pub fn in_flow(mut self, flow: &str) -> Self {
+        self.flow = Some(flow.to_owned());
+        self
+    }
+
+    /// Names the part of the flow the diagnostic belongs to.
+    #[must_use]
+    pub fn in_context(mut self, context: impl Into<String>) -> Self {
+        self.context = Some(context.into());
+        self
+    }
+
+    /// Sort key: file, then position, so reports read top to bottom.
+    pub fn sort_key(&self) -> (&Path, (u64, u64)) {
+        (&self.file, self.position.unwrap_or((0, 0)))
+    }
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some((line, column)) = self.position {
+            write!(f, ":{line}:{column}")?;
+        }
+        let severity = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        write!(f, ": {severity}: ")?;
+        match (&self.flow, &self.context) {
+            (Some(flow), Some(context)) => write!(f, "flow \"{flow}\", {context}: ")?,
+            (Some(flow), None) => write!(f, "flow \"{flow}\": ")?,
+            (None, Some(context)) => write!(f, "{context}: ")?,
+            (None, None) => {}
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Sorts diagnostics by file and position, and drops exact repeats.
+pub fn sort(diagnostics: &mut Vec<Diagnostic>) {
+    diagnostics.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
+    diagnostics.dedup();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_file_line_column_flow_and_context() {
+        let d = Diagnostic::error(Path::new("flows/a.yaml"), "unknown field `templat`")
+            .at(12, 7)
+            .in_flow("orders")
+            .in_context("step 2 (transform)");
+        assert_eq!(
+            d.to_string(),
+            "flows/a.yaml:12:7: error: flow \"orders\", step 2 (transform): unknown field `templat`"
+        );
+    }
+
+    #[test]
+    fn renders_without_position() {
+        let d = Diagnostic::error(Path::new("flows"), "no flow files found");
+        assert_eq!(d.to_string(), "flows: error: no flow files found");
+    }
+}

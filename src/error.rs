@@ -1,0 +1,163 @@
+//! Errors a message can meet, and their one mapping to HTTP responses.
+//!
+//! Every error reply has the same shape, `{"error": CODE, "message": TEXT, "details": [...]}`,
+//! with a stable `CODE` per kind of failure. 5xx replies say what failed but not why: the
+//! reason goes to the log, once.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+/// One way a body breaks a schema.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Violation {
+    /// JSON pointer to the offending value in the body (`""` for the body itself).
+    pub pointer: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+/// Why a flow could not handle a message.
+#[derive(Debug, thiserror::Error)]
+pub enum FlowError {
+    /// The body breaks the schema of a `validate` step.
+    #[error("the body does not match the schema \"{schema}\"")]
+    Invalid {
+        /// The schema file.
+        schema: String,
+        /// Every violation found.
+        violations: Vec<Violation>,
+    },
+    /// A step could not produce its output from this message, such as a template reading a
+    /// field the message lacks.
+    #[error("{context}: {reason}")]
+    Unprocessable {
+        /// The step, as `step 2 (transform)`.
+        context: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// No rule of a `route` step matched.
+    #[error("no route matches the message")]
+    NoRoute,
+    /// The target did not take the message.
+    #[error("target \"{target}\" failed: {reason}")]
+    Target {
+        /// The target's name.
+        target: String,
+        /// The status it answered, when it answered.
+        status: Option<u16>,
+        /// What went wrong, for the log.
+        reason: String,
+    },
+}
+
+/// Why a request got an error reply. The single place that decides status codes.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The body is not JSON.
+    #[error("the body is not valid JSON: {reason}")]
+    MalformedJson {
+        /// The parser's explanation.
+        reason: String,
+        /// 1-based line of the error.
+        line: usize,
+        /// 1-based column of the error.
+        column: usize,
+    },
+    /// The body is not declared as JSON.
+    #[error("the body must be JSON (content-type application/json), not \"{0}\"")]
+    UnsupportedMediaType(String),
+    /// The body exceeds the trigger's limit.
+    #[error("the body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge {
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// No flow serves the path.
+    #[error("no flow serves {0}")]
+    NotFound(String),
+    /// A flow serves the path, but not with this method.
+    #[error("method {0} is not allowed here")]
+    MethodNotAllowed(String),
+    /// The flow refused or failed the message.
+    #[error(transparent)]
+    Flow(#[from] FlowError),
+    /// A fault in ferry itself.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ServeError {
+    /// The HTTP status of the reply.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::MalformedJson { .. } => StatusCode::BAD_REQUEST,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Flow(
+                FlowError::Invalid { .. } | FlowError::Unprocessable { .. } | FlowError::NoRoute,
+            ) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Flow(FlowError::Target { .. }) => StatusCode::BAD_GATEWAY,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable error code of the reply.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::MalformedJson { .. } => "malformed_json",
+            Self::UnsupportedMediaType(_) => "unsupported_media_type",
+            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::NotFound(_) => "not_found",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::Flow(FlowError::Invalid { .. }) => "validation_failed",
+            Self::Flow(FlowError::Unprocessable { .. }) => "unprocessable",
+            Self::Flow(FlowError::NoRoute) => "no_route",
+            Self::Flow(FlowError::Target { .. }) => "target_failed",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    fn details(&self) -> Vec<Value> {
+        match self {
+            Self::MalformedJson { line, column, .. } => {
+                vec![json!({"line": line, "column": column})]
+            }
+            Self::PayloadTooLarge { limit } => vec![json!({"limit_bytes": limit})],
+            Self::Flow(FlowError::Invalid { schema, violations }) => violations
+                .iter()
+                .map(|v| json!({"pointer": v.pointer, "message": v.message, "schema": schema}))
+                .collect(),
+            Self::Flow(FlowError::Target { target, status, .. }) => {
+                vec![json!({"target": target, "status": status})]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// The message of the reply; 5xx replies keep their reason for the log.
+    fn public_message(&self) -> String {
+        match self {
+            Self::Flow(FlowError::Target { target, .. }) => {
+                format!("target \"{target}\" did not take the message")
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for ServeError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(error = %self, code = self.code(), "request failed");
+        }
+        let body = json!({"error": self.code(), "message": self.public_message(), "details": self.details()});
+        (status, Json(body)).into_response()
+    }
+}

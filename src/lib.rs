@@ -1,0 +1,32 @@
+//! ferry: a declarative integration runtime.
+//!
+//! Integrators describe flows in YAML: a trigger, steps and targets. ferry loads them,
+//! compiles every schema, template and JSONPath once, and serves them.
+//!
+//! # Layout
+//!
+//! - [`config`]: the flow file format (serde types) and reading flow files.
+//! - [`compile`]: from flow files to a [`compile::Project`] of runnable flows, collecting
+//!   every [`diagnostic::Diagnostic`].
+//! - [`flow`]: a compiled flow and how it handles one message.
+//! - [`message`]: what moves through a flow (`body`, `vars`, `meta`).
+//! - [`steps`]: `validate`, `set`, `transform`, `route`.
+//! - [`targets`]: where messages go (`http`), and how outcomes are classified.
+//! - [`template`], [`jsonpath`], [`schema`]: the compilers steps and targets share.
+//! - [`server`]: the HTTP server that runs flows' triggers.
+//! - [`error`]: errors and their single mapping to HTTP replies.
+//! - [`cli`]: the `ferry` command.
+
+pub mod cli;
+pub mod compile;
+pub mod config;
+pub mod diagnostic;
+pub mod error;
+pub mod flow;
+pub mod jsonpath;
+pub mod message;
+pub mod schema;
+pub mod server;
+pub mod steps;
+pub mod targets;
+pub mod template;

@@ -1,0 +1,163 @@
+//! The message that moves through a flow: its `body`, the `vars` that steps set, and `meta`
+//! (ids, time, and what the trigger received).
+//!
+//! Templates and JSONPaths read all three as one JSON document
+//! `{"body": …, "vars": {…}, "meta": {…}}`. The message keeps that document inside a
+//! Handlebars [`Context`] so rendering a template never copies the body.
+
+use std::collections::BTreeMap;
+
+use handlebars::Context;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// What the trigger received, readable as `meta.*` in templates and `$.meta.*` in JSONPaths.
+#[derive(Debug, Clone, Serialize)]
+pub struct Meta {
+    /// The id ferry gives the message (a UUIDv7, time-ordered).
+    pub id: String,
+    /// The caller's `X-Correlation-Id`, or the message id when absent.
+    pub correlation_id: String,
+    /// The flow handling the message.
+    pub flow: String,
+    /// When ferry received the message (RFC 3339, UTC).
+    pub received_at: String,
+    /// HTTP method of the request.
+    pub method: String,
+    /// Request path.
+    pub path: String,
+    /// Path parameters captured by `{name}` segments.
+    pub params: BTreeMap<String, String>,
+    /// Query parameters (the last value wins when repeated).
+    pub query: BTreeMap<String, String>,
+    /// Request headers, names lowercased; credentials are left out.
+    pub headers: BTreeMap<String, String>,
+}
+
+impl Meta {
+    /// Fresh metadata for a message of `flow`: a new id and the current time.
+    pub fn new(flow: &str) -> Self {
+        let id = uuid::Uuid::now_v7().to_string();
+        let received_at = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        Self {
+            correlation_id: id.clone(),
+            id,
+            flow: flow.to_owned(),
+            received_at,
+            method: String::new(),
+            path: String::new(),
+            params: BTreeMap::new(),
+            query: BTreeMap::new(),
+            headers: BTreeMap::new(),
+        }
+    }
+}
+
+/// A message in flight.
+#[derive(Debug, Clone)]
+pub struct Message {
+    context: Context,
+    /// Content type of a body rendered by a text template; `None` means JSON.
+    content_type: Option<String>,
+}
+
+impl Message {
+    /// A message with `body`, no vars, and `meta`.
+    pub fn new(body: Value, meta: &Meta) -> Self {
+        let meta = serde_json::to_value(meta).unwrap_or(Value::Null);
+        let mut root = Map::with_capacity(3);
+        root.insert("body".into(), body);
+        root.insert("vars".into(), Value::Object(Map::new()));
+        root.insert("meta".into(), meta);
+        Self {
+            context: Context::from(Value::Object(root)),
+            content_type: None,
+        }
+    }
+
+    /// The whole document `{"body", "vars", "meta"}` that templates and JSONPaths read.
+    pub fn root(&self) -> &Value {
+        self.context.data()
+    }
+
+    /// The same document as a Handlebars context, for rendering.
+    pub fn context(&self) -> &Context {
+        &self.context
+    }
+
+    /// The body.
+    pub fn body(&self) -> &Value {
+        &self.root()["body"]
+    }
+
+    /// The message id (`meta.id`).
+    pub fn id(&self) -> &str {
+        self.root()["meta"]["id"].as_str().unwrap_or_default()
+    }
+
+    /// Replaces the body with JSON.
+    pub fn set_body(&mut self, body: Value) {
+        self.slot("body", body);
+        self.content_type = None;
+    }
+
+    /// Replaces the body with text of the given content type.
+    pub fn set_text_body(&mut self, text: String, content_type: &str) {
+        self.slot("body", Value::String(text));
+        self.content_type = Some(content_type.to_owned());
+    }
+
+    /// The content type of a text body, or `None` for JSON.
+    pub fn content_type(&self) -> Option<&str> {
+        self.content_type.as_deref()
+    }
+
+    /// Sets `vars.<name>`.
+    pub fn set_var(&mut self, name: &str, value: Value) {
+        if let Some(Value::Object(vars)) = self.root_mut().get_mut("vars") {
+            vars.insert(name.to_owned(), value);
+        }
+    }
+
+    fn slot(&mut self, key: &str, value: Value) {
+        self.root_mut().insert(key.to_owned(), value);
+    }
+
+    fn root_mut(&mut self) -> &mut Map<String, Value> {
+        let data = self.context.data_mut();
+        if !data.is_object() {
+            *data = Value::Object(Map::new());
+        }
+        data.as_object_mut()
+            .expect("the root was just made an object")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn exposes_body_vars_and_meta_as_one_document() {
+        let meta = Meta::new("orders");
+        let mut message = Message::new(json!({"a": 1}), &meta);
+        message.set_var("ref", json!("PR-1"));
+        assert_eq!(message.root()["body"], json!({"a": 1}));
+        assert_eq!(message.root()["vars"]["ref"], json!("PR-1"));
+        assert_eq!(message.root()["meta"]["flow"], json!("orders"));
+        assert_eq!(message.id(), meta.id);
+        assert_eq!(message.root()["meta"]["correlation_id"], json!(meta.id));
+    }
+
+    #[test]
+    fn text_bodies_remember_their_content_type() {
+        let mut message = Message::new(json!({}), &Meta::new("f"));
+        message.set_text_body("a,b".into(), "text/csv");
+        assert_eq!(message.content_type(), Some("text/csv"));
+        message.set_body(json!([1]));
+        assert_eq!(message.content_type(), None);
+    }
+}

@@ -1,0 +1,234 @@
+//! JSON Schemas for `validate` steps, read from the schemas folder and compiled once.
+//!
+//! A schema may `$ref` other files in the schemas folder; references outside it, and any
+//! remote (`http://`, `https://`) reference, are refused, so loading a flow never reaches
+//! the network or the rest of the disk.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use jsonschema::{Retrieve, Uri, Validator};
+use serde_json::Value;
+
+use crate::error::Violation;
+
+/// Why a schema could not be loaded.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SchemaError {
+    /// The name climbs out of the schemas folder or is absolute.
+    #[error("schema \"{0}\" is outside the schemas folder")]
+    Outside(String),
+    /// The file cannot be read.
+    #[error("cannot read schema file {}: {reason}", path.display())]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        reason: String,
+    },
+    /// The file is not JSON.
+    #[error("{reason}")]
+    NotJson {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the error.
+        line: usize,
+        /// 1-based column of the error.
+        column: usize,
+        /// The parser's explanation.
+        reason: String,
+    },
+    /// The JSON is not a valid schema, or a `$ref` cannot be resolved.
+    #[error("invalid schema {}: {reason}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The explanation.
+        reason: String,
+    },
+}
+
+/// Loads and compiles schemas from one folder, each file once however many flows use it.
+#[derive(Debug)]
+pub struct Schemas {
+    dir: PathBuf,
+    compiled: HashMap<String, Result<Arc<Validator>, SchemaError>>,
+}
+
+impl Schemas {
+    /// Schemas found in `dir`.
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            compiled: HashMap::new(),
+        }
+    }
+
+    /// The compiled schema named `name` (a path relative to the schemas folder).
+    ///
+    /// # Errors
+    ///
+    /// A [`SchemaError`] saying which file is missing, not JSON, or not a valid schema.
+    pub fn get(&mut self, name: &str) -> Result<Arc<Validator>, SchemaError> {
+        if let Some(found) = self.compiled.get(name) {
+            return found.clone();
+        }
+        let result = self.compile(name);
+        self.compiled.insert(name.to_owned(), result.clone());
+        result
+    }
+
+    fn compile(&self, name: &str) -> Result<Arc<Validator>, SchemaError> {
+        let relative = Path::new(name);
+        if relative.is_absolute()
+            || relative
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(SchemaError::Outside(name.to_owned()));
+        }
+        let path = self.dir.join(relative);
+        let root = std::fs::canonicalize(&self.dir).map_err(|e| SchemaError::Unreadable {
+            path: self.dir.clone(),
+            reason: e.to_string(),
+        })?;
+        let schema = read_json(&path)?;
+        let canonical = std::fs::canonicalize(&path).map_err(|e| SchemaError::Unreadable {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let base = reqwest::Url::from_file_path(&canonical).map_err(|()| SchemaError::Invalid {
+            path: path.clone(),
+            reason: "the path cannot be made a file URL".into(),
+        })?;
+        jsonschema::options()
+            .with_base_uri(base.to_string())
+            .with_retriever(LocalFiles { root })
+            .should_validate_formats(true)
+            .build(&schema)
+            .map(Arc::new)
+            .map_err(|e| SchemaError::Invalid {
+                path,
+                reason: e.to_string(),
+            })
+    }
+}
+
+fn read_json(path: &Path) -> Result<Value, SchemaError> {
+    let text = std::fs::read_to_string(path).map_err(|e| SchemaError::Unreadable {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    serde_json::from_str(&text).map_err(|e| SchemaError::NotJson {
+        path: path.to_path_buf(),
+        line: e.line(),
+        column: e.column(),
+        reason: format!("schema is not valid JSON: {e}"),
+    })
+}
+
+/// Resolves `$ref`s to files inside the schemas folder, and nothing else.
+struct LocalFiles {
+    root: PathBuf,
+}
+
+impl Retrieve for LocalFiles {
+    fn retrieve(
+        &self,
+        uri: &Uri<String>,
+    ) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+        let url = reqwest::Url::parse(uri.as_str())?;
+        if url.scheme() != "file" {
+            return Err(format!(
+                "remote $ref \"{uri}\" is refused; copy the schema into the schemas folder"
+            )
+            .into());
+        }
+        let path = url
+            .to_file_path()
+            .map_err(|()| format!("$ref \"{uri}\" is not a file path"))?;
+        let canonical = std::fs::canonicalize(&path).map_err(|e| format!("$ref \"{uri}\": {e}"))?;
+        if !canonical.starts_with(&self.root) {
+            return Err(format!("$ref \"{uri}\" is outside the schemas folder").into());
+        }
+        Ok(read_json(&canonical)?)
+    }
+}
+
+/// Every way `body` breaks `schema`, in document order.
+pub fn violations(schema: &Validator, body: &Value) -> Vec<Violation> {
+    schema
+        .iter_errors(body)
+        .map(|error| Violation {
+            pointer: error.instance_path().to_string(),
+            message: error.to_string(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn folder(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn local_refs_resolve_and_every_violation_is_reported() {
+        let dir = folder(&[
+            (
+                "a.json",
+                r#"{"type":"object","required":["c"],"properties":{"c":{"$ref":"common/c.json"},"n":{"type":"integer"}}}"#,
+            ),
+            (
+                "common/c.json",
+                r#"{"type":"object","required":["id"],"properties":{"email":{"format":"email"}}}"#,
+            ),
+        ]);
+        let mut schemas = Schemas::new(dir.path());
+        let schema = schemas.get("a.json").unwrap();
+        assert!(violations(&schema, &json!({"c": {"id": 1}})).is_empty());
+        let found = violations(&schema, &json!({"c": {"email": "nope"}, "n": "x"}));
+        let pointers: Vec<_> = found.iter().map(|v| v.pointer.as_str()).collect();
+        assert_eq!(pointers, ["/c", "/c/email", "/n"], "{found:?}");
+    }
+
+    #[test]
+    fn remote_and_escaping_refs_are_refused() {
+        let dir = folder(&[
+            ("remote.json", r#"{"$ref":"https://example.com/s.json"}"#),
+            ("up.json", r#"{"$ref":"../secret.json"}"#),
+        ]);
+        std::fs::write(dir.path().parent().unwrap().join("secret.json"), "{}").ok();
+        let mut schemas = Schemas::new(dir.path());
+        let error = schemas.get("remote.json").unwrap_err().to_string();
+        assert!(error.contains("remote $ref"), "{error}");
+        let error = schemas.get("up.json").unwrap_err().to_string();
+        assert!(
+            error.contains("outside the schemas folder") || error.contains("No such file"),
+            "{error}"
+        );
+        assert!(matches!(
+            schemas.get("../x.json"),
+            Err(SchemaError::Outside(_))
+        ));
+    }
+
+    #[test]
+    fn bad_json_reports_line_and_column() {
+        let dir = folder(&[("bad.json", "{\n  \"type\": \"object\",\n}")]);
+        match Schemas::new(dir.path()).get("bad.json") {
+            Err(SchemaError::NotJson { line, column, .. }) => assert_eq!((line, column), (3, 1)),
+            other => panic!("{other:?}"),
+        }
+    }
+}

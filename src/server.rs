@@ -1,0 +1,196 @@
+//! The HTTP server: one route per flow trigger, and the request handling around a flow.
+//!
+//! [`router`] is a pure builder, so tests can drive it without a socket; [`run`] serves it on
+//! a listener until a shutdown future resolves, then drains requests in flight.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, to_bytes};
+use axum::extract::{Path, Query, Request};
+use axum::http::{HeaderMap, Method, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodFilter, MethodRouter};
+use serde_json::Value;
+use tokio::net::TcpListener;
+
+use crate::compile::Project;
+use crate::error::ServeError;
+use crate::flow::Flow;
+use crate::message::{Message, Meta};
+
+/// Headers that carry credentials never reach `meta.headers`, so no template or log sees them.
+const HIDDEN_HEADERS: [&str; 4] = [
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "x-api-key",
+];
+
+/// The HTTP client targets share, so connections to partners are reused.
+///
+/// # Errors
+///
+/// When the TLS backend cannot be initialised.
+pub fn http_client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .user_agent(concat!("ferry/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+/// Builds the router serving every flow of `project`.
+pub fn router(project: &Project, client: &reqwest::Client) -> Router {
+    let mut by_path: HashMap<&str, MethodRouter> = HashMap::new();
+    for flow in &project.flows {
+        let Ok(filter) = MethodFilter::try_from(flow.trigger.method.clone()) else {
+            continue;
+        };
+        let handler = {
+            let flow = Arc::clone(flow);
+            let client = client.clone();
+            move |params: Option<Path<BTreeMap<String, String>>>, request: Request| async move {
+                let params = params.map(|Path(p)| p).unwrap_or_default();
+                match handle(&flow, &client, params, request).await {
+                    Ok(response) => response,
+                    Err(error) => error.into_response(),
+                }
+            }
+        };
+        let entry = by_path
+            .remove(flow.trigger.path.as_str())
+            .unwrap_or_default();
+        by_path.insert(&flow.trigger.path, entry.on(filter, handler));
+    }
+    let mut router = Router::new();
+    for (path, methods) in by_path {
+        router = router.route(path, methods);
+    }
+    router
+        .fallback(|request: Request| async move {
+            ServeError::NotFound(request.uri().path().to_owned())
+        })
+        .method_not_allowed_fallback(|method: Method| async move {
+            ServeError::MethodNotAllowed(method.to_string())
+        })
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then waits for requests in flight.
+///
+/// # Errors
+///
+/// When the listener fails.
+pub async fn run(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn handle(
+    flow: &Flow,
+    client: &reqwest::Client,
+    params: BTreeMap<String, String>,
+    request: Request,
+) -> Result<Response, ServeError> {
+    let (parts, body) = request.into_parts();
+    let body = read_json(&parts.headers, body, flow.trigger.max_body).await?;
+    let mut meta = Meta::new(&flow.name);
+    meta.method = parts.method.to_string();
+    meta.path = parts.uri.path().to_owned();
+    meta.params = params;
+    meta.query = Query::<BTreeMap<String, String>>::try_from_uri(&parts.uri)
+        .map(|q| q.0)
+        .unwrap_or_default();
+    for (name, value) in &parts.headers {
+        if let (false, Ok(value)) = (HIDDEN_HEADERS.contains(&name.as_str()), value.to_str()) {
+            meta.headers
+                .insert(name.as_str().to_owned(), value.to_owned());
+        }
+    }
+    if let Some(id) = meta
+        .headers
+        .get("x-correlation-id")
+        .filter(|id| !id.is_empty() && id.len() <= 128)
+    {
+        meta.correlation_id = id.clone();
+    }
+    let message = Message::new(body, &meta);
+    let reply = flow.handle(message, client).await.inspect_err(|error| {
+        tracing::debug!(flow = %flow.name, message_id = %meta.id, %error, "message refused");
+    })?;
+    tracing::debug!(flow = %flow.name, message_id = %meta.id, status = reply.status.as_u16(), "message handled");
+    let mut response = (reply.status, axum::Json(reply.body)).into_response();
+    for (name, value) in reply.headers {
+        let value = value.parse().map_err(|_| {
+            ServeError::Internal(format!("reply header {name} is not a valid value"))
+        })?;
+        response.headers_mut().insert(name, value);
+    }
+    Ok(response)
+}
+
+/// Reads a JSON body within `limit` bytes; an empty body is `null`.
+async fn read_json(headers: &HeaderMap, body: Body, limit: u64) -> Result<Value, ServeError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Err(ServeError::PayloadTooLarge { limit });
+    }
+    let bytes = to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX))
+        .await
+        .map_err(|error| {
+            let too_large = std::error::Error::source(&error)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                ServeError::PayloadTooLarge { limit }
+            } else {
+                ServeError::Internal(format!("reading the body: {error}"))
+            }
+        })?;
+    if bytes.is_empty() {
+        return Ok(Value::Null);
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if !is_json(content_type) {
+        return Err(ServeError::UnsupportedMediaType(content_type.to_owned()));
+    }
+    serde_json::from_slice(&bytes).map_err(|error| ServeError::MalformedJson {
+        reason: error.to_string(),
+        line: error.line(),
+        column: error.column(),
+    })
+}
+
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_content_types_are_recognised() {
+        assert!(is_json("application/json"));
+        assert!(is_json("Application/JSON; charset=utf-8"));
+        assert!(is_json("application/fhir+json"));
+        assert!(!is_json("text/plain"));
+        assert!(!is_json(""));
+    }
+}

@@ -1,0 +1,105 @@
+//! `transform`: replaces the body with a rendered template.
+//!
+//! `body:` is a structural template (see [`crate::template`]) and yields JSON; `text:` with a
+//! `content_type` yields text with every value escaped for that type. A text template of
+//! `application/json` must render valid JSON.
+
+use crate::compile::Ctx;
+use crate::config::TransformConfig;
+use crate::message::Message;
+use crate::template::{Escape, JsonTemplate, Templates, TextTemplate};
+
+/// A compiled `transform` step.
+#[derive(Debug)]
+pub enum Transform {
+    /// A structural template: the new body is JSON.
+    Json(JsonTemplate),
+    /// A text template and the content type of what it renders.
+    Text {
+        /// The template.
+        template: TextTemplate,
+        /// The content type of the rendered body.
+        content_type: String,
+        /// Whether the rendered text must parse as JSON.
+        json: bool,
+    },
+}
+
+impl Transform {
+    pub(crate) fn compile(config: &TransformConfig, ctx: &mut Ctx<'_>) -> Option<Self> {
+        match (&config.body, &config.text) {
+            (Some(body), None) => {
+                if let Some(content_type) = &config.content_type {
+                    ctx.error(
+                        content_type.referenced,
+                        "`content_type` goes with `text`; a `body` template is always JSON",
+                    );
+                    return None;
+                }
+                ctx.json_template(&body.value, body.referenced)
+                    .map(Self::Json)
+            }
+            (None, Some(text)) => {
+                let content_type = config
+                    .content_type
+                    .as_ref()
+                    .map_or("text/plain", |c| c.value.as_str());
+                let escape = match Escape::for_content_type(content_type) {
+                    Ok(escape) => escape,
+                    Err(message) => {
+                        let at = config
+                            .content_type
+                            .as_ref()
+                            .map_or(text.referenced, |c| c.referenced);
+                        ctx.error(at, message);
+                        return None;
+                    }
+                };
+                let template = ctx.text_template(&text.value, escape, text.referenced)?;
+                Some(Self::Text {
+                    template,
+                    content_type: content_type.to_owned(),
+                    json: escape == Escape::JsonString,
+                })
+            }
+            (Some(body), Some(_)) => {
+                ctx.error(
+                    body.referenced,
+                    "a transform has either `body` (JSON) or `text`, not both",
+                );
+                None
+            }
+            (None, None) => {
+                ctx.error(
+                    ctx.at,
+                    "a transform needs `body` (a JSON template) or `text` (a text template)",
+                );
+                None
+            }
+        }
+    }
+
+    pub(crate) fn apply(&self, message: &mut Message, templates: &Templates) -> Result<(), String> {
+        match self {
+            Self::Json(template) => {
+                let body = templates.render_json(template, message)?;
+                message.set_body(body);
+            }
+            Self::Text {
+                template,
+                content_type,
+                json,
+            } => {
+                let text = templates.render_text(template, message)?;
+                if *json {
+                    let body = serde_json::from_str(&text)
+                        .map_err(|e| format!("the text template did not render valid JSON: {e}"))?;
+                    message.set_body(body);
+                } else {
+                    message.set_text_body(text, content_type);
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,182 @@
+//! `http` target: an HTTP call with a templated URL and headers.
+
+use std::time::Duration;
+
+use axum::http::{HeaderName, HeaderValue, Method, header};
+use bytes::Bytes;
+
+use super::{OutboundRequest, TargetResponse};
+use crate::compile::Ctx;
+use crate::config::HttpTargetConfig;
+use crate::error::FlowError;
+use crate::jsonpath::JsonPath;
+use crate::message::Message;
+use crate::template::{Escape, Templates, TextTemplate};
+
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A compiled `http` target.
+#[derive(Debug)]
+pub struct HttpTarget {
+    name: String,
+    method: Method,
+    url: TextTemplate,
+    headers: Vec<(HeaderName, TextTemplate)>,
+    timeout: Duration,
+    capture: Vec<(String, JsonPath)>,
+}
+
+impl HttpTarget {
+    pub(crate) fn compile(
+        name: &str,
+        config: &HttpTargetConfig,
+        ctx: &mut Ctx<'_>,
+    ) -> Option<Self> {
+        let mut ok = true;
+        let method = match &config.method {
+            None => Method::POST,
+            Some(m) => match Method::from_bytes(m.value.to_ascii_uppercase().as_bytes()) {
+                Ok(method) => method,
+                Err(_) => {
+                    ctx.error(m.referenced, format!("invalid HTTP method \"{}\"", m.value));
+                    ok = false;
+                    Method::POST
+                }
+            },
+        };
+        let url = ctx.text_template(&config.url.value, Escape::Url, config.url.referenced);
+        if let Some(TextTemplate::Literal(literal)) = &url {
+            check_url(literal, config.url.referenced, ctx);
+        } else if let Some(TextTemplate::Compiled { .. }) = &url {
+            // The scheme and host must be fixed by the flow, never chosen by message data.
+            let fixed = config.url.value.split("{{").next().unwrap_or_default();
+            let host_end = fixed
+                .find("://")
+                .and_then(|at| fixed[at + 3..].find('/').map(|p| p + at + 3));
+            if host_end.is_none() {
+                ctx.error(
+                    config.url.referenced,
+                    "templated values may only follow the host: write `http://host/path/{{…}}`",
+                );
+                ok = false;
+            }
+        }
+        let mut headers = Vec::new();
+        for (name, value) in &config.headers {
+            let Ok(header_name) = HeaderName::from_bytes(name.as_bytes()) else {
+                ctx.error(value.referenced, format!("invalid header name \"{name}\""));
+                ok = false;
+                continue;
+            };
+            match ctx.text_template(&value.value, Escape::Plain, value.referenced) {
+                Some(template) => headers.push((header_name, template)),
+                None => ok = false,
+            }
+        }
+        let timeout = match &config.timeout {
+            Some(t) => ctx.duration(&t.value, t.referenced),
+            None => Some(DEFAULT_TIMEOUT),
+        };
+        let mut capture = Vec::new();
+        for (var, path) in &config.capture {
+            match JsonPath::parse(&path.value) {
+                Ok(compiled) => capture.push((var.clone(), compiled)),
+                Err(reason) => {
+                    ctx.error(
+                        path.referenced,
+                        format!("invalid JSONPath \"{}\": {reason}", path.value),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        let (url, timeout) = (url?, timeout?);
+        ok.then(|| Self {
+            name: name.to_owned(),
+            method,
+            url,
+            headers,
+            timeout,
+            capture,
+        })
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) fn prepare(
+        &self,
+        message: &Message,
+        templates: &Templates,
+    ) -> Result<OutboundRequest, FlowError> {
+        let unprocessable = |reason: String| FlowError::Unprocessable {
+            context: format!("target \"{}\"", self.name),
+            reason,
+        };
+        let url = templates
+            .render_text(&self.url, message)
+            .map_err(&unprocessable)?;
+        let url = reqwest::Url::parse(&url)
+            .map_err(|e| unprocessable(format!("invalid URL \"{url}\": {e}")))?;
+        let (body, content_type) = match message.content_type() {
+            None => (Bytes::from(message.body().to_string()), "application/json"),
+            Some(content_type) => (
+                Bytes::from(message.body().as_str().unwrap_or_default().to_owned()),
+                content_type,
+            ),
+        };
+        let mut headers = Vec::with_capacity(self.headers.len() + 2);
+        headers.push((
+            header::CONTENT_TYPE,
+            HeaderValue::from_str(content_type).map_err(|e| unprocessable(e.to_string()))?,
+        ));
+        // Receivers drop duplicates by this key; it is the same for every attempt of a message.
+        let key = format!("{}:{}", message.id(), self.name);
+        headers.push((
+            HeaderName::from_static("idempotency-key"),
+            HeaderValue::from_str(&key).map_err(|e| unprocessable(e.to_string()))?,
+        ));
+        for (name, template) in &self.headers {
+            let value = templates
+                .render_text(template, message)
+                .map_err(&unprocessable)?;
+            let value = HeaderValue::from_str(&value).map_err(|_| {
+                unprocessable(format!(
+                    "header {name} would hold characters a header cannot"
+                ))
+            })?;
+            headers.retain(|(n, _)| n != name);
+            headers.push((name.clone(), value));
+        }
+        Ok(OutboundRequest {
+            target: self.name.clone(),
+            method: self.method.clone(),
+            url,
+            headers,
+            body,
+            timeout: self.timeout,
+        })
+    }
+
+    pub(crate) fn capture(&self, response: &TargetResponse, message: &mut Message) {
+        if self.capture.is_empty() {
+            return;
+        }
+        let body: serde_json::Value = serde_json::from_slice(&response.body).unwrap_or_default();
+        for (var, path) in &self.capture {
+            message.set_var(var, path.extract(&body));
+        }
+    }
+}
+
+fn check_url(url: &str, at: serde_saphyr::Location, ctx: &mut Ctx<'_>) {
+    match reqwest::Url::parse(url) {
+        Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => {}
+        Ok(parsed) => ctx.error(
+            at,
+            format!("URL scheme \"{}\" is not http or https", parsed.scheme()),
+        ),
+        Err(error) => ctx.error(at, format!("invalid URL \"{url}\": {error}")),
+    }
+}

@@ -1,0 +1,211 @@
+//! Targets: where a flow delivers messages.
+//!
+//! Delivery is split in two so it can be made durable: [`Target::prepare`] renders the
+//! request from the message (pure, no I/O), and [`send`] performs it. A stored
+//! [`OutboundRequest`] can be sent again later, the same every time. [`classify`] decides
+//! what an outcome means for retries.
+
+mod http;
+
+pub use http::HttpTarget;
+
+use std::time::Duration;
+
+use axum::http::{HeaderName, HeaderValue, Method};
+use bytes::Bytes;
+
+use crate::compile::Ctx;
+use crate::config::TargetConfig;
+use crate::error::FlowError;
+use crate::message::Message;
+use crate::template::Templates;
+
+/// A compiled target.
+#[derive(Debug)]
+pub enum Target {
+    /// An HTTP call.
+    Http(HttpTarget),
+}
+
+/// A request rendered from a message, ready to send.
+#[derive(Debug, Clone)]
+pub struct OutboundRequest {
+    /// The target's name.
+    pub target: String,
+    /// HTTP method.
+    pub method: Method,
+    /// Absolute URL.
+    pub url: reqwest::Url,
+    /// Headers, including content type and idempotency key.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The body.
+    pub body: Bytes,
+    /// How long to wait for the whole response.
+    pub timeout: Duration,
+}
+
+/// A target's answer.
+#[derive(Debug, Clone)]
+pub struct TargetResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// The `Retry-After` header, when present.
+    pub retry_after: Option<String>,
+    /// The body.
+    pub body: Bytes,
+}
+
+/// Why a request got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No answer within the timeout.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// The connection failed.
+    #[error("{0}")]
+    Connect(String),
+}
+
+/// What to do after an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryAction {
+    /// Delivered.
+    Done,
+    /// A passing failure: try again later.
+    Retry,
+    /// A permanent failure: retrying cannot help.
+    Drop,
+}
+
+/// Classifies an attempt: 2xx is done; no answer, 408, 429 and 5xx are worth retrying; any
+/// other status is permanent.
+pub fn classify(outcome: &Result<TargetResponse, SendError>) -> RetryAction {
+    match outcome {
+        Err(_) => RetryAction::Retry,
+        Ok(response) => match response.status {
+            200..=299 => RetryAction::Done,
+            408 | 429 | 500..=599 => RetryAction::Retry,
+            _ => RetryAction::Drop,
+        },
+    }
+}
+
+impl Target {
+    /// Compiles a target named `name`, recording problems in `ctx`.
+    pub(crate) fn compile(name: &str, config: &TargetConfig, ctx: &mut Ctx<'_>) -> Option<Self> {
+        match config {
+            TargetConfig::Http(c) => HttpTarget::compile(name, c, ctx).map(Self::Http),
+        }
+    }
+
+    /// The target's name.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Http(t) => t.name(),
+        }
+    }
+
+    /// Renders the request this target would send for `message`.
+    ///
+    /// # Errors
+    ///
+    /// [`FlowError::Unprocessable`] when a template cannot render from this message.
+    pub fn prepare(
+        &self,
+        message: &Message,
+        templates: &Templates,
+    ) -> Result<OutboundRequest, FlowError> {
+        match self {
+            Self::Http(t) => t.prepare(message, templates),
+        }
+    }
+
+    /// Saves what the flow captures from a successful response into `message`'s vars.
+    pub fn capture(&self, response: &TargetResponse, message: &mut Message) {
+        match self {
+            Self::Http(t) => t.capture(response, message),
+        }
+    }
+}
+
+/// Sends a prepared request with `client`.
+///
+/// # Errors
+///
+/// [`SendError`] when no answer came: connection failure or timeout.
+pub async fn send(
+    client: &reqwest::Client,
+    request: &OutboundRequest,
+) -> Result<TargetResponse, SendError> {
+    let mut builder = client
+        .request(request.method.clone(), request.url.clone())
+        .timeout(request.timeout)
+        .body(request.body.clone());
+    for (name, value) in &request.headers {
+        builder = builder.header(name, value);
+    }
+    let failed = |error: reqwest::Error| {
+        if error.is_timeout() {
+            SendError::Timeout(request.timeout)
+        } else {
+            SendError::Connect(error_chain(&error))
+        }
+    };
+    let response = builder.send().await.map_err(failed)?;
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = response.bytes().await.map_err(failed)?;
+    Ok(TargetResponse {
+        status,
+        retry_after,
+        body,
+    })
+}
+
+/// reqwest's top-level message is vague ("error sending request"); the cause says why.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(status: u16) -> Result<TargetResponse, SendError> {
+        Ok(TargetResponse {
+            status,
+            retry_after: None,
+            body: Bytes::new(),
+        })
+    }
+
+    #[test]
+    fn classification_follows_http_semantics() {
+        assert_eq!(classify(&status(202)), RetryAction::Done);
+        for retry in [408, 429, 500, 503] {
+            assert_eq!(classify(&status(retry)), RetryAction::Retry, "{retry}");
+        }
+        for permanent in [400, 401, 404, 422] {
+            assert_eq!(
+                classify(&status(permanent)),
+                RetryAction::Drop,
+                "{permanent}"
+            );
+        }
+        assert_eq!(
+            classify(&Err(SendError::Connect("refused".into()))),
+            RetryAction::Retry
+        );
+    }
+}
