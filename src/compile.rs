@@ -55,13 +55,26 @@ impl Project {
     }
 }
 
-/// Loads, checks and compiles every flow under `paths.flows`.
+/// Loads, checks and compiles every flow under `paths.flows`, reading `${VAR}`s from the
+/// process environment.
 ///
 /// # Errors
 ///
 /// Every diagnostic found, sorted by file and line, when any of them is an error.
 pub fn load_project(paths: &ProjectPaths) -> Result<Project, Vec<Diagnostic>> {
-    let (loaded, mut diagnostics) = load_dir(&paths.flows);
+    load_project_with_env(paths, &|name| std::env::var(name).ok())
+}
+
+/// [`load_project`] with `${VAR}`s read through `env`.
+///
+/// # Errors
+///
+/// Every diagnostic found, sorted by file and line, when any of them is an error.
+pub fn load_project_with_env(
+    paths: &ProjectPaths,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Project, Vec<Diagnostic>> {
+    let (loaded, mut diagnostics) = load_dir(&paths.flows, env);
     let mut schemas = Schemas::new(&paths.schemas);
     check_unique_names(&loaded, &mut diagnostics);
     check_endpoints(&loaded, &mut diagnostics);
@@ -147,27 +160,27 @@ fn route_shape(path: &str) -> String {
 
 /// What compiling one flow needs: where to report problems and the shared compilers.
 pub(crate) struct Ctx<'a> {
-    pub file: &'a Path,
-    pub flow: &'a str,
-    pub part: String,
+    pub(crate) file: &'a Path,
+    pub(crate) flow: &'a str,
+    pub(crate) part: String,
     /// Where the part being compiled starts, for problems with no more precise place.
-    pub at: Location,
-    pub templates: &'a mut Templates,
-    pub schemas: &'a mut Schemas,
-    pub diagnostics: &'a mut Vec<Diagnostic>,
+    pub(crate) at: Location,
+    pub(crate) templates: &'a mut Templates,
+    pub(crate) schemas: &'a mut Schemas,
+    pub(crate) diagnostics: &'a mut Vec<Diagnostic>,
     /// Target names, in declaration order; routes refer to them.
-    pub targets: Vec<String>,
+    pub(crate) targets: Vec<String>,
 }
 
 impl Ctx<'_> {
     /// Records an error at `at`.
-    pub fn error(&mut self, at: Location, message: impl Into<String>) {
+    pub(crate) fn error(&mut self, at: Location, message: impl Into<String>) {
         let d = self.diagnostic(message).at_location(at);
         self.diagnostics.push(d);
     }
 
     /// Records a warning at `at`.
-    pub fn warn(&mut self, at: Location, message: impl Into<String>) {
+    pub(crate) fn warn(&mut self, at: Location, message: impl Into<String>) {
         let mut d = self.diagnostic(message).at_location(at);
         d.severity = Severity::Warning;
         self.diagnostics.push(d);
@@ -181,7 +194,11 @@ impl Ctx<'_> {
 
     /// Compiles a schema, reporting a problem at `at` (or inside the schema file when its
     /// JSON is broken).
-    pub fn schema(&mut self, name: &str, at: Location) -> Option<Arc<jsonschema::Validator>> {
+    pub(crate) fn schema(
+        &mut self,
+        name: &str,
+        at: Location,
+    ) -> Option<Arc<jsonschema::Validator>> {
         match self.schemas.get(name) {
             Ok(schema) => Some(schema),
             Err(SchemaError::NotJson {
@@ -203,7 +220,7 @@ impl Ctx<'_> {
     }
 
     /// Parses a JSONPath that reads the message, reporting a problem at `at`.
-    pub fn message_path(
+    pub(crate) fn message_path(
         &mut self,
         source: &str,
         at: Location,
@@ -228,7 +245,7 @@ impl Ctx<'_> {
     }
 
     /// Compiles a structural template, reporting each bad leaf at `at` with its pointer.
-    pub fn json_template(
+    pub(crate) fn json_template(
         &mut self,
         tree: &serde_json::Value,
         at: Location,
@@ -250,7 +267,7 @@ impl Ctx<'_> {
     }
 
     /// Compiles a text template, reporting a problem at `at`.
-    pub fn text_template(
+    pub(crate) fn text_template(
         &mut self,
         source: &str,
         escape: crate::template::Escape,
@@ -266,7 +283,7 @@ impl Ctx<'_> {
     }
 
     /// Parses a duration such as `500ms` or `10s`, reporting a problem at `at`.
-    pub fn duration(&mut self, source: &str, at: Location) -> Option<std::time::Duration> {
+    pub(crate) fn duration(&mut self, source: &str, at: Location) -> Option<std::time::Duration> {
         match humantime::parse_duration(source) {
             Ok(duration) => Some(duration),
             Err(error) => {

@@ -278,10 +278,9 @@ fn check_route_path(path: &str) -> Result<(), String> {
         return Err(format!("path \"{path}\" must start with /"));
     }
     for segment in path.split('/').skip(1) {
-        if segment.starts_with(':') {
+        if let Some(name) = segment.strip_prefix(':') {
             return Err(format!(
-                "\"{segment}\": write path parameters as {{{}}}",
-                &segment[1..]
+                "\"{segment}\": write path parameters as {{{name}}}"
             ));
         }
         let braces = segment.contains(['{', '}']);

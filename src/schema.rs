@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use jsonschema::error::ValidationErrorKind;
 use jsonschema::{Retrieve, Uri, Validator};
 use serde_json::Value;
 
@@ -160,9 +161,19 @@ impl Retrieve for LocalFiles {
 pub fn violations(schema: &Validator, body: &Value) -> Vec<Violation> {
     schema
         .iter_errors(body)
-        .map(|error| Violation {
-            pointer: error.instance_path().to_string(),
-            message: error.to_string(),
+        .map(|error| {
+            let mut pointer = error.instance_path().to_string();
+            // A missing property is best pointed at where it should be.
+            if let ValidationErrorKind::Required { property } = error.kind()
+                && let Some(name) = property.as_str()
+            {
+                let escaped = name.replace('~', "~0").replace('/', "~1");
+                pointer = format!("{pointer}/{escaped}");
+            }
+            Violation {
+                pointer,
+                message: error.to_string(),
+            }
         })
         .collect()
 }
@@ -199,7 +210,7 @@ mod tests {
         assert!(violations(&schema, &json!({"c": {"id": 1}})).is_empty());
         let found = violations(&schema, &json!({"c": {"email": "nope"}, "n": "x"}));
         let pointers: Vec<_> = found.iter().map(|v| v.pointer.as_str()).collect();
-        assert_eq!(pointers, ["/c", "/c/email", "/n"], "{found:?}");
+        assert_eq!(pointers, ["/c/id", "/c/email", "/n"], "{found:?}");
     }
 
     #[test]

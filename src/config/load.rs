@@ -18,10 +18,14 @@ pub struct LoadedFlow {
     pub config: FlowConfig,
 }
 
-/// Finds and parses every flow file (`*.yaml`, `*.yml`) under `dir`, recursively.
+/// Finds and parses every flow file (`*.yaml`, `*.yml`) under `dir`, recursively, reading
+/// `${VAR}`s through `env`.
 ///
 /// Returns the flows that parsed and a diagnostic for every problem found.
-pub fn load_dir(dir: &Path) -> (Vec<LoadedFlow>, Vec<Diagnostic>) {
+pub fn load_dir(
+    dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> (Vec<LoadedFlow>, Vec<Diagnostic>) {
     let mut diagnostics = Vec::new();
     let mut files = Vec::new();
     if let Err(error) = find_flow_files(dir, &mut files) {
@@ -35,7 +39,6 @@ pub fn load_dir(dir: &Path) -> (Vec<LoadedFlow>, Vec<Diagnostic>) {
         diagnostics.push(Diagnostic::error(dir, "no flow files (*.yaml) found"));
     }
     files.sort();
-    let env = |name: &str| std::env::var(name).ok();
     let mut flows = Vec::new();
     for file in files {
         let text = match std::fs::read_to_string(&file) {
@@ -48,7 +51,7 @@ pub fn load_dir(dir: &Path) -> (Vec<LoadedFlow>, Vec<Diagnostic>) {
                 continue;
             }
         };
-        match parse_flow(&file, &text, &env) {
+        match parse_flow(&file, &text, env) {
             Ok(config) => flows.push(LoadedFlow { file, config }),
             Err(mut found) => diagnostics.append(&mut found),
         }
@@ -90,7 +93,7 @@ pub fn parse_flow(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<FlowConfig, Vec<Diagnostic>> {
     let text = interpolate(file, text, env)?;
-    parse_yaml(file, &text).map_err(|d| vec![d])
+    parse_yaml(file, &text)
 }
 
 /// Deserializes YAML text into `T` with ferry's parsing rules: YAML 1.2 booleans only
@@ -102,14 +105,14 @@ pub fn parse_flow(
 pub fn parse_yaml<T: serde::de::DeserializeOwned>(
     file: &Path,
     text: &str,
-) -> Result<T, Diagnostic> {
+) -> Result<T, Vec<Diagnostic>> {
     let options = serde_saphyr::options! { strict_booleans: true };
     serde_saphyr::from_str_with_options(text, options).map_err(|error| {
         let diagnostic = Diagnostic::error(file, yaml_message(&error));
-        match error.location() {
+        vec![match error.location() {
             Some(location) => diagnostic.at_location(location),
             None => diagnostic,
-        }
+        }]
     })
 }
 
@@ -149,9 +152,9 @@ pub fn interpolate(
             out.push_str(&rest[..at]);
             column += rest[..at].chars().count() as u64;
             let tail = &rest[at..];
-            if tail.starts_with("$${") {
+            if let Some(after) = tail.strip_prefix("$${") {
                 out.push_str("${");
-                rest = &tail[3..];
+                rest = after;
                 column += 3;
                 continue;
             }

@@ -16,7 +16,7 @@ pub struct Route {
 
 /// A condition on the message.
 #[derive(Debug)]
-pub struct Condition {
+pub(crate) struct Condition {
     path: JsonPath,
     test: Test,
 }
@@ -101,7 +101,7 @@ impl Condition {
     }
 
     /// Whether the condition holds for the message document `root`.
-    pub fn holds(&self, root: &Value) -> bool {
+    pub(crate) fn holds(&self, root: &Value) -> bool {
         let selected = self.path.select(root);
         match &self.test {
             Test::Exists(exists) => selected.is_empty() != *exists,
