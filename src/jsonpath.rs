@@ -35,7 +35,7 @@ impl JsonPath {
     ///
     /// The parser's explanation when `source` is not a valid JSONPath.
     pub fn parse(source: &str) -> Result<Self, String> {
-        let query = parse_json_path(source).map_err(|e| e.to_string())?;
+        let query = parse_json_path(source).map_err(|e| one_line(&e.to_string()))?;
         let singular: Option<Vec<Step>> = query
             .segments
             .iter()
@@ -99,6 +99,25 @@ impl JsonPath {
     }
 }
 
+/// The parser explains errors over several lines with a drawing; keep what and where.
+fn one_line(error: &str) -> String {
+    let what = error
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("= "))
+        .map(str::to_owned);
+    let column = error
+        .split("--> ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|position| position.split(':').nth(1));
+    match (what, column) {
+        (Some(what), Some(column)) => format!("{what} at character {column}"),
+        (Some(what), None) => what,
+        _ => error.split_whitespace().collect::<Vec<_>>().join(" "),
+    }
+}
+
 fn walk<'a>(mut value: &'a Value, steps: &[Step]) -> Option<&'a Value> {
     for step in steps {
         value = match (step, value) {
@@ -156,6 +175,9 @@ mod tests {
     #[test]
     fn invalid_paths_are_refused() {
         assert!(JsonPath::parse("body.x").is_err());
-        assert!(JsonPath::parse("$.body[").is_err());
+        assert_eq!(
+            JsonPath::parse("$.body[").unwrap_err(),
+            "expected selector at character 8"
+        );
     }
 }

@@ -119,14 +119,26 @@ impl Schemas {
 fn read_json(path: &Path) -> Result<Value, SchemaError> {
     let text = std::fs::read_to_string(path).map_err(|e| SchemaError::Unreadable {
         path: path.to_path_buf(),
-        reason: e.to_string(),
+        reason: match e.kind() {
+            std::io::ErrorKind::NotFound => "no such file".into(),
+            _ => e.to_string(),
+        },
     })?;
     serde_json::from_str(&text).map_err(|e| SchemaError::NotJson {
         path: path.to_path_buf(),
         line: e.line(),
         column: e.column(),
-        reason: format!("schema is not valid JSON: {e}"),
+        reason: format!("schema is not valid JSON: {}", without_position(&e)),
     })
+}
+
+/// serde_json ends its messages with the position, which diagnostics carry already.
+fn without_position(error: &serde_json::Error) -> String {
+    let text = error.to_string();
+    match text.rfind(" at line ") {
+        Some(at) => text[..at].to_owned(),
+        None => text,
+    }
 }
 
 /// Resolves `$ref`s to files inside the schemas folder, and nothing else.

@@ -172,7 +172,12 @@ impl Templates {
         registry
             .register_template_string(&name, source)
             .map_err(|error| {
-                let reason = error.reason().to_string();
+                let mut reason = error.reason().to_string();
+                if reason.starts_with("invalid handlebars syntax") {
+                    // The parser lists every token it could have taken; that helps nobody.
+                    reason = "invalid Handlebars syntax (an unclosed {{#block}} or stray braces?)"
+                        .into();
+                }
                 match error.pos() {
                     Some((line, column)) => format!("template error at {line}:{column}: {reason}"),
                     None => format!("template error: {reason}"),

@@ -1,0 +1,52 @@
+//! `ferry check`: every problem in every file, each at its file:line:column, and exit codes.
+
+use std::process::Command;
+
+use crate::util::repo;
+
+fn ferry(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .current_dir(repo())
+        .env_remove("FERRY_CHECK_UNSET_URL")
+        .env_remove("FERRY_CHECK_UNSET_KEY")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn broken_flows_report_every_problem_at_its_location() {
+    let output = ferry(&["check", "tests/fixtures/check/broken/flows"]);
+    assert_eq!(output.status.code(), Some(1));
+    let expected =
+        std::fs::read_to_string(repo().join("tests/fixtures/check/broken/expected.stderr"))
+            .unwrap();
+    assert_eq_text!(expected, String::from_utf8_lossy(&output.stderr));
+}
+
+#[test]
+fn the_shipped_flows_are_clean() {
+    let output = ferry(&["check", "flows"]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "2 flow(s) ok\n");
+    let features = ferry(&["check", "tests/fixtures/features/flows"]);
+    // The feature flows need their partners' URLs; without them, check says so and fails.
+    assert_eq!(features.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&features.stderr).contains("NORTH_URL is not set"));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_eq!(ferry(&["frobnicate"]).status.code(), Some(2));
+    let missing = ferry(&["check", "no/such/folder"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&missing.stderr)
+            .starts_with("no/such/folder: error: cannot read flows folder")
+    );
+}

@@ -1,0 +1,19 @@
+//! ferry's integration tests: one binary, real HTTP servers on 127.0.0.1:0.
+//!
+//! - `round_trip`: the shipped flows carry a Test Request to a mock lab and its results back
+//!   to a mock portal.
+//! - `errors`: every error status ferry answers, and that refused messages are not forwarded.
+//! - `injection`: hostile strings arrive intact and cannot add fields.
+//! - `features`: path parameters, routing, text templates and response capture.
+//! - `check`: `ferry check` on broken flows reports every problem at its line and column.
+//! - `cli`: the `ferry` binary serving the shipped flows.
+
+#[macro_use]
+mod util;
+
+mod check;
+mod cli;
+mod errors;
+mod features;
+mod injection;
+mod round_trip;
