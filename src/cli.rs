@@ -1,14 +1,17 @@
-//! The `ferry` command: `serve` and `check`.
+//! The `ferry` command: `serve`, `check`, and the operator commands `dlq` and `trace`.
 //!
-//! Exit codes are part of the interface: 0 when all is well, 1 when `check` finds problems,
-//! 2 for usage and I/O errors.
+//! Exit codes are part of the interface: 0 when all is well, 1 when `check` finds problems
+//! (or an operator command finds nothing), 2 for usage and I/O errors.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
 
 use crate::compile::{ProjectPaths, load_project};
 use crate::diagnostic::{Diagnostic, Severity};
@@ -19,7 +22,7 @@ use crate::diagnostic::{Diagnostic, Severity};
     name = "ferry",
     version,
     about,
-    after_help = "Exit codes: 0 ok, 1 problems found by check, 2 usage or I/O error."
+    after_help = "Exit codes: 0 ok, 1 problems found (check) or nothing found (dlq, trace), 2 usage or I/O error."
 )]
 pub struct Cli {
     /// What to do.
@@ -30,7 +33,7 @@ pub struct Cli {
 /// A `ferry` subcommand.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve the flows' HTTP triggers.
+    /// Serve the flows' HTTP triggers and deliver their messages.
     Serve {
         /// Folder of flow files.
         #[arg(long, default_value = "flows", env = "FERRY_FLOWS")]
@@ -41,6 +44,13 @@ pub enum Command {
         /// Address to listen on; port 0 picks a free port.
         #[arg(long, default_value = "127.0.0.1:8080", env = "FERRY_LISTEN")]
         listen: SocketAddr,
+        /// The store: `sqlite://PATH` (created if missing) or `sqlite::memory:` (nothing
+        /// survives a restart).
+        #[arg(long, default_value = "sqlite://data/ferry.db", env = "FERRY_STORE")]
+        store: String,
+        /// How long delivered messages are kept, such as `7d` or `12h`.
+        #[arg(long, default_value = "7d", env = "FERRY_RETENTION", value_parser = humantime::parse_duration)]
+        retention: Duration,
     },
     /// Check flows for every problem that can be found without traffic.
     Check {
@@ -51,27 +61,87 @@ pub enum Command {
         #[arg(long)]
         schemas: Option<PathBuf>,
     },
+    /// Dead letters: list, show and replay them (through a running ferry's admin API).
+    Dlq {
+        /// What to do with them.
+        #[command(subcommand)]
+        action: DlqAction,
+        /// Where the admin API is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// The whole journey of a request across flows, by message id, request id, or any
+    /// correlation key (a `portal_ref`, a `lab_order_id`).
+    Trace {
+        /// The id or key.
+        key: String,
+        /// Where the admin API is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// `ferry dlq` actions.
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// List dead letters, newest first.
+    List {
+        /// Only this flow's.
+        #[arg(long)]
+        flow: Option<String>,
+    },
+    /// Show one message with its deliveries and timeline.
+    Show {
+        /// Message id.
+        id: String,
+    },
+    /// Run messages through their flows again.
+    Replay {
+        /// Message ids.
+        ids: Vec<String>,
+        /// Every dead letter (of `--flow`, when given).
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        /// With `--all`: only this flow's.
+        #[arg(long, requires = "all")]
+        flow: Option<String>,
+    },
+}
+
+/// Where the admin API is.
+#[derive(Debug, clap::Args)]
+pub struct AdminArgs {
+    /// Base URL of the running ferry.
+    #[arg(long, default_value = "http://127.0.0.1:8080", env = "FERRY_ADMIN_URL")]
+    pub admin_url: String,
+    /// The admin token ferry was started with.
+    #[arg(long, env = "FERRY_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 }
 
 /// Runs the command and returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
-    match cli.command {
-        Command::Check { flows, schemas } => check(&ProjectPaths::new(&flows, schemas.as_deref())),
+    let result = match cli.command {
+        Command::Check { flows, schemas } => {
+            Ok(check(&ProjectPaths::new(&flows, schemas.as_deref())))
+        }
         Command::Serve {
             flows,
             schemas,
             listen,
+            store,
+            retention,
         } => {
             let paths = ProjectPaths::new(&flows, schemas.as_deref());
-            match serve(&paths, listen) {
-                Ok(code) => code,
-                Err(error) => {
-                    eprintln!("error: {error:#}");
-                    ExitCode::from(2)
-                }
-            }
+            serve(&paths, listen, &store, retention)
         }
-    }
+        Command::Dlq { action, admin } => operate(&admin, |client| dlq(client, action)),
+        Command::Trace { key, admin } => operate(&admin, |client| trace(client, key)),
+    };
+    result.unwrap_or_else(|error| {
+        eprintln!("error: {error:#}");
+        ExitCode::from(2)
+    })
 }
 
 fn check(paths: &ProjectPaths) -> ExitCode {
@@ -102,7 +172,12 @@ fn print_diagnostics(diagnostics: &[Diagnostic]) {
     }
 }
 
-fn serve(paths: &ProjectPaths, listen: SocketAddr) -> anyhow::Result<ExitCode> {
+fn serve(
+    paths: &ProjectPaths,
+    listen: SocketAddr,
+    store_url: &str,
+    retention: Duration,
+) -> anyhow::Result<ExitCode> {
     let project = match load_project(paths) {
         Ok(project) => project,
         Err(diagnostics) => {
@@ -111,21 +186,48 @@ fn serve(paths: &ProjectPaths, listen: SocketAddr) -> anyhow::Result<ExitCode> {
         }
     };
     print_diagnostics(&project.warnings);
+    let admin_token = std::env::var("FERRY_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         let client = crate::server::http_client().context("building the HTTP client")?;
-        let router = crate::server::router(&project, &client);
+        let store = crate::store::Store::open(store_url).await.with_context(|| format!("opening the store {store_url}"))?;
+        let ferry = Arc::new(crate::runtime::Runtime::new(&project, client, Some(store.clone())));
+        let router = crate::server::router(&ferry, admin_token.as_deref());
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
         let address = listener.local_addr()?;
         for flow in &project.flows {
-            tracing::info!(flow = %flow.name, method = %flow.trigger.method, path = %flow.trigger.path, "flow loaded");
+            let mode = if flow.is_durable() { "durable" } else { "sync" };
+            tracing::info!(flow = %flow.name, method = %flow.trigger.method, path = %flow.trigger.path, mode, "flow loaded");
         }
+        if admin_token.is_none() {
+            tracing::info!("admin API off: set FERRY_ADMIN_TOKEN to turn it on");
+        }
+        let pruner = tokio::spawn(prune_forever(store, retention));
         // Tests and scripts read this line to find the port when listening on port 0.
         println!("ferry listening on http://{address}");
         crate::server::run(listener, router, shutdown_signal()).await.context("serving")?;
+        pruner.abort();
+        ferry.shutdown(Duration::from_secs(10)).await;
         tracing::info!("stopped");
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Deletes delivered messages older than `retention`, now and then.
+async fn prune_forever(store: crate::store::Store, retention: Duration) {
+    let every = (retention / 10).clamp(Duration::from_secs(60), Duration::from_secs(3600));
+    loop {
+        let before =
+            crate::store::now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        match store.prune(before).await {
+            Ok(0) => {}
+            Ok(pruned) => tracing::info!(pruned, "pruned delivered messages past retention"),
+            Err(error) => tracing::warn!(%error, "pruning failed"),
+        }
+        tokio::time::sleep(every).await;
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -149,4 +251,196 @@ async fn shutdown_signal() {
         () = terminate => {},
     }
     tracing::info!("shutting down: finishing requests in flight");
+}
+
+/// Talks to a running ferry's admin API.
+struct AdminClient {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl AdminClient {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Option<Value>> {
+        let url = format!("{}/admin/v1{path}", self.base.trim_end_matches('/'));
+        let mut request = self.http.request(method, &url).bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("calling {url}"))?;
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        match status.as_u16() {
+            200..=299 => Ok(Some(body)),
+            404 => Ok(None),
+            401 => anyhow::bail!("the admin token was refused"),
+            _ => anyhow::bail!("{url} answered {status}: {body}"),
+        }
+    }
+}
+
+fn operate<F, Fut>(admin: &AdminArgs, action: F) -> anyhow::Result<ExitCode>
+where
+    F: FnOnce(AdminClient) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
+{
+    let token = admin
+        .admin_token
+        .clone()
+        .context("set FERRY_ADMIN_TOKEN (or --admin-token) to the token ferry runs with")?;
+    let client = AdminClient {
+        base: admin.admin_url.clone(),
+        token,
+        http: reqwest::Client::new(),
+    };
+    tokio::runtime::Runtime::new()
+        .context("starting the async runtime")?
+        .block_on(action(client))
+}
+
+async fn dlq(client: AdminClient, action: DlqAction) -> anyhow::Result<ExitCode> {
+    match action {
+        DlqAction::List { flow } => {
+            let path = match flow {
+                Some(flow) => format!(
+                    "/dead-letters?flow={}",
+                    percent_encoding::utf8_percent_encode(
+                        &flow,
+                        percent_encoding::NON_ALPHANUMERIC
+                    )
+                ),
+                None => "/dead-letters".to_owned(),
+            };
+            let body = client
+                .call(reqwest::Method::GET, &path, None)
+                .await?
+                .unwrap_or_default();
+            let dead = body["dead_letters"].as_array().cloned().unwrap_or_default();
+            println!("{:<36}  {:<16}  {:<20}  ERROR", "ID", "FLOW", "RECEIVED");
+            for message in &dead {
+                println!(
+                    "{:<36}  {:<16}  {:<20}  {}",
+                    text(&message["id"]),
+                    text(&message["flow"]),
+                    text(&message["received_at"]),
+                    text(&message["error"])
+                );
+            }
+            println!("{} dead letter(s)", dead.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqAction::Show { id } => match client
+            .call(reqwest::Method::GET, &format!("/messages/{id}"), None)
+            .await?
+        {
+            Some(message) => {
+                println!("{}", serde_json::to_string_pretty(&message)?);
+                Ok(ExitCode::SUCCESS)
+            }
+            None => {
+                eprintln!("no message {id}");
+                Ok(ExitCode::from(1))
+            }
+        },
+        DlqAction::Replay { ids, all, flow } => {
+            if ids.is_empty() && !all {
+                anyhow::bail!("name message ids, or --all");
+            }
+            let body = json!({"ids": ids, "flow": flow});
+            let answer = client
+                .call(reqwest::Method::POST, "/dead-letters/replay", Some(body))
+                .await?
+                .unwrap_or_default();
+            let results = answer["results"].as_array().cloned().unwrap_or_default();
+            let mut failed = 0;
+            for result in &results {
+                if result["replayed"] == json!(true) {
+                    println!("{}  replayed", text(&result["id"]));
+                } else {
+                    failed += 1;
+                    println!("{}  not replayed: {}", text(&result["id"]), result["error"]);
+                }
+            }
+            println!("{} replayed, {failed} not", results.len() - failed);
+            Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
+}
+
+async fn trace(client: AdminClient, key: String) -> anyhow::Result<ExitCode> {
+    let path = format!(
+        "/trace/{}",
+        percent_encoding::utf8_percent_encode(&key, percent_encoding::NON_ALPHANUMERIC)
+    );
+    let Some(trace) = client.call(reqwest::Method::GET, &path, None).await? else {
+        eprintln!("nothing is known by \"{key}\"");
+        return Ok(ExitCode::from(1));
+    };
+    if let Some(record) = trace["correlation"].as_object() {
+        println!(
+            "{} {}  state: {}  keys: {}",
+            text(&record["context"].clone()),
+            text(&record["key"].clone()),
+            text(&record["state"].clone()),
+            record["keys"]
+                .as_array()
+                .map(|k| k.iter().map(text).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default()
+        );
+    }
+    for message in trace["messages"].as_array().into_iter().flatten() {
+        println!(
+            "  message {}  flow {}  {}",
+            text(&message["id"]),
+            text(&message["flow"]),
+            text(&message["status"])
+        );
+    }
+    println!();
+    for event in trace["timeline"].as_array().into_iter().flatten() {
+        let id = text(&event["message_id"]);
+        let short = id.get(id.len().saturating_sub(8)..).unwrap_or(&id);
+        println!(
+            "{}  {:<14} {:<8}  {:<9} {}",
+            text(&event["at"]),
+            text(&event["flow"]),
+            short,
+            text(&event["kind"]),
+            describe(&event["detail"])
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// A timeline detail as `key=value` pairs, nulls left out.
+fn describe(detail: &Value) -> String {
+    match detail.as_object() {
+        Some(fields) => fields
+            .iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| format!("{k}={}", text(v)))
+            .collect::<Vec<_>>()
+            .join(" "),
+        None => text(detail),
+    }
 }

@@ -42,6 +42,17 @@ pub enum FlowError {
     /// No rule of a `route` step matched.
     #[error("no route matches the message")]
     NoRoute,
+    /// A `correlate` step found no record by any of its keys.
+    #[error("no {context} matches {}", keys.iter().map(|k| format!("\"{k}\"")).collect::<Vec<_>>().join(" or "))]
+    NotCorrelated {
+        /// The record's namespace.
+        context: String,
+        /// The keys tried.
+        keys: Vec<String>,
+    },
+    /// The store could not be reached.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     /// The target did not take the message.
     #[error("target \"{target}\" failed: {reason}")]
     Target {
@@ -103,6 +114,8 @@ impl ServeError {
                 FlowError::Invalid { .. } | FlowError::Unprocessable { .. } | FlowError::NoRoute,
             ) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Flow(FlowError::Target { .. }) => StatusCode::BAD_GATEWAY,
+            Self::Flow(FlowError::NotCorrelated { .. }) => StatusCode::NOT_FOUND,
+            Self::Flow(FlowError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -119,6 +132,8 @@ impl ServeError {
             Self::Flow(FlowError::Unprocessable { .. }) => "unprocessable",
             Self::Flow(FlowError::NoRoute) => "no_route",
             Self::Flow(FlowError::Target { .. }) => "target_failed",
+            Self::Flow(FlowError::NotCorrelated { .. }) => "not_correlated",
+            Self::Flow(FlowError::Unavailable(_)) => "unavailable",
             Self::Internal(_) => "internal",
         }
     }
@@ -136,6 +151,9 @@ impl ServeError {
             Self::Flow(FlowError::Target { target, status, .. }) => {
                 vec![json!({"target": target, "status": status})]
             }
+            Self::Flow(FlowError::NotCorrelated { context, keys }) => {
+                vec![json!({"context": context, "keys": keys})]
+            }
             _ => Vec::new(),
         }
     }
@@ -146,8 +164,22 @@ impl ServeError {
             Self::Flow(FlowError::Target { target, .. }) => {
                 format!("target \"{target}\" did not take the message")
             }
+            Self::Flow(FlowError::Unavailable(_)) => "temporarily unavailable; try again".into(),
             other => other.to_string(),
         }
+    }
+}
+
+impl From<crate::store::StoreError> for ServeError {
+    fn from(error: crate::store::StoreError) -> Self {
+        Self::Flow(FlowError::Unavailable(error.to_string()))
+    }
+}
+
+impl ServeError {
+    /// The JSON body of the reply.
+    pub fn body(&self) -> Value {
+        json!({"error": self.code(), "message": self.public_message(), "details": self.details()})
     }
 }
 
@@ -157,7 +189,6 @@ impl IntoResponse for ServeError {
         if status.is_server_error() {
             tracing::warn!(error = %self, code = self.code(), "request failed");
         }
-        let body = json!({"error": self.code(), "message": self.public_message(), "details": self.details()});
-        (status, Json(body)).into_response()
+        (status, Json(self.body())).into_response()
     }
 }

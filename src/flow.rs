@@ -6,13 +6,16 @@ use axum::http::{HeaderName, Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::compile::Ctx;
-use crate::config::TriggerConfig;
 use crate::config::load::LoadedFlow;
+use crate::config::{DeliveryMode, OutcomeConfig, TriggerConfig};
+use crate::delivery::RetryPolicy;
 use crate::diagnostic::Diagnostic;
 use crate::error::FlowError;
+use crate::jsonpath::JsonPath;
 use crate::message::Message;
 use crate::schema::Schemas;
 use crate::steps::{Step, StepState};
+use crate::store::{CorrelationWrite, Store};
 use crate::targets::{self, OutboundRequest, RetryAction, Target, TargetResponse};
 use crate::template::{Escape, JsonTemplate, Templates, TextTemplate};
 
@@ -31,8 +34,36 @@ pub struct Flow {
     steps: Vec<(String, Step)>,
     targets: Vec<Target>,
     default_target: Option<usize>,
+    delivery: DeliveryPolicy,
     reply: Reply,
     templates: Templates,
+}
+
+/// How a flow delivers.
+#[derive(Debug)]
+struct DeliveryPolicy {
+    mode: DeliveryMode,
+    retry: RetryPolicy,
+    concurrency: u32,
+    on_delivered: Option<Outcome>,
+    on_failed: Option<Outcome>,
+}
+
+/// A correlation change after delivery, compiled.
+#[derive(Debug)]
+struct Outcome {
+    state: Option<String>,
+    keys: Vec<TextTemplate>,
+    data: Option<JsonTemplate>,
+}
+
+/// What the steps decided for a message.
+#[derive(Debug, Default)]
+pub struct Processed {
+    /// The index of the target it goes to, if any.
+    pub target: Option<usize>,
+    /// Correlation changes to commit with it.
+    pub correlation: Vec<CorrelationWrite>,
 }
 
 /// A compiled HTTP trigger.
@@ -44,6 +75,8 @@ pub struct HttpTrigger {
     pub path: String,
     /// The largest body accepted, in bytes.
     pub max_body: u64,
+    /// Where a submission's identity comes from, when not the `Idempotency-Key` header.
+    pub idempotency_key: Option<JsonPath>,
 }
 
 #[derive(Debug)]
@@ -119,6 +152,9 @@ impl Flow {
         }
         let default_target = (config.targets.len() == 1).then_some(0);
 
+        ctx.part = "delivery".into();
+        let delivery = compile_delivery(config.delivery.as_ref(), &mut ctx);
+
         ctx.part = "reply".into();
         let reply = compile_reply(config.reply.as_ref(), &mut ctx);
 
@@ -137,25 +173,106 @@ impl Flow {
             steps,
             targets,
             default_target,
+            delivery: delivery?,
             reply: reply?,
             templates,
         })
     }
 
-    /// Runs every step on `message` and returns the target it goes to, if any.
+    /// The flow's targets.
+    pub fn targets(&self) -> &[Target] {
+        &self.targets
+    }
+
+    /// Whether accepted messages are stored and delivered in the background.
+    pub fn is_durable(&self) -> bool {
+        self.delivery.mode == DeliveryMode::Durable && !self.targets.is_empty()
+    }
+
+    /// How durable delivery retries.
+    pub fn retry(&self) -> RetryPolicy {
+        self.delivery.retry
+    }
+
+    /// How many deliveries to one target may run at once.
+    pub fn concurrency(&self) -> u32 {
+        self.delivery.concurrency
+    }
+
+    /// The submission's idempotency key: the trigger's JSONPath when the flow names one,
+    /// else the caller's `Idempotency-Key` header.
+    pub fn idempotency_key(&self, message: &Message) -> Option<String> {
+        let value = match &self.trigger.idempotency_key {
+            Some(path) => path.extract(message.root()),
+            None => message.root()["meta"]["headers"]["idempotency-key"].clone(),
+        };
+        match value {
+            Value::Null => None,
+            Value::String(key) if key.is_empty() => None,
+            Value::String(key) => Some(key),
+            other => Some(other.to_string()),
+        }
+    }
+
+    /// The correlation change `on_delivered` (or `on_failed`) makes to `record`.
+    pub fn after_delivery(
+        &self,
+        delivered: bool,
+        record: i64,
+        message: &Message,
+    ) -> Option<CorrelationWrite> {
+        let outcome = if delivered {
+            &self.delivery.on_delivered
+        } else {
+            &self.delivery.on_failed
+        };
+        let outcome = outcome.as_ref()?;
+        let keys = outcome
+            .keys
+            .iter()
+            .filter_map(|k| self.templates.render_text(k, message).ok())
+            .filter(|k| !k.is_empty())
+            .collect();
+        let data = match &outcome.data {
+            Some(template) => self
+                .templates
+                .render_json(template, message)
+                .unwrap_or(Value::Null),
+            None => Value::Null,
+        };
+        Some(CorrelationWrite::Update {
+            record_id: record,
+            keys,
+            data,
+            state: outcome.state.clone(),
+        })
+    }
+
+    /// Runs every step on `message` and returns what they decided. `store` serves
+    /// `correlate` lookups.
     ///
     /// # Errors
     ///
     /// The first step that refuses the message.
-    pub fn run_steps(&self, message: &mut Message) -> Result<Option<&Target>, FlowError> {
+    pub async fn run_steps(
+        &self,
+        message: &mut Message,
+        store: Option<&Store>,
+    ) -> Result<Processed, FlowError> {
         let mut state = StepState::default();
         for (label, step) in &self.steps {
-            step.apply(message, &self.templates, &mut state, label)?;
+            step.apply(message, &self.templates, &mut state, store, label)
+                .await?;
         }
-        Ok(state
-            .target
-            .or(self.default_target)
-            .map(|i| &self.targets[i]))
+        Ok(Processed {
+            target: state.target.or(self.default_target),
+            correlation: state.correlation,
+        })
+    }
+
+    /// The labels of the steps, as `step 2 (transform)`, for timelines.
+    pub fn step_labels(&self) -> impl Iterator<Item = &str> {
+        self.steps.iter().map(|(label, _)| label.as_str())
     }
 
     /// Renders the request `target` would get for `message`.
@@ -171,38 +288,39 @@ impl Flow {
         target.prepare(message, &self.templates)
     }
 
-    /// Handles one message synchronously: steps, delivery to the chosen target, and reply.
+    /// Delivers `message` to `target` and waits for the answer, capturing what the target
+    /// configures into vars.
     ///
     /// # Errors
     ///
-    /// A [`FlowError`] when a step refuses the message or the target does not take it.
-    pub async fn handle(
+    /// [`FlowError::Target`] when the target does not take the message.
+    pub async fn deliver_sync(
         &self,
-        mut message: Message,
+        target: &Target,
+        message: &mut Message,
         client: &reqwest::Client,
-    ) -> Result<RenderedReply, FlowError> {
-        if let Some(target) = self.run_steps(&mut message)? {
-            let request = self.prepare(target, &message)?;
-            let outcome = targets::send(client, &request).await;
-            let failed = |status: Option<u16>, reason: String| FlowError::Target {
-                target: target.name().to_owned(),
-                status,
-                reason,
-            };
-            match (targets::classify(&outcome), outcome) {
-                (RetryAction::Done, Ok(response)) => target.capture(&response, &mut message),
-                (_, Ok(TargetResponse { status, body, .. })) => {
-                    let excerpt =
-                        String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
-                    return Err(failed(
-                        Some(status),
-                        format!("answered {status}: {excerpt}"),
-                    ));
-                }
-                (_, Err(error)) => return Err(failed(None, error.to_string())),
+    ) -> Result<(), FlowError> {
+        let request = self.prepare(target, message)?;
+        let outcome = targets::send(client, &request).await;
+        let failed = |status: Option<u16>, reason: String| FlowError::Target {
+            target: target.name().to_owned(),
+            status,
+            reason,
+        };
+        match (targets::classify(&outcome), outcome) {
+            (RetryAction::Done, Ok(response)) => {
+                target.capture(&response, message);
+                Ok(())
             }
+            (_, Ok(TargetResponse { status, body, .. })) => {
+                let excerpt = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+                Err(failed(
+                    Some(status),
+                    format!("answered {status}: {excerpt}"),
+                ))
+            }
+            (_, Err(error)) => Err(failed(None, error.to_string())),
         }
-        self.render_reply(&message)
     }
 
     /// Renders the reply for a handled message.
@@ -265,10 +383,15 @@ fn compile_trigger(config: &TriggerConfig, ctx: &mut Ctx<'_>) -> Option<HttpTrig
             }
         },
     };
+    let idempotency_key = match &http.idempotency_key {
+        Some(path) => Some(ctx.message_path(&path.value, path.referenced)?),
+        None => None,
+    };
     Some(HttpTrigger {
         method: method?,
         path: path.clone(),
         max_body: max_body?,
+        idempotency_key,
     })
 }
 
@@ -300,6 +423,79 @@ fn check_route_path(path: &str) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+fn compile_delivery(
+    config: Option<&crate::config::DeliveryConfig>,
+    ctx: &mut Ctx<'_>,
+) -> Option<DeliveryPolicy> {
+    let mut policy = DeliveryPolicy {
+        mode: DeliveryMode::Durable,
+        retry: RetryPolicy::default(),
+        concurrency: 8,
+        on_delivered: None,
+        on_failed: None,
+    };
+    let Some(config) = config else {
+        return Some(policy);
+    };
+    let mut ok = true;
+    policy.mode = config.mode.unwrap_or(DeliveryMode::Durable);
+    if let Some(retry) = &config.retry {
+        if let Some(attempts) = &retry.attempts {
+            if attempts.value == 0 {
+                ctx.error(attempts.referenced, "attempts must be at least 1");
+                ok = false;
+            }
+            policy.retry.attempts = attempts.value;
+        }
+        for (field, slot) in [
+            (&retry.initial, &mut policy.retry.initial),
+            (&retry.max, &mut policy.retry.max),
+        ] {
+            if let Some(text) = field {
+                match ctx.duration(&text.value, text.referenced) {
+                    Some(duration) => *slot = duration,
+                    None => ok = false,
+                }
+            }
+        }
+    }
+    if let Some(concurrency) = &config.concurrency {
+        if concurrency.value == 0 {
+            ctx.error(concurrency.referenced, "concurrency must be at least 1");
+            ok = false;
+        }
+        policy.concurrency = concurrency.value;
+    }
+    policy.on_delivered = compile_outcome(config.on_delivered.as_ref(), ctx, &mut ok);
+    policy.on_failed = compile_outcome(config.on_failed.as_ref(), ctx, &mut ok);
+    ok.then_some(policy)
+}
+
+fn compile_outcome(
+    config: Option<&OutcomeConfig>,
+    ctx: &mut Ctx<'_>,
+    ok: &mut bool,
+) -> Option<Outcome> {
+    let config = config?;
+    let mut keys = Vec::new();
+    for key in &config.keys {
+        match ctx.text_template(&key.value, Escape::Plain, key.referenced) {
+            Some(template) => keys.push(template),
+            None => *ok = false,
+        }
+    }
+    let data = config.data.as_ref().and_then(|d| {
+        let compiled = ctx.json_template(&d.value, d.referenced);
+        *ok &= compiled.is_some();
+        compiled
+    });
+    Some(Outcome {
+        state: config.state.as_ref().map(|s| s.value.clone()),
+        keys,
+        data,
+    })
 }
 
 fn compile_reply(config: Option<&crate::config::ReplyConfig>, ctx: &mut Ctx<'_>) -> Option<Reply> {

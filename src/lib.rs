@@ -17,16 +17,20 @@
 //! - [`error`]: errors and their single mapping to HTTP replies.
 //! - [`cli`]: the `ferry` command.
 
+pub mod admin;
 pub mod cli;
 pub mod compile;
 pub mod config;
+pub mod delivery;
 pub mod diagnostic;
 pub mod error;
 pub mod flow;
 pub mod jsonpath;
 pub mod message;
+pub mod runtime;
 pub mod schema;
 pub mod server;
 pub mod steps;
+pub mod store;
 pub mod targets;
 pub mod template;

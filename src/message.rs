@@ -66,7 +66,11 @@ pub struct Message {
 impl Message {
     /// A message with `body`, no vars, and `meta`.
     pub fn new(body: Value, meta: &Meta) -> Self {
-        let meta = serde_json::to_value(meta).unwrap_or(Value::Null);
+        Self::from_parts(body, serde_json::to_value(meta).unwrap_or(Value::Null))
+    }
+
+    /// A message with `body`, no vars, and `meta` as stored.
+    pub fn from_parts(body: Value, meta: Value) -> Self {
         let mut root = Map::with_capacity(3);
         root.insert("body".into(), body);
         root.insert("vars".into(), Value::Object(Map::new()));
@@ -74,6 +78,14 @@ impl Message {
         Self {
             context: Context::from(Value::Object(root)),
             content_type: None,
+        }
+    }
+
+    /// A message as stored after its steps: the whole document and a text body's type.
+    pub fn from_document(document: Value, content_type: Option<String>) -> Self {
+        Self {
+            context: Context::from(document),
+            content_type,
         }
     }
 

@@ -16,10 +16,10 @@ use axum::routing::{MethodFilter, MethodRouter};
 use serde_json::Value;
 use tokio::net::TcpListener;
 
-use crate::compile::Project;
 use crate::error::ServeError;
 use crate::flow::Flow;
 use crate::message::{Message, Meta};
+use crate::runtime::Runtime;
 
 /// Headers that carry credentials never reach `meta.headers`, so no template or log sees them.
 const HIDDEN_HEADERS: [&str; 4] = [
@@ -40,19 +40,20 @@ pub fn http_client() -> reqwest::Result<reqwest::Client> {
         .build()
 }
 
-/// Builds the router serving every flow of `project`.
-pub fn router(project: &Project, client: &reqwest::Client) -> Router {
+/// Builds the router serving every flow of `runtime`, and the admin API under `/admin/v1`
+/// when `admin_token` is set.
+pub fn router(runtime: &Arc<Runtime>, admin_token: Option<&str>) -> Router {
     let mut by_path: HashMap<&str, MethodRouter> = HashMap::new();
-    for flow in &project.flows {
+    for flow in runtime.flows() {
         let Ok(filter) = MethodFilter::try_from(flow.trigger.method.clone()) else {
             continue;
         };
         let handler = {
             let flow = Arc::clone(flow);
-            let client = client.clone();
+            let runtime = Arc::clone(runtime);
             move |params: Option<Path<BTreeMap<String, String>>>, request: Request| async move {
                 let params = params.map(|Path(p)| p).unwrap_or_default();
-                match handle(&flow, &client, params, request).await {
+                match handle(&runtime, &flow, params, request).await {
                     Ok(response) => response,
                     Err(error) => error.into_response(),
                 }
@@ -66,6 +67,12 @@ pub fn router(project: &Project, client: &reqwest::Client) -> Router {
     let mut router = Router::new();
     for (path, methods) in by_path {
         router = router.route(path, methods);
+    }
+    if let Some(token) = admin_token {
+        router = router.nest(
+            "/admin/v1",
+            crate::admin::router(Arc::clone(runtime), token),
+        );
     }
     router
         .fallback(|request: Request| async move {
@@ -92,8 +99,8 @@ pub async fn run(
 }
 
 async fn handle(
+    runtime: &Runtime,
     flow: &Flow,
-    client: &reqwest::Client,
     params: BTreeMap<String, String>,
     request: Request,
 ) -> Result<Response, ServeError> {
@@ -120,15 +127,28 @@ async fn handle(
         meta.correlation_id = id.clone();
     }
     let message = Message::new(body, &meta);
-    let reply = flow.handle(message, client).await.inspect_err(|error| {
+    let reply = runtime.handle(flow, message).await.inspect_err(|error| {
         tracing::debug!(flow = %flow.name, message_id = %meta.id, %error, "message refused");
     })?;
-    tracing::debug!(flow = %flow.name, message_id = %meta.id, status = reply.status.as_u16(), "message handled");
-    let mut response = (reply.status, axum::Json(reply.body)).into_response();
+    tracing::debug!(flow = %flow.name, message_id = %meta.id, status = reply.status, "message handled");
+    respond(reply)
+}
+
+/// Turns a stored reply into a response.
+///
+/// # Errors
+///
+/// [`ServeError::Internal`] when a header cannot be sent.
+pub(crate) fn respond(reply: crate::store::StoredReply) -> Result<Response, ServeError> {
+    let status = axum::http::StatusCode::from_u16(reply.status)
+        .map_err(|_| ServeError::Internal(format!("reply status {}", reply.status)))?;
+    let mut response = (status, axum::Json(reply.body)).into_response();
     for (name, value) in reply.headers {
-        let value = value.parse().map_err(|_| {
-            ServeError::Internal(format!("reply header {name} is not a valid value"))
-        })?;
+        let (Ok(name), Ok(value)) = (name.parse::<header::HeaderName>(), value.parse()) else {
+            return Err(ServeError::Internal(format!(
+                "reply header {name} is not valid"
+            )));
+        };
         response.headers_mut().insert(name, value);
     }
     Ok(response)

@@ -32,6 +32,9 @@ pub struct FlowConfig {
     /// step chooses.
     #[serde(default)]
     pub targets: BTreeMap<String, TargetConfig>,
+    /// How messages reach the targets: stored and retried (the default), or synchronously.
+    #[serde(default)]
+    pub delivery: Option<DeliveryConfig>,
     /// The answer sent to the caller once the message has been handled.
     #[serde(default)]
     pub reply: Option<ReplyConfig>,
@@ -56,6 +59,11 @@ pub struct HttpTriggerConfig {
     /// Largest accepted request body, such as `1MiB` or `64KiB` (default 1 MiB).
     #[serde(default)]
     pub max_body: Option<Spanned<String>>,
+    /// JSONPath over the message whose value identifies a submission, such as
+    /// `$.body.portal_ref`: a repeated submission gets the first one's reply and is not
+    /// delivered again. Without it, the caller's `Idempotency-Key` header does this.
+    #[serde(default)]
+    pub idempotency_key: Option<Spanned<String>>,
 }
 
 /// One step. One key, naming the kind of step: `- validate: {...}`.
@@ -70,6 +78,8 @@ pub enum StepConfig {
     Transform(TransformConfig),
     /// Choose a target by the first rule whose condition holds.
     Route(Vec<RouteRuleConfig>),
+    /// Save or find a correlation record shared across flows.
+    Correlate(CorrelateConfig),
 }
 
 impl StepConfig {
@@ -80,6 +90,7 @@ impl StepConfig {
             Self::Set(_) => "set",
             Self::Transform(_) => "transform",
             Self::Route(_) => "route",
+            Self::Correlate(_) => "correlate",
         }
     }
 }
@@ -138,6 +149,96 @@ pub struct ConditionConfig {
     /// Holds when the path selects something (`true`) or nothing (`false`).
     #[serde(default)]
     pub exists: Option<bool>,
+}
+
+/// `correlate`: a record that messages of several flows share, such as a Test Request and
+/// its results, found by any of its keys. Exactly one of `save` and `find`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorrelateConfig {
+    /// Namespace of the records, such as `test-request`.
+    pub context: Spanned<String>,
+    /// Templates of the keys to save the record under; the first is its main key. Creates the
+    /// record, or updates the one an existing key names.
+    #[serde(default)]
+    pub save: Option<Vec<Spanned<String>>>,
+    /// Templates of keys to look the record up by, in order; the first that names a record
+    /// wins. A message that finds none is refused with 404 and kept as a dead letter.
+    #[serde(default)]
+    pub find: Option<Vec<Spanned<String>>>,
+    /// The var that receives the found record: `{key, keys, data, state, history}`
+    /// (default `correlation`).
+    #[serde(default)]
+    pub into: Option<String>,
+    /// Structural template of fields merged into the record's data.
+    #[serde(default)]
+    pub data: Option<Spanned<Value>>,
+    /// Lifecycle state to record, such as `accepted`.
+    #[serde(default)]
+    pub state: Option<Spanned<String>>,
+}
+
+/// How a flow delivers to its targets.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// `durable` (default): the message is stored before the reply and delivered in the
+    /// background, retried until the target takes it. `sync`: the reply waits for the target.
+    #[serde(default)]
+    pub mode: Option<DeliveryMode>,
+    /// How durable delivery retries.
+    #[serde(default)]
+    pub retry: Option<RetryConfig>,
+    /// How many deliveries to each target may run at once (default 8).
+    #[serde(default)]
+    pub concurrency: Option<Spanned<u32>>,
+    /// Changes to the message's correlation record once a target took it.
+    #[serde(default)]
+    pub on_delivered: Option<OutcomeConfig>,
+    /// Changes to the message's correlation record once delivery failed for good.
+    #[serde(default)]
+    pub on_failed: Option<OutcomeConfig>,
+}
+
+/// Delivery modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryMode {
+    /// Stored, then delivered in the background with retries.
+    Durable,
+    /// Delivered before the reply; a failure is the caller's 502.
+    Sync,
+}
+
+/// Retries of durable delivery: capped exponential backoff with full jitter.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts before the message becomes a dead letter (default 10).
+    #[serde(default)]
+    pub attempts: Option<Spanned<u32>>,
+    /// Backoff before the second attempt, such as `500ms` (default 500ms).
+    #[serde(default)]
+    pub initial: Option<Spanned<String>>,
+    /// Longest backoff, such as `5m` (default 5m).
+    #[serde(default)]
+    pub max: Option<Spanned<String>>,
+}
+
+/// A change to the correlation record of a message after delivery.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutcomeConfig {
+    /// Lifecycle state to record, such as `delivered_to_lab`.
+    #[serde(default)]
+    pub state: Option<Spanned<String>>,
+    /// Templates of more keys to find the record by, such as `{{vars.lab_order_id}}`;
+    /// templates read the message and what the target's answer captured.
+    #[serde(default)]
+    pub keys: Vec<Spanned<String>>,
+    /// Structural template of fields merged into the record's data.
+    #[serde(default)]
+    pub data: Option<Spanned<Value>>,
 }
 
 /// Where messages go. One key, naming the kind of target.

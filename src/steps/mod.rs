@@ -3,11 +3,13 @@
 //! [`Step`] is the closed registry of step kinds; each kind lives in its own file, named as
 //! in YAML (`- validate:` ↔ `validate.rs`), with its compile and run halves.
 
+mod correlate;
 mod route;
 mod set;
 mod transform;
 mod validate;
 
+pub use correlate::Correlate;
 pub use route::Route;
 pub use set::Set;
 pub use transform::Transform;
@@ -17,6 +19,7 @@ use crate::compile::Ctx;
 use crate::config::StepConfig;
 use crate::error::FlowError;
 use crate::message::Message;
+use crate::store::{CorrelationWrite, Store};
 use crate::template::Templates;
 
 /// A compiled step.
@@ -30,6 +33,8 @@ pub enum Step {
     Transform(Transform),
     /// A choice of target.
     Route(Route),
+    /// A correlation record saved or found.
+    Correlate(Correlate),
 }
 
 /// What running a step may decide besides changing the message.
@@ -37,6 +42,8 @@ pub enum Step {
 pub struct StepState {
     /// The target chosen by a `route` step, as an index into the flow's targets.
     pub target: Option<usize>,
+    /// Correlation changes to commit with the message.
+    pub correlation: Vec<CorrelationWrite>,
 }
 
 impl Step {
@@ -47,6 +54,7 @@ impl Step {
             StepConfig::Set(c) => Set::compile(c, ctx).map(Self::Set),
             StepConfig::Transform(c) => Transform::compile(c, ctx).map(Self::Transform),
             StepConfig::Route(c) => Route::compile(c, ctx).map(Self::Route),
+            StepConfig::Correlate(c) => Correlate::compile(c, ctx).map(Self::Correlate),
         }
     }
 
@@ -54,13 +62,14 @@ impl Step {
     ///
     /// # Errors
     ///
-    /// A [`FlowError`] when the message breaks a schema, a template cannot render, or no
-    /// route matches; `label` names the step in it.
-    pub fn apply(
+    /// A [`FlowError`] when the message breaks a schema, a template cannot render, no
+    /// route matches, or no correlation record is found; `label` names the step in it.
+    pub async fn apply(
         &self,
         message: &mut Message,
         templates: &Templates,
         state: &mut StepState,
+        store: Option<&Store>,
         label: &str,
     ) -> Result<(), FlowError> {
         match self {
@@ -80,6 +89,7 @@ impl Step {
                 state.target = Some(step.choose(message)?);
                 Ok(())
             }
+            Self::Correlate(step) => step.apply(message, templates, state, store, label).await,
         }
     }
 }

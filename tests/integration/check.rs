@@ -33,7 +33,7 @@ fn the_shipped_flows_are_clean() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert_eq!(String::from_utf8_lossy(&output.stdout), "2 flow(s) ok\n");
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "3 flow(s) ok\n");
     let features = ferry(&["check", "tests/fixtures/features/flows"]);
     // The feature flows need their partners' URLs; without them, check says so and fails.
     assert_eq!(features.status.code(), Some(1));

@@ -1,20 +1,26 @@
-//! The `ferry serve` binary with the shipped flows: it prints where it listens, serves, and
-//! stops cleanly on SIGTERM.
+//! The `ferry` binary: `serve` with the shipped flows, a crash that loses nothing, and the
+//! operator commands `trace` and `dlq` against the running server.
 
+use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 
 use serde_json::json;
 
-use crate::util::{Partner, payload, post_json, repo};
+use crate::util::{FAST_RETRY, Partner, payload, post_json, repo, wait_until};
 
-#[tokio::test]
-async fn serve_runs_the_shipped_flows_and_stops_on_sigterm() {
-    let lab = Partner::start(201, json!({"lab_order_id": "LAB-1"})).await;
+const TOKEN: &str = "cli-test-token";
+
+/// Starts `ferry serve` on an ephemeral port with the shipped flows and a store in `dir`.
+fn spawn_ferry(dir: &Path, lab: &Partner) -> (Child, String) {
+    let store = format!("sqlite://{}/ferry.db", dir.display());
     let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--store", &store])
         .current_dir(repo())
         .env("LAB_URL", &lab.url)
+        .env("FERRY_ADMIN_TOKEN", TOKEN)
+        .envs(FAST_RETRY)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -26,25 +32,143 @@ async fn serve_runs_the_shipped_flows_and_stops_on_sigterm() {
     let url = line
         .trim()
         .strip_prefix("ferry listening on ")
-        .unwrap_or_else(|| panic!("unexpected: {line}"))
-        .to_owned();
+        .unwrap_or_else(|| panic!("unexpected: {line}"));
+    (child, url.to_owned())
+}
 
+/// Runs an operator command against the ferry at `url`.
+fn operate(url: &str, args: &[&str]) -> (i32, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .env("FERRY_ADMIN_URL", url)
+        .env("FERRY_ADMIN_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.code().unwrap_or(-1), text)
+}
+
+async fn terminate(child: Child) {
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let mut child = child;
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+}
+
+#[tokio::test]
+async fn serve_runs_the_shipped_flows_and_stops_on_sigterm() {
+    let lab = Partner::start(201, json!({"lab_order_id": "LAB-1"})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (child, url) = spawn_ferry(dir.path(), &lab);
     let (status, reply) = post_json(
         &format!("{url}/api/v1/test-requests"),
         &payload("test-request.json"),
     )
     .await;
     assert_eq!(status, 202, "{reply}");
-    assert_eq!(lab.received().len(), 1);
+    wait_until("the lab has the order", || lab.accepted().len() == 1).await;
+    terminate(child).await;
+}
 
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let exit = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(exit.success(), "{exit:?}");
+#[tokio::test]
+async fn a_killed_ferry_loses_nothing_it_accepted() {
+    let lab = Partner::start(503, json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, url) = spawn_ferry(dir.path(), &lab);
+    let mut ids = BTreeSet::new();
+    for i in 0..50 {
+        let mut request = payload("test-request.json");
+        request["portal_ref"] = json!(format!("PR-CRASH-{i}"));
+        let (status, reply) = post_json(&format!("{url}/api/v1/test-requests"), &request).await;
+        assert_eq!(status, 202, "{reply}");
+        ids.insert(reply["request_id"].as_str().unwrap().to_owned());
+    }
+    wait_until("the lab refused some orders", || lab.received().len() >= 10).await;
+    child.kill().unwrap(); // SIGKILL: no shutdown, deliveries in flight
+    child.wait().unwrap();
+
+    lab.set_reply(201, json!({"lab_order_id": "LAB-C"}));
+    let (child, url) = spawn_ferry(dir.path(), &lab);
+    wait_until("the lab took all 50 orders", || lab.accepted().len() >= 50).await;
+    let mut per_key: HashMap<String, usize> = HashMap::new();
+    for received in lab.accepted() {
+        *per_key
+            .entry(
+                received.headers["idempotency-key"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned(),
+            )
+            .or_default() += 1;
+    }
+    let expected: BTreeSet<String> = ids.iter().map(|id| format!("{id}:lab")).collect();
+    assert_eq!(per_key.keys().cloned().collect::<BTreeSet<_>>(), expected);
+    assert!(per_key.values().all(|n| *n == 1), "{per_key:?}");
+
+    // Resubmitting after the restart is still recognised.
+    let mut again = payload("test-request.json");
+    again["portal_ref"] = json!("PR-CRASH-0");
+    let (status, reply) = post_json(&format!("{url}/api/v1/test-requests"), &again).await;
+    assert_eq!(status, 202);
+    assert!(ids.contains(reply["request_id"].as_str().unwrap()));
+
+    // Operators find the journey by the portal's reference.
+    let (code, trace) = operate(&url, &["trace", "PR-CRASH-3"]);
+    assert_eq!(code, 0, "{trace}");
+    assert!(trace.contains("test-request"), "{trace}");
+    assert!(trace.contains("state: delivered_to_lab"), "{trace}");
+    assert!(trace.contains("attempt"), "{trace}");
+    let (code, listed) = operate(&url, &["dlq", "list"]);
+    assert_eq!(code, 0, "{listed}");
+    assert!(listed.contains("0 dead letter(s)"), "{listed}");
+    let (code, missing) = operate(&url, &["trace", "no-such-thing"]);
+    assert_eq!(code, 1, "{missing}");
+    terminate(child).await;
+}
+
+#[tokio::test]
+async fn dlq_commands_list_show_and_replay_dead_letters() {
+    let lab = Partner::start(422, json!({"error": "bad order"})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (child, url) = spawn_ferry(dir.path(), &lab);
+    let (_, reply) = post_json(
+        &format!("{url}/api/v1/test-requests"),
+        &payload("test-request.json"),
+    )
+    .await;
+    let id = reply["request_id"].as_str().unwrap().to_owned();
+    wait_until("the lab refused the order", || lab.received().len() == 1).await;
+    let mut listed = String::new();
+    for _ in 0..500 {
+        listed = operate(&url, &["dlq", "list"]).1;
+        if listed.contains(&id) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(
+        listed.contains(&id) && listed.contains("answered 422"),
+        "{listed}"
+    );
+    let (code, shown) = operate(&url, &["dlq", "show", &id]);
+    assert_eq!(code, 0);
+    assert!(shown.contains("\"status\": \"dead\""), "{shown}");
+
+    lab.set_reply(201, json!({}));
+    let (code, replayed) = operate(&url, &["dlq", "replay", "--all"]);
+    assert_eq!(code, 0, "{replayed}");
+    assert!(replayed.contains("1 replayed, 0 not"), "{replayed}");
+    wait_until("the lab took the replayed order", || {
+        lab.accepted().len() == 1
+    })
+    .await;
+    terminate(child).await;
 }

@@ -147,49 +147,45 @@ async fn schema_violations_are_all_listed_with_json_pointers() {
 }
 
 #[tokio::test]
-async fn target_failures_answer_502_without_internal_details() {
-    let lab = Partner::start(500, json!({"error": "database on fire"})).await;
-    let portal = Partner::start(200, json!({})).await;
-    let ferry = Ferry::shipped(&lab, &portal).await;
-    let url = format!("{}/api/v1/test-requests", ferry.url);
+async fn synchronous_target_failures_answer_502_without_internal_details() {
+    let north = Partner::start(500, json!({"error": "database on fire"})).await;
+    let ferry = crate::util::features(&[("NORTH_URL", &north.url)]).await;
+    let url = format!("{}/partners/p/orders?mode=m", ferry.url);
+    let order = json!({"lab": "north", "tests": []});
 
-    let (status, body) = post_json(&url, &payload("test-request.json")).await;
+    let (status, body) = post_json(&url, &order).await;
     assert_eq!(status, 502);
     assert_error_shape(&body, "target_failed");
-    assert_eq!(body["details"], json!([{"target": "lab", "status": 500}]));
+    assert_eq!(body["details"], json!([{"target": "north", "status": 500}]));
     assert!(!body.to_string().contains("database on fire"));
 
-    lab.set_reply(400, json!({"error": "unknown test code"}));
-    let (status, body) = post_json(&url, &payload("test-request.json")).await;
+    north.set_reply(400, json!({"error": "unknown test code"}));
+    let (status, body) = post_json(&url, &order).await;
     assert_eq!(status, 502);
-    assert_eq!(body["details"], json!([{"target": "lab", "status": 400}]));
-    assert_eq!(lab.received().len(), 2);
+    assert_eq!(body["details"], json!([{"target": "north", "status": 400}]));
+    assert_eq!(north.received().len(), 2);
 }
 
 #[tokio::test]
-async fn an_unreachable_target_answers_502() {
+async fn an_unreachable_synchronous_target_answers_502() {
     // Bind a port, then free it, so nothing listens there.
     let free = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .unwrap()
         .local_addr()
         .unwrap();
-    let portal = Partner::start(200, json!({})).await;
-    let flows = crate::util::repo().join("flows");
-    let lab_url = format!("http://{free}");
-    let ferry = Ferry::start(
-        &flows,
-        &[("LAB_URL", &lab_url), ("PORTAL_URL", &portal.url)],
-    )
-    .await;
+    let ferry = crate::util::features(&[("NORTH_URL", &format!("http://{free}"))]).await;
     let (status, body) = post_json(
-        &format!("{}/api/v1/test-requests", ferry.url),
-        &payload("test-request.json"),
+        &format!("{}/partners/p/orders?mode=m", ferry.url),
+        &json!({"lab": "north"}),
     )
     .await;
     assert_eq!(status, 502);
     assert_error_shape(&body, "target_failed");
-    assert_eq!(body["details"], json!([{"target": "lab", "status": null}]));
+    assert_eq!(
+        body["details"],
+        json!([{"target": "north", "status": null}])
+    );
     assert!(
         !body.to_string().contains(&free.to_string()),
         "the target's address stays internal"

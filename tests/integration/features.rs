@@ -3,21 +3,7 @@
 
 use serde_json::json;
 
-use crate::util::{Ferry, Partner, post_json, repo};
-
-/// The feature flows, with the given partners and every other target URL pointing nowhere.
-async fn features(partners: &[(&str, &Partner)]) -> Ferry {
-    let mut env: Vec<(&str, &str)> = partners
-        .iter()
-        .map(|(name, p)| (*name, p.url.as_str()))
-        .collect();
-    for name in ["NORTH_URL", "METALS_URL", "SOUTH_URL", "SINK_URL"] {
-        if !env.iter().any(|(n, _)| *n == name) {
-            env.push((name, "http://127.0.0.1:9"));
-        }
-    }
-    Ferry::start(&repo().join("tests/fixtures/features/flows"), &env).await
-}
+use crate::util::{Partner, features, post_json};
 
 #[tokio::test]
 async fn route_picks_the_target_by_content_and_templates_read_path_parameters() {
@@ -25,9 +11,9 @@ async fn route_picks_the_target_by_content_and_templates_read_path_parameters() 
     let metals = Partner::start(200, json!({})).await;
     let south = Partner::start(200, json!({})).await;
     let ferry = features(&[
-        ("NORTH_URL", &north),
-        ("METALS_URL", &metals),
-        ("SOUTH_URL", &south),
+        ("NORTH_URL", &north.url),
+        ("METALS_URL", &metals.url),
+        ("SOUTH_URL", &south.url),
     ])
     .await;
 
@@ -96,7 +82,7 @@ async fn route_picks_the_target_by_content_and_templates_read_path_parameters() 
 #[tokio::test]
 async fn text_templates_escape_values_for_csv_and_xml() {
     let sink = Partner::start(200, json!({})).await;
-    let ferry = features(&[("SINK_URL", &sink)]).await;
+    let ferry = features(&[("SINK_URL", &sink.url)]).await;
 
     let rows = json!({"rows": [{"name": "Acme, \"Water\"", "code": "PH"}, {"name": "plain", "code": "PB"}]});
     let (status, reply) = post_json(&format!("{}/exports", ferry.url), &rows).await;
@@ -125,7 +111,7 @@ async fn text_templates_escape_values_for_csv_and_xml() {
 #[tokio::test]
 async fn a_flow_without_target_answers_from_the_message() {
     let sink = Partner::start(200, json!({})).await;
-    let ferry = features(&[("SINK_URL", &sink)]).await;
+    let ferry = features(&[("SINK_URL", &sink.url)]).await;
     let response = reqwest::get(format!("{}/things/42?verbose=yes", ferry.url))
         .await
         .unwrap();

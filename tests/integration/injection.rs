@@ -28,9 +28,11 @@ async fn hostile_strings_arrive_byte_for_byte_and_inject_nothing() {
         let mut request = payload("test-request.json");
         request["customer"]["name"] = json!(hostile);
         request["notes"] = json!(hostile);
+        request["portal_ref"] = json!(format!("PR-{i}"));
         let (status, reply) = post_json(&url, &request).await;
         assert_eq!(status, 202, "{hostile:?}: {reply}");
 
+        crate::util::wait_until("the lab has the order", || lab.received().len() == i + 1).await;
         let received = &lab.received()[i];
         let order = received.json();
         assert_eq!(order["client"]["name"].as_str(), Some(*hostile));

@@ -4,6 +4,7 @@
 //!   to a mock portal.
 //! - `errors`: every error status ferry answers, and that refused messages are not forwarded.
 //! - `injection`: hostile strings arrive intact and cannot add fields.
+//! - `delivery`: durable delivery, retries, dead letters, replay, idempotency, status.
 //! - `features`: path parameters, routing, text templates and response capture.
 //! - `check`: `ferry check` on broken flows reports every problem at its line and column.
 //! - `cli`: the `ferry` binary serving the shipped flows.
@@ -13,6 +14,7 @@ mod util;
 
 mod check;
 mod cli;
+mod delivery;
 mod errors;
 mod features;
 mod injection;

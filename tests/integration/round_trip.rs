@@ -1,8 +1,31 @@
-//! The reference case end to end: portal → ferry → lab, then lab → ferry → portal.
+//! The reference case end to end: portal → ferry → lab, then lab → ferry → portal, with the
+//! request's status answered along the way.
 
-use serde_json::json;
+use serde_json::{Value, json};
 
-use crate::util::{Ferry, Partner, payload, post_json, schema_violations};
+use crate::util::{Ferry, Partner, payload, post_json, wait_until};
+
+pub(crate) async fn status_of(ferry: &Ferry, request_id: &str) -> (u16, Value) {
+    let response = reqwest::get(format!("{}/api/v1/test-requests/{request_id}", ferry.url))
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+pub(crate) async fn wait_for_state(ferry: &Ferry, request_id: &str, state: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, last) = status_of(ferry, request_id).await;
+        if last["status"] == state {
+            return last;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request never became {state}: {last}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
 
 #[tokio::test]
 async fn a_test_request_reaches_the_lab_and_its_results_reach_the_portal() {
@@ -21,8 +44,8 @@ async fn a_test_request_reaches_the_lab_and_its_results_reach_the_portal() {
         .expect("a request_id")
         .to_owned();
 
+    wait_until("the lab has the order", || lab.received().len() == 1).await;
     let orders = lab.received();
-    assert_eq!(orders.len(), 1);
     let order = orders[0].json();
     assert_eq!(orders[0].method, "POST");
     assert_eq!(orders[0].path, "/orders");
@@ -32,7 +55,10 @@ async fn a_test_request_reaches_the_lab_and_its_results_reach_the_portal() {
         format!("{request_id}:lab").as_str()
     );
     assert_eq!(orders[0].headers["x-correlation-id"], request_id.as_str());
-    assert_eq!(schema_violations("lab-order.schema.json", &order), vec![]);
+    assert_eq!(
+        crate::util::schema_violations("lab-order.schema.json", &order),
+        vec![]
+    );
     assert_eq!(order["order_ref"], request_id.as_str());
     assert_eq!(order["portal_ref"], "PR-2026-0001");
     assert_eq!(
@@ -43,11 +69,12 @@ async fn a_test_request_reaches_the_lab_and_its_results_reach_the_portal() {
     assert_eq!(order["tests"], request["tests"]);
     assert_eq!(order["samples"], request["samples"]);
     assert_eq!(order["notes"], json!(null));
+    let state = wait_for_state(&ferry, &request_id, "delivered_to_lab").await;
+    assert_eq!(state["lab_order_id"], "LAB-884211");
 
     // Lab → portal, echoing the order_ref.
     let mut result = payload("test-result.json");
     result["order_ref"] = json!(request_id);
-    result["portal_ref"] = order["portal_ref"].clone();
     let (status, reply) = post_json(&format!("{}/api/v1/lab-results", ferry.url), &result).await;
     assert_eq!(status, 202, "{reply}");
     assert_eq!(
@@ -55,40 +82,116 @@ async fn a_test_request_reaches_the_lab_and_its_results_reach_the_portal() {
         json!({"request_id": request_id, "lab_order_id": "LAB-884211", "status": "accepted"})
     );
 
+    wait_until("the portal has the results", || {
+        portal.received().len() == 1
+    })
+    .await;
     let deliveries = portal.received();
-    assert_eq!(deliveries.len(), 1);
     assert_eq!(deliveries[0].path, "/test-results");
     let delivered = deliveries[0].json();
     assert_eq!(
-        schema_violations("portal-result.schema.json", &delivered),
+        crate::util::schema_violations("portal-result.schema.json", &delivered),
         vec![]
     );
     assert_eq!(delivered["request_id"], request_id.as_str());
+    // The portal's reference came back through the correlation record, not through the lab.
     assert_eq!(delivered["portal_ref"], "PR-2026-0001");
     assert_eq!(delivered["lab_order_id"], "LAB-884211");
     assert_eq!(delivered["results"], result["results"]);
     assert_eq!(delivered["results"][0]["value"], json!(7.2));
+    let state = wait_for_state(&ferry, &request_id, "delivered_to_portal").await;
+    let states: Vec<&str> = state["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states,
+        [
+            "accepted",
+            "delivered_to_lab",
+            "results_received",
+            "delivered_to_portal"
+        ]
+    );
+    for change in state["history"].as_array().unwrap() {
+        assert!(change["at"].as_str().unwrap().ends_with('Z'), "{change}");
+    }
 }
 
 #[tokio::test]
-async fn the_reference_result_payload_is_accepted_as_it_stands() {
-    let lab = Partner::start(201, json!({})).await;
-    let portal = Partner::start(204, json!(null)).await;
+async fn results_correlate_by_the_labs_own_order_id() {
+    let lab = Partner::start(201, json!({"lab_order_id": "LAB-77"})).await;
+    let portal = Partner::start(200, json!({})).await;
     let ferry = Ferry::shipped(&lab, &portal).await;
-    let (status, reply) = post_json(
+    let (_, reply) = post_json(
+        &format!("{}/api/v1/test-requests", ferry.url),
+        &payload("test-request.json"),
+    )
+    .await;
+    let request_id = reply["request_id"].as_str().unwrap().to_owned();
+    wait_for_state(&ferry, &request_id, "delivered_to_lab").await;
+
+    // The lab lost our order_ref and sends its own reference.
+    let mut result = payload("test-result.json");
+    result["order_ref"] = json!("lab-internal-9");
+    result["lab_order_id"] = json!("LAB-77");
+    let (status, reply) = post_json(&format!("{}/api/v1/lab-results", ferry.url), &result).await;
+    assert_eq!(status, 202, "{reply}");
+    assert_eq!(reply["request_id"], request_id.as_str());
+    wait_until("the portal has the results", || {
+        portal.received().len() == 1
+    })
+    .await;
+    assert_eq!(
+        portal.received()[0].json()["request_id"],
+        request_id.as_str()
+    );
+}
+
+#[tokio::test]
+async fn results_for_no_known_request_are_refused_and_kept_as_dead_letters() {
+    let lab = Partner::start(201, json!({})).await;
+    let portal = Partner::start(200, json!({})).await;
+    let ferry = Ferry::shipped(&lab, &portal).await;
+
+    // The reference payload, as it stands, answers no request this ferry knows.
+    let (status, body) = post_json(
         &format!("{}/api/v1/lab-results", ferry.url),
         &payload("test-result.json"),
     )
     .await;
-    assert_eq!(status, 202, "{reply}");
-    let delivered = portal.received()[0].json();
-    // Without the portal_ref echoed by the lab it is null, which the portal's schema allows.
-    assert_eq!(delivered["portal_ref"], json!(null));
-    assert_eq!(delivered["request_id"], "<the request_id>");
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"], "not_correlated");
+    assert_eq!(
+        body["details"],
+        json!([{"context": "test-request", "keys": ["<the request_id>", "LAB-884211"]}])
+    );
+    assert!(portal.received().is_empty(), "nothing reaches the portal");
+
+    let (status, dead) = ferry.admin("/dead-letters").await;
+    assert_eq!(status, 200);
+    let dead = dead["dead_letters"].as_array().unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["flow"], "lab-to-portal");
+    assert!(
+        dead[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("no test-request matches"),
+        "{}",
+        dead[0]
+    );
+
+    // Unknown ids get 404 from the status endpoint too.
+    let (status, body) = status_of(&ferry, "no-such-request").await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"], "not_correlated");
 }
 
 #[tokio::test]
-async fn correlation_ids_given_by_the_caller_are_passed_on() {
+async fn caller_correlation_ids_are_passed_on() {
     let lab = Partner::start(201, json!({})).await;
     let portal = Partner::start(200, json!({})).await;
     let ferry = Ferry::shipped(&lab, &portal).await;
@@ -100,5 +203,6 @@ async fn correlation_ids_given_by_the_caller_are_passed_on() {
         .await
         .unwrap();
     assert_eq!(response.status(), 202);
+    wait_until("the lab has the order", || lab.received().len() == 1).await;
     assert_eq!(lab.received()[0].headers["x-correlation-id"], "trace-42");
 }

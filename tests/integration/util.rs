@@ -9,6 +9,8 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use ferry::compile::{ProjectPaths, load_project_with_env};
+use ferry::runtime::Runtime;
+use ferry::store::Store;
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -41,6 +43,9 @@ pub(crate) struct Received {
     pub(crate) path: String,
     pub(crate) headers: HeaderMap,
     pub(crate) body: Bytes,
+    /// The status the partner answered with.
+    pub(crate) status: u16,
+    pub(crate) at: std::time::Instant,
 }
 
 impl Received {
@@ -49,10 +54,12 @@ impl Received {
     }
 }
 
-#[derive(Default)]
+/// What a partner answers: status, JSON body, extra headers.
+type Answer = (u16, Value, Vec<(String, String)>);
+
 struct PartnerState {
     received: Mutex<Vec<Received>>,
-    reply: Mutex<(u16, Value)>,
+    reply: Mutex<Answer>,
 }
 
 /// A mock partner system (lab or portal): records every request and answers with a
@@ -67,7 +74,7 @@ impl Partner {
     pub(crate) async fn start(status: u16, body: Value) -> Self {
         let state = Arc::new(PartnerState {
             received: Mutex::default(),
-            reply: Mutex::new((status, body)),
+            reply: Mutex::new((status, body, Vec::new())),
         });
         let router = Router::new()
             .fallback(record)
@@ -81,7 +88,20 @@ impl Partner {
     }
 
     pub(crate) fn set_reply(&self, status: u16, body: Value) {
-        *self.state.reply.lock().unwrap() = (status, body);
+        *self.state.reply.lock().unwrap() = (status, body, Vec::new());
+    }
+
+    pub(crate) fn set_reply_with_header(&self, status: u16, body: Value, header: (&str, &str)) {
+        let header = (header.0.to_owned(), header.1.to_owned());
+        *self.state.reply.lock().unwrap() = (status, body, vec![header]);
+    }
+
+    /// The requests this partner took (answered 2xx).
+    pub(crate) fn accepted(&self) -> Vec<Received> {
+        self.received()
+            .into_iter()
+            .filter(|r| (200..300).contains(&r.status))
+            .collect()
     }
 
     pub(crate) fn received(&self) -> Vec<Received> {
@@ -89,17 +109,29 @@ impl Partner {
     }
 }
 
-async fn record(State(state): State<Arc<PartnerState>>, request: Request) -> impl IntoResponse {
+async fn record(
+    State(state): State<Arc<PartnerState>>,
+    request: Request,
+) -> axum::response::Response {
     let (parts, body) = request.into_parts();
     let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+    let (status, reply, headers) = state.reply.lock().unwrap().clone();
     state.received.lock().unwrap().push(Received {
         method: parts.method.to_string(),
         path: parts.uri.to_string(),
         headers: parts.headers,
         body,
+        status,
+        at: std::time::Instant::now(),
     });
-    let (status, body) = state.reply.lock().unwrap().clone();
-    (StatusCode::from_u16(status).unwrap(), axum::Json(body))
+    let mut response = (StatusCode::from_u16(status).unwrap(), axum::Json(reply)).into_response();
+    for (name, value) in headers {
+        response.headers_mut().insert(
+            axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+    }
+    response
 }
 
 /// Serves `router` on an ephemeral loopback port until the returned sender is dropped.
@@ -118,10 +150,26 @@ async fn serve(router: Router) -> (String, oneshot::Sender<()>) {
     (url, tx)
 }
 
-/// ferry serving the flows of `flows` in this process, with `env` as its environment.
+/// The admin token of in-process ferries.
+pub(crate) const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// Settings that make the shipped flows retry fast in tests.
+pub(crate) const FAST_RETRY: [(&str, &str); 6] = [
+    ("LAB_RETRY_INITIAL", "20ms"),
+    ("LAB_RETRY_MAX", "100ms"),
+    ("LAB_RETRY_ATTEMPTS", "1000"),
+    ("PORTAL_RETRY_INITIAL", "20ms"),
+    ("PORTAL_RETRY_MAX", "100ms"),
+    ("PORTAL_RETRY_ATTEMPTS", "1000"),
+];
+
+/// ferry serving the flows of `flows` in this process, with `env` as its environment and a
+/// SQLite store in a temporary folder.
 pub(crate) struct Ferry {
     pub(crate) url: String,
+    pub(crate) runtime: Arc<Runtime>,
     _shutdown: oneshot::Sender<()>,
+    _dir: tempfile::TempDir,
 }
 
 impl Ferry {
@@ -133,22 +181,99 @@ impl Ferry {
         let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
         let project = load_project_with_env(&ProjectPaths::new(flows, None), &lookup)
             .unwrap_or_else(|d| panic!("flows do not load: {d:#?}"));
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("sqlite://{}/ferry.db", dir.path().display()))
+            .await
+            .unwrap();
         let client = ferry::server::http_client().unwrap();
-        let (url, shutdown) = serve(ferry::server::router(&project, &client)).await;
+        let runtime = Arc::new(Runtime::new(&project, client, Some(store)));
+        let (url, shutdown) = serve(ferry::server::router(&runtime, Some(ADMIN_TOKEN))).await;
         Self {
             url,
+            runtime,
             _shutdown: shutdown,
+            _dir: dir,
         }
     }
 
-    /// The shipped flows, delivering to `lab` and `portal`.
+    /// The shipped flows, delivering to `lab` and `portal`, retrying fast.
     pub(crate) async fn shipped(lab: &Partner, portal: &Partner) -> Self {
-        Self::start(
-            &repo().join("flows"),
-            &[("LAB_URL", &lab.url), ("PORTAL_URL", &portal.url)],
-        )
-        .await
+        let mut env = vec![
+            ("LAB_URL", lab.url.as_str()),
+            ("PORTAL_URL", portal.url.as_str()),
+        ];
+        env.extend(FAST_RETRY);
+        Self::start(&repo().join("flows"), &env).await
     }
+
+    /// GETs an admin API path.
+    pub(crate) async fn admin(&self, path: &str) -> (u16, Value) {
+        let response = reqwest::Client::new()
+            .get(format!("{}/admin/v1{path}", self.url))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        (
+            response.status().as_u16(),
+            response.json().await.unwrap_or(Value::Null),
+        )
+    }
+
+    /// POSTs to an admin API path.
+    pub(crate) async fn admin_post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let response = reqwest::Client::new()
+            .post(format!("{}/admin/v1{path}", self.url))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        (
+            response.status().as_u16(),
+            response.json().await.unwrap_or(Value::Null),
+        )
+    }
+}
+
+/// Polls `check` every 10 ms until it holds, failing after 10 s with `what`.
+pub(crate) async fn wait_until<F: FnMut() -> bool>(what: &str, mut check: F) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Like [`wait_until`], for checks that must await.
+pub(crate) async fn wait_for<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// The feature flows of `tests/fixtures/features`, with the given target URLs and every other
+/// target URL pointing nowhere.
+pub(crate) async fn features(urls: &[(&str, &str)]) -> Ferry {
+    let mut env = urls.to_vec();
+    for name in ["NORTH_URL", "METALS_URL", "SOUTH_URL", "SINK_URL"] {
+        if !env.iter().any(|(n, _)| *n == name) {
+            env.push((name, "http://127.0.0.1:9"));
+        }
+    }
+    Ferry::start(&repo().join("tests/fixtures/features/flows"), &env).await
 }
 
 /// POSTs JSON and returns the status and JSON reply.

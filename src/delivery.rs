@@ -1,0 +1,320 @@
+//! Durable delivery: workers that drain the outbox, one per flow and target.
+//!
+//! Each worker claims due entries, sends them with at most `concurrency` in flight, and
+//! records the outcome: delivered, retried later with capped exponential backoff and full
+//! jitter (or the target's `Retry-After`), or dead. A slow or dead target only ever holds its
+//! own worker, never another target's.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::flow::Flow;
+use crate::message::Message;
+use crate::store::{AttemptOutcome, AttemptRecord, Claimed, Store, now_ms};
+use crate::targets::{self, RetryAction, SendError, TargetResponse};
+
+/// How long a claim holds an entry; a worker that dies lets it go after this.
+const LEASE: Duration = Duration::from_secs(300);
+/// How often an idle worker looks for due entries when nothing wakes it.
+const IDLE_POLL: Duration = Duration::from_secs(5);
+/// The longest a target's `Retry-After` can push an attempt back.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// How durable delivery retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts before a dead letter.
+    pub attempts: u32,
+    /// Backoff before the second attempt.
+    pub initial: Duration,
+    /// Longest backoff.
+    pub max: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempts: 10,
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(300),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait after failed attempt number `attempt` (1-based): a random time up to
+    /// `initial · 2^(attempt-1)`, capped at `max` ("full jitter"), but never less than the
+    /// target asked for with `Retry-After`.
+    pub fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        let exponent = attempt.saturating_sub(1).min(30);
+        let ceiling = self.initial.saturating_mul(1 << exponent).min(self.max);
+        let jittered = ceiling.mul_f64(fastrand::f64());
+        match retry_after {
+            Some(asked) => jittered.max(asked.min(MAX_RETRY_AFTER)),
+            None => jittered,
+        }
+    }
+}
+
+/// Parses `Retry-After`: seconds, or an HTTP date.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+}
+
+/// The running delivery workers.
+#[derive(Debug)]
+pub struct Delivery {
+    wakers: HashMap<(String, String), Arc<Notify>>,
+    stop: CancellationToken,
+    workers: tokio::sync::Mutex<JoinSet<()>>,
+}
+
+impl Delivery {
+    /// Starts a worker for every target of every durable flow.
+    pub fn start(store: &Store, flows: &[Arc<Flow>], client: &reqwest::Client) -> Self {
+        let stop = CancellationToken::new();
+        let mut wakers = HashMap::new();
+        let mut workers = JoinSet::new();
+        for flow in flows.iter().filter(|f| f.is_durable()) {
+            for index in 0..flow.targets().len() {
+                let wake = Arc::new(Notify::new());
+                let name = flow.targets()[index].name().to_owned();
+                wakers.insert((flow.name.clone(), name), Arc::clone(&wake));
+                let worker = Worker {
+                    store: store.clone(),
+                    flow: Arc::clone(flow),
+                    target: index,
+                    client: client.clone(),
+                    wake,
+                    stop: stop.clone(),
+                };
+                workers.spawn(worker.run());
+            }
+        }
+        Self {
+            wakers,
+            stop,
+            workers: tokio::sync::Mutex::new(workers),
+        }
+    }
+
+    /// Tells `flow`'s worker for `target` that new entries are due.
+    pub fn wake(&self, flow: &str, target: &str) {
+        if let Some(wake) = self.wakers.get(&(flow.to_owned(), target.to_owned())) {
+            wake.notify_one();
+        }
+    }
+
+    /// Stops claiming, and waits up to `grace` for attempts in flight. Entries left in flight
+    /// are due again at the next start.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.stop.cancel();
+        let mut workers = self.workers.lock().await;
+        let drained = tokio::time::timeout(grace, async {
+            while workers.join_next().await.is_some() {}
+        });
+        if drained.await.is_err() {
+            tracing::warn!(
+                "delivery did not finish within {grace:?}; the rest resumes at next start"
+            );
+            workers.abort_all();
+        }
+    }
+}
+
+struct Worker {
+    store: Store,
+    flow: Arc<Flow>,
+    target: usize,
+    client: reqwest::Client,
+    wake: Arc<Notify>,
+    stop: CancellationToken,
+}
+
+impl Worker {
+    async fn run(self) {
+        let target = self.flow.targets()[self.target].name().to_owned();
+        let permits = Arc::new(Semaphore::new(self.flow.concurrency() as usize));
+        let mut attempts = JoinSet::new();
+        let this = Arc::new(self);
+        loop {
+            while attempts.try_join_next().is_some() {}
+            let free = permits.available_permits();
+            let mut drained = true;
+            if free > 0 && !this.stop.is_cancelled() {
+                let lease_until = now_ms() + LEASE.as_millis() as i64;
+                match this
+                    .store
+                    .claim(&this.flow.name, &target, free as u32, lease_until)
+                    .await
+                {
+                    Ok(claimed) => {
+                        drained = claimed.len() < free;
+                        for entry in claimed {
+                            let permit = Arc::clone(&permits)
+                                .try_acquire_owned()
+                                .expect("claimed within free permits");
+                            let worker = Arc::clone(&this);
+                            attempts.spawn(async move {
+                                worker.attempt(entry).await;
+                                drop(permit);
+                            });
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(flow = %this.flow.name, %target, %error, "claiming deliveries failed")
+                    }
+                }
+            }
+            if !drained {
+                continue;
+            }
+            let wait = match this.store.next_due(&this.flow.name, &target).await {
+                Ok(Some(due)) => {
+                    Duration::from_millis(u64::try_from(due - now_ms()).unwrap_or(0)).min(IDLE_POLL)
+                }
+                _ => IDLE_POLL,
+            };
+            tokio::select! {
+                () = this.stop.cancelled() => break,
+                () = this.wake.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+                Some(_) = attempts.join_next(), if !attempts.is_empty() => {}
+            }
+        }
+        // Let attempts in flight finish; `Delivery::shutdown` bounds how long.
+        while attempts.join_next().await.is_some() {}
+    }
+
+    async fn attempt(&self, entry: Claimed) {
+        let flow = &self.flow;
+        let target = &flow.targets()[self.target];
+        let number = entry.attempts + 1;
+        let mut message = Message::from_document(entry.document, entry.content_type);
+        let started = Instant::now();
+        let (action, status, error, retry_after) = match flow.prepare(target, &message) {
+            Err(error) => (RetryAction::Drop, None, Some(error.to_string()), None),
+            Ok(request) => {
+                let outcome = targets::send(&self.client, &request).await;
+                let action = targets::classify(&outcome);
+                match outcome {
+                    Ok(response) if action == RetryAction::Done => {
+                        target.capture(&response, &mut message);
+                        (action, Some(response.status), None, None)
+                    }
+                    Ok(TargetResponse {
+                        status,
+                        retry_after,
+                        body,
+                    }) => {
+                        let excerpt =
+                            String::from_utf8_lossy(&body[..body.len().min(500)]).into_owned();
+                        let retry_after = retry_after.as_deref().and_then(parse_retry_after);
+                        (
+                            action,
+                            Some(status),
+                            Some(format!("answered {status}: {excerpt}")),
+                            retry_after,
+                        )
+                    }
+                    Err(error @ (SendError::Timeout(_) | SendError::Connect(_))) => {
+                        (action, None, Some(error.to_string()), None)
+                    }
+                }
+            }
+        };
+        let policy = flow.retry();
+        let outcome = match action {
+            RetryAction::Done => AttemptOutcome::Delivered,
+            RetryAction::Retry if number < policy.attempts => {
+                let wait = policy.backoff(number, retry_after);
+                AttemptOutcome::RetryAt(now_ms() + wait.as_millis() as i64)
+            }
+            RetryAction::Retry | RetryAction::Drop => AttemptOutcome::Dead,
+        };
+        let correlation = match (outcome, entry.record_id) {
+            (AttemptOutcome::Delivered, Some(record)) => {
+                flow.after_delivery(true, record, &message)
+            }
+            (AttemptOutcome::Dead, Some(record)) => flow.after_delivery(false, record, &message),
+            _ => None,
+        };
+        let latency_ms = started.elapsed().as_millis() as u64;
+        match outcome {
+            AttemptOutcome::Dead => tracing::warn!(
+                flow = %flow.name, target = %target.name(), message_id = %entry.message_id, attempt = number,
+                error = error.as_deref().unwrap_or_default(), "delivery failed for good: dead letter"
+            ),
+            _ => tracing::debug!(
+                flow = %flow.name, target = %target.name(), message_id = %entry.message_id, attempt = number,
+                ?status, ?outcome, "delivery attempt"
+            ),
+        }
+        let record = AttemptRecord {
+            outbox_id: entry.outbox_id,
+            message_id: entry.message_id,
+            target: target.name().to_owned(),
+            attempt: number,
+            outcome,
+            status,
+            error,
+            latency_ms,
+            correlation,
+        };
+        if let Err(error) = self.store.record_attempt(record).await {
+            // The lease runs out and the entry is attempted again: at least once, never lost.
+            tracing::error!(flow = %flow.name, %error, "recording a delivery attempt failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_exponential_with_full_jitter() {
+        let policy = RetryPolicy {
+            attempts: 10,
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
+        for _ in 0..200 {
+            assert!(policy.backoff(1, None) <= Duration::from_millis(100));
+            assert!(policy.backoff(3, None) <= Duration::from_millis(400));
+            assert!(policy.backoff(30, None) <= Duration::from_secs(1));
+        }
+        let spread: std::collections::HashSet<_> =
+            (0..50).map(|_| policy.backoff(5, None)).collect();
+        assert!(spread.len() > 10, "jitter spreads retries");
+        assert_eq!(
+            policy.backoff(1, Some(Duration::from_secs(7))),
+            Duration::from_secs(7)
+        );
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_and_dates() {
+        assert_eq!(parse_retry_after(" 120 "), Some(Duration::from_secs(120)));
+        let later = std::time::SystemTime::now() + Duration::from_secs(60);
+        let parsed = parse_retry_after(&httpdate::fmt_http_date(later)).unwrap();
+        assert!(
+            parsed > Duration::from_secs(55) && parsed <= Duration::from_secs(60),
+            "{parsed:?}"
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+}

@@ -1,0 +1,551 @@
+//! The durable store: accepted messages, the delivery outbox, correlation records and every
+//! message's timeline.
+//!
+//! [`Store`] is the one interface flows and delivery use; the backend behind it is chosen by
+//! URL. SQLite (a file, or `sqlite::memory:`) is the embedded default. Writes from concurrent
+//! requests share transactions (group commit), so durability costs one sync per batch, not
+//! one per request.
+
+mod sqlite;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// Unix time in milliseconds, as stored.
+pub type Millis = i64;
+
+/// The current time in unix milliseconds.
+pub fn now_ms() -> Millis {
+    let now = time::OffsetDateTime::now_utc();
+    i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+/// Formats unix milliseconds as RFC 3339.
+pub fn rfc3339(ms: Millis) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database refused or failed.
+    #[error("store: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Schema migration failed at start.
+    #[error("store migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The URL names no supported store.
+    #[error("unsupported store URL \"{0}\"; use sqlite://PATH or sqlite::memory:")]
+    Url(String),
+    /// The store is shutting down.
+    #[error("store is closed")]
+    Closed,
+    /// Stored data could not be read back.
+    #[error("store data: {0}")]
+    Corrupt(String),
+}
+
+/// The reply a caller got, kept so a repeated submission gets the same one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredReply {
+    /// HTTP status.
+    pub status: u16,
+    /// Response headers.
+    pub headers: Vec<(String, String)>,
+    /// JSON body.
+    pub body: Value,
+}
+
+/// Where a stored message stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageStatus {
+    /// Committed; deliveries pending.
+    Accepted,
+    /// Every delivery done.
+    Delivered,
+    /// A delivery failed for good, or the message could not be correlated: a dead letter.
+    Dead,
+}
+
+impl MessageStatus {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Accepted => "accepted",
+            Self::Delivered => "delivered",
+            Self::Dead => "dead",
+        }
+    }
+}
+
+/// A timeline entry to record.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// What happened: `received`, `step`, `queued`, `attempt`, `delivered`, `dead`, `replayed`…
+    pub kind: &'static str,
+    /// Details, as JSON.
+    pub detail: Value,
+}
+
+/// A change to a correlation record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CorrelationWrite {
+    /// Create the record found by any of `keys` in `context`, or update it.
+    Save {
+        /// Namespace of the record, such as `test-request`.
+        context: String,
+        /// Keys it can be found by; the first is its main key.
+        keys: Vec<String>,
+        /// Fields merged into its data.
+        data: Value,
+        /// A lifecycle state to append.
+        state: Option<String>,
+    },
+    /// Update a known record.
+    Update {
+        /// The record.
+        record_id: i64,
+        /// More keys it can be found by.
+        keys: Vec<String>,
+        /// Fields merged into its data.
+        data: Value,
+        /// A lifecycle state to append.
+        state: Option<String>,
+    },
+}
+
+/// A message to commit, with its deliveries, correlation changes and timeline.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// Message id.
+    pub id: String,
+    /// Flow name.
+    pub flow: String,
+    /// Correlation id (from `meta`).
+    pub correlation_id: String,
+    /// The caller's idempotency key, if any.
+    pub idempotency_key: Option<String>,
+    /// When it was received.
+    pub received_at: Millis,
+    /// The body as received.
+    pub inbound: Value,
+    /// `meta` as received.
+    pub meta: Value,
+    /// `{body, vars, meta}` after the steps.
+    pub document: Value,
+    /// Content type of a text body.
+    pub content_type: Option<String>,
+    /// Accepted, or dead when it could not be handled.
+    pub status: MessageStatus,
+    /// Why it is dead.
+    pub error: Option<String>,
+    /// What the caller is answered.
+    pub reply: StoredReply,
+    /// Targets to deliver to.
+    pub targets: Vec<String>,
+    /// Correlation changes the steps made.
+    pub correlation: Vec<CorrelationWrite>,
+    /// Timeline entries.
+    pub events: Vec<NewEvent>,
+    /// Whether this replays a stored message (same id) instead of storing a new one.
+    pub replay: bool,
+}
+
+/// What committing a message did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AcceptOutcome {
+    /// Stored.
+    Stored,
+    /// The flow already has a message with this idempotency key: its reply.
+    Duplicate(StoredReply),
+}
+
+/// A correlation record as flows and operators see it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Correlation {
+    /// Record id.
+    #[serde(skip)]
+    pub id: i64,
+    /// Namespace.
+    pub context: String,
+    /// Main key.
+    pub key: String,
+    /// Every key it can be found by.
+    pub keys: Vec<String>,
+    /// Its data.
+    pub data: Value,
+    /// The latest lifecycle state.
+    pub state: Option<String>,
+    /// Every state it went through, oldest first.
+    pub history: Vec<StateChange>,
+    /// When it was created (RFC 3339).
+    pub created_at: String,
+}
+
+/// One lifecycle state of a correlation record.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StateChange {
+    /// The state.
+    pub state: String,
+    /// When (RFC 3339).
+    pub at: String,
+    /// The message that set it.
+    pub message_id: Option<String>,
+}
+
+impl Correlation {
+    /// The record as flows read it in `vars`.
+    pub fn to_value(&self) -> Value {
+        json!({
+            "key": self.key,
+            "keys": self.keys,
+            "data": self.data,
+            "state": self.state,
+            "history": self.history,
+            "created_at": self.created_at,
+        })
+    }
+}
+
+/// An outbox entry claimed for delivery.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// Outbox row.
+    pub outbox_id: i64,
+    /// The message.
+    pub message_id: String,
+    /// Attempts made before this one.
+    pub attempts: u32,
+    /// `{body, vars, meta}` after the steps.
+    pub document: Value,
+    /// Content type of a text body.
+    pub content_type: Option<String>,
+    /// The message's correlation record.
+    pub record_id: Option<i64>,
+}
+
+/// What an attempt decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// Delivered.
+    Delivered,
+    /// Try again at this time.
+    RetryAt(Millis),
+    /// Failed for good: a dead letter.
+    Dead,
+}
+
+/// The result of one delivery attempt.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    /// Outbox row.
+    pub outbox_id: i64,
+    /// The message.
+    pub message_id: String,
+    /// The target's name.
+    pub target: String,
+    /// 1-based attempt number.
+    pub attempt: u32,
+    /// What happens next.
+    pub outcome: AttemptOutcome,
+    /// The target's status, when it answered.
+    pub status: Option<u16>,
+    /// What went wrong, when something did.
+    pub error: Option<String>,
+    /// How long the attempt took.
+    pub latency_ms: u64,
+    /// The correlation change the outcome makes (`on_delivered` / `on_failed`).
+    pub correlation: Option<CorrelationWrite>,
+}
+
+/// A stored message, for operators.
+#[derive(Debug, Clone, Serialize)]
+pub struct MessageSummary {
+    /// Message id.
+    pub id: String,
+    /// Flow name.
+    pub flow: String,
+    /// `accepted`, `delivered` or `dead`.
+    pub status: String,
+    /// Correlation id.
+    pub correlation_id: String,
+    /// Why it is dead.
+    pub error: Option<String>,
+    /// When it was received (RFC 3339).
+    pub received_at: String,
+    /// When it last changed (RFC 3339).
+    pub updated_at: String,
+}
+
+/// A timeline entry.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    /// When (RFC 3339).
+    pub at: String,
+    /// The message.
+    pub message_id: String,
+    /// The message's flow.
+    pub flow: String,
+    /// What happened.
+    pub kind: String,
+    /// Details.
+    pub detail: Value,
+}
+
+/// A delivery, for operators.
+#[derive(Debug, Clone, Serialize)]
+pub struct OutboxEntry {
+    /// The target.
+    pub target: String,
+    /// `pending`, `in_flight`, `delivered`, `dead` or `replayed`.
+    pub state: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The target's last status.
+    pub last_status: Option<u16>,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// When the next attempt is due (RFC 3339).
+    pub next_attempt_at: String,
+}
+
+/// A stored message with everything known about it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MessageDetail {
+    /// The summary.
+    #[serde(flatten)]
+    pub summary: MessageSummary,
+    /// The body as received.
+    pub inbound: Value,
+    /// The reply the caller got.
+    pub reply: Value,
+    /// Deliveries.
+    pub deliveries: Vec<OutboxEntry>,
+    /// Timeline, oldest first.
+    pub timeline: Vec<Event>,
+    /// The correlation record it belongs to.
+    pub correlation: Option<Correlation>,
+}
+
+/// What a replay needs: the message as it came in.
+#[derive(Debug, Clone)]
+pub struct ReplaySource {
+    /// Flow name.
+    pub flow: String,
+    /// The body as received.
+    pub inbound: Value,
+    /// `meta` as received.
+    pub meta: Value,
+}
+
+/// A journey across flows: a correlation record and every message in it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Trace {
+    /// The record, when the key found one.
+    pub correlation: Option<Correlation>,
+    /// The messages, oldest first.
+    pub messages: Vec<MessageSummary>,
+    /// Every timeline entry of every message and every state, oldest first.
+    pub timeline: Vec<Event>,
+}
+
+/// Group-commit counters: how many writes shared how many commits.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct CommitStats {
+    /// Transactions committed.
+    pub commits: u64,
+    /// Writes (accepted messages, attempts, claims…) in them.
+    pub writes: u64,
+    /// Accepted messages in them.
+    pub messages: u64,
+}
+
+/// The store. Cheap to clone; clones share one database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    backend: sqlite::SqliteStore,
+}
+
+impl Store {
+    /// Opens the store at `url`, creating it and running migrations as needed.
+    ///
+    /// `sqlite://PATH` is a file (created with its folder), `sqlite::memory:` lives in memory.
+    ///
+    /// # Errors
+    ///
+    /// When the URL is not supported or the database cannot be opened or migrated.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        if url.starts_with("sqlite:") {
+            return Ok(Self {
+                backend: sqlite::SqliteStore::open(url).await?,
+            });
+        }
+        Err(StoreError::Url(url.to_owned()))
+    }
+
+    /// Commits a message with its outbox entries, correlation changes and timeline.
+    ///
+    /// # Errors
+    ///
+    /// When the database fails; nothing of the message is stored then.
+    pub async fn accept(&self, accepted: Accepted) -> Result<AcceptOutcome, StoreError> {
+        self.backend.accept(accepted).await
+    }
+
+    /// The reply stored for `flow`'s message with this idempotency key.
+    ///
+    /// # Errors
+    ///
+    /// When the database fails.
+    pub async fn reply_for(
+        &self,
+        flow: &str,
+        key: &str,
+    ) -> Result<Option<StoredReply>, StoreError> {
+        self.backend.reply_for(flow, key).await
+    }
+
+    /// The record in `context` found by the first of `keys` that names one.
+    ///
+    /// # Errors
+    ///
+    /// When the database fails.
+    pub async fn find_correlation(
+        &self,
+        context: &str,
+        keys: &[String],
+    ) -> Result<Option<Correlation>, StoreError> {
+        self.backend.find_correlation(context, keys).await
+    }
+
+    /// Commits correlation changes that no stored message carries.
+    ///
+    /// # Errors
+    ///
+    /// When the database fails.
+    pub async fn correlate(&self, writes: Vec<CorrelationWrite>) -> Result<(), StoreError> {
+        self.backend.correlate(writes).await
+    }
+
+    /// Claims up to `limit` due outbox entries of `flow`'s `target` until `lease_until`.
+    ///
+    /// # Errors
+    ///
+    /// When the database fails.
+    pub async fn claim(
+        &self,
+        flow: &str,
+        target: &str,
+        limit: u32,
+        lease_until: Millis,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        self.backend.claim(flow, target, limit, lease_until).await
+    }
+
+    /// When the next pending entry of `flow`'s `target` is due.
+    ///
+    /// # Errors
+    ///
+    /// When the database fails.
+    pub async fn next_due(&self, flow: &str, target: &str) -> Result<Option<Millis>, StoreError> {
+        self.backend.next_due(flow, target).await
+    }
+
+    /// Records an attempt's outcome.
+    ///
+    /// # Errors
+    ///
+    /// When the database fails.
+    pub async fn record_attempt(&self, attempt: AttemptRecord) -> Result<(), StoreError> {
+        self.backend.record_attempt(attempt).await
+    }
+
+    /// Stored messages, newest first, optionally of one flow and status.
+    ///
+    /// # Errors
+    ///
+    /// When the database fails.
+    pub async fn list_messages(
+        &self,
+        flow: Option<&str>,
+        status: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<MessageSummary>, StoreError> {
+        self.backend.list_messages(flow, status, limit).await
+    }
+
+    /// One message with its deliveries, timeline and correlation record.
+    ///
+    /// # Errors
+    ///
+    /// When the database fails.
+    pub async fn message(&self, id: &str) -> Result<Option<MessageDetail>, StoreError> {
+        self.backend.message(id).await
+    }
+
+    /// What replaying message `id` needs.
+    ///
+    /// # Errors
+    ///
+    /// When the database fails.
+    pub async fn replay_source(&self, id: &str) -> Result<Option<ReplaySource>, StoreError> {
+        self.backend.replay_source(id).await
+    }
+
+    /// The journey that `key` belongs to: `key` is a message id or any correlation key.
+    ///
+    /// # Errors
+    ///
+    /// When the database fails.
+    pub async fn trace(&self, key: &str) -> Result<Option<Trace>, StoreError> {
+        self.backend.trace(key).await
+    }
+
+    /// Deletes delivered messages, and correlation records with no message left, last
+    /// changed before `before`. Returns how many messages went.
+    ///
+    /// # Errors
+    ///
+    /// When the database fails.
+    pub async fn prune(&self, before: Millis) -> Result<u64, StoreError> {
+        self.backend.prune(before).await
+    }
+
+    /// Outbox entries not yet delivered or dead.
+    ///
+    /// # Errors
+    ///
+    /// When the database fails.
+    pub async fn undelivered(&self) -> Result<u64, StoreError> {
+        self.backend.undelivered().await
+    }
+
+    /// Group-commit counters since the store opened.
+    pub fn commit_stats(&self) -> CommitStats {
+        self.backend.commit_stats()
+    }
+
+    /// Finishes pending writes and closes the database.
+    pub async fn close(&self) {
+        self.backend.close().await;
+    }
+}
+
+/// Merges `patch` into `data`, field by field; non-objects replace.
+pub(crate) fn merge(data: &mut Value, patch: &Value) {
+    match (data, patch) {
+        (Value::Object(data), Value::Object(patch)) => {
+            for (key, value) in patch {
+                data.insert(key.clone(), value.clone());
+            }
+        }
+        (data, patch) if !patch.is_null() => *data = patch.clone(),
+        _ => {}
+    }
+}

@@ -1,0 +1,303 @@
+//! Durable delivery: accepted means stored; delivery retries until the target takes it, once
+//! per idempotency key; permanent refusals become dead letters that replay can deliver.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::task::JoinSet;
+
+use crate::round_trip::{status_of, wait_for_state};
+use crate::util::{Ferry, Partner, features, payload, post_json, wait_for, wait_until};
+
+fn request(i: usize) -> Value {
+    let mut request = payload("test-request.json");
+    request["portal_ref"] = json!(format!("PR-LOAD-{i}"));
+    request
+}
+
+fn keys(received: &[crate::util::Received]) -> Vec<String> {
+    received
+        .iter()
+        .map(|r| r.headers["idempotency-key"].to_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_lab_down_while_200_requests_arrive_gets_each_once_when_it_is_back() {
+    let lab = Partner::start(503, json!({"error": "maintenance"})).await;
+    let portal = Partner::start(200, json!({})).await;
+    let ferry = Ferry::shipped(&lab, &portal).await;
+    let url = format!("{}/api/v1/test-requests", ferry.url);
+
+    let mut submissions = JoinSet::new();
+    for i in 0..200 {
+        let url = url.clone();
+        submissions.spawn(async move { post_json(&url, &request(i)).await });
+    }
+    let mut request_ids = BTreeSet::new();
+    while let Some(answer) = submissions.join_next().await {
+        let (status, reply) = answer.unwrap();
+        assert_eq!(status, 202, "{reply}");
+        request_ids.insert(reply["request_id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(request_ids.len(), 200, "every request got its own id");
+    wait_until("the lab refused every order at least once", || {
+        keys(&lab.received())
+            .into_iter()
+            .collect::<BTreeSet<_>>()
+            .len()
+            == 200
+    })
+    .await;
+    assert!(lab.accepted().is_empty());
+
+    lab.set_reply(201, json!({"lab_order_id": "LAB-X"}));
+    wait_until("the lab took all 200 orders", || {
+        lab.accepted().len() >= 200
+    })
+    .await;
+    let store = ferry.runtime.store().unwrap();
+    wait_for("nothing is left to deliver", || async {
+        store.undelivered().await.unwrap() == 0
+    })
+    .await;
+    let accepted = keys(&lab.accepted());
+    let mut per_key: HashMap<&str, usize> = HashMap::new();
+    for key in &accepted {
+        *per_key.entry(key.as_str()).or_default() += 1;
+    }
+    assert_eq!(per_key.len(), 200);
+    assert!(
+        per_key.values().all(|n| *n == 1),
+        "an order reached the lab twice: {per_key:?}"
+    );
+    let expected: BTreeSet<String> = request_ids.iter().map(|id| format!("{id}:lab")).collect();
+    assert_eq!(
+        per_key
+            .keys()
+            .map(|k| (*k).to_owned())
+            .collect::<BTreeSet<_>>(),
+        expected
+    );
+    let stats = store.commit_stats();
+    assert!(stats.messages >= 200 && stats.commits > 0, "{stats:?}");
+}
+
+#[tokio::test]
+async fn retry_after_from_the_lab_is_honoured() {
+    let lab = Partner::start(201, json!({})).await;
+    lab.set_reply_with_header(503, json!({}), ("retry-after", "1"));
+    let portal = Partner::start(200, json!({})).await;
+    let ferry = Ferry::shipped(&lab, &portal).await;
+    let (status, _) = post_json(&format!("{}/api/v1/test-requests", ferry.url), &request(1)).await;
+    assert_eq!(status, 202);
+    wait_until("the lab refused the order once", || {
+        lab.received().len() == 1
+    })
+    .await;
+    lab.set_reply(201, json!({}));
+    wait_until("the lab took the order", || lab.accepted().len() == 1).await;
+    let received = lab.received();
+    let gap = received[1].at - received[0].at;
+    // The flow's own backoff is at most 100 ms here; only Retry-After explains a second.
+    assert!(gap >= Duration::from_millis(950), "retried after {gap:?}");
+}
+
+#[tokio::test]
+async fn a_permanent_refusal_dead_letters_at_once_and_replay_delivers_it() {
+    let lab = Partner::start(400, json!({"error": "unknown test code PB-ICPMS"})).await;
+    let portal = Partner::start(200, json!({})).await;
+    let ferry = Ferry::shipped(&lab, &portal).await;
+    let (_, reply) = post_json(&format!("{}/api/v1/test-requests", ferry.url), &request(7)).await;
+    let id = reply["request_id"].as_str().unwrap().to_owned();
+
+    let state = wait_for_state(&ferry, &id, "failed").await;
+    assert_eq!(state["history"].as_array().unwrap().len(), 2);
+    let (status, message) = ferry.admin(&format!("/messages/{id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(message["status"], "dead");
+    assert_eq!(
+        message["deliveries"][0]["attempts"], 1,
+        "a 400 is not retried"
+    );
+    assert_eq!(message["deliveries"][0]["last_status"], 400);
+    assert!(
+        message["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown test code PB-ICPMS"),
+        "the lab's answer is kept"
+    );
+    assert_eq!(lab.received().len(), 1);
+    let (_, dead) = ferry.admin("/dead-letters").await;
+    assert_eq!(dead["dead_letters"][0]["id"], id.as_str());
+
+    // The lab is fixed; replay delivers the same message, with the same idempotency key.
+    lab.set_reply(201, json!({"lab_order_id": "LAB-9"}));
+    let (status, answer) = ferry
+        .admin_post(&format!("/messages/{id}/replay"), &json!({}))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(answer["replayed"], true, "{answer}");
+    wait_until("the lab took the replayed order", || {
+        lab.accepted().len() == 1
+    })
+    .await;
+    assert_eq!(
+        lab.accepted()[0].headers["idempotency-key"],
+        format!("{id}:lab").as_str()
+    );
+    let state = wait_for_state(&ferry, &id, "delivered_to_lab").await;
+    assert_eq!(state["lab_order_id"], "LAB-9");
+    let (_, message) = ferry.admin(&format!("/messages/{id}")).await;
+    assert_eq!(message["status"], "delivered");
+    let kinds: Vec<&str> = message["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert!(kinds.contains(&"replayed"), "{kinds:?}");
+    let (_, dead) = ferry.admin("/dead-letters").await;
+    assert_eq!(dead["dead_letters"], json!([]));
+}
+
+#[tokio::test]
+async fn a_repeated_submission_gets_the_same_reply_and_one_delivery() {
+    let lab = Partner::start(201, json!({})).await;
+    let portal = Partner::start(200, json!({})).await;
+    let ferry = Ferry::shipped(&lab, &portal).await;
+    let url = format!("{}/api/v1/test-requests", ferry.url);
+    let mut submissions = JoinSet::new();
+    for _ in 0..10 {
+        let url = url.clone();
+        submissions.spawn(async move { post_json(&url, &request(3)).await });
+    }
+    let mut replies = BTreeSet::new();
+    while let Some(answer) = submissions.join_next().await {
+        let (status, reply) = answer.unwrap();
+        assert_eq!(status, 202);
+        replies.insert(reply.to_string());
+    }
+    assert_eq!(
+        replies.len(),
+        1,
+        "every submission got the first one's reply: {replies:?}"
+    );
+    let store = ferry.runtime.store().unwrap();
+    wait_for("nothing is left to deliver", || async {
+        store.undelivered().await.unwrap() == 0
+    })
+    .await;
+    assert_eq!(lab.received().len(), 1);
+    let (_, listed) = ferry.admin("/messages?flow=portal-to-lab").await;
+    assert_eq!(listed["messages"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn the_idempotency_key_header_makes_submissions_idempotent() {
+    let sink = Partner::start(200, json!({})).await;
+    let ferry = features(&[("SINK_URL", &sink.url)]).await;
+    let post = |key: Option<&'static str>| {
+        let url = format!("{}/durable", ferry.url);
+        async move {
+            let mut request = reqwest::Client::new().post(url).json(&json!({"n": 1}));
+            if let Some(key) = key {
+                request = request.header("idempotency-key", key);
+            }
+            request.send().await.unwrap().json::<Value>().await.unwrap()
+        }
+    };
+    let first = post(Some("abc")).await;
+    assert_eq!(post(Some("abc")).await, first);
+    assert_ne!(post(None).await, post(None).await);
+    wait_until("the sink has three messages", || sink.received().len() == 3).await;
+    let store = ferry.runtime.store().unwrap();
+    wait_for("nothing is left to deliver", || async {
+        store.undelivered().await.unwrap() == 0
+    })
+    .await;
+    assert_eq!(sink.received().len(), 3);
+}
+
+#[tokio::test]
+async fn the_status_endpoint_walks_through_each_lifecycle_state() {
+    let lab = Partner::start(503, json!({})).await;
+    let portal = Partner::start(503, json!({})).await;
+    let ferry = Ferry::shipped(&lab, &portal).await;
+    let (_, reply) = post_json(&format!("{}/api/v1/test-requests", ferry.url), &request(5)).await;
+    let id = reply["request_id"].as_str().unwrap().to_owned();
+    let (status, state) = status_of(&ferry, &id).await;
+    assert_eq!(status, 200);
+    assert_eq!(state["status"], "accepted");
+    assert_eq!(state["portal_ref"], "PR-LOAD-5");
+
+    lab.set_reply(201, json!({"lab_order_id": "LAB-5"}));
+    wait_for_state(&ferry, &id, "delivered_to_lab").await;
+
+    let mut result = payload("test-result.json");
+    result["order_ref"] = json!(id);
+    result["lab_order_id"] = json!("LAB-5");
+    let (status, _) = post_json(&format!("{}/api/v1/lab-results", ferry.url), &result).await;
+    assert_eq!(status, 202);
+    wait_until("the portal refused the results once", || {
+        !portal.received().is_empty()
+    })
+    .await;
+    assert_eq!(status_of(&ferry, &id).await.1["status"], "results_received");
+
+    portal.set_reply(200, json!({}));
+    let state = wait_for_state(&ferry, &id, "delivered_to_portal").await;
+    let history: Vec<&str> = state["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        history,
+        [
+            "accepted",
+            "delivered_to_lab",
+            "results_received",
+            "delivered_to_portal"
+        ]
+    );
+    assert_eq!(state["lab_order_id"], "LAB-5");
+
+    // The trace joins both directions into one timeline, found by any key.
+    for key in [id.as_str(), "PR-LOAD-5", "LAB-5"] {
+        let (status, trace) = ferry.admin(&format!("/trace/{key}")).await;
+        assert_eq!(status, 200, "{key}");
+        let flows: BTreeSet<&str> = trace["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["flow"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            flows,
+            BTreeSet::from(["lab-to-portal", "portal-to-lab"]),
+            "{key}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_admin_api_wants_its_token() {
+    let lab = Partner::start(201, json!({})).await;
+    let portal = Partner::start(200, json!({})).await;
+    let ferry = Ferry::shipped(&lab, &portal).await;
+    let without = reqwest::get(format!("{}/admin/v1/dead-letters", ferry.url))
+        .await
+        .unwrap();
+    assert_eq!(without.status(), 401);
+    let wrong = reqwest::Client::new()
+        .get(format!("{}/admin/v1/dead-letters", ferry.url))
+        .bearer_auth("guess")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+}
