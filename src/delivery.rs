@@ -152,31 +152,40 @@ impl Worker {
         let this = Arc::new(self);
         loop {
             while attempts.try_join_next().is_some() {}
+            if this.stop.is_cancelled() {
+                break;
+            }
             let free = permits.available_permits();
+            if free == 0 {
+                // Every permit is out: nothing to claim until an attempt finishes.
+                tokio::select! {
+                    () = this.stop.cancelled() => break,
+                    Some(_) = attempts.join_next() => continue,
+                }
+            }
+            let lease_until = now_ms() + LEASE.as_millis() as i64;
             let mut drained = true;
-            if free > 0 && !this.stop.is_cancelled() {
-                let lease_until = now_ms() + LEASE.as_millis() as i64;
-                match this
-                    .store
-                    .claim(&this.flow.name, &target, free as u32, lease_until)
-                    .await
-                {
-                    Ok(claimed) => {
-                        drained = claimed.len() < free;
-                        for entry in claimed {
-                            let permit = Arc::clone(&permits)
-                                .try_acquire_owned()
-                                .expect("claimed within free permits");
-                            let worker = Arc::clone(&this);
-                            attempts.spawn(async move {
-                                worker.attempt(entry).await;
-                                drop(permit);
-                            });
-                        }
+            match this
+                .store
+                .claim(&this.flow.name, &target, free as u32, lease_until)
+                .await
+            {
+                Ok(claimed) => {
+                    drained = claimed.len() < free;
+                    for entry in claimed {
+                        let permit = Arc::clone(&permits)
+                            .try_acquire_owned()
+                            .expect("claimed within free permits");
+                        let worker = Arc::clone(&this);
+                        attempts.spawn(async move {
+                            worker.attempt(entry).await;
+                            drop(permit);
+                        });
                     }
-                    Err(error) => {
-                        tracing::warn!(flow = %this.flow.name, %target, %error, "claiming deliveries failed")
-                    }
+                }
+                Err(error) => {
+                    tracing::warn!(flow = %this.flow.name, %target, %error, "claiming deliveries failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
             if !drained {

@@ -656,8 +656,17 @@ async fn accept(conn: &mut SqliteConnection, a: Accepted) -> Result<AcceptOutcom
         .execute(&mut *conn)
         .await?;
     }
-    for event in a.events {
-        insert_event(conn, &a.id, now, event.kind, &event.detail).await?;
+    if !a.events.is_empty() {
+        // One statement for the whole timeline: statements, not rows, are what cost here.
+        let mut insert =
+            sqlx::QueryBuilder::new("INSERT INTO events (message_id, at, kind, detail) ");
+        insert.push_values(&a.events, |mut row, event| {
+            row.push_bind(&a.id)
+                .push_bind(now)
+                .push_bind(event.kind)
+                .push_bind(event.detail.to_string());
+        });
+        insert.build().execute(&mut *conn).await?;
     }
     Ok(AcceptOutcome::Stored)
 }

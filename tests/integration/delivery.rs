@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
-use crate::round_trip::{status_of, wait_for_state};
+use crate::round_trip::{history_states, status_of, wait_for_state};
 use crate::util::{Ferry, Partner, features, payload, post_json, wait_for, wait_until};
 
 fn request(i: usize) -> Value {
@@ -249,12 +249,7 @@ async fn the_status_endpoint_walks_through_each_lifecycle_state() {
 
     portal.set_reply(200, json!({}));
     let state = wait_for_state(&ferry, &id, "delivered_to_portal").await;
-    let history: Vec<&str> = state["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| h["state"].as_str().unwrap())
-        .collect();
+    let history = history_states(&state);
     assert_eq!(
         history,
         [
@@ -300,4 +295,48 @@ async fn the_admin_api_wants_its_token() {
         .await
         .unwrap();
     assert_eq!(wrong.status(), 401);
+}
+
+#[tokio::test]
+async fn a_slow_lab_holds_up_nothing_else() {
+    let lab = Partner::start(201, json!({"lab_order_id": "LAB-S"})).await;
+    let portal = Partner::start(200, json!({})).await;
+    let ferry = Ferry::shipped(&lab, &portal).await;
+    let (_, reply) = post_json(&format!("{}/api/v1/test-requests", ferry.url), &request(0)).await;
+    let id = reply["request_id"].as_str().unwrap().to_owned();
+    wait_for_state(&ferry, &id, "delivered_to_lab").await;
+
+    // The lab slows to a crawl while orders pile up: more than its worker may have in flight.
+    lab.set_delay(Duration::from_secs(3));
+    for i in 1..=20 {
+        let (status, _) =
+            post_json(&format!("{}/api/v1/test-requests", ferry.url), &request(i)).await;
+        assert_eq!(status, 202, "accepting does not wait for the lab");
+    }
+    wait_until("the lab's worker is saturated", || {
+        lab.received().len() >= 9
+    })
+    .await;
+
+    // Results still reach the portal at once.
+    let mut result = payload("test-result.json");
+    result["order_ref"] = json!(id);
+    let sent = std::time::Instant::now();
+    let (status, _) = post_json(&format!("{}/api/v1/lab-results", ferry.url), &result).await;
+    assert_eq!(status, 202);
+    wait_until("the portal has the results", || {
+        portal.received().len() == 1
+    })
+    .await;
+    assert!(
+        sent.elapsed() < Duration::from_secs(2),
+        "the portal waited {:?}",
+        sent.elapsed()
+    );
+    // The lab never had more orders in flight than the flow's concurrency (8) allows.
+    assert!(
+        lab.received().len() <= 9,
+        "{} orders in flight",
+        lab.received().len() - 1
+    );
 }

@@ -12,6 +12,16 @@ pub(crate) async fn status_of(ferry: &Ferry, request_id: &str) -> (u16, Value) {
     (response.status().as_u16(), response.json().await.unwrap())
 }
 
+/// The states a status reply's history went through, oldest first.
+pub(crate) fn history_states(status: &Value) -> Vec<&str> {
+    status["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["state"].as_str().unwrap())
+        .collect()
+}
+
 pub(crate) async fn wait_for_state(ferry: &Ferry, request_id: &str, state: &str) -> Value {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
@@ -100,12 +110,7 @@ async fn a_test_request_reaches_the_lab_and_its_results_reach_the_portal() {
     assert_eq!(delivered["results"], result["results"]);
     assert_eq!(delivered["results"][0]["value"], json!(7.2));
     let state = wait_for_state(&ferry, &request_id, "delivered_to_portal").await;
-    let states: Vec<&str> = state["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| h["state"].as_str().unwrap())
-        .collect();
+    let states = history_states(&state);
     assert_eq!(
         states,
         [

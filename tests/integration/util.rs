@@ -60,6 +60,8 @@ type Answer = (u16, Value, Vec<(String, String)>);
 struct PartnerState {
     received: Mutex<Vec<Received>>,
     reply: Mutex<Answer>,
+    /// How long the partner takes to answer.
+    delay: Mutex<std::time::Duration>,
 }
 
 /// A mock partner system (lab or portal): records every request and answers with a
@@ -75,6 +77,7 @@ impl Partner {
         let state = Arc::new(PartnerState {
             received: Mutex::default(),
             reply: Mutex::new((status, body, Vec::new())),
+            delay: Mutex::default(),
         });
         let router = Router::new()
             .fallback(record)
@@ -94,6 +97,11 @@ impl Partner {
     pub(crate) fn set_reply_with_header(&self, status: u16, body: Value, header: (&str, &str)) {
         let header = (header.0.to_owned(), header.1.to_owned());
         *self.state.reply.lock().unwrap() = (status, body, vec![header]);
+    }
+
+    /// Makes the partner take `delay` to answer each request.
+    pub(crate) fn set_delay(&self, delay: std::time::Duration) {
+        *self.state.delay.lock().unwrap() = delay;
     }
 
     /// The requests this partner took (answered 2xx).
@@ -124,6 +132,8 @@ async fn record(
         status,
         at: std::time::Instant::now(),
     });
+    let delay = *state.delay.lock().unwrap();
+    tokio::time::sleep(delay).await;
     let mut response = (StatusCode::from_u16(status).unwrap(), axum::Json(reply)).into_response();
     for (name, value) in headers {
         response.headers_mut().insert(

@@ -1,0 +1,147 @@
+//! Accepted Test Requests per second, and latency, through the real HTTP server with the
+//! shipped portal-to-lab flow: the durable SQLite store (every commit synced to disk) beside
+//! the same flow on an in-memory store (`sqlite::memory:`, nothing synced), at 1, 16 and 64
+//! concurrent clients, in one run. The lab is a mock on loopback that accepts every order.
+//!
+//! Run with `cargo bench --bench durable`. Each cell runs for a bounded time
+//! (`FERRY_BENCH_SECONDS`, default 3 s).
+#![allow(missing_docs)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use ferry::compile::{ProjectPaths, load_project_with_env};
+use ferry::runtime::Runtime;
+use ferry::store::Store;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+async fn serve(router: Router) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    url
+}
+
+struct Cell {
+    requests: u64,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Cell {
+    fn per_second(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile(&mut self, p: f64) -> Duration {
+        self.latencies.sort_unstable();
+        let at =
+            ((self.latencies.len() as f64 * p).ceil() as usize).clamp(1, self.latencies.len()) - 1;
+        self.latencies[at]
+    }
+}
+
+async fn load(url: &str, clients: usize, seconds: u64, run: &str) -> Cell {
+    let http = reqwest::Client::new();
+    let template: Value = serde_json::from_slice(
+        &std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/payloads/test-request.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for client in 0..clients {
+        let (http, url, mut body, run) = (
+            http.clone(),
+            url.to_owned(),
+            template.clone(),
+            run.to_owned(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                body["portal_ref"] = json!(format!("PR-{run}-{client}-{n}"));
+                let sent = Instant::now();
+                let response = http.post(&url).json(&body).send().await.unwrap();
+                assert_eq!(response.status(), 202);
+                let _ = response.bytes().await;
+                latencies.push(sent.elapsed());
+                n += 1;
+            }
+            latencies
+        }));
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.unwrap());
+    }
+    Cell {
+        requests: latencies.len() as u64,
+        elapsed: started.elapsed(),
+        latencies,
+    }
+}
+
+fn main() {
+    let seconds: u64 = std::env::var("FERRY_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let lab = serve(Router::new().fallback(|| async { (axum::http::StatusCode::CREATED, axum::Json(json!({"lab_order_id": "LAB-1"}))) })).await;
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let env = move |name: &str| (name == "LAB_URL").then(|| lab.clone());
+        let project = load_project_with_env(&ProjectPaths::new(&root.join("flows"), None), &env).unwrap();
+        let scratch = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let stores = [
+            ("durable (SQLite file, synced)", format!("sqlite://{}/bench.db", scratch.path().display())),
+            ("in-memory (sqlite::memory:, no sync)", "sqlite::memory:".to_owned()),
+        ];
+        let mut results = Vec::new();
+        for (run, (name, url)) in stores.iter().enumerate() {
+            let store = Store::open(url).await.unwrap();
+            let ferry = Arc::new(Runtime::new(&project, ferry::server::http_client().unwrap(), Some(store.clone())));
+            let base = serve(ferry::server::router(&ferry, None)).await;
+            let endpoint = format!("{base}/api/v1/test-requests");
+            load(&endpoint, 4, 1, &format!("W{run}")).await;
+            for clients in [1, 16, 64] {
+                let before = store.commit_stats();
+                let mut cell = load(&endpoint, clients, seconds, &format!("R{run}-{clients}")).await;
+                let after = store.commit_stats();
+                let messages = after.messages - before.messages;
+                let commits = after.commits - before.commits;
+                let p50 = cell.percentile(0.50);
+                let p99 = cell.percentile(0.99);
+                println!(
+                    "{name:<38} clients {clients:>3}: {:>7.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms  {:.1} writes/commit ({messages} messages, {commits} commits)",
+                    cell.per_second(),
+                    p50.as_secs_f64() * 1e3,
+                    p99.as_secs_f64() * 1e3,
+                    (after.writes - before.writes) as f64 / commits.max(1) as f64,
+                );
+                results.push((name.to_owned(), clients, cell.per_second(), p99));
+            }
+            ferry.shutdown(Duration::from_secs(5)).await;
+        }
+        println!();
+        for clients in [1, 16, 64] {
+            let rate = |store: &str| results.iter().find(|r| r.0 == store && r.1 == clients).map(|r| (r.2, r.3)).unwrap();
+            let (durable, durable_p99) = rate(stores[0].0);
+            let (memory, memory_p99) = rate(stores[1].0);
+            println!(
+                "clients {clients:>3}: durable keeps {:.0}% of in-memory throughput; p99 {:.2} ms vs {:.2} ms",
+                100.0 * durable / memory,
+                durable_p99.as_secs_f64() * 1e3,
+                memory_p99.as_secs_f64() * 1e3
+            );
+        }
+    });
+}
