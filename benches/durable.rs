@@ -7,7 +7,6 @@
 //! (`FERRY_BENCH_SECONDS`, default 3 s).
 #![allow(missing_docs)]
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -108,7 +107,7 @@ fn main() {
         let mut results = Vec::new();
         for (run, (name, url)) in stores.iter().enumerate() {
             let store = Store::open(url).await.unwrap();
-            let ferry = Arc::new(Runtime::new(&project, ferry::server::http_client().unwrap(), Some(store.clone())));
+            let ferry = Runtime::start(&project, ferry::server::http_client().unwrap(), Some(store.clone()));
             let base = serve(ferry::server::router(&ferry, None)).await;
             let endpoint = format!("{base}/api/v1/test-requests");
             load(&endpoint, 4, 1, &format!("W{run}")).await;

@@ -42,7 +42,10 @@ fn portal_to_lab(c: &mut Criterion) {
             let processed = runtime
                 .block_on(flow.run_steps(&mut message, None))
                 .unwrap();
-            let target = &flow.targets()[processed.target.unwrap()];
+            let ferry::targets::Target::Http(target) = &flow.targets()[processed.target.unwrap()]
+            else {
+                unreachable!("portal-to-lab delivers over HTTP")
+            };
             let request = flow.prepare(target, &message).unwrap();
             let reply = flow.render_reply(&message).unwrap();
             black_box((request, serde_json::to_vec(&reply.body).unwrap()))

@@ -6,7 +6,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -193,13 +192,17 @@ fn serve(
     runtime.block_on(async {
         let client = crate::server::http_client().context("building the HTTP client")?;
         let store = crate::store::Store::open(store_url).await.with_context(|| format!("opening the store {store_url}"))?;
-        let ferry = Arc::new(crate::runtime::Runtime::new(&project, client, Some(store.clone())));
+        let ferry = crate::runtime::Runtime::start(&project, client, Some(store.clone()));
         let router = crate::server::router(&ferry, admin_token.as_deref());
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
         let address = listener.local_addr()?;
         for flow in &project.flows {
             let mode = if flow.is_durable() { "durable" } else { "sync" };
-            tracing::info!(flow = %flow.name, method = %flow.trigger.method, path = %flow.trigger.path, mode, "flow loaded");
+            match &flow.trigger {
+                crate::flow::Trigger::Http(t) => tracing::info!(flow = %flow.name, method = %t.method, path = %t.path, mode, "flow loaded"),
+                crate::flow::Trigger::Queue(t) => tracing::info!(flow = %flow.name, queue = %t.spec, mode, "flow loaded"),
+                crate::flow::Trigger::Called => tracing::info!(flow = %flow.name, mode, "flow loaded (called by other flows)"),
+            }
         }
         if admin_token.is_none() {
             tracing::info!("admin API off: set FERRY_ADMIN_TOKEN to turn it on");

@@ -84,6 +84,7 @@ pub fn load_project_with_env(
             flows.push(Arc::new(compiled));
         }
     }
+    check_calls(&flows, &mut diagnostics);
     diagnostic::sort(&mut diagnostics);
     if diagnostics.iter().any(|d| d.severity == Severity::Error) {
         return Err(diagnostics);
@@ -119,7 +120,9 @@ fn check_unique_names(flows: &[LoadedFlow], diagnostics: &mut Vec<Diagnostic>) {
 fn check_endpoints(flows: &[LoadedFlow], diagnostics: &mut Vec<Diagnostic>) {
     let mut seen: HashMap<(String, String), (&str, &Path)> = HashMap::new();
     for flow in flows {
-        let crate::config::TriggerConfig::Http(http) = &flow.config.trigger;
+        let Some(crate::config::TriggerConfig::Http(http)) = &flow.config.trigger else {
+            continue;
+        };
         let key = (
             http.method.value.to_ascii_uppercase(),
             route_shape(&http.path.value),
@@ -142,6 +145,69 @@ fn check_endpoints(flows: &[LoadedFlow], diagnostics: &mut Vec<Diagnostic>) {
             );
         } else {
             seen.insert(key, (name, &flow.file));
+        }
+    }
+}
+
+/// Every `flow:` call names a loaded flow, and no flow calls itself, however indirectly.
+fn check_calls(flows: &[Arc<Flow>], diagnostics: &mut Vec<Diagnostic>) {
+    let names: Vec<&str> = flows.iter().map(|f| f.name.as_str()).collect();
+    for flow in flows {
+        for call in flow.calls() {
+            if !names.contains(&call.flow.as_str()) {
+                diagnostics.push(
+                    Diagnostic::error(
+                        &flow.file,
+                        format!(
+                            "unknown flow \"{}\"; known flows: {}",
+                            call.flow,
+                            names.join(", ")
+                        ),
+                    )
+                    .in_flow(&flow.name)
+                    .at_location(call.at),
+                );
+            }
+        }
+    }
+    // Depth-first search from each flow; a call back into the current path is a cycle.
+    fn visit<'a>(
+        flows: &'a [Arc<Flow>],
+        name: &'a str,
+        path: &mut Vec<&'a str>,
+    ) -> Option<Vec<&'a str>> {
+        if let Some(start) = path.iter().position(|p| *p == name) {
+            let mut cycle = path[start..].to_vec();
+            cycle.push(name);
+            return Some(cycle);
+        }
+        let flow = flows.iter().find(|f| f.name == name)?;
+        path.push(name);
+        for call in flow.calls() {
+            if let Some(cycle) = visit(flows, &call.flow, path) {
+                return Some(cycle);
+            }
+        }
+        path.pop();
+        None
+    }
+    let mut reported = Vec::new();
+    for flow in flows {
+        if let Some(cycle) = visit(flows, &flow.name, &mut Vec::new())
+            && cycle[0] == flow.name
+            && !reported.iter().any(|r: &Vec<&str>| r.contains(&cycle[0]))
+        {
+            let at = flow.calls().next().map(|c| c.at);
+            let mut d = Diagnostic::error(
+                &flow.file,
+                format!("flows call each other in a cycle: {}", cycle.join(" → ")),
+            )
+            .in_flow(&flow.name);
+            if let Some(at) = at {
+                d = d.at_location(at);
+            }
+            diagnostics.push(d);
+            reported.push(cycle);
         }
     }
 }

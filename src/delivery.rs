@@ -6,7 +6,7 @@
 //! own worker, never another target's.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, Semaphore};
@@ -15,8 +15,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::flow::Flow;
 use crate::message::Message;
+use crate::runtime::Runtime;
 use crate::store::{AttemptOutcome, AttemptRecord, Claimed, Store, now_ms};
-use crate::targets::{self, RetryAction, SendError, TargetResponse};
+use crate::targets::{Attempt, RetryAction};
 
 /// How long a claim holds an entry; a worker that dies lets it go after this.
 const LEASE: Duration = Duration::from_secs(300);
@@ -83,21 +84,23 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    /// Starts a worker for every target of every durable flow.
-    pub fn start(store: &Store, flows: &[Arc<Flow>], client: &reqwest::Client) -> Self {
+    /// Starts a worker for every target of every durable flow of `runtime`, which must have
+    /// a store.
+    pub fn start(runtime: &Arc<Runtime>) -> Self {
+        let store = runtime.store().expect("durable delivery needs a store");
         let stop = CancellationToken::new();
         let mut wakers = HashMap::new();
         let mut workers = JoinSet::new();
-        for flow in flows.iter().filter(|f| f.is_durable()) {
+        for flow in runtime.flows().iter().filter(|f| f.is_durable()) {
             for index in 0..flow.targets().len() {
                 let wake = Arc::new(Notify::new());
                 let name = flow.targets()[index].name().to_owned();
                 wakers.insert((flow.name.clone(), name), Arc::clone(&wake));
                 let worker = Worker {
                     store: store.clone(),
+                    runtime: Arc::downgrade(runtime),
                     flow: Arc::clone(flow),
                     target: index,
-                    client: client.clone(),
                     wake,
                     stop: stop.clone(),
                 };
@@ -137,9 +140,9 @@ impl Delivery {
 
 struct Worker {
     store: Store,
+    runtime: Weak<Runtime>,
     flow: Arc<Flow>,
     target: usize,
-    client: reqwest::Client,
     wake: Arc<Notify>,
     stop: CancellationToken,
 }
@@ -214,37 +217,16 @@ impl Worker {
         let number = entry.attempts + 1;
         let mut message = Message::from_document(entry.document, entry.content_type);
         let started = Instant::now();
-        let (action, status, error, retry_after) = match flow.prepare(target, &message) {
-            Err(error) => (RetryAction::Drop, None, Some(error.to_string()), None),
-            Ok(request) => {
-                let outcome = targets::send(&self.client, &request).await;
-                let action = targets::classify(&outcome);
-                match outcome {
-                    Ok(response) if action == RetryAction::Done => {
-                        target.capture(&response, &mut message);
-                        (action, Some(response.status), None, None)
-                    }
-                    Ok(TargetResponse {
-                        status,
-                        retry_after,
-                        body,
-                    }) => {
-                        let excerpt =
-                            String::from_utf8_lossy(&body[..body.len().min(500)]).into_owned();
-                        let retry_after = retry_after.as_deref().and_then(parse_retry_after);
-                        (
-                            action,
-                            Some(status),
-                            Some(format!("answered {status}: {excerpt}")),
-                            retry_after,
-                        )
-                    }
-                    Err(error @ (SendError::Timeout(_) | SendError::Connect(_))) => {
-                        (action, None, Some(error.to_string()), None)
-                    }
-                }
-            }
+        let Some(runtime) = self.runtime.upgrade() else {
+            return; // stopping: the lease runs out and the entry is due again at next start
         };
+        let Attempt {
+            action,
+            status,
+            error,
+            retry_after,
+        } = runtime.attempt(flow, target, &mut message).await;
+        drop(runtime);
         let policy = flow.retry();
         let outcome = match action {
             RetryAction::Done => AttemptOutcome::Delivered,

@@ -16,7 +16,7 @@ use crate::message::Message;
 use crate::schema::Schemas;
 use crate::steps::{Step, StepState};
 use crate::store::{CorrelationWrite, Store};
-use crate::targets::{self, OutboundRequest, RetryAction, Target, TargetResponse};
+use crate::targets::{OutboundRequest, Target};
 use crate::template::{Escape, JsonTemplate, Templates, TextTemplate};
 
 /// Request bodies are capped at 1 MiB unless a trigger says otherwise.
@@ -29,8 +29,8 @@ pub struct Flow {
     pub name: String,
     /// The file it was loaded from.
     pub file: PathBuf,
-    /// The HTTP endpoint that starts it.
-    pub trigger: HttpTrigger,
+    /// What starts it.
+    pub trigger: Trigger,
     steps: Vec<(String, Step)>,
     targets: Vec<Target>,
     default_target: Option<usize>,
@@ -66,6 +66,30 @@ pub struct Processed {
     pub correlation: Vec<CorrelationWrite>,
 }
 
+/// What starts a flow.
+#[derive(Debug, Clone)]
+pub enum Trigger {
+    /// Nothing: other flows call it.
+    Called,
+    /// An HTTP endpoint.
+    Http(HttpTrigger),
+    /// A queue consumer.
+    Queue(QueueTrigger),
+}
+
+/// A compiled queue trigger.
+#[derive(Debug, Clone)]
+pub struct QueueTrigger {
+    /// The queue.
+    pub spec: crate::queue::QueueSpec,
+    /// Messages in flight at once.
+    pub prefetch: u16,
+    /// Attempts before a dead letter.
+    pub attempts: u32,
+    /// First backoff; it doubles with each attempt.
+    pub backoff: std::time::Duration,
+}
+
 /// A compiled HTTP trigger.
 #[derive(Debug, Clone)]
 pub struct HttpTrigger {
@@ -81,6 +105,8 @@ pub struct HttpTrigger {
 
 #[derive(Debug)]
 struct Reply {
+    /// Whether the flow declares its reply (else a called flow's reply stands in).
+    declared: bool,
     status: StatusCode,
     headers: Vec<(HeaderName, TextTemplate)>,
     body: JsonTemplate,
@@ -120,12 +146,33 @@ impl Flow {
             diagnostics,
             targets: config.targets.keys().cloned().collect(),
         };
-        let trigger = compile_trigger(&config.trigger, &mut ctx);
+        let trigger = compile_trigger(config.trigger.as_ref(), &mut ctx);
 
         let mut targets = Vec::new();
         for (name, target) in &config.targets {
             ctx.part = format!("target \"{name}\"");
             targets.extend(Target::compile(name, target, &mut ctx));
+        }
+        // A route rule's `flow: NAME` is a flow target named after the flow.
+        for rule in config
+            .steps
+            .iter()
+            .filter_map(|s| match &s.value {
+                crate::config::StepConfig::Route(rules) => Some(rules),
+                _ => None,
+            })
+            .flatten()
+        {
+            if let Some(flow) = &rule.flow
+                && !ctx.targets.contains(&flow.value)
+            {
+                ctx.targets.push(flow.value.clone());
+                targets.push(Target::Flow(crate::targets::FlowTarget::new(
+                    &flow.value,
+                    &flow.value,
+                    flow.referenced,
+                )));
+            }
         }
 
         let mut steps = Vec::new();
@@ -150,7 +197,7 @@ impl Flow {
                 ),
             );
         }
-        let default_target = (config.targets.len() == 1).then_some(0);
+        let default_target = (config.targets.len() == 1 && !routed).then_some(0);
 
         ctx.part = "delivery".into();
         let delivery = compile_delivery(config.delivery.as_ref(), &mut ctx);
@@ -184,6 +231,35 @@ impl Flow {
         &self.targets
     }
 
+    /// The HTTP trigger, if the flow has one.
+    pub fn http_trigger(&self) -> Option<&HttpTrigger> {
+        match &self.trigger {
+            Trigger::Http(http) => Some(http),
+            _ => None,
+        }
+    }
+
+    /// The queue trigger, if the flow has one.
+    pub fn queue_trigger(&self) -> Option<&QueueTrigger> {
+        match &self.trigger {
+            Trigger::Queue(queue) => Some(queue),
+            _ => None,
+        }
+    }
+
+    /// Whether the flow declares its own reply.
+    pub fn declares_reply(&self) -> bool {
+        self.reply.declared
+    }
+
+    /// The flows this flow calls, with where each call is written.
+    pub fn calls(&self) -> impl Iterator<Item = &crate::targets::FlowTarget> {
+        self.targets.iter().filter_map(|t| match t {
+            Target::Flow(call) => Some(call),
+            _ => None,
+        })
+    }
+
     /// Whether accepted messages are stored and delivered in the background.
     pub fn is_durable(&self) -> bool {
         self.delivery.mode == DeliveryMode::Durable && !self.targets.is_empty()
@@ -202,7 +278,7 @@ impl Flow {
     /// The submission's idempotency key: the trigger's JSONPath when the flow names one,
     /// else the caller's `Idempotency-Key` header.
     pub fn idempotency_key(&self, message: &Message) -> Option<String> {
-        let value = match &self.trigger.idempotency_key {
+        let value = match self.http_trigger().and_then(|t| t.idempotency_key.as_ref()) {
             Some(path) => path.extract(message.root()),
             None => message.root()["meta"]["headers"]["idempotency-key"].clone(),
         };
@@ -275,52 +351,22 @@ impl Flow {
         self.steps.iter().map(|(label, _)| label.as_str())
     }
 
-    /// Renders the request `target` would get for `message`.
+    /// Renders the request an HTTP `target` would get for `message`.
     ///
     /// # Errors
     ///
     /// [`FlowError::Unprocessable`] when a template cannot render from this message.
     pub fn prepare(
         &self,
-        target: &Target,
+        target: &crate::targets::HttpTarget,
         message: &Message,
     ) -> Result<OutboundRequest, FlowError> {
         target.prepare(message, &self.templates)
     }
 
-    /// Delivers `message` to `target` and waits for the answer, capturing what the target
-    /// configures into vars.
-    ///
-    /// # Errors
-    ///
-    /// [`FlowError::Target`] when the target does not take the message.
-    pub async fn deliver_sync(
-        &self,
-        target: &Target,
-        message: &mut Message,
-        client: &reqwest::Client,
-    ) -> Result<(), FlowError> {
-        let request = self.prepare(target, message)?;
-        let outcome = targets::send(client, &request).await;
-        let failed = |status: Option<u16>, reason: String| FlowError::Target {
-            target: target.name().to_owned(),
-            status,
-            reason,
-        };
-        match (targets::classify(&outcome), outcome) {
-            (RetryAction::Done, Ok(response)) => {
-                target.capture(&response, message);
-                Ok(())
-            }
-            (_, Ok(TargetResponse { status, body, .. })) => {
-                let excerpt = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
-                Err(failed(
-                    Some(status),
-                    format!("answered {status}: {excerpt}"),
-                ))
-            }
-            (_, Err(error)) => Err(failed(None, error.to_string())),
-        }
+    /// The flow's compiled templates.
+    pub fn templates(&self) -> &Templates {
+        &self.templates
     }
 
     /// Renders the reply for a handled message.
@@ -354,8 +400,43 @@ impl Flow {
     }
 }
 
-fn compile_trigger(config: &TriggerConfig, ctx: &mut Ctx<'_>) -> Option<HttpTrigger> {
-    let TriggerConfig::Http(http) = config;
+fn compile_trigger(config: Option<&TriggerConfig>, ctx: &mut Ctx<'_>) -> Option<Trigger> {
+    match config {
+        None => Some(Trigger::Called),
+        Some(TriggerConfig::Http(http)) => compile_http_trigger(http, ctx).map(Trigger::Http),
+        Some(TriggerConfig::Queue(queue)) => compile_queue_trigger(queue, ctx).map(Trigger::Queue),
+    }
+}
+
+fn compile_queue_trigger(
+    config: &crate::config::QueueTriggerConfig,
+    ctx: &mut Ctx<'_>,
+) -> Option<QueueTrigger> {
+    let spec = crate::targets::queue_spec(config.driver, &config.name, config.url.as_ref(), ctx);
+    let prefetch = config.prefetch.as_ref().map_or(16, |p| p.value);
+    let attempts = config.attempts.as_ref().map_or(5, |a| a.value);
+    if let Some(p) = config.prefetch.as_ref().filter(|p| p.value == 0) {
+        ctx.error(p.referenced, "prefetch must be at least 1");
+    }
+    if let Some(a) = config.attempts.as_ref().filter(|a| a.value == 0) {
+        ctx.error(a.referenced, "attempts must be at least 1");
+    }
+    let backoff = match &config.backoff {
+        Some(b) => ctx.duration(&b.value, b.referenced)?,
+        None => std::time::Duration::from_secs(1),
+    };
+    Some(QueueTrigger {
+        spec: spec?,
+        prefetch: prefetch.max(1),
+        attempts: attempts.max(1),
+        backoff,
+    })
+}
+
+fn compile_http_trigger(
+    http: &crate::config::HttpTriggerConfig,
+    ctx: &mut Ctx<'_>,
+) -> Option<HttpTrigger> {
     let method = match Method::from_bytes(http.method.value.to_ascii_uppercase().as_bytes()) {
         Ok(method) => Some(method),
         Err(_) => {
@@ -505,6 +586,7 @@ fn compile_reply(config: Option<&crate::config::ReplyConfig>, ctx: &mut Ctx<'_>)
             .compile_json(&json!({"id": "{{meta.id}}"}))
             .ok()?;
         return Some(Reply {
+            declared: false,
             status: StatusCode::OK,
             headers: Vec::new(),
             body,
@@ -535,6 +617,7 @@ fn compile_reply(config: Option<&crate::config::ReplyConfig>, ctx: &mut Ctx<'_>)
         None => Some(JsonTemplate::Literal(json!({}))),
     };
     Some(Reply {
+        declared: true,
         status: status?,
         headers,
         body: body?,

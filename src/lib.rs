@@ -27,6 +27,7 @@ pub mod error;
 pub mod flow;
 pub mod jsonpath;
 pub mod message;
+pub mod queue;
 pub mod runtime;
 pub mod schema;
 pub mod server;

@@ -1,40 +1,52 @@
 //! What happens to one message: the steps, then a synchronous delivery or a durable commit,
-//! then the reply. Replay runs a stored message through its flow again.
+//! then the reply. One delivery attempt to any kind of target. Replay runs a stored message
+//! through its flow again.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::compile::Project;
 use crate::delivery::Delivery;
 use crate::error::{FlowError, ServeError};
-use crate::flow::{Flow, RenderedReply};
-use crate::message::Message;
+use crate::flow::{Flow, Processed, RenderedReply};
+use crate::message::{Message, Meta};
+use crate::queue::consume::Consumers;
+use crate::queue::{Brokers, CORRELATION_ID, IDEMPOTENCY_KEY, MESSAGE_ID};
 use crate::store::{AcceptOutcome, Accepted, MessageStatus, NewEvent, Store, StoredReply, now_ms};
+use crate::targets::{Attempt, RetryAction, Target};
 
-/// The flows with what they run on: the HTTP client, the store and the delivery workers.
+/// The flows with what they run on: the HTTP client, the store, brokers, the delivery
+/// workers and the queue consumers.
 #[derive(Debug)]
 pub struct Runtime {
     flows: Vec<Arc<Flow>>,
     client: reqwest::Client,
     store: Option<Store>,
-    delivery: Option<Delivery>,
+    brokers: Brokers,
+    delivery: OnceLock<Delivery>,
+    consumers: OnceLock<Consumers>,
 }
 
 impl Runtime {
-    /// A runtime for `project`. With a store, durable flows get delivery workers; without
-    /// one, every flow delivers synchronously.
-    pub fn new(project: &Project, client: reqwest::Client, store: Option<Store>) -> Self {
-        let delivery = store
-            .as_ref()
-            .map(|store| Delivery::start(store, &project.flows, &client));
-        Self {
+    /// Starts a runtime for `project`. With a store, durable flows get delivery workers and
+    /// queue-triggered flows get consumers; without one, every flow delivers synchronously.
+    pub fn start(project: &Project, client: reqwest::Client, store: Option<Store>) -> Arc<Self> {
+        let runtime = Arc::new(Self {
             flows: project.flows.clone(),
             client,
             store,
-            delivery,
+            brokers: Brokers::default(),
+            delivery: OnceLock::new(),
+            consumers: OnceLock::new(),
+        });
+        if runtime.store.is_some() {
+            let _ = runtime.delivery.set(Delivery::start(&runtime));
         }
+        let _ = runtime.consumers.set(Consumers::start(&runtime));
+        runtime
     }
 
     /// The flows.
@@ -42,9 +54,19 @@ impl Runtime {
         &self.flows
     }
 
+    /// The flow named `name`.
+    pub fn flow(&self, name: &str) -> Option<&Arc<Flow>> {
+        self.flows.iter().find(|f| f.name == name)
+    }
+
     /// The store, when there is one.
     pub fn store(&self) -> Option<&Store> {
         self.store.as_ref()
+    }
+
+    /// The broker connections.
+    pub fn brokers(&self) -> &Brokers {
+        &self.brokers
     }
 
     /// Handles one message of `flow` and returns the reply for the caller.
@@ -63,30 +85,23 @@ impl Runtime {
             _ => return self.handle_sync(flow, message).await,
         };
         let key = flow.idempotency_key(&message);
-        if let Some(key) = &key {
-            let stored = store.reply_for(&flow.name, key).await?;
-            if let Some(reply) = stored {
-                return Ok(reply);
-            }
+        if let Some(key) = &key
+            && let Some(reply) = store.reply_for(&flow.name, key).await?
+        {
+            return Ok(reply);
         }
         let inbound = message.body().clone();
         let meta = message.root()["meta"].clone();
         let received_at = now_ms();
         let steps = flow.run_steps(&mut message, Some(store)).await;
-        self.commit(
-            flow,
-            store,
-            message,
-            steps,
-            Source {
-                inbound,
-                meta,
-                key,
-                received_at,
-                replay: false,
-            },
-        )
-        .await
+        let source = Source {
+            inbound,
+            meta,
+            key,
+            received_at,
+            replay: false,
+        };
+        self.commit(flow, store, message, steps, source).await
     }
 
     async fn handle_sync(
@@ -95,14 +110,120 @@ impl Runtime {
         mut message: Message,
     ) -> Result<StoredReply, ServeError> {
         let processed = flow.run_steps(&mut message, self.store.as_ref()).await?;
-        if let Some(index) = processed.target {
-            flow.deliver_sync(&flow.targets()[index], &mut message, &self.client)
-                .await?;
+        let mut called = None;
+        if let Some(target) = processed.target.map(|i| &flow.targets()[i]) {
+            if let Target::Flow(call) = target {
+                // A called flow's refusal is the caller's, status and all.
+                let reply = self.call(&call.flow, &message).await?;
+                merge_vars(&mut message, &reply.body);
+                called = Some(reply);
+            } else {
+                let attempt = self.attempt(flow, target, &mut message).await;
+                if attempt.action != RetryAction::Done {
+                    return Err(FlowError::Target {
+                        target: target.name().to_owned(),
+                        status: attempt.status,
+                        reason: attempt.error.unwrap_or_default(),
+                    }
+                    .into());
+                }
+            }
         }
         if let (Some(store), false) = (&self.store, processed.correlation.is_empty()) {
             store.correlate(processed.correlation).await?;
         }
-        Ok(stored(flow.render_reply(&message)?))
+        match called {
+            Some(reply) if !flow.declares_reply() => Ok(reply),
+            _ => Ok(stored(flow.render_reply(&message)?)),
+        }
+    }
+
+    /// Runs `message` through the flow named `name`, as a new message of the same
+    /// conversation: same correlation id, and an idempotency key derived from the caller's
+    /// id so a retried call is recognised.
+    async fn call(&self, name: &str, caller: &Message) -> Result<StoredReply, ServeError> {
+        let callee = self
+            .flow(name)
+            .ok_or_else(|| ServeError::Internal(format!("flow \"{name}\" is not loaded")))?;
+        let mut meta = Meta::new(&callee.name);
+        meta.method = "CALL".into();
+        meta.path = caller.root()["meta"]["flow"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if let Some(id) = caller.root()["meta"]["correlation_id"].as_str() {
+            meta.correlation_id = id.to_owned();
+        }
+        meta.headers
+            .insert("idempotency-key".into(), format!("{}:{name}", caller.id()));
+        let message = Message::new(caller.body().clone(), &meta);
+        Box::pin(self.handle(callee, message)).await
+    }
+
+    /// Makes one delivery attempt of `message` to `target`; on success, what the target
+    /// answers is captured into `message`'s vars.
+    pub async fn attempt(&self, flow: &Flow, target: &Target, message: &mut Message) -> Attempt {
+        match target {
+            Target::Http(http) => http.attempt(message, flow.templates(), &self.client).await,
+            Target::Queue(queue) => {
+                let payload = match message.content_type() {
+                    None => message.body().to_string().into_bytes(),
+                    Some(_) => message
+                        .body()
+                        .as_str()
+                        .unwrap_or_default()
+                        .as_bytes()
+                        .to_vec(),
+                };
+                let headers = BTreeMap::from([
+                    (MESSAGE_ID.to_owned(), message.id().to_owned()),
+                    (
+                        CORRELATION_ID.to_owned(),
+                        message.root()["meta"]["correlation_id"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_owned(),
+                    ),
+                    (
+                        IDEMPOTENCY_KEY.to_owned(),
+                        format!("{}:{}", message.id(), target.name()),
+                    ),
+                ]);
+                match self
+                    .brokers
+                    .publish(self.store.as_ref(), &queue.spec, payload, headers)
+                    .await
+                {
+                    Ok(()) => Attempt::done(None),
+                    Err(error) => Attempt::failed(RetryAction::Retry, None, error.to_string()),
+                }
+            }
+            Target::Flow(call) => match self.call(&call.flow, message).await {
+                Ok(reply) if (200..300).contains(&reply.status) => {
+                    merge_vars(message, &reply.body);
+                    Attempt::done(Some(reply.status))
+                }
+                Ok(reply) => {
+                    let action = classify_status(reply.status);
+                    Attempt::failed(
+                        action,
+                        Some(reply.status),
+                        format!(
+                            "flow \"{}\" answered {}: {}",
+                            call.flow, reply.status, reply.body
+                        ),
+                    )
+                }
+                Err(error) => {
+                    let status = error.status().as_u16();
+                    Attempt::failed(
+                        classify_status(status),
+                        Some(status),
+                        format!("flow \"{}\": {error}", call.flow),
+                    )
+                }
+            },
+        }
     }
 
     /// Commits a durable flow's message, or a dead letter when it could not be correlated.
@@ -111,7 +232,7 @@ impl Runtime {
         flow: &Flow,
         store: &Store,
         message: Message,
-        steps: Result<crate::flow::Processed, FlowError>,
+        steps: Result<Processed, FlowError>,
         source: Source,
     ) -> Result<StoredReply, ServeError> {
         let mut events = vec![NewEvent {
@@ -141,9 +262,8 @@ impl Runtime {
                         headers: Vec::new(),
                         body: refusal.body(),
                     },
-                    targets: Vec::new(),
-                    correlation: Vec::new(),
                     events,
+                    idempotency_key: None,
                     ..source.into_accepted(flow, &message)
                 };
                 store.accept(accepted).await?;
@@ -174,7 +294,6 @@ impl Runtime {
         };
         let accepted = Accepted {
             status,
-            error: None,
             reply: reply.clone(),
             targets: targets.clone(),
             correlation: processed.correlation,
@@ -183,7 +302,7 @@ impl Runtime {
         };
         match store.accept(accepted).await? {
             AcceptOutcome::Stored => {
-                if let Some(delivery) = &self.delivery {
+                if let Some(delivery) = self.delivery.get() {
                     for target in &targets {
                         delivery.wake(&flow.name, target);
                     }
@@ -191,6 +310,43 @@ impl Runtime {
                 Ok(reply)
             }
             AcceptOutcome::Duplicate(original) => Ok(original),
+        }
+    }
+
+    /// Keeps a message that `flow` could not handle among the dead letters, so an operator
+    /// sees it and can replay it.
+    pub async fn dead_letter(&self, flow: &Flow, inbound: Value, meta: &Meta, error: String) {
+        tracing::warn!(flow = %flow.name, message_id = %meta.id, %error, "dead letter");
+        let Some(store) = &self.store else {
+            tracing::error!(flow = %flow.name, "no store to keep the dead letter in");
+            return;
+        };
+        let meta_value = serde_json::to_value(meta).unwrap_or(Value::Null);
+        let message = Message::from_parts(inbound.clone(), meta_value.clone());
+        let source = Source {
+            inbound,
+            meta: meta_value,
+            key: None,
+            received_at: now_ms(),
+            replay: false,
+        };
+        let accepted = Accepted {
+            status: MessageStatus::Dead,
+            error: Some(error.clone()),
+            events: vec![
+                NewEvent {
+                    kind: "received",
+                    detail: json!({"flow": flow.name}),
+                },
+                NewEvent {
+                    kind: "dead",
+                    detail: json!({"error": error}),
+                },
+            ],
+            ..source.into_accepted(flow, &message)
+        };
+        if let Err(error) = store.accept(accepted).await {
+            tracing::error!(flow = %flow.name, %error, "keeping a dead letter failed");
         }
     }
 
@@ -208,16 +364,12 @@ impl Runtime {
         let Some(source) = store.replay_source(id).await? else {
             return Ok(None);
         };
-        let flow = self
-            .flows
-            .iter()
-            .find(|f| f.name == source.flow)
-            .ok_or_else(|| {
-                ServeError::Internal(format!("flow \"{}\" is no longer loaded", source.flow))
-            })?;
+        let flow = self.flow(&source.flow).ok_or_else(|| {
+            ServeError::Internal(format!("flow \"{}\" is no longer loaded", source.flow))
+        })?;
         if !flow.is_durable() {
             return Err(ServeError::Internal(format!(
-                "flow \"{}\" no longer delivers durably",
+                "flow \"{}\" does not deliver durably",
                 flow.name
             )));
         }
@@ -235,9 +387,13 @@ impl Runtime {
             .map(Some)
     }
 
-    /// Stops delivery (waiting up to `grace` for attempts in flight) and closes the store.
+    /// Stops consumers and delivery (waiting up to `grace` for work in hand) and closes the
+    /// store.
     pub async fn shutdown(&self, grace: Duration) {
-        if let Some(delivery) = &self.delivery {
+        if let Some(consumers) = self.consumers.get() {
+            consumers.shutdown(grace).await;
+        }
+        if let Some(delivery) = self.delivery.get() {
             delivery.shutdown(grace).await;
         }
         if let Some(store) = &self.store {
@@ -246,10 +402,28 @@ impl Runtime {
     }
 }
 
+/// A called flow's status, read like an HTTP target's.
+fn classify_status(status: u16) -> RetryAction {
+    match status {
+        200..=299 => RetryAction::Done,
+        408 | 429 | 500..=599 => RetryAction::Retry,
+        _ => RetryAction::Drop,
+    }
+}
+
+/// A called flow's reply fields become the caller's vars.
+fn merge_vars(message: &mut Message, reply: &Value) {
+    if let Value::Object(fields) = reply {
+        for (name, value) in fields {
+            message.set_var(name, value.clone());
+        }
+    }
+}
+
 /// A message as it came in, for the store.
 struct Source {
-    inbound: serde_json::Value,
-    meta: serde_json::Value,
+    inbound: Value,
+    meta: Value,
     key: Option<String>,
     received_at: i64,
     replay: bool,
@@ -276,7 +450,7 @@ impl Source {
             reply: StoredReply {
                 status: 200,
                 headers: Vec::new(),
-                body: serde_json::Value::Null,
+                body: Value::Null,
             },
             targets: Vec::new(),
             correlation: Vec::new(),

@@ -45,7 +45,10 @@ pub fn http_client() -> reqwest::Result<reqwest::Client> {
 pub fn router(runtime: &Arc<Runtime>, admin_token: Option<&str>) -> Router {
     let mut by_path: HashMap<&str, MethodRouter> = HashMap::new();
     for flow in runtime.flows() {
-        let Ok(filter) = MethodFilter::try_from(flow.trigger.method.clone()) else {
+        let Some(trigger) = flow.http_trigger() else {
+            continue;
+        };
+        let Ok(filter) = MethodFilter::try_from(trigger.method.clone()) else {
             continue;
         };
         let handler = {
@@ -59,10 +62,8 @@ pub fn router(runtime: &Arc<Runtime>, admin_token: Option<&str>) -> Router {
                 }
             }
         };
-        let entry = by_path
-            .remove(flow.trigger.path.as_str())
-            .unwrap_or_default();
-        by_path.insert(&flow.trigger.path, entry.on(filter, handler));
+        let entry = by_path.remove(trigger.path.as_str()).unwrap_or_default();
+        by_path.insert(&trigger.path, entry.on(filter, handler));
     }
     let mut router = Router::new();
     for (path, methods) in by_path {
@@ -105,7 +106,10 @@ async fn handle(
     request: Request,
 ) -> Result<Response, ServeError> {
     let (parts, body) = request.into_parts();
-    let body = read_json(&parts.headers, body, flow.trigger.max_body).await?;
+    let limit = flow
+        .http_trigger()
+        .map_or(crate::flow::DEFAULT_MAX_BODY, |t| t.max_body);
+    let body = read_json(&parts.headers, body, limit).await?;
     let mut meta = Meta::new(&flow.name);
     meta.method = parts.method.to_string();
     meta.path = parts.uri.path().to_owned();

@@ -23,8 +23,10 @@ pub struct FlowConfig {
     /// A sentence for people reading the flow; ferry ignores it.
     #[serde(default)]
     pub description: Option<String>,
-    /// What starts the flow.
-    pub trigger: TriggerConfig,
+    /// What starts the flow. A flow without one runs only when another flow calls it
+    /// (`flow:` target or route rule).
+    #[serde(default)]
+    pub trigger: Option<TriggerConfig>,
     /// Steps run in order on every message.
     #[serde(default)]
     pub steps: Vec<Spanned<StepConfig>>,
@@ -46,6 +48,43 @@ pub struct FlowConfig {
 pub enum TriggerConfig {
     /// An HTTP endpoint that ferry serves.
     Http(HttpTriggerConfig),
+    /// A queue that ferry consumes.
+    Queue(QueueTriggerConfig),
+}
+
+/// Which queue implementation carries messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueDriver {
+    /// A durable queue inside ferry's store; no broker needed.
+    Embedded,
+    /// RabbitMQ (AMQP 0-9-1).
+    Amqp,
+    /// NATS JetStream.
+    Nats,
+}
+
+/// A queue that a flow consumes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueTriggerConfig {
+    /// `embedded` (default), `amqp` or `nats`.
+    #[serde(default)]
+    pub driver: Option<QueueDriver>,
+    /// The queue (AMQP queue, NATS subject, embedded queue name).
+    pub name: Spanned<String>,
+    /// Broker URL for `amqp` and `nats`, such as `${AMQP_URL}`.
+    #[serde(default)]
+    pub url: Option<Spanned<String>>,
+    /// How many messages may be in flight at once (default 16).
+    #[serde(default)]
+    pub prefetch: Option<Spanned<u16>>,
+    /// Attempts before a message that keeps failing becomes a dead letter (default 5).
+    #[serde(default)]
+    pub attempts: Option<Spanned<u32>>,
+    /// Backoff before a failed message is tried again, such as `1s` (default 1s, doubling).
+    #[serde(default)]
+    pub backoff: Option<Spanned<String>>,
 }
 
 /// An HTTP endpoint served by `ferry serve`.
@@ -128,7 +167,12 @@ pub struct RouteRuleConfig {
     #[serde(default)]
     pub when: Option<ConditionConfig>,
     /// Name of the target (a key of `targets`) this rule selects.
-    pub to: Spanned<String>,
+    #[serde(default)]
+    pub to: Option<Spanned<String>>,
+    /// Name of a flow this rule hands the message to, as if it were a `flow:` target; so a
+    /// partner is added with one line.
+    #[serde(default)]
+    pub flow: Option<Spanned<String>>,
 }
 
 /// A condition on the message: a JSONPath and what its result must be.
@@ -247,6 +291,24 @@ pub struct OutcomeConfig {
 pub enum TargetConfig {
     /// An HTTP call.
     Http(HttpTargetConfig),
+    /// A queue: embedded, RabbitMQ or NATS JetStream.
+    Queue(QueueTargetConfig),
+    /// Another flow, called in-process: its reply fields become this flow's vars.
+    Flow(Spanned<String>),
+}
+
+/// A queue that a flow publishes to.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueTargetConfig {
+    /// `embedded` (default), `amqp` or `nats`.
+    #[serde(default)]
+    pub driver: Option<QueueDriver>,
+    /// The queue (AMQP queue, NATS subject, embedded queue name).
+    pub name: Spanned<String>,
+    /// Broker URL for `amqp` and `nats`, such as `${AMQP_URL}`.
+    #[serde(default)]
+    pub url: Option<Spanned<String>>,
 }
 
 /// An HTTP call to a partner system.

@@ -31,15 +31,34 @@ impl Route {
     pub(crate) fn compile(config: &[RouteRuleConfig], ctx: &mut Ctx<'_>) -> Option<Self> {
         let mut rules = Vec::new();
         let mut ok = true;
-        let mut catch_all: Option<&RouteRuleConfig> = None;
+        let mut catch_all: Option<u64> = None;
         for rule in config {
+            let to = match (&rule.to, &rule.flow) {
+                (Some(to), None) | (None, Some(to)) => to,
+                (Some(to), Some(_)) => {
+                    ctx.error(
+                        to.referenced,
+                        "a rule goes `to` a target or to a `flow`, not both",
+                    );
+                    ok = false;
+                    continue;
+                }
+                (None, None) => {
+                    ctx.error(
+                        ctx.at,
+                        "every route rule needs `to: TARGET` or `flow: NAME`",
+                    );
+                    ok = false;
+                    continue;
+                }
+            };
             if let Some(earlier) = catch_all {
                 ctx.warn(
-                    rule.to.referenced,
-                    format!("this rule can never match: the rule at line {} has no `when` and matches first", earlier.to.referenced.line()),
+                    to.referenced,
+                    format!("this rule can never match: the rule at line {earlier} has no `when` and matches first"),
                 );
             }
-            let target = ctx.targets.iter().position(|t| *t == rule.to.value);
+            let target = ctx.targets.iter().position(|t| *t == to.value);
             if target.is_none() {
                 let known = if ctx.targets.is_empty() {
                     "the flow declares no targets".to_owned()
@@ -47,8 +66,8 @@ impl Route {
                     format!("known targets: {}", ctx.targets.join(", "))
                 };
                 ctx.error(
-                    rule.to.referenced,
-                    format!("unknown target \"{}\"; {known}", rule.to.value),
+                    to.referenced,
+                    format!("unknown target \"{}\"; {known}", to.value),
                 );
                 ok = false;
             }
@@ -61,7 +80,7 @@ impl Route {
                     }
                 },
                 None => {
-                    catch_all.get_or_insert(rule);
+                    catch_all.get_or_insert(to.referenced.line());
                     None
                 }
             };

@@ -355,6 +355,19 @@ pub struct Trace {
     pub timeline: Vec<Event>,
 }
 
+/// A message in an embedded queue.
+#[derive(Debug, Clone)]
+pub struct QueueItem {
+    /// Row id.
+    pub id: i64,
+    /// The payload.
+    pub payload: String,
+    /// Its headers.
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Attempts made before this one.
+    pub attempts: u32,
+}
+
 /// Group-commit counters: how many writes shared how many commits.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct CommitStats {
@@ -515,6 +528,52 @@ impl Store {
     /// When the database fails.
     pub async fn prune(&self, before: Millis) -> Result<u64, StoreError> {
         self.backend.prune(before).await
+    }
+
+    /// Appends a message to embedded queue `queue`.
+    ///
+    /// # Errors
+    ///
+    /// When the database fails.
+    pub async fn enqueue(
+        &self,
+        queue: &str,
+        payload: String,
+        headers: std::collections::BTreeMap<String, String>,
+    ) -> Result<(), StoreError> {
+        self.backend.enqueue(queue, payload, headers).await
+    }
+
+    /// Claims up to `limit` due messages of embedded queue `queue` until `lease_until`.
+    ///
+    /// # Errors
+    ///
+    /// When the database fails.
+    pub async fn claim_queue(
+        &self,
+        queue: &str,
+        limit: u32,
+        lease_until: Millis,
+    ) -> Result<Vec<QueueItem>, StoreError> {
+        self.backend.claim_queue(queue, limit, lease_until).await
+    }
+
+    /// Removes a consumed queue message (`retry_at: None`), or puts it back until `retry_at`.
+    ///
+    /// # Errors
+    ///
+    /// When the database fails.
+    pub async fn finish_queue(&self, id: i64, retry_at: Option<Millis>) -> Result<(), StoreError> {
+        self.backend.finish_queue(id, retry_at).await
+    }
+
+    /// Messages waiting in embedded queue `queue`, including those in flight.
+    ///
+    /// # Errors
+    ///
+    /// When the database fails.
+    pub async fn queue_depth(&self, queue: &str) -> Result<u64, StoreError> {
+        self.backend.queue_depth(queue).await
     }
 
     /// Outbox entries not yet delivered or dead.

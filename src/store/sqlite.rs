@@ -18,7 +18,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use super::{
     AcceptOutcome, Accepted, AttemptOutcome, AttemptRecord, Claimed, CommitStats, Correlation,
     CorrelationWrite, Event, MessageDetail, MessageStatus, MessageSummary, Millis, OutboxEntry,
-    ReplaySource, StateChange, StoreError, StoredReply, Trace, merge, now_ms, rfc3339,
+    QueueItem, ReplaySource, StateChange, StoreError, StoredReply, Trace, merge, now_ms, rfc3339,
 };
 
 /// Writes waiting beyond this many go into the next transaction.
@@ -39,6 +39,23 @@ enum Job {
         reply: Reply<Vec<Claimed>>,
     },
     Prune(Millis, Reply<u64>),
+    Enqueue {
+        queue: String,
+        payload: String,
+        headers: String,
+        reply: Reply<()>,
+    },
+    ClaimQueue {
+        queue: String,
+        limit: u32,
+        lease_until: Millis,
+        reply: Reply<Vec<QueueItem>>,
+    },
+    FinishQueue {
+        id: i64,
+        retry_at: Option<Millis>,
+        reply: Reply<()>,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -152,6 +169,61 @@ impl SqliteStore {
 
     pub(super) async fn prune(&self, before: Millis) -> Result<u64, StoreError> {
         self.submit(|reply| Job::Prune(before, reply)).await
+    }
+
+    pub(super) async fn enqueue(
+        &self,
+        queue: &str,
+        payload: String,
+        headers: std::collections::BTreeMap<String, String>,
+    ) -> Result<(), StoreError> {
+        let headers =
+            serde_json::to_string(&headers).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let queue = queue.to_owned();
+        self.submit(|reply| Job::Enqueue {
+            queue,
+            payload,
+            headers,
+            reply,
+        })
+        .await
+    }
+
+    pub(super) async fn claim_queue(
+        &self,
+        queue: &str,
+        limit: u32,
+        lease_until: Millis,
+    ) -> Result<Vec<QueueItem>, StoreError> {
+        let queue = queue.to_owned();
+        self.submit(|reply| Job::ClaimQueue {
+            queue,
+            limit,
+            lease_until,
+            reply,
+        })
+        .await
+    }
+
+    pub(super) async fn finish_queue(
+        &self,
+        id: i64,
+        retry_at: Option<Millis>,
+    ) -> Result<(), StoreError> {
+        self.submit(|reply| Job::FinishQueue {
+            id,
+            retry_at,
+            reply,
+        })
+        .await
+    }
+
+    pub(super) async fn queue_depth(&self, queue: &str) -> Result<u64, StoreError> {
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM queue_messages WHERE queue = $1")
+            .bind(queue)
+            .fetch_one(&self.read)
+            .await?;
+        Ok(u64::try_from(count).unwrap_or_default())
     }
 
     pub(super) fn commit_stats(&self) -> CommitStats {
@@ -542,6 +614,10 @@ fn fail(job: Job, error: &sqlx::Error) -> Finish {
         Job::Attempt(_, reply) | Job::Correlate(_, reply) => finisher(reply, Err(error())),
         Job::Claim { reply, .. } => finisher(reply, Err(error())),
         Job::Prune(_, reply) => finisher(reply, Err(error())),
+        Job::Enqueue { reply, .. } | Job::FinishQueue { reply, .. } => {
+            finisher(reply, Err(error()))
+        }
+        Job::ClaimQueue { reply, .. } => finisher(reply, Err(error())),
     }
 }
 
@@ -572,6 +648,51 @@ async fn run_job(conn: &mut SqliteConnection, job: Job) -> (Finish, bool) {
             reply,
         } => done(reply, claim(conn, &flow, &target, limit, lease_until).await),
         Job::Prune(before, reply) => done(reply, prune(conn, before).await),
+        Job::Enqueue {
+            queue,
+            payload,
+            headers,
+            reply,
+        } => {
+            let now = now_ms();
+            let result = sqlx::query(
+                "INSERT INTO queue_messages (queue, payload, headers, state, next_attempt_at, created_at)
+                 VALUES ($1, $2, $3, 'pending', $4, $4)",
+            )
+            .bind(queue)
+            .bind(payload)
+            .bind(headers)
+            .bind(now)
+            .execute(&mut *conn)
+            .await;
+            done(reply, result.map(|_| ()).map_err(Into::into))
+        }
+        Job::ClaimQueue {
+            queue,
+            limit,
+            lease_until,
+            reply,
+        } => done(reply, claim_queue(conn, &queue, limit, lease_until).await),
+        Job::FinishQueue {
+            id,
+            retry_at,
+            reply,
+        } => {
+            let result = match retry_at {
+                None => sqlx::query("DELETE FROM queue_messages WHERE id = $1").bind(id).execute(&mut *conn).await,
+                Some(at) => {
+                    sqlx::query(
+                        "UPDATE queue_messages SET state = 'pending', attempts = attempts + 1, next_attempt_at = $1,
+                                lease_until = NULL WHERE id = $2",
+                    )
+                    .bind(at)
+                    .bind(id)
+                    .execute(&mut *conn)
+                    .await
+                }
+            };
+            done(reply, result.map(|_| ()).map_err(Into::into))
+        }
     }
 }
 
@@ -833,6 +954,41 @@ async fn claim(
         });
     }
     Ok(claimed)
+}
+
+async fn claim_queue(
+    conn: &mut SqliteConnection,
+    queue: &str,
+    limit: u32,
+    lease_until: Millis,
+) -> Result<Vec<QueueItem>, StoreError> {
+    let now = now_ms();
+    let rows = sqlx::query(
+        "UPDATE queue_messages SET state = 'in_flight', lease_until = $1
+         WHERE id IN (SELECT id FROM queue_messages WHERE queue = $2
+                      AND ((state = 'pending' AND next_attempt_at <= $3) OR (state = 'in_flight' AND lease_until < $3))
+                      ORDER BY next_attempt_at, id LIMIT $4)
+         RETURNING id, payload, headers, attempts",
+    )
+    .bind(lease_until)
+    .bind(queue)
+    .bind(now)
+    .bind(i64::from(limit))
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut items: Vec<QueueItem> = rows
+        .iter()
+        .map(|row| {
+            Ok(QueueItem {
+                id: row.get("id"),
+                payload: row.get("payload"),
+                headers: parse(&row.get::<String, _>("headers"))?,
+                attempts: u32::try_from(row.get::<i64, _>("attempts")).unwrap_or_default(),
+            })
+        })
+        .collect::<Result<_, StoreError>>()?;
+    items.sort_by_key(|item| item.id);
+    Ok(items)
 }
 
 async fn attempt_done(conn: &mut SqliteConnection, a: AttemptRecord) -> Result<(), StoreError> {

@@ -105,7 +105,12 @@ impl HttpTarget {
         &self.name
     }
 
-    pub(crate) fn prepare(
+    /// Renders the request for `message`.
+    ///
+    /// # Errors
+    ///
+    /// [`FlowError::Unprocessable`] when a template cannot render from this message.
+    pub fn prepare(
         &self,
         message: &Message,
         templates: &Templates,

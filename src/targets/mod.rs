@@ -5,9 +5,14 @@
 //! [`OutboundRequest`] can be sent again later, the same every time. [`classify`] decides
 //! what an outcome means for retries.
 
+mod flow;
 mod http;
+mod queue;
 
+pub use flow::FlowTarget;
 pub use http::HttpTarget;
+pub use queue::QueueTarget;
+pub(crate) use queue::queue_spec;
 
 use std::time::Duration;
 
@@ -16,7 +21,6 @@ use bytes::Bytes;
 
 use crate::compile::Ctx;
 use crate::config::TargetConfig;
-use crate::error::FlowError;
 use crate::message::Message;
 use crate::template::Templates;
 
@@ -25,6 +29,10 @@ use crate::template::Templates;
 pub enum Target {
     /// An HTTP call.
     Http(HttpTarget),
+    /// A queue.
+    Queue(QueueTarget),
+    /// Another flow.
+    Flow(FlowTarget),
 }
 
 /// A request rendered from a message, ready to send.
@@ -95,6 +103,12 @@ impl Target {
     pub(crate) fn compile(name: &str, config: &TargetConfig, ctx: &mut Ctx<'_>) -> Option<Self> {
         match config {
             TargetConfig::Http(c) => HttpTarget::compile(name, c, ctx).map(Self::Http),
+            TargetConfig::Queue(c) => QueueTarget::compile(name, c, ctx).map(Self::Queue),
+            TargetConfig::Flow(flow) => Some(Self::Flow(FlowTarget::new(
+                name,
+                &flow.value,
+                flow.referenced,
+            ))),
         }
     }
 
@@ -102,28 +116,83 @@ impl Target {
     pub fn name(&self) -> &str {
         match self {
             Self::Http(t) => t.name(),
+            Self::Queue(t) => t.name(),
+            Self::Flow(t) => t.name(),
+        }
+    }
+}
+
+/// What one delivery attempt came to.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// Done, retry, or give up.
+    pub action: RetryAction,
+    /// The status the target answered, when it answered one.
+    pub status: Option<u16>,
+    /// What went wrong, when something did.
+    pub error: Option<String>,
+    /// How long the target asked to wait before the next attempt.
+    pub retry_after: Option<Duration>,
+}
+
+impl Attempt {
+    /// A delivered message.
+    pub fn done(status: Option<u16>) -> Self {
+        Self {
+            action: RetryAction::Done,
+            status,
+            error: None,
+            retry_after: None,
         }
     }
 
-    /// Renders the request this target would send for `message`.
-    ///
-    /// # Errors
-    ///
-    /// [`FlowError::Unprocessable`] when a template cannot render from this message.
-    pub fn prepare(
+    /// A failed attempt.
+    pub fn failed(action: RetryAction, status: Option<u16>, error: impl Into<String>) -> Self {
+        Self {
+            action,
+            status,
+            error: Some(error.into()),
+            retry_after: None,
+        }
+    }
+}
+
+impl HttpTarget {
+    /// Renders, sends and classifies one attempt; a successful answer's captures go into
+    /// `message`'s vars.
+    pub async fn attempt(
         &self,
-        message: &Message,
+        message: &mut Message,
         templates: &Templates,
-    ) -> Result<OutboundRequest, FlowError> {
-        match self {
-            Self::Http(t) => t.prepare(message, templates),
-        }
-    }
-
-    /// Saves what the flow captures from a successful response into `message`'s vars.
-    pub fn capture(&self, response: &TargetResponse, message: &mut Message) {
-        match self {
-            Self::Http(t) => t.capture(response, message),
+        client: &reqwest::Client,
+    ) -> Attempt {
+        let request = match self.prepare(message, templates) {
+            Ok(request) => request,
+            Err(error) => return Attempt::failed(RetryAction::Drop, None, error.to_string()),
+        };
+        let outcome = send(client, &request).await;
+        let action = classify(&outcome);
+        match outcome {
+            Ok(response) if action == RetryAction::Done => {
+                self.capture(&response, message);
+                Attempt::done(Some(response.status))
+            }
+            Ok(TargetResponse {
+                status,
+                retry_after,
+                body,
+            }) => {
+                let excerpt = String::from_utf8_lossy(&body[..body.len().min(500)]).into_owned();
+                Attempt {
+                    action,
+                    status: Some(status),
+                    error: Some(format!("answered {status}: {excerpt}")),
+                    retry_after: retry_after
+                        .as_deref()
+                        .and_then(crate::delivery::parse_retry_after),
+                }
+            }
+            Err(error) => Attempt::failed(action, None, error.to_string()),
         }
     }
 }

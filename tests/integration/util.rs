@@ -196,7 +196,7 @@ impl Ferry {
             .await
             .unwrap();
         let client = ferry::server::http_client().unwrap();
-        let runtime = Arc::new(Runtime::new(&project, client, Some(store)));
+        let runtime = Runtime::start(&project, client, Some(store));
         let (url, shutdown) = serve(ferry::server::router(&runtime, Some(ADMIN_TOKEN))).await;
         Self {
             url,

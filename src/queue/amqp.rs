@@ -1,0 +1,135 @@
+//! RabbitMQ (AMQP 0-9-1) through lapin: durable queues, persistent messages, publisher
+//! confirms; consumers with manual acks and a prefetch limit.
+
+use std::collections::{BTreeMap, HashMap};
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tokio::sync::Mutex;
+
+use super::{PublishError, QueueSpec};
+
+/// One confirmed channel per broker URL, opened again after a failure.
+#[derive(Debug, Default)]
+pub(super) struct Publishers {
+    channels: Mutex<HashMap<String, (Connection, Channel)>>,
+}
+
+/// Opens a channel on a new connection to `url`.
+pub(super) async fn connect(url: &str) -> Result<(Connection, Channel), lapin::Error> {
+    let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    Ok((connection, channel))
+}
+
+/// Declares `queue` durable, so it and its persistent messages survive a broker restart.
+pub(super) async fn declare(channel: &Channel, queue: &str) -> Result<(), lapin::Error> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}
+
+impl Publishers {
+    pub(super) async fn publish(
+        &self,
+        spec: &QueueSpec,
+        payload: Vec<u8>,
+        headers: &BTreeMap<String, String>,
+    ) -> Result<(), PublishError> {
+        let mut channels = self.channels.lock().await;
+        if !channels.contains_key(&spec.url) {
+            let (connection, channel) = connect(&spec.url).await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            channels.insert(spec.url.clone(), (connection, channel));
+        }
+        let (_, channel) = &channels[&spec.url];
+        let result = publish_on(channel, spec, payload, headers).await;
+        if result.is_err() {
+            // A failed channel is not used again: the next attempt opens a new one.
+            channels.remove(&spec.url);
+        }
+        result
+    }
+}
+
+async fn publish_on(
+    channel: &Channel,
+    spec: &QueueSpec,
+    payload: Vec<u8>,
+    headers: &BTreeMap<String, String>,
+) -> Result<(), PublishError> {
+    declare(channel, &spec.name).await?;
+    let mut table = FieldTable::default();
+    for (name, value) in headers {
+        table.insert(
+            ShortString::from(name.as_str()),
+            AMQPValue::LongString(value.as_str().into()),
+        );
+    }
+    let mut properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_headers(table);
+    if let Some(id) = headers.get(super::IDEMPOTENCY_KEY) {
+        properties = properties.with_message_id(id.as_str().into());
+    }
+    if let Some(id) = headers.get(super::CORRELATION_ID) {
+        properties = properties.with_correlation_id(id.as_str().into());
+    }
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    };
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            spec.name.as_str().into(),
+            options,
+            &payload,
+            properties,
+        )
+        .await?
+        .await?;
+    // A mandatory message no queue takes comes back *and* is acked: only a plain ack counts.
+    if confirm.is_ack() && confirm.take_message().is_none() {
+        Ok(())
+    } else {
+        Err(PublishError(format!(
+            "the broker did not take the message for queue \"{}\"",
+            spec.name
+        )))
+    }
+}
+
+impl From<lapin::Error> for PublishError {
+    fn from(error: lapin::Error) -> Self {
+        Self(format!("amqp: {error}"))
+    }
+}
+
+/// Reads a delivery's headers as text.
+pub(super) fn headers_of(properties: &BasicProperties) -> BTreeMap<String, String> {
+    let mut headers = BTreeMap::new();
+    if let Some(table) = properties.headers() {
+        for (name, value) in table {
+            let text = match value {
+                AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                AMQPValue::ShortString(s) => s.as_str().to_owned(),
+                other => format!("{other:?}"),
+            };
+            headers.insert(name.as_str().to_owned(), text);
+        }
+    }
+    headers
+}

@@ -1,0 +1,445 @@
+//! Queue consumers: one per flow with a `queue` trigger.
+//!
+//! Each consumer hands every message to its flow and settles it by the outcome: done
+//! (acknowledged once the flow committed its outputs), retried later (a passing failure), or
+//! dead (a permanent failure, or too many attempts: kept among ferry's dead letters, then
+//! acknowledged so the queue does not redeliver it forever). A broker that goes away is
+//! reconnected to with backoff; until then nothing is acknowledged, so nothing is lost.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::{CORRELATION_ID, IDEMPOTENCY_KEY, QueueSpec, amqp, nats};
+use crate::config::QueueDriver;
+use crate::flow::{Flow, QueueTrigger};
+use crate::message::{Message, Meta};
+use crate::runtime::Runtime;
+use crate::store::now_ms;
+
+/// How long an embedded queue message is held by a consumer before another may take it.
+const LEASE: Duration = Duration::from_secs(300);
+/// How often an idle embedded consumer looks for messages.
+const POLL: Duration = Duration::from_millis(50);
+/// The longest wait before reconnecting to a broker.
+const MAX_RECONNECT: Duration = Duration::from_secs(30);
+
+/// What became of one queue message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Handled: acknowledge it.
+    Done,
+    /// A passing failure: deliver it again after this long.
+    Retry(Duration),
+    /// Kept among the dead letters: acknowledge it so it is not delivered again.
+    Dead,
+}
+
+/// The running consumers.
+#[derive(Debug)]
+pub struct Consumers {
+    stop: CancellationToken,
+    tasks: tokio::sync::Mutex<JoinSet<()>>,
+}
+
+impl Consumers {
+    /// Starts a consumer for every flow of `runtime` with a queue trigger.
+    pub fn start(runtime: &Arc<Runtime>) -> Self {
+        let stop = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        for flow in runtime.flows() {
+            if flow.queue_trigger().is_some() {
+                let consumer = Consumer {
+                    runtime: Arc::downgrade(runtime),
+                    flow: Arc::clone(flow),
+                    stop: stop.clone(),
+                };
+                tasks.spawn(consumer.run());
+            }
+        }
+        Self {
+            stop,
+            tasks: tokio::sync::Mutex::new(tasks),
+        }
+    }
+
+    /// Stops taking messages and waits up to `grace` for those in hand. Unsettled messages
+    /// are delivered again later.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.stop.cancel();
+        let mut tasks = self.tasks.lock().await;
+        if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
+            .await
+            .is_err()
+        {
+            tasks.abort_all();
+        }
+    }
+}
+
+struct Consumer {
+    runtime: Weak<Runtime>,
+    flow: Arc<Flow>,
+    stop: CancellationToken,
+}
+
+impl Consumer {
+    fn trigger(&self) -> &QueueTrigger {
+        self.flow
+            .queue_trigger()
+            .expect("consumers run only for queue triggers")
+    }
+
+    async fn run(self) {
+        let spec = self.trigger().spec.clone();
+        let mut wait = Duration::from_millis(200);
+        loop {
+            let result = match spec.driver {
+                QueueDriver::Embedded => self.embedded(&spec).await,
+                QueueDriver::Amqp => self.amqp(&spec).await,
+                QueueDriver::Nats => self.nats(&spec).await,
+            };
+            if self.stop.is_cancelled() {
+                break;
+            }
+            if let Err(error) = result {
+                if let Some(runtime) = self.runtime.upgrade() {
+                    runtime.brokers().mark(&spec.url, false);
+                }
+                tracing::warn!(flow = %self.flow.name, queue = %spec, %error, retry_in = ?wait, "consumer lost its queue");
+            }
+            tokio::select! {
+                () = self.stop.cancelled() => break,
+                () = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(MAX_RECONNECT);
+        }
+    }
+
+    async fn embedded(&self, spec: &QueueSpec) -> Result<(), String> {
+        let runtime = self.runtime.upgrade().ok_or("stopped")?;
+        let store = runtime
+            .store()
+            .ok_or("embedded queues need a store")?
+            .clone();
+        drop(runtime);
+        let prefetch = u32::from(self.trigger().prefetch);
+        while !self.stop.is_cancelled() {
+            let lease_until = now_ms() + LEASE.as_millis() as i64;
+            let items = store
+                .claim_queue(&spec.name, prefetch, lease_until)
+                .await
+                .map_err(|e| e.to_string())?;
+            if items.is_empty() {
+                tokio::select! {
+                    () = self.stop.cancelled() => break,
+                    () = tokio::time::sleep(POLL) => continue,
+                }
+            }
+            let mut handling = JoinSet::new();
+            for item in items {
+                let (runtime, flow, store) =
+                    (self.runtime.clone(), Arc::clone(&self.flow), store.clone());
+                handling.spawn(async move {
+                    let Some(runtime) = runtime.upgrade() else { return };
+                    let settled = handle(&runtime, &flow, item.payload.as_bytes(), item.headers, item.attempts + 1).await;
+                    let retry_at = match settled {
+                        Settled::Retry(wait) => Some(now_ms() + wait.as_millis() as i64),
+                        Settled::Done | Settled::Dead => None,
+                    };
+                    if let Err(error) = store.finish_queue(item.id, retry_at).await {
+                        // Left in flight: its lease runs out and it is delivered again.
+                        tracing::error!(flow = %flow.name, %error, "settling a queue message failed");
+                    }
+                });
+            }
+            while handling.join_next().await.is_some() {}
+        }
+        Ok(())
+    }
+
+    async fn amqp(&self, spec: &QueueSpec) -> Result<(), String> {
+        use lapin::options::{
+            BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+        };
+        let (connection, channel) = amqp::connect(&spec.url).await.map_err(|e| e.to_string())?;
+        amqp::declare(&channel, &spec.name)
+            .await
+            .map_err(|e| e.to_string())?;
+        let prefetch = self.trigger().prefetch;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        let tag = format!("ferry-{}", self.flow.name);
+        let mut deliveries = channel
+            .basic_consume(
+                spec.name.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(runtime) = self.runtime.upgrade() {
+            runtime.brokers().mark(&spec.url, true);
+        }
+        // AMQP keeps no count of deliveries; ferry counts attempts per message while it runs.
+        let attempts: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+        let mut handling = JoinSet::new();
+        let result = loop {
+            while handling.try_join_next().is_some() {}
+            let next = tokio::select! {
+                () = self.stop.cancelled() => break Ok(()),
+                next = deliveries.next() => next,
+            };
+            let delivery = match next {
+                Some(Ok(delivery)) => delivery,
+                Some(Err(error)) => break Err(error.to_string()),
+                None => break Err("the broker closed the consumer".into()),
+            };
+            let headers = amqp::headers_of(&delivery.properties);
+            let key = headers
+                .get(IDEMPOTENCY_KEY)
+                .cloned()
+                .or_else(|| {
+                    delivery
+                        .properties
+                        .message_id()
+                        .as_ref()
+                        .map(|id| id.as_str().to_owned())
+                })
+                .unwrap_or_else(|| format!("amqp:{}", delivery.delivery_tag));
+            let attempt = {
+                let mut counts = attempts
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let count = counts.entry(key.clone()).or_default();
+                *count += 1;
+                *count
+            };
+            let (runtime, flow, attempts) = (
+                self.runtime.clone(),
+                Arc::clone(&self.flow),
+                Arc::clone(&attempts),
+            );
+            handling.spawn(async move {
+                let Some(runtime) = runtime.upgrade() else { return };
+                let mut headers = headers;
+                headers.entry(IDEMPOTENCY_KEY.to_owned()).or_insert(key.clone());
+                let settled = handle(&runtime, &flow, &delivery.data, headers, attempt).await;
+                drop(runtime);
+                let outcome = match settled {
+                    Settled::Done | Settled::Dead => {
+                        attempts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
+                        delivery.ack(BasicAckOptions::default()).await
+                    }
+                    Settled::Retry(wait) => {
+                        // AMQP has no delayed requeue: hold the message (and its prefetch
+                        // slot) for the backoff, then hand it back.
+                        tokio::time::sleep(wait).await;
+                        delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await
+                    }
+                };
+                if let Err(error) = outcome {
+                    tracing::warn!(flow = %flow.name, %error, "settling an AMQP message failed; it will be delivered again");
+                }
+            });
+        };
+        // Unsettled deliveries go back to the queue when the channel closes.
+        handling.abort_all();
+        let _ = connection.close(0, "ferry stopping".into()).await;
+        result
+    }
+
+    async fn nats(&self, spec: &QueueSpec) -> Result<(), String> {
+        use async_nats::jetstream::AckKind;
+        use async_nats::jetstream::consumer::{AckPolicy, pull};
+        let trigger = self.trigger();
+        let context = nats::connect(&spec.url).await?;
+        let stream = nats::stream(&context, &spec.name).await?;
+        let durable: String = format!("ferry-{}", self.flow.name)
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let consumer: pull::Stream = stream
+            .get_or_create_consumer(
+                &durable,
+                pull::Config {
+                    durable_name: Some(durable.clone()),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(60),
+                    // One more than ferry's own attempts: the last delivery becomes the dead letter.
+                    max_deliver: i64::from(trigger.attempts) + 1,
+                    max_ack_pending: i64::from(trigger.prefetch),
+                    filter_subject: spec.name.clone(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| format!("nats consumer: {e}"))?
+            .stream()
+            .max_messages_per_batch(usize::from(trigger.prefetch))
+            .messages()
+            .await
+            .map_err(|e| format!("nats consumer: {e}"))?;
+        if let Some(runtime) = self.runtime.upgrade() {
+            runtime.brokers().mark(&spec.url, true);
+        }
+        let mut messages = consumer;
+        let slots = Arc::new(Semaphore::new(usize::from(trigger.prefetch)));
+        let mut handling = JoinSet::new();
+        let result = loop {
+            while handling.try_join_next().is_some() {}
+            let next = tokio::select! {
+                () = self.stop.cancelled() => break Ok(()),
+                next = messages.next() => next,
+            };
+            let message = match next {
+                Some(Ok(message)) => message,
+                Some(Err(error)) => break Err(format!("nats: {error}")),
+                None => break Err("the server closed the consumer".into()),
+            };
+            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                break Ok(());
+            };
+            let (runtime, flow) = (self.runtime.clone(), Arc::clone(&self.flow));
+            handling.spawn(async move {
+                let Some(runtime) = runtime.upgrade() else { return };
+                let info = message.info().ok();
+                let attempt = info.as_ref().map_or(1, |i| u32::try_from(i.delivered).unwrap_or(1));
+                let mut headers = nats::headers_of(&message.message);
+                if let (false, Some(info)) = (headers.contains_key(IDEMPOTENCY_KEY), &info) {
+                    headers.insert(IDEMPOTENCY_KEY.to_owned(), format!("nats:{}:{}", info.stream, info.stream_sequence));
+                }
+                let settled = handle(&runtime, &flow, &message.message.payload, headers, attempt).await;
+                drop(runtime);
+                let outcome = match settled {
+                    Settled::Done => message.double_ack().await,
+                    Settled::Dead => message.ack_with(AckKind::Term).await,
+                    Settled::Retry(wait) => message.ack_with(AckKind::Nak(Some(wait))).await,
+                };
+                if let Err(error) = outcome {
+                    tracing::warn!(flow = %flow.name, %error, "settling a NATS message failed; it will be delivered again");
+                }
+                drop(slot);
+            });
+        };
+        handling.abort_all();
+        result
+    }
+}
+
+/// Runs one queue message through `flow` and decides what becomes of it.
+pub async fn handle(
+    runtime: &Runtime,
+    flow: &Flow,
+    payload: &[u8],
+    headers: BTreeMap<String, String>,
+    attempt: u32,
+) -> Settled {
+    let trigger = flow.queue_trigger().expect("queue-triggered flow");
+    let mut meta = Meta::new(&flow.name);
+    meta.method = "QUEUE".into();
+    meta.path = trigger.spec.name.clone();
+    if let Some(id) = headers.get(CORRELATION_ID).filter(|id| !id.is_empty()) {
+        meta.correlation_id = id.clone();
+    }
+    meta.headers = headers
+        .into_iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v))
+        .collect();
+    // Redelivered duplicates are recognised by the publisher's key.
+    if let Some(key) = meta.headers.get(IDEMPOTENCY_KEY).cloned() {
+        meta.headers.insert("idempotency-key".into(), key);
+    }
+    let body = match serde_json::from_slice::<Value>(payload) {
+        Ok(body) => body,
+        Err(error) => {
+            let inbound = Value::String(String::from_utf8_lossy(payload).into_owned());
+            runtime
+                .dead_letter(
+                    flow,
+                    inbound,
+                    &meta,
+                    format!("the message is not JSON: {error}"),
+                )
+                .await;
+            return Settled::Dead;
+        }
+    };
+    match runtime
+        .handle(flow, Message::new(body.clone(), &meta))
+        .await
+    {
+        Ok(reply) if reply.status < 500 => Settled::Done,
+        Ok(reply) => {
+            retry_or_dead(
+                runtime,
+                flow,
+                body,
+                &meta,
+                attempt,
+                format!("the flow answered {}", reply.status),
+            )
+            .await
+        }
+        Err(error) if error.status().is_client_error() => {
+            // A durable flow already keeps what it could not correlate.
+            if !(flow.is_durable()
+                && matches!(
+                    error,
+                    crate::error::ServeError::Flow(crate::error::FlowError::NotCorrelated { .. })
+                ))
+            {
+                runtime
+                    .dead_letter(flow, body, &meta, error.to_string())
+                    .await;
+            }
+            Settled::Dead
+        }
+        Err(error) => retry_or_dead(runtime, flow, body, &meta, attempt, error.to_string()).await,
+    }
+}
+
+async fn retry_or_dead(
+    runtime: &Runtime,
+    flow: &Flow,
+    body: Value,
+    meta: &Meta,
+    attempt: u32,
+    error: String,
+) -> Settled {
+    let trigger = flow.queue_trigger().expect("queue-triggered flow");
+    if attempt >= trigger.attempts {
+        runtime
+            .dead_letter(
+                flow,
+                body,
+                meta,
+                format!("gave up after {attempt} attempts: {error}"),
+            )
+            .await;
+        return Settled::Dead;
+    }
+    tracing::debug!(flow = %flow.name, attempt, %error, "queue message will be retried");
+    let exponent = attempt.saturating_sub(1).min(16);
+    Settled::Retry(
+        trigger
+            .backoff
+            .saturating_mul(1 << exponent)
+            .min(Duration::from_secs(300)),
+    )
+}

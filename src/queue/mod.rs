@@ -1,0 +1,131 @@
+//! Queues: publishing to and consuming from embedded queues (in ferry's store), RabbitMQ
+//! (AMQP 0-9-1) and NATS JetStream, behind one interface.
+//!
+//! Every queue message carries ferry's headers ([`MESSAGE_ID`], [`CORRELATION_ID`],
+//! [`IDEMPOTENCY_KEY`]), so the consuming flow continues the same timeline and drops
+//! redelivered duplicates. Consumers acknowledge a message only after the consuming flow has
+//! committed what it does with it; a message that fails for good ends among ferry's dead
+//! letters, never redelivered forever.
+
+mod amqp;
+pub mod consume;
+mod nats;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use crate::config::QueueDriver;
+use crate::store::Store;
+
+/// Header carrying the id of the message that was published.
+pub const MESSAGE_ID: &str = "ferry-message-id";
+/// Header carrying the correlation id.
+pub const CORRELATION_ID: &str = "ferry-correlation-id";
+/// Header carrying the key a consumer drops duplicates by: `<message id>:<target>`.
+pub const IDEMPOTENCY_KEY: &str = "ferry-idempotency-key";
+
+/// Where a queue is.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct QueueSpec {
+    /// Which implementation.
+    pub driver: QueueDriver,
+    /// The queue (AMQP queue, NATS subject, embedded queue name).
+    pub name: String,
+    /// The broker's URL (`amqp`, `nats`).
+    pub url: String,
+}
+
+impl std::fmt::Display for QueueSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let driver = match self.driver {
+            QueueDriver::Embedded => "embedded",
+            QueueDriver::Amqp => "amqp",
+            QueueDriver::Nats => "nats",
+        };
+        write!(f, "{driver} queue \"{}\"", self.name)
+    }
+}
+
+/// Why a publish failed; publishing again later may work.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PublishError(pub String);
+
+/// Connections to brokers, opened on first use and opened again after they fail, and
+/// whether each broker is reachable now (for readiness).
+#[derive(Debug, Default)]
+pub struct Brokers {
+    amqp: amqp::Publishers,
+    nats: nats::Publishers,
+    status: Mutex<HashMap<String, bool>>,
+}
+
+impl Brokers {
+    /// Publishes `payload` with `headers` to `spec`'s queue; returns once the queue holds it
+    /// (the store committed it, the broker confirmed it).
+    ///
+    /// # Errors
+    ///
+    /// [`PublishError`] when the queue could not take it.
+    pub async fn publish(
+        &self,
+        store: Option<&Store>,
+        spec: &QueueSpec,
+        payload: Vec<u8>,
+        headers: BTreeMap<String, String>,
+    ) -> Result<(), PublishError> {
+        let result = match spec.driver {
+            QueueDriver::Embedded => {
+                let store =
+                    store.ok_or_else(|| PublishError("embedded queues need a store".into()))?;
+                let payload =
+                    String::from_utf8(payload).map_err(|e| PublishError(e.to_string()))?;
+                return store
+                    .enqueue(&spec.name, payload, headers)
+                    .await
+                    .map_err(|e| PublishError(e.to_string()));
+            }
+            QueueDriver::Amqp => self.amqp.publish(spec, payload, &headers).await,
+            QueueDriver::Nats => self.nats.publish(spec, payload, &headers).await,
+        };
+        self.mark(&spec.url, result.is_ok());
+        result
+    }
+
+    /// Records whether the broker at `url` answers.
+    pub fn mark(&self, url: &str, up: bool) {
+        let mut status = self
+            .status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let was = status.insert(url.to_owned(), up);
+        if was != Some(up) {
+            let url = redact(url);
+            if up {
+                tracing::info!(broker = %url, "broker connected");
+            } else {
+                tracing::warn!(broker = %url, "broker unreachable");
+            }
+        }
+    }
+
+    /// Each broker used so far (credentials removed from its URL) and whether it answers.
+    pub fn status(&self) -> BTreeMap<String, bool> {
+        let status = self
+            .status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        status.iter().map(|(url, up)| (redact(url), *up)).collect()
+    }
+}
+
+/// A broker URL without its password, for logs and readiness.
+pub fn redact(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}

@@ -1,0 +1,111 @@
+//! NATS JetStream through async-nats: a stream per subject, publishes acknowledged by the
+//! stream (and deduplicated by `Nats-Msg-Id`), durable pull consumers with explicit acks.
+
+use std::collections::{BTreeMap, HashMap};
+
+use async_nats::jetstream::{self, Context};
+use tokio::sync::Mutex;
+
+use super::{PublishError, QueueSpec};
+
+/// One JetStream context per server URL, opened again after a failure.
+#[derive(Debug, Default)]
+pub(super) struct Publishers {
+    contexts: Mutex<HashMap<String, Context>>,
+}
+
+/// Connects to the server at `url`.
+pub(super) async fn connect(url: &str) -> Result<Context, String> {
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .max_reconnects(Some(1))
+        .connection_timeout(std::time::Duration::from_secs(5))
+        .connect(url)
+        .await
+        .map_err(|e| format!("nats: {e}"))?;
+    Ok(jetstream::new(client))
+}
+
+/// The stream that holds `subject`: named after it, created on first use.
+pub(super) async fn stream(
+    context: &Context,
+    subject: &str,
+) -> Result<jetstream::stream::Stream, String> {
+    let name: String = subject
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    context
+        .get_or_create_stream(jetstream::stream::Config {
+            name: format!("ferry_{name}"),
+            subjects: vec![subject.to_owned()],
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("nats stream for \"{subject}\": {e}"))
+}
+
+impl Publishers {
+    pub(super) async fn publish(
+        &self,
+        spec: &QueueSpec,
+        payload: Vec<u8>,
+        headers: &BTreeMap<String, String>,
+    ) -> Result<(), PublishError> {
+        let mut contexts = self.contexts.lock().await;
+        if !contexts.contains_key(&spec.url) {
+            let context = connect(&spec.url).await.map_err(PublishError)?;
+            contexts.insert(spec.url.clone(), context);
+        }
+        let context = contexts[&spec.url].clone();
+        drop(contexts);
+        let result = publish_on(&context, spec, payload, headers).await;
+        if result.is_err() {
+            self.contexts.lock().await.remove(&spec.url);
+        }
+        result
+    }
+}
+
+async fn publish_on(
+    context: &Context,
+    spec: &QueueSpec,
+    payload: Vec<u8>,
+    headers: &BTreeMap<String, String>,
+) -> Result<(), PublishError> {
+    stream(context, &spec.name).await.map_err(PublishError)?;
+    let mut map = async_nats::HeaderMap::new();
+    for (name, value) in headers {
+        map.insert(name.as_str(), value.as_str());
+    }
+    if let Some(key) = headers.get(super::IDEMPOTENCY_KEY) {
+        // The stream drops a second publish with the same id within its window.
+        map.insert("Nats-Msg-Id", key.as_str());
+    }
+    context
+        .publish_with_headers(spec.name.clone(), map, payload.into())
+        .await
+        .map_err(|e| PublishError(format!("nats: {e}")))?
+        .await
+        .map_err(|e| PublishError(format!("nats: {e}")))?;
+    Ok(())
+}
+
+/// Reads a message's headers as text.
+pub(super) fn headers_of(message: &async_nats::Message) -> BTreeMap<String, String> {
+    let mut headers = BTreeMap::new();
+    if let Some(map) = &message.headers {
+        for (name, values) in map.iter() {
+            if let Some(value) = values.first() {
+                headers.insert(name.to_string(), value.to_string());
+            }
+        }
+    }
+    headers
+}
