@@ -34,12 +34,18 @@ pub struct Cli {
 pub enum Command {
     /// Serve the flows' HTTP triggers and deliver their messages.
     Serve {
-        /// Folder of flow files.
-        #[arg(long, default_value = "flows", env = "FERRY_FLOWS")]
-        flows: PathBuf,
-        /// Folder of JSON Schemas (default: `schemas` beside the flows folder).
-        #[arg(long, env = "FERRY_SCHEMAS")]
-        schemas: Option<PathBuf>,
+        /// Folder of flow files; repeat it (or separate with commas) to serve several as one.
+        #[arg(
+            long,
+            default_value = "flows",
+            env = "FERRY_FLOWS",
+            value_delimiter = ','
+        )]
+        flows: Vec<PathBuf>,
+        /// Folder of JSON Schemas, searched before the `schemas` folder beside each flows
+        /// folder; may be repeated.
+        #[arg(long, env = "FERRY_SCHEMAS", value_delimiter = ',')]
+        schemas: Vec<PathBuf>,
         /// Address to listen on; port 0 picks a free port.
         #[arg(long, default_value = "127.0.0.1:8080", env = "FERRY_LISTEN")]
         listen: SocketAddr,
@@ -53,12 +59,13 @@ pub enum Command {
     },
     /// Check flows for every problem that can be found without traffic.
     Check {
-        /// Folder of flow files.
+        /// Folders of flow files, checked as one project.
         #[arg(default_value = "flows")]
-        flows: PathBuf,
-        /// Folder of JSON Schemas (default: `schemas` beside the flows folder).
+        flows: Vec<PathBuf>,
+        /// Folder of JSON Schemas, searched before the `schemas` folder beside each flows
+        /// folder; may be repeated.
         #[arg(long)]
-        schemas: Option<PathBuf>,
+        schemas: Vec<PathBuf>,
     },
     /// Dead letters: list, show and replay them (through a running ferry's admin API).
     Dlq {
@@ -121,9 +128,7 @@ pub struct AdminArgs {
 /// Runs the command and returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
-        Command::Check { flows, schemas } => {
-            Ok(check(&ProjectPaths::new(&flows, schemas.as_deref())))
-        }
+        Command::Check { flows, schemas } => Ok(check(&ProjectPaths::many(&flows, &schemas))),
         Command::Serve {
             flows,
             schemas,
@@ -131,7 +136,7 @@ pub fn run(cli: Cli) -> ExitCode {
             store,
             retention,
         } => {
-            let paths = ProjectPaths::new(&flows, schemas.as_deref());
+            let paths = ProjectPaths::many(&flows, &schemas);
             serve(&paths, listen, &store, retention)
         }
         Command::Dlq { action, admin } => operate(&admin, |client| dlq(client, action)),

@@ -19,22 +19,36 @@ use crate::template::Templates;
 /// Where a project's flows and schemas are.
 #[derive(Debug, Clone)]
 pub struct ProjectPaths {
-    /// The flows folder.
-    pub flows: PathBuf,
-    /// The schemas folder that `validate` steps name files in.
-    pub schemas: PathBuf,
+    /// The flows folders.
+    pub flows: Vec<PathBuf>,
+    /// The schemas folders that `validate` steps name files in, searched in order.
+    pub schemas: Vec<PathBuf>,
 }
 
 impl ProjectPaths {
     /// `flows` and, unless given, the `schemas` folder beside it.
     pub fn new(flows: &Path, schemas: Option<&Path>) -> Self {
-        let schemas = schemas.map_or_else(
-            || flows.parent().unwrap_or(Path::new(".")).join("schemas"),
-            Path::to_path_buf,
-        );
+        let schemas: Vec<PathBuf> = schemas.map(Path::to_path_buf).into_iter().collect();
+        Self::many(&[flows.to_path_buf()], &schemas)
+    }
+
+    /// Several flows folders, as one project. Schemas are searched in `schemas`, then in the
+    /// `schemas` folder beside each flows folder, so a partner's folder can bring its own.
+    pub fn many(flows: &[PathBuf], schemas: &[PathBuf]) -> Self {
+        let mut search = schemas.to_vec();
+        for folder in flows {
+            let beside = folder.parent().unwrap_or(Path::new(".")).join("schemas");
+            if beside.is_dir() && !search.contains(&beside) {
+                search.push(beside);
+            }
+        }
+        if search.is_empty() {
+            let first = flows.first().map_or(Path::new("flows"), PathBuf::as_path);
+            search.push(first.parent().unwrap_or(Path::new(".")).join("schemas"));
+        }
         Self {
-            flows: flows.to_path_buf(),
-            schemas,
+            flows: flows.to_vec(),
+            schemas: search,
         }
     }
 }
@@ -74,7 +88,13 @@ pub fn load_project_with_env(
     paths: &ProjectPaths,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Project, Vec<Diagnostic>> {
-    let (loaded, mut diagnostics) = load_dir(&paths.flows, env);
+    let mut loaded = Vec::new();
+    let mut diagnostics = Vec::new();
+    for folder in &paths.flows {
+        let (mut flows, mut found) = load_dir(folder, env);
+        loaded.append(&mut flows);
+        diagnostics.append(&mut found);
+    }
     let mut schemas = Schemas::new(&paths.schemas);
     check_unique_names(&loaded, &mut diagnostics);
     check_endpoints(&loaded, &mut diagnostics);

@@ -53,15 +53,15 @@ pub enum SchemaError {
 /// Loads and compiles schemas from one folder, each file once however many flows use it.
 #[derive(Debug)]
 pub struct Schemas {
-    dir: PathBuf,
+    dirs: Vec<PathBuf>,
     compiled: HashMap<String, Result<Arc<Validator>, SchemaError>>,
 }
 
 impl Schemas {
-    /// Schemas found in `dir`.
-    pub fn new(dir: &Path) -> Self {
+    /// Schemas found in `dirs`, searched in order.
+    pub fn new(dirs: &[PathBuf]) -> Self {
         Self {
-            dir: dir.to_path_buf(),
+            dirs: dirs.to_vec(),
             compiled: HashMap::new(),
         }
     }
@@ -89,11 +89,19 @@ impl Schemas {
         {
             return Err(SchemaError::Outside(name.to_owned()));
         }
-        let path = self.dir.join(relative);
-        let root = std::fs::canonicalize(&self.dir).map_err(|e| SchemaError::Unreadable {
-            path: self.dir.clone(),
-            reason: e.to_string(),
-        })?;
+        // The first folder that has the file; if none has it, the error names the first.
+        let dir = self
+            .dirs
+            .iter()
+            .find(|d| d.join(relative).is_file())
+            .or(self.dirs.first());
+        let dir = dir.ok_or_else(|| SchemaError::Outside(name.to_owned()))?;
+        let path = dir.join(relative);
+        let roots: Vec<PathBuf> = self
+            .dirs
+            .iter()
+            .filter_map(|d| std::fs::canonicalize(d).ok())
+            .collect();
         let schema = read_json(&path)?;
         let canonical = std::fs::canonicalize(&path).map_err(|e| SchemaError::Unreadable {
             path: path.clone(),
@@ -105,7 +113,7 @@ impl Schemas {
         })?;
         jsonschema::options()
             .with_base_uri(base.to_string())
-            .with_retriever(LocalFiles { root })
+            .with_retriever(LocalFiles { roots })
             .should_validate_formats(true)
             .build(&schema)
             .map(Arc::new)
@@ -143,7 +151,7 @@ fn without_position(error: &serde_json::Error) -> String {
 
 /// Resolves `$ref`s to files inside the schemas folder, and nothing else.
 struct LocalFiles {
-    root: PathBuf,
+    roots: Vec<PathBuf>,
 }
 
 impl Retrieve for LocalFiles {
@@ -161,8 +169,26 @@ impl Retrieve for LocalFiles {
         let path = url
             .to_file_path()
             .map_err(|()| format!("$ref \"{uri}\" is not a file path"))?;
-        let canonical = std::fs::canonicalize(&path).map_err(|e| format!("$ref \"{uri}\": {e}"))?;
-        if !canonical.starts_with(&self.root) {
+        // A schema may refer by name to a file in another schemas folder: a partner's
+        // schema to the shipped common definitions, say.
+        let canonical = std::fs::canonicalize(&path).or_else(|error| {
+            let parent = path.parent().and_then(|p| std::fs::canonicalize(p).ok());
+            let relative = parent
+                .and_then(|p| {
+                    self.roots
+                        .iter()
+                        .find_map(|root| p.strip_prefix(root).ok().map(Path::to_path_buf))
+                })
+                .map(|dir| dir.join(path.file_name().unwrap_or_default()));
+            relative
+                .and_then(|rel| {
+                    self.roots
+                        .iter()
+                        .find_map(|root| std::fs::canonicalize(root.join(&rel)).ok())
+                })
+                .ok_or_else(|| format!("$ref \"{uri}\": {error}"))
+        })?;
+        if !self.roots.iter().any(|root| canonical.starts_with(root)) {
             return Err(format!("$ref \"{uri}\" is outside the schemas folder").into());
         }
         Ok(read_json(&canonical)?)
@@ -217,7 +243,7 @@ mod tests {
                 r#"{"type":"object","required":["id"],"properties":{"email":{"format":"email"}}}"#,
             ),
         ]);
-        let mut schemas = Schemas::new(dir.path());
+        let mut schemas = Schemas::new(&[dir.path().to_path_buf()]);
         let schema = schemas.get("a.json").unwrap();
         assert!(violations(&schema, &json!({"c": {"id": 1}})).is_empty());
         let found = violations(&schema, &json!({"c": {"email": "nope"}, "n": "x"}));
@@ -232,7 +258,7 @@ mod tests {
             ("up.json", r#"{"$ref":"../secret.json"}"#),
         ]);
         std::fs::write(dir.path().parent().unwrap().join("secret.json"), "{}").ok();
-        let mut schemas = Schemas::new(dir.path());
+        let mut schemas = Schemas::new(&[dir.path().to_path_buf()]);
         let error = schemas.get("remote.json").unwrap_err().to_string();
         assert!(error.contains("remote $ref"), "{error}");
         let error = schemas.get("up.json").unwrap_err().to_string();
@@ -249,7 +275,7 @@ mod tests {
     #[test]
     fn bad_json_reports_line_and_column() {
         let dir = folder(&[("bad.json", "{\n  \"type\": \"object\",\n}")]);
-        match Schemas::new(dir.path()).get("bad.json") {
+        match Schemas::new(&[dir.path().to_path_buf()]).get("bad.json") {
             Err(SchemaError::NotJson { line, column, .. }) => assert_eq!((line, column), (3, 1)),
             other => panic!("{other:?}"),
         }

@@ -6,6 +6,7 @@
 //! - `injection`: hostile strings arrive intact and cannot add fields.
 //! - `delivery`: durable delivery, retries, dead letters, replay, idempotency, status.
 //! - `features`: path parameters, routing, text templates and response capture.
+//! - `queues`: embedded, RabbitMQ and NATS queues, and the examples built on them.
 //! - `check`: `ferry check` on broken flows reports every problem at its line and column.
 //! - `cli`: the `ferry` binary serving the shipped flows.
 
@@ -18,4 +19,5 @@ mod delivery;
 mod errors;
 mod features;
 mod injection;
+mod queues;
 mod round_trip;

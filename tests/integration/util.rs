@@ -184,17 +184,31 @@ pub(crate) struct Ferry {
 
 impl Ferry {
     pub(crate) async fn start(flows: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_many(&[flows.to_path_buf()], env).await
+    }
+
+    /// Several flows folders served as one, with a fresh store.
+    pub(crate) async fn start_many(flows: &[PathBuf], env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = format!("sqlite://{}/ferry.db", dir.path().display());
+        Self::start_with_store(flows, env, &store, dir).await
+    }
+
+    /// Several flows folders served as one, on the store at `store`, which lives in `dir`.
+    pub(crate) async fn start_with_store(
+        flows: &[PathBuf],
+        env: &[(&str, &str)],
+        store: &str,
+        dir: tempfile::TempDir,
+    ) -> Self {
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-        let project = load_project_with_env(&ProjectPaths::new(flows, None), &lookup)
+        let project = load_project_with_env(&ProjectPaths::many(flows, &[]), &lookup)
             .unwrap_or_else(|d| panic!("flows do not load: {d:#?}"));
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&format!("sqlite://{}/ferry.db", dir.path().display()))
-            .await
-            .unwrap();
+        let store = Store::open(store).await.unwrap();
         let client = ferry::server::http_client().unwrap();
         let runtime = Runtime::start(&project, client, Some(store));
         let (url, shutdown) = serve(ferry::server::router(&runtime, Some(ADMIN_TOKEN))).await;
@@ -244,6 +258,124 @@ impl Ferry {
             response.json().await.unwrap_or(Value::Null),
         )
     }
+}
+
+/// Fails, saying how to start it, unless `service` answers on 127.0.0.1:`port`.
+pub(crate) fn require(service: &str, port: u16, start: &str) {
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    if std::net::TcpStream::connect_timeout(&address, std::time::Duration::from_secs(2)).is_err() {
+        panic!(
+            "{service} is not answering on {address}; these tests need it. Start it with: {start}"
+        );
+    }
+}
+
+/// RabbitMQ's URL, after checking it answers.
+pub(crate) fn rabbitmq() -> &'static str {
+    require("RabbitMQ", 5672, "rabbitmq-server -detached");
+    "amqp://guest:guest@127.0.0.1:5672/%2f"
+}
+
+/// NATS's URL, after checking it answers.
+pub(crate) fn nats() -> &'static str {
+    require(
+        "NATS (with JetStream)",
+        4222,
+        "start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log",
+    );
+    "nats://127.0.0.1:4222"
+}
+
+/// A name no other test uses, for queues on the shared brokers.
+pub(crate) fn unique(prefix: &str) -> String {
+    format!("{prefix}.{}", uuid::Uuid::now_v7().simple())
+}
+
+/// Publishes `payload` to RabbitMQ queue `queue` (declared durable) and waits for the confirm.
+pub(crate) async fn amqp_publish(queue: &str, payload: &[u8], message_id: &str) {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+    let connection = lapin::Connection::connect(rabbitmq(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(queue.into(), durable, lapin::types::FieldTable::default())
+        .await
+        .unwrap();
+    let properties = lapin::BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_message_id(message_id.into());
+    channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            payload,
+            properties,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let _ = connection.close(0, "done".into()).await;
+}
+
+/// Messages waiting in RabbitMQ queue `queue` (ready, not counting unacknowledged ones).
+pub(crate) async fn amqp_depth(queue: &str) -> u32 {
+    use lapin::options::QueueDeclareOptions;
+    let connection = lapin::Connection::connect(rabbitmq(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let passive = QueueDeclareOptions {
+        passive: true,
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let declared = channel
+        .queue_declare(queue.into(), passive, lapin::types::FieldTable::default())
+        .await
+        .unwrap();
+    let _ = connection.close(0, "done".into()).await;
+    declared.message_count()
+}
+
+/// Publishes `payload` to NATS JetStream subject `subject`, creating its stream as ferry does.
+pub(crate) async fn nats_publish(subject: &str, payload: &[u8]) {
+    let client = async_nats::connect(nats()).await.unwrap();
+    let context = async_nats::jetstream::new(client);
+    let name: String = subject
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    context
+        .get_or_create_stream(async_nats::jetstream::stream::Config {
+            name: format!("ferry_{name}"),
+            subjects: vec![subject.to_owned()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    context
+        .publish(subject.to_owned(), payload.to_vec().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
 }
 
 /// Polls `check` every 10 ms until it holds, failing after 10 s with `what`.
@@ -300,6 +432,6 @@ pub(crate) async fn post_json(url: &str, body: &Value) -> (u16, Value) {
 
 /// Validates `instance` against a shipped schema and returns every violation.
 pub(crate) fn schema_violations(schema: &str, instance: &Value) -> Vec<ferry::error::Violation> {
-    let mut schemas = ferry::schema::Schemas::new(&repo().join("schemas"));
+    let mut schemas = ferry::schema::Schemas::new(&[repo().join("schemas")]);
     ferry::schema::violations(&schemas.get(schema).unwrap(), instance)
 }

@@ -1,0 +1,288 @@
+//! Queues with real brokers: the embedded queue, RabbitMQ at 127.0.0.1:5672 and NATS
+//! JetStream at 127.0.0.1:4222. Publish → consume → deliver, retries of a failing consumer,
+//! poison messages ending among the dead letters, and the examples built on queues.
+
+use std::path::PathBuf;
+
+use serde_json::{Value, json};
+
+use crate::round_trip::wait_for_state;
+use crate::util::{
+    Ferry, Partner, amqp_depth, amqp_publish, nats, nats_publish, payload, post_json, rabbitmq,
+    repo, unique, wait_for, wait_until,
+};
+
+/// The queue fixture flows, with a fresh queue per driver, delivering to `sink`.
+async fn queue_flows(sink: &Partner) -> (Ferry, [String; 3]) {
+    let names = [unique("embedded"), unique("amqp"), unique("nats")];
+    let env = [
+        ("EMBEDDED_QUEUE", names[0].as_str()),
+        ("AMQP_QUEUE", names[1].as_str()),
+        ("AMQP_URL", rabbitmq()),
+        ("NATS_QUEUE", names[2].as_str()),
+        ("NATS_URL", nats()),
+        ("SINK_URL", sink.url.as_str()),
+    ];
+    (
+        Ferry::start(&repo().join("tests/fixtures/queues/flows"), &env).await,
+        names,
+    )
+}
+
+#[tokio::test]
+async fn each_driver_carries_messages_from_a_flow_to_a_flow() {
+    let sink = Partner::start(200, json!({})).await;
+    let (ferry, _) = queue_flows(&sink).await;
+    for driver in ["embedded", "amqp", "nats"] {
+        let (status, reply) = post_json(
+            &format!("{}/{driver}/publish", ferry.url),
+            &json!({"driver": driver, "n": 1}),
+        )
+        .await;
+        assert_eq!(status, 202, "{driver}: {reply}");
+        let id = reply["id"].as_str().unwrap().to_owned();
+        wait_until(&format!("the sink has the {driver} message"), || {
+            sink.received()
+                .iter()
+                .any(|r| r.path == format!("/{driver}"))
+        })
+        .await;
+        let got = sink
+            .received()
+            .into_iter()
+            .find(|r| r.path == format!("/{driver}"))
+            .unwrap();
+        assert_eq!(got.json(), json!({"driver": driver, "n": 1}), "{driver}");
+        // The queue carried the message id as the correlation id of the consuming flow.
+        assert_eq!(got.headers["x-correlation-id"], id.as_str(), "{driver}");
+    }
+}
+
+#[tokio::test]
+async fn a_failing_consumer_retries_then_dead_letters_and_poison_leaves_the_queue() {
+    let sink = Partner::start(503, json!({"error": "busy"})).await;
+    let (ferry, names) = queue_flows(&sink).await;
+    for driver in ["embedded", "amqp", "nats"] {
+        post_json(
+            &format!("{}/{driver}/publish", ferry.url),
+            &json!({"driver": driver}),
+        )
+        .await;
+    }
+    // attempts: 3 — each message is tried three times, then kept as a dead letter.
+    for driver in ["embedded", "amqp", "nats"] {
+        wait_until(
+            &format!("the {driver} message was tried three times"),
+            || {
+                sink.received()
+                    .iter()
+                    .filter(|r| r.path == format!("/{driver}"))
+                    .count()
+                    >= 3
+            },
+        )
+        .await;
+    }
+    wait_for("three dead letters", || async {
+        ferry.admin("/dead-letters").await.1["dead_letters"]
+            .as_array()
+            .map_or(0, Vec::len)
+            == 3
+    })
+    .await;
+    let attempts = |driver: &str| {
+        sink.received()
+            .iter()
+            .filter(|r| r.path == format!("/{driver}"))
+            .count()
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    for driver in ["embedded", "amqp", "nats"] {
+        assert_eq!(attempts(driver), 3, "{driver} was not retried forever");
+    }
+
+    // Poison: not JSON at all. Dead-lettered at once, and gone from the queue.
+    ferry
+        .runtime
+        .store()
+        .unwrap()
+        .enqueue(&names[0], "{not json".into(), Default::default())
+        .await
+        .unwrap();
+    amqp_publish(&names[1], b"{not json", "poison-1").await;
+    nats_publish(&names[2], b"{not json").await;
+    wait_for("six dead letters", || async {
+        ferry.admin("/dead-letters").await.1["dead_letters"]
+            .as_array()
+            .map_or(0, Vec::len)
+            == 6
+    })
+    .await;
+    let (_, dead) = ferry.admin("/dead-letters").await;
+    let poison = dead["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["error"].as_str().unwrap().contains("not JSON"))
+        .count();
+    assert_eq!(poison, 3, "{dead:#}");
+    assert_eq!(
+        ferry
+            .runtime
+            .store()
+            .unwrap()
+            .queue_depth(&names[0])
+            .await
+            .unwrap(),
+        0
+    );
+    wait_for("the RabbitMQ queue is empty", || async {
+        amqp_depth(&names[1]).await == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_embedded_queue_survives_a_restart() {
+    let sink = Partner::start(200, json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = format!("sqlite://{}/ferry.db", dir.path().display());
+    let queue = unique("embedded");
+    {
+        let store = ferry::store::Store::open(&store_url).await.unwrap();
+        for n in 0..3 {
+            store
+                .enqueue(&queue, json!({"n": n}).to_string(), Default::default())
+                .await
+                .unwrap();
+        }
+        store.close().await;
+    }
+    let env = [
+        ("EMBEDDED_QUEUE", queue.as_str()),
+        ("AMQP_QUEUE", "unused"),
+        ("AMQP_URL", rabbitmq()),
+        ("NATS_QUEUE", "unused"),
+        ("NATS_URL", nats()),
+        ("SINK_URL", sink.url.as_str()),
+    ];
+    let flows = [repo().join("tests/fixtures/queues/flows")];
+    let _ferry = Ferry::start_with_store(&flows, &env, &store_url, dir).await;
+    wait_until("the sink has the three queued messages", || {
+        sink.received().len() == 3
+    })
+    .await;
+    let mut got: Vec<Value> = sink
+        .received()
+        .iter()
+        .map(|r| r.json()["n"].clone())
+        .collect();
+    got.sort_by_key(|n| n.as_i64());
+    assert_eq!(got, [json!(0), json!(1), json!(2)]);
+}
+
+fn with_examples(example: &str) -> [PathBuf; 2] {
+    [
+        repo().join("flows"),
+        repo().join("examples").join(example).join("flows"),
+    ]
+}
+
+#[tokio::test]
+async fn lab_results_published_on_rabbitmq_reach_the_portal() {
+    let queue = unique("lab.results");
+    let lab = Partner::start(201, json!({"lab_order_id": "LAB-Q1"})).await;
+    let portal = Partner::start(200, json!({})).await;
+    let mut env = vec![
+        ("LAB_URL", lab.url.as_str()),
+        ("PORTAL_URL", portal.url.as_str()),
+        ("AMQP_URL", rabbitmq()),
+        ("LAB_RESULTS_QUEUE", queue.as_str()),
+    ];
+    env.extend(crate::util::FAST_RETRY);
+    let ferry = Ferry::start_many(&with_examples("lab-results-amqp"), &env).await;
+    let (_, reply) = post_json(
+        &format!("{}/api/v1/test-requests", ferry.url),
+        &payload("test-request.json"),
+    )
+    .await;
+    let request_id = reply["request_id"].as_str().unwrap().to_owned();
+    wait_for_state(&ferry, &request_id, "delivered_to_lab").await;
+
+    let mut result = payload("test-result.json");
+    result["order_ref"] = json!(request_id);
+    amqp_publish(&queue, result.to_string().as_bytes(), "result-1").await;
+    wait_until("the portal has the results", || {
+        portal.received().len() == 1
+    })
+    .await;
+    let delivered = portal.received()[0].json();
+    assert_eq!(
+        crate::util::schema_violations("portal-result.schema.json", &delivered),
+        vec![]
+    );
+    assert_eq!(delivered["request_id"], request_id.as_str());
+    assert_eq!(delivered["portal_ref"], "PR-2026-0001");
+    wait_for_state(&ferry, &request_id, "delivered_to_portal").await;
+
+    // A result for no known request: a dead letter, and off the queue.
+    amqp_publish(
+        &queue,
+        payload("test-result.json").to_string().as_bytes(),
+        "result-2",
+    )
+    .await;
+    wait_for("a dead letter", || async {
+        ferry.admin("/dead-letters?flow=lab-results-amqp").await.1["dead_letters"]
+            .as_array()
+            .map_or(0, Vec::len)
+            == 1
+    })
+    .await;
+    wait_for("the queue is empty", || async {
+        amqp_depth(&queue).await == 0
+    })
+    .await;
+    assert_eq!(portal.received().len(), 1);
+}
+
+#[tokio::test]
+async fn layered_flows_pass_a_request_through_process_and_an_embedded_queue() {
+    let lab = Partner::start(201, json!({})).await;
+    let portal = Partner::start(200, json!({})).await;
+    let mut env = vec![
+        ("LAB_URL", lab.url.as_str()),
+        ("PORTAL_URL", portal.url.as_str()),
+    ];
+    env.extend(crate::util::FAST_RETRY);
+    let ferry = Ferry::start_many(&with_examples("layered"), &env).await;
+
+    // The experience flow answers with the process flow's reply.
+    let (status, reply) = post_json(
+        &format!("{}/api/v2/test-requests", ferry.url),
+        &payload("test-request.json"),
+    )
+    .await;
+    assert_eq!(status, 202, "{reply}");
+    assert_eq!(reply["status"], "accepted");
+    let request_id = reply["request_id"].as_str().unwrap().to_owned();
+    wait_until("the lab has the order", || lab.received().len() == 1).await;
+    let order = lab.received()[0].json();
+    assert_eq!(
+        crate::util::schema_violations("lab-order.schema.json", &order),
+        vec![]
+    );
+    assert_eq!(order["order_ref"], request_id.as_str());
+    // The request is known to the rest of the journey (status, results) as with the shipped flow.
+    let (status, _) = crate::round_trip::status_of(&ferry, &request_id).await;
+    assert_eq!(status, 200);
+
+    // The experience layer's validation refuses before anything is accepted.
+    let (status, body) = post_json(
+        &format!("{}/api/v2/test-requests", ferry.url),
+        &json!({"portal_ref": "x"}),
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(lab.received().len(), 1);
+}
