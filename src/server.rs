@@ -69,6 +69,15 @@ pub fn router(runtime: &Arc<Runtime>, admin_token: Option<&str>) -> Router {
     for (path, methods) in by_path {
         router = router.route(path, methods);
     }
+    router = router.route(
+        "/healthz",
+        axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+    );
+    let ready = Arc::clone(runtime);
+    router = router.route(
+        "/readyz",
+        axum::routing::get(move || readiness(Arc::clone(&ready))),
+    );
     if let Some(token) = admin_token {
         router = router.nest(
             "/admin/v1",
@@ -97,6 +106,23 @@ pub async fn run(
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// Ready when the store answers and every broker in use is connected; 503 otherwise.
+async fn readiness(runtime: Arc<Runtime>) -> Response {
+    let store = match runtime.store() {
+        Some(store) => store.undelivered().await.is_ok(),
+        None => true,
+    };
+    let brokers = runtime.brokers().status();
+    let ready = store && brokers.values().all(|up| *up);
+    let status = if ready {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({"ready": ready, "store": store, "brokers": brokers});
+    (status, axum::Json(body)).into_response()
 }
 
 async fn handle(

@@ -27,6 +27,9 @@ use crate::store::now_ms;
 const LEASE: Duration = Duration::from_secs(300);
 /// How often an idle embedded consumer looks for messages.
 const POLL: Duration = Duration::from_millis(50);
+/// How long JetStream waits for an ack before delivering a message again: what a consumer
+/// killed mid-batch costs. Messages that take longer are kept by progress acks.
+const NATS_ACK_WAIT: Duration = Duration::from_secs(10);
 /// The longest wait before reconnecting to a broker.
 const MAX_RECONNECT: Duration = Duration::from_secs(30);
 
@@ -280,7 +283,7 @@ impl Consumer {
                 pull::Config {
                     durable_name: Some(durable.clone()),
                     ack_policy: AckPolicy::Explicit,
-                    ack_wait: Duration::from_secs(60),
+                    ack_wait: NATS_ACK_WAIT,
                     // One more than ferry's own attempts: the last delivery becomes the dead letter.
                     max_deliver: i64::from(trigger.attempts) + 1,
                     max_ack_pending: i64::from(trigger.prefetch),
@@ -324,8 +327,20 @@ impl Consumer {
                 if let (false, Some(info)) = (headers.contains_key(IDEMPOTENCY_KEY), &info) {
                     headers.insert(IDEMPOTENCY_KEY.to_owned(), format!("nats:{}:{}", info.stream, info.stream_sequence));
                 }
-                let settled = handle(&runtime, &flow, &message.message.payload, headers, attempt).await;
-                drop(runtime);
+                let handling = handle(&runtime, &flow, &message.message.payload, headers, attempt);
+                tokio::pin!(handling);
+                let mut progress = tokio::time::interval(NATS_ACK_WAIT / 3);
+                progress.tick().await;
+                let settled = loop {
+                    tokio::select! {
+                        settled = &mut handling => break settled,
+                        _ = progress.tick() => {
+                            // Still working on it: JetStream must not hand it to someone else.
+                            let _ = message.ack_with(AckKind::Progress).await;
+                        }
+                    }
+                };
+
                 let outcome = match settled {
                     Settled::Done => message.double_ack().await,
                     Settled::Dead => message.ack_with(AckKind::Term).await,

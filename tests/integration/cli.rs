@@ -14,11 +14,25 @@ const TOKEN: &str = "cli-test-token";
 
 /// Starts `ferry serve` on an ephemeral port with the shipped flows and a store in `dir`.
 fn spawn_ferry(dir: &Path, lab: &Partner) -> (Child, String) {
+    spawn_serving(dir, "flows", &[("LAB_URL", &lab.url)])
+}
+
+/// Starts `ferry serve` on an ephemeral port with the flows of `flows`, `env`, and a store
+/// in `dir`.
+fn spawn_serving(dir: &Path, flows: &str, env: &[(&str, &str)]) -> (Child, String) {
     let store = format!("sqlite://{}/ferry.db", dir.display());
     let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--store", &store])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            &store,
+            "--flows",
+            flows,
+        ])
         .current_dir(repo())
-        .env("LAB_URL", &lab.url)
+        .envs(env.iter().copied())
         .env("FERRY_ADMIN_TOKEN", TOKEN)
         .envs(FAST_RETRY)
         .stdout(Stdio::piped())
@@ -168,6 +182,63 @@ async fn dlq_commands_list_show_and_replay_dead_letters() {
     assert!(replayed.contains("1 replayed, 0 not"), "{replayed}");
     wait_until("the lab took the replayed order", || {
         lab.accepted().len() == 1
+    })
+    .await;
+    terminate(child).await;
+}
+
+#[tokio::test]
+async fn consumers_killed_mid_batch_lose_nothing() {
+    let sink = Partner::start(200, json!({})).await;
+    sink.set_delay(std::time::Duration::from_millis(50)); // keep a batch in hand when the kill comes
+    let (amqp_queue, nats_queue) = (crate::util::unique("amqp"), crate::util::unique("nats"));
+    let env = [
+        ("AMQP_QUEUE", amqp_queue.as_str()),
+        ("AMQP_URL", crate::util::rabbitmq()),
+        ("NATS_QUEUE", nats_queue.as_str()),
+        ("NATS_URL", crate::util::nats()),
+        ("EMBEDDED_QUEUE", "unused"),
+        ("SINK_URL", sink.url.as_str()),
+    ];
+    const COUNT: u64 = 40;
+    for n in 0..COUNT {
+        let body = json!({"driver": "amqp", "n": n}).to_string();
+        crate::util::amqp_publish(&amqp_queue, body.as_bytes(), &format!("m-{n}")).await;
+        crate::util::nats_publish(
+            &nats_queue,
+            json!({"driver": "nats", "n": n}).to_string().as_bytes(),
+        )
+        .await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, _) = spawn_serving(dir.path(), "tests/fixtures/queues/flows", &env);
+    let seen = |driver: &str| -> BTreeSet<u64> {
+        sink.received()
+            .iter()
+            .filter(|r| r.path == format!("/{driver}"))
+            .filter_map(|r| r.json()["n"].as_u64())
+            .collect()
+    };
+    wait_until("both consumers are mid-batch", || {
+        seen("amqp").len() >= 5 && seen("nats").len() >= 5
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        seen("amqp").len() < COUNT as usize || seen("nats").len() < COUNT as usize,
+        "killed too late to test anything"
+    );
+
+    let (child, _) = spawn_serving(dir.path(), "tests/fixtures/queues/flows", &env);
+    let all: BTreeSet<u64> = (0..COUNT).collect();
+    wait_until("every AMQP message reached the sink", || {
+        seen("amqp") == all
+    })
+    .await;
+    // JetStream hands out again what the killed consumer held once its ack wait (10 s) passes.
+    crate::util::wait_until_within("every NATS message reached the sink", 30, || {
+        seen("nats") == all
     })
     .await;
     terminate(child).await;

@@ -6,6 +6,7 @@
 //! - `injection`: hostile strings arrive intact and cannot add fields.
 //! - `delivery`: durable delivery, retries, dead letters, replay, idempotency, status.
 //! - `features`: path parameters, routing, text templates and response capture.
+//! - `partners`: a second lab added by YAML alone.
 //! - `queues`: embedded, RabbitMQ and NATS queues, and the examples built on them.
 //! - `check`: `ferry check` on broken flows reports every problem at its line and column.
 //! - `cli`: the `ferry` binary serving the shipped flows.
@@ -19,5 +20,6 @@ mod delivery;
 mod errors;
 mod features;
 mod injection;
+mod partners;
 mod queues;
 mod round_trip;

@@ -286,3 +286,50 @@ async fn layered_flows_pass_a_request_through_process_and_an_embedded_queue() {
     assert_eq!(status, 422, "{body}");
     assert_eq!(lab.received().len(), 1);
 }
+
+#[tokio::test]
+async fn readiness_says_when_a_broker_is_down() {
+    let sink = Partner::start(200, json!({})).await;
+    // Nothing listens on this port: the AMQP consumer cannot connect.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let nowhere = format!("amqp://guest:guest@127.0.0.1:{closed}/%2f");
+    let env = [
+        ("EMBEDDED_QUEUE", "q"),
+        ("AMQP_QUEUE", "q"),
+        ("AMQP_URL", nowhere.as_str()),
+        ("NATS_QUEUE", "q"),
+        ("NATS_URL", nats()),
+        ("SINK_URL", sink.url.as_str()),
+    ];
+    let ferry = Ferry::start(&repo().join("tests/fixtures/queues/flows"), &env).await;
+    let health = reqwest::get(format!("{}/healthz", ferry.url))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let readiness = || async {
+        let response = reqwest::get(format!("{}/readyz", ferry.url)).await.unwrap();
+        (
+            response.status().as_u16(),
+            response.json::<Value>().await.unwrap(),
+        )
+    };
+    wait_for("readiness reports the broker down", || async {
+        let (status, body) = readiness().await;
+        status == 503
+            && body["brokers"]
+                .as_object()
+                .is_some_and(|b| b.values().any(|up| up == false))
+    })
+    .await;
+    let (_, last) = readiness().await;
+    assert_eq!(last["ready"], false);
+    assert!(
+        !last.to_string().contains("guest:guest"),
+        "credentials stay out: {last}"
+    );
+}

@@ -379,8 +379,13 @@ pub(crate) async fn nats_publish(subject: &str, payload: &[u8]) {
 }
 
 /// Polls `check` every 10 ms until it holds, failing after 10 s with `what`.
-pub(crate) async fn wait_until<F: FnMut() -> bool>(what: &str, mut check: F) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+pub(crate) async fn wait_until<F: FnMut() -> bool>(what: &str, check: F) {
+    wait_until_within(what, 10, check).await;
+}
+
+/// Polls `check` every 10 ms until it holds, failing after `seconds` with `what`.
+pub(crate) async fn wait_until_within<F: FnMut() -> bool>(what: &str, seconds: u64, mut check: F) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
     while !check() {
         assert!(
             std::time::Instant::now() < deadline,
