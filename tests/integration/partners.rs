@@ -31,6 +31,23 @@ fn shipped_with_second_lab(dir: &Path) -> usize {
     patched.lines().count() - original.lines().count()
 }
 
+/// The patched shipped flows in `dir` with the second lab's folder, delivering to the mocks.
+async fn serve_with_second_lab(
+    dir: &Path,
+    lab: &Partner,
+    northwind: &Partner,
+    portal: &Partner,
+) -> Ferry {
+    let mut env = vec![
+        ("LAB_URL", lab.url.as_str()),
+        ("NORTHWIND_URL", northwind.url.as_str()),
+        ("PORTAL_URL", portal.url.as_str()),
+    ];
+    env.extend(FAST_RETRY);
+    let flows = [dir.join("flows"), repo().join("examples/second-lab/flows")];
+    Ferry::start_many(&flows, &env).await
+}
+
 #[tokio::test]
 async fn a_second_lab_takes_the_requests_routed_to_it_and_only_those() {
     let dir = tempfile::tempdir().unwrap();
@@ -43,17 +60,7 @@ async fn a_second_lab_takes_the_requests_routed_to_it_and_only_those() {
     let lab = Partner::start(201, json!({"lab_order_id": "LAB-MAIN"})).await;
     let northwind = Partner::start(201, json!({"submission_id": "NW-77"})).await;
     let portal = Partner::start(200, json!({})).await;
-    let mut env = vec![
-        ("LAB_URL", lab.url.as_str()),
-        ("NORTHWIND_URL", northwind.url.as_str()),
-        ("PORTAL_URL", portal.url.as_str()),
-    ];
-    env.extend(FAST_RETRY);
-    let flows = [
-        dir.path().join("flows"),
-        repo().join("examples/second-lab/flows"),
-    ];
-    let ferry = Ferry::start_many(&flows, &env).await;
+    let ferry = serve_with_second_lab(dir.path(), &lab, &northwind, &portal).await;
 
     let mut ids = Vec::new();
     for (i, partner) in [
@@ -122,17 +129,7 @@ async fn a_second_lab_that_is_down_is_retried_like_the_first() {
     let lab = Partner::start(201, json!({})).await;
     let northwind = Partner::start(503, json!({"error": "maintenance"})).await;
     let portal = Partner::start(200, json!({})).await;
-    let mut env = vec![
-        ("LAB_URL", lab.url.as_str()),
-        ("NORTHWIND_URL", northwind.url.as_str()),
-        ("PORTAL_URL", portal.url.as_str()),
-    ];
-    env.extend(FAST_RETRY);
-    let flows = [
-        dir.path().join("flows"),
-        repo().join("examples/second-lab/flows"),
-    ];
-    let ferry = Ferry::start_many(&flows, &env).await;
+    let ferry = serve_with_second_lab(dir.path(), &lab, &northwind, &portal).await;
     let mut request = payload("test-request.json");
     request["lab"] = json!("northwind");
     let (_, reply) = post_json(&format!("{}/api/v1/test-requests", ferry.url), &request).await;

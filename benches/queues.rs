@@ -1,0 +1,160 @@
+//! Messages per second from a queue, through a flow, to an HTTP target, with acks on: for the
+//! embedded queue, RabbitMQ and NATS JetStream, in one run. Each driver's queue is filled
+//! first, then ferry starts and drains it; the clock runs from ferry's start until the target
+//! has every message. The flow is the queue fixture's consumer (`delivery: sync`: each
+//! message is acknowledged once the target took it).
+//!
+//! Run with `cargo bench --bench queues` (RabbitMQ on 127.0.0.1:5672 and NATS JetStream on
+//! 127.0.0.1:4222 must answer). `FERRY_BENCH_MESSAGES` sets the count (default 2000).
+#![allow(missing_docs)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use ferry::compile::{ProjectPaths, load_project_with_env};
+use ferry::runtime::Runtime;
+use ferry::store::Store;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const NATS: &str = "nats://127.0.0.1:4222";
+
+async fn fill(driver: &str, queue: &str, store: &Store, count: u64) {
+    match driver {
+        "embedded" => {
+            for n in 0..count {
+                store
+                    .enqueue(queue, json!({"n": n}).to_string(), Default::default())
+                    .await
+                    .unwrap();
+            }
+        }
+        "amqp" => {
+            use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+            let connection =
+                lapin::Connection::connect(AMQP, lapin::ConnectionProperties::default())
+                    .await
+                    .unwrap();
+            let channel = connection.create_channel().await.unwrap();
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .unwrap();
+            let durable = QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            };
+            channel
+                .queue_declare(queue.into(), durable, lapin::types::FieldTable::default())
+                .await
+                .unwrap();
+            for n in 0..count {
+                let body = json!({"n": n}).to_string();
+                let properties = lapin::BasicProperties::default().with_delivery_mode(2);
+                channel
+                    .basic_publish(
+                        "".into(),
+                        queue.into(),
+                        BasicPublishOptions::default(),
+                        body.as_bytes(),
+                        properties,
+                    )
+                    .await
+                    .unwrap();
+            }
+            channel.wait_for_confirms().await.unwrap();
+            let _ = connection.close(0, "filled".into()).await;
+        }
+        _ => {
+            let context = async_nats::jetstream::new(async_nats::connect(NATS).await.unwrap());
+            let name: String = queue
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            context
+                .get_or_create_stream(async_nats::jetstream::stream::Config {
+                    name: format!("ferry_{name}"),
+                    subjects: vec![queue.to_owned()],
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let mut acks = Vec::new();
+            for n in 0..count {
+                acks.push(
+                    context
+                        .publish(queue.to_owned(), json!({"n": n}).to_string().into())
+                        .await
+                        .unwrap(),
+                );
+            }
+            for ack in acks {
+                ack.await.unwrap();
+            }
+        }
+    }
+}
+
+fn main() {
+    let count: u64 = std::env::var("FERRY_BENCH_MESSAGES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let received = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&received);
+        let sink = Router::new().fallback(move || {
+            counter.fetch_add(1, Ordering::Relaxed);
+            async { axum::Json(json!({})) }
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sink_url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, sink).await.unwrap() });
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        for driver in ["embedded", "amqp", "nats"] {
+            let queue = format!("bench.{driver}.{}", uuid::Uuid::now_v7().simple());
+            let scratch = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+            let store = Store::open(&format!("sqlite://{}/bench.db", scratch.path().display())).await.unwrap();
+            fill(driver, &queue, &store, count).await;
+            let env = {
+                let (queue, sink_url) = (queue.clone(), sink_url.clone());
+                move |name: &str| match name {
+                    "EMBEDDED_QUEUE" | "AMQP_QUEUE" | "NATS_QUEUE" => Some(queue.clone()),
+                    "AMQP_URL" => Some(AMQP.to_owned()),
+                    "NATS_URL" => Some(NATS.to_owned()),
+                    "SINK_URL" => Some(sink_url.clone()),
+                    _ => None,
+                }
+            };
+            let flows = root.join("tests/fixtures/queues/flows");
+            let mut project = load_project_with_env(&ProjectPaths::new(&flows, Some(&root.join("schemas"))), &env).unwrap();
+            // Only this driver's consumer runs.
+            project.flows.retain(|f| f.name == format!("{driver}-consume"));
+            received.store(0, Ordering::Relaxed);
+            let started = Instant::now();
+            let ferry = Runtime::start(&project, ferry::server::http_client().unwrap(), Some(store));
+            let deadline = started + Duration::from_secs(120);
+            while received.load(Ordering::Relaxed) < count && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let elapsed = started.elapsed();
+            let done = received.load(Ordering::Relaxed);
+            println!(
+                "{driver:<9} {done:>6} messages in {:>6.2} s: {:>7.0} messages/s (queue → flow → HTTP target, acked)",
+                elapsed.as_secs_f64(),
+                done as f64 / elapsed.as_secs_f64()
+            );
+            ferry.shutdown(Duration::from_secs(5)).await;
+        }
+    });
+}
