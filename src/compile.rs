@@ -104,7 +104,7 @@ pub fn load_project_with_env(
             flows.push(Arc::new(compiled));
         }
     }
-    check_calls(&flows, &mut diagnostics);
+    check_calls(&loaded, &mut diagnostics);
     diagnostic::sort(&mut diagnostics);
     if diagnostics.iter().any(|d| d.severity == Severity::Error) {
         return Err(diagnostics);
@@ -169,30 +169,45 @@ fn check_endpoints(flows: &[LoadedFlow], diagnostics: &mut Vec<Diagnostic>) {
     }
 }
 
-/// Every `flow:` call names a loaded flow, and no flow calls itself, however indirectly.
-fn check_calls(flows: &[Arc<Flow>], diagnostics: &mut Vec<Diagnostic>) {
-    let names: Vec<&str> = flows.iter().map(|f| f.name.as_str()).collect();
+/// The flows `flow` calls: its `flow:` targets and route rules, each where it is written.
+fn calls(flow: &LoadedFlow) -> Vec<&crate::config::Spanned<String>> {
+    let targets = flow.config.targets.values().filter_map(|t| match t {
+        crate::config::TargetConfig::Flow(name) => Some(name),
+        _ => None,
+    });
+    let routes = flow.config.steps.iter().filter_map(|s| match &s.value {
+        crate::config::StepConfig::Route(rules) => {
+            Some(rules.iter().filter_map(|r| r.flow.as_ref()))
+        }
+        _ => None,
+    });
+    targets.chain(routes.flatten()).collect()
+}
+
+/// Every `flow:` call names a flow, and no flow calls itself, however indirectly.
+fn check_calls(flows: &[LoadedFlow], diagnostics: &mut Vec<Diagnostic>) {
+    let names: Vec<&str> = flows.iter().map(|f| f.config.name.value.as_str()).collect();
     for flow in flows {
-        for call in flow.calls() {
-            if !names.contains(&call.flow.as_str()) {
+        for call in calls(flow) {
+            if !names.contains(&call.value.as_str()) {
                 diagnostics.push(
                     Diagnostic::error(
                         &flow.file,
                         format!(
                             "unknown flow \"{}\"; known flows: {}",
-                            call.flow,
+                            call.value,
                             names.join(", ")
                         ),
                     )
-                    .in_flow(&flow.name)
-                    .at_location(call.at),
+                    .in_flow(&flow.config.name.value)
+                    .at_location(call.referenced),
                 );
             }
         }
     }
-    // Depth-first search from each flow; a call back into the current path is a cycle.
-    fn visit<'a>(
-        flows: &'a [Arc<Flow>],
+    // Depth-first from each flow; a call back into the current path closes a cycle.
+    fn cycle_from<'a>(
+        flows: &'a [LoadedFlow],
         name: &'a str,
         path: &mut Vec<&'a str>,
     ) -> Option<Vec<&'a str>> {
@@ -201,34 +216,35 @@ fn check_calls(flows: &[Arc<Flow>], diagnostics: &mut Vec<Diagnostic>) {
             cycle.push(name);
             return Some(cycle);
         }
-        let flow = flows.iter().find(|f| f.name == name)?;
+        let flow = flows.iter().find(|f| f.config.name.value == name)?;
         path.push(name);
-        for call in flow.calls() {
-            if let Some(cycle) = visit(flows, &call.flow, path) {
+        for call in calls(flow) {
+            if let Some(cycle) = cycle_from(flows, &call.value, path) {
                 return Some(cycle);
             }
         }
         path.pop();
         None
     }
-    let mut reported = Vec::new();
+    let mut reported: Vec<&str> = Vec::new();
     for flow in flows {
-        if let Some(cycle) = visit(flows, &flow.name, &mut Vec::new())
-            && cycle[0] == flow.name
-            && !reported.iter().any(|r: &Vec<&str>| r.contains(&cycle[0]))
-        {
-            let at = flow.calls().next().map(|c| c.at);
-            let mut d = Diagnostic::error(
-                &flow.file,
-                format!("flows call each other in a cycle: {}", cycle.join(" → ")),
-            )
-            .in_flow(&flow.name);
-            if let Some(at) = at {
-                d = d.at_location(at);
-            }
-            diagnostics.push(d);
-            reported.push(cycle);
+        let name = flow.config.name.value.as_str();
+        let Some(cycle) = cycle_from(flows, name, &mut Vec::new()) else {
+            continue;
+        };
+        if cycle[0] != name || cycle.iter().any(|n| reported.contains(n)) {
+            continue;
         }
+        let mut diagnostic = Diagnostic::error(
+            &flow.file,
+            format!("flows call each other in a cycle: {}", cycle.join(" → ")),
+        )
+        .in_flow(name);
+        if let Some(call) = calls(flow).first() {
+            diagnostic = diagnostic.at_location(call.referenced);
+        }
+        diagnostics.push(diagnostic);
+        reported.extend(cycle);
     }
 }
 

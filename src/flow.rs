@@ -170,7 +170,6 @@ impl Flow {
                 targets.push(Target::Flow(crate::targets::FlowTarget::new(
                     &flow.value,
                     &flow.value,
-                    flow.referenced,
                 )));
             }
         }
@@ -250,14 +249,6 @@ impl Flow {
     /// Whether the flow declares its own reply.
     pub fn declares_reply(&self) -> bool {
         self.reply.declared
-    }
-
-    /// The flows this flow calls, with where each call is written.
-    pub fn calls(&self) -> impl Iterator<Item = &crate::targets::FlowTarget> {
-        self.targets.iter().filter_map(|t| match t {
-            Target::Flow(call) => Some(call),
-            _ => None,
-        })
     }
 
     /// Whether accepted messages are stored and delivered in the background.

@@ -1,8 +1,6 @@
 //! `flow` target: hands the message to another flow, in-process. The called flow's reply
 //! fields become the caller's vars; in a `sync` flow without its own `reply`, the called
-//! flow's reply is the caller's.
-
-use serde_saphyr::Location;
+//! flow's reply is the caller's. `ferry check` refuses unknown flows and call cycles.
 
 /// A compiled `flow` target.
 #[derive(Debug)]
@@ -10,16 +8,13 @@ pub struct FlowTarget {
     name: String,
     /// The flow it calls.
     pub flow: String,
-    /// Where the call is written, for `ferry check`.
-    pub at: Location,
 }
 
 impl FlowTarget {
-    pub(crate) fn new(name: &str, flow: &str, at: Location) -> Self {
+    pub(crate) fn new(name: &str, flow: &str) -> Self {
         Self {
             name: name.to_owned(),
             flow: flow.to_owned(),
-            at,
         }
     }
 

@@ -104,11 +104,7 @@ impl Target {
         match config {
             TargetConfig::Http(c) => HttpTarget::compile(name, c, ctx).map(Self::Http),
             TargetConfig::Queue(c) => QueueTarget::compile(name, c, ctx).map(Self::Queue),
-            TargetConfig::Flow(flow) => Some(Self::Flow(FlowTarget::new(
-                name,
-                &flow.value,
-                flow.referenced,
-            ))),
+            TargetConfig::Flow(flow) => Some(Self::Flow(FlowTarget::new(name, &flow.value))),
         }
     }
 
