@@ -66,6 +66,9 @@ pub enum Command {
         /// folder; may be repeated.
         #[arg(long)]
         schemas: Vec<PathBuf>,
+        /// `text` for people (on stderr), `json` for tools: one object per line on stdout.
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
     },
     /// Dead letters: list, show and replay them (through a running ferry's admin API).
     Dlq {
@@ -85,6 +88,15 @@ pub enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+}
+
+/// How `check` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// rustc-style, with the offending line.
+    Text,
+    /// One JSON object per diagnostic and line.
+    Json,
 }
 
 /// `ferry dlq` actions.
@@ -128,7 +140,11 @@ pub struct AdminArgs {
 /// Runs the command and returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
-        Command::Check { flows, schemas } => Ok(check(&ProjectPaths::many(&flows, &schemas))),
+        Command::Check {
+            flows,
+            schemas,
+            format,
+        } => Ok(check(&ProjectPaths::many(&flows, &schemas), format)),
         Command::Serve {
             flows,
             schemas,
@@ -148,23 +164,40 @@ pub fn run(cli: Cli) -> ExitCode {
     })
 }
 
-fn check(paths: &ProjectPaths) -> ExitCode {
-    match load_project(paths) {
-        Ok(project) => {
-            print_diagnostics(&project.warnings);
-            println!("{} flow(s) ok", project.flows.len());
-            ExitCode::SUCCESS
+fn check(paths: &ProjectPaths, format: Format) -> ExitCode {
+    let (diagnostics, flows) = match load_project(paths) {
+        Ok(project) => (project.warnings, Some(project.flows.len())),
+        Err(diagnostics) => (diagnostics, None),
+    };
+    match format {
+        Format::Json => {
+            for diagnostic in &diagnostics {
+                println!("{}", diagnostic.to_json());
+            }
         }
-        Err(diagnostics) => {
+        Format::Text => {
             print_diagnostics(&diagnostics);
-            ExitCode::from(1)
+            if let Some(flows) = flows {
+                println!("{flows} flow(s) ok");
+            }
         }
+    }
+    if flows.is_some() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 
+/// Prints diagnostics rustc-style on stderr, each with its source line, and a count.
 fn print_diagnostics(diagnostics: &[Diagnostic]) {
+    let mut sources: std::collections::HashMap<&std::path::Path, Option<String>> =
+        std::collections::HashMap::new();
     for diagnostic in diagnostics {
-        eprintln!("{diagnostic}");
+        let source = sources
+            .entry(&diagnostic.file)
+            .or_insert_with(|| std::fs::read_to_string(&diagnostic.file).ok());
+        eprintln!("{}", diagnostic.render(source.as_deref()));
     }
     let errors = diagnostics
         .iter()

@@ -129,6 +129,7 @@ fn check_unique_names(flows: &[LoadedFlow], diagnostics: &mut Vec<Diagnostic>) {
                         first.display()
                     ),
                 )
+                .with_code("duplicate-name")
                 .at_location(name.referenced),
             );
         }
@@ -161,6 +162,7 @@ fn check_endpoints(flows: &[LoadedFlow], diagnostics: &mut Vec<Diagnostic>) {
                 )
                 .in_flow(name)
                 .in_context("trigger")
+                .with_code("route-collision")
                 .at_location(http.path.referenced),
             );
         } else {
@@ -191,16 +193,19 @@ fn check_calls(flows: &[LoadedFlow], diagnostics: &mut Vec<Diagnostic>) {
         for call in calls(flow) {
             if !names.contains(&call.value.as_str()) {
                 diagnostics.push(
-                    Diagnostic::error(
-                        &flow.file,
-                        format!(
-                            "unknown flow \"{}\"; known flows: {}",
-                            call.value,
-                            names.join(", ")
-                        ),
-                    )
-                    .in_flow(&flow.config.name.value)
-                    .at_location(call.referenced),
+                    Diagnostic::error(&flow.file, format!("unknown flow \"{}\"", call.value))
+                        .with_code("unknown-flow")
+                        .with_hint(
+                            match crate::diagnostic::closest(&call.value, names.iter().copied()) {
+                                Some(best) => format!(
+                                    "did you mean `{best}`? known flows: {}",
+                                    names.join(", ")
+                                ),
+                                None => format!("known flows: {}", names.join(", ")),
+                            },
+                        )
+                        .in_flow(&flow.config.name.value)
+                        .at_location(call.referenced),
                 );
             }
         }
@@ -239,6 +244,7 @@ fn check_calls(flows: &[LoadedFlow], diagnostics: &mut Vec<Diagnostic>) {
             &flow.file,
             format!("flows call each other in a cycle: {}", cycle.join(" → ")),
         )
+        .with_code("call-cycle")
         .in_flow(name);
         if let Some(call) = calls(flow).first() {
             diagnostic = diagnostic.at_location(call.referenced);
@@ -281,9 +287,25 @@ impl Ctx<'_> {
         self.diagnostics.push(d);
     }
 
+    /// Records an error of kind `code` at `at`, with advice when there is some.
+    pub(crate) fn error_with(
+        &mut self,
+        at: Location,
+        code: &'static str,
+        message: impl Into<String>,
+        hint: Option<String>,
+    ) {
+        let mut d = self.diagnostic(message).at_location(at).with_code(code);
+        d.hint = hint;
+        self.diagnostics.push(d);
+    }
+
     /// Records a warning at `at`.
     pub(crate) fn warn(&mut self, at: Location, message: impl Into<String>) {
-        let mut d = self.diagnostic(message).at_location(at);
+        let mut d = self
+            .diagnostic(message)
+            .at_location(at)
+            .with_code("unreachable-route");
         d.severity = Severity::Warning;
         self.diagnostics.push(d);
     }
@@ -309,13 +331,18 @@ impl Ctx<'_> {
                 column,
                 reason,
             }) => {
-                self.diagnostics
-                    .push(Diagnostic::error(&path, reason).at(line as u64, column as u64));
-                self.error(at, format!("schema \"{name}\" is not valid JSON"));
+                let inside = Diagnostic::error(&path, reason).at(line as u64, column as u64);
+                self.diagnostics.push(inside.with_code("schema"));
+                self.error_with(
+                    at,
+                    "schema",
+                    format!("schema \"{name}\" is not valid JSON"),
+                    None,
+                );
                 None
             }
             Err(error) => {
-                self.error(at, error.to_string());
+                self.error_with(at, "schema", error.to_string(), None);
                 None
             }
         }
@@ -330,16 +357,23 @@ impl Ctx<'_> {
         let path = match crate::jsonpath::JsonPath::parse(source) {
             Ok(path) => path,
             Err(reason) => {
-                self.error(at, format!("invalid JSONPath \"{source}\": {reason}"));
+                self.error_with(
+                    at,
+                    "jsonpath",
+                    format!("invalid JSONPath \"{source}\": {reason}"),
+                    None,
+                );
                 return None;
             }
         };
         match path.root_name() {
             Some(root) if crate::template::ROOTS.contains(&root) => Some(path),
             _ => {
-                self.error(
+                self.error_with(
                     at,
+                    "jsonpath",
                     format!("JSONPath \"{source}\" must start with $.body, $.vars or $.meta"),
+                    None,
                 );
                 None
             }
@@ -361,7 +395,7 @@ impl Ctx<'_> {
                     } else {
                         format!("at {pointer}: ")
                     };
-                    self.error(at, format!("{place}{message}"));
+                    self.error_with(at, "template", format!("{place}{message}"), None);
                 }
                 None
             }
@@ -378,7 +412,7 @@ impl Ctx<'_> {
         match self.templates.compile_text(source, escape) {
             Ok(template) => Some(template),
             Err(message) => {
-                self.error(at, message);
+                self.error_with(at, "template", message, None);
                 None
             }
         }

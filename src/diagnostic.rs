@@ -30,6 +30,10 @@ pub struct Diagnostic {
     pub context: Option<String>,
     /// What is wrong, lowercase, quoting the offending value.
     pub message: String,
+    /// Stable name of the kind of problem, such as `unknown-key` (see the README).
+    pub code: &'static str,
+    /// What to do about it, when ferry can tell.
+    pub hint: Option<String>,
 }
 
 impl Diagnostic {
@@ -42,7 +46,78 @@ impl Diagnostic {
             flow: None,
             context: None,
             message: message.into(),
+            code: "invalid-value",
+            hint: None,
         }
+    }
+
+    /// Names the kind of problem.
+    #[must_use]
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = code;
+        self
+    }
+
+    /// Adds advice.
+    #[must_use]
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    /// The diagnostic as rustc shows one: what, where, the offending line with a caret under
+    /// the column, and advice. `source` is the text of the file, when it can be read.
+    pub fn render(&self, source: Option<&str>) -> String {
+        use std::fmt::Write as _;
+        let severity = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        let mut out = format!("{severity}[{}]: {}\n", self.code, self.message);
+        let _ = write!(out, "  --> {}", self.file.display());
+        if let Some((line, column)) = self.position {
+            let _ = write!(out, ":{line}:{column}");
+            let text =
+                source.and_then(|s| s.lines().nth(usize::try_from(line).ok()?.checked_sub(1)?));
+            if let Some(text) = text {
+                let number = line.to_string();
+                let pad = " ".repeat(number.len());
+                let caret = " ".repeat(usize::try_from(column.saturating_sub(1)).unwrap_or(0));
+                let _ = write!(out, "\n{pad} |\n{number} | {text}\n{pad} | {caret}^");
+            }
+        }
+        out.push('\n');
+        match (&self.flow, &self.context) {
+            (Some(flow), Some(context)) => {
+                let _ = writeln!(out, "   = in flow \"{flow}\", {context}");
+            }
+            (Some(flow), None) => {
+                let _ = writeln!(out, "   = in flow \"{flow}\"");
+            }
+            _ => {}
+        }
+        if let Some(hint) = &self.hint {
+            let _ = writeln!(out, "   = help: {hint}");
+        }
+        out
+    }
+
+    /// The diagnostic as one JSON object, for CI tools and editors.
+    pub fn to_json(&self) -> serde_json::Value {
+        let (line, column) = self
+            .position
+            .map_or((None, None), |(l, c)| (Some(l), Some(c)));
+        serde_json::json!({
+            "file": self.file.display().to_string(),
+            "line": line,
+            "column": column,
+            "severity": match self.severity { Severity::Error => "error", Severity::Warning => "warning" },
+            "code": self.code,
+            "message": self.message,
+            "flow": self.flow,
+            "context": self.context,
+            "hint": self.hint,
+        })
     }
 
     /// Sets the 1-based line and column; a zero line means unknown and is ignored.
@@ -101,6 +176,16 @@ impl fmt::Display for Diagnostic {
     }
 }
 
+/// The candidate closest to `word`, if one is close enough to be a likely misspelling.
+pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| (strsim::jaro_winkler(word, c), c))
+        .filter(|(score, _)| *score >= 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c)
+}
+
 /// Sorts diagnostics by file and position, and drops exact repeats.
 pub fn sort(diagnostics: &mut Vec<Diagnostic>) {
     diagnostics.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
@@ -121,6 +206,34 @@ mod tests {
             d.to_string(),
             "flows/a.yaml:12:7: error: flow \"orders\", step 2 (transform): unknown field `templat`"
         );
+    }
+
+    #[test]
+    fn renders_like_rustc_with_the_line_and_a_caret() {
+        let d = Diagnostic::error(Path::new("f.yaml"), "unknown field `pathh`")
+            .at(2, 5)
+            .in_flow("orders")
+            .in_context("trigger")
+            .with_code("unknown-key")
+            .with_hint("did you mean `path`?");
+        let rendered = d.render(Some("http:\n    pathh: /x\n"));
+        assert_eq!(
+            rendered,
+            "error[unknown-key]: unknown field `pathh`\n  --> f.yaml:2:5\n  |\n2 |     pathh: /x\n  |     ^\n   = in flow \"orders\", trigger\n   = help: did you mean `path`?\n"
+        );
+    }
+
+    #[test]
+    fn suggests_close_names_only() {
+        assert_eq!(
+            closest("pathh", ["method", "path", "max_body"]),
+            Some("path")
+        );
+        assert_eq!(
+            closest("atempts", ["attempts", "initial"]),
+            Some("attempts")
+        );
+        assert_eq!(closest("zzz", ["method", "path"]), None);
     }
 
     #[test]

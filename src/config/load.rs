@@ -29,14 +29,13 @@ pub fn load_dir(
     let mut diagnostics = Vec::new();
     let mut files = Vec::new();
     if let Err(error) = find_flow_files(dir, &mut files) {
-        diagnostics.push(Diagnostic::error(
-            dir,
-            format!("cannot read flows folder: {error}"),
-        ));
+        diagnostics.push(
+            Diagnostic::error(dir, format!("cannot read flows folder: {error}")).with_code("io"),
+        );
         return (Vec::new(), diagnostics);
     }
     if files.is_empty() {
-        diagnostics.push(Diagnostic::error(dir, "no flow files (*.yaml) found"));
+        diagnostics.push(Diagnostic::error(dir, "no flow files (*.yaml) found").with_code("io"));
     }
     files.sort();
     let mut flows = Vec::new();
@@ -44,10 +43,9 @@ pub fn load_dir(
         let text = match std::fs::read_to_string(&file) {
             Ok(text) => text,
             Err(error) => {
-                diagnostics.push(Diagnostic::error(
-                    &file,
-                    format!("cannot read file: {error}"),
-                ));
+                diagnostics.push(
+                    Diagnostic::error(&file, format!("cannot read file: {error}")).with_code("io"),
+                );
                 continue;
             }
         };
@@ -108,12 +106,43 @@ pub fn parse_yaml<T: serde::de::DeserializeOwned>(
 ) -> Result<T, Vec<Diagnostic>> {
     let options = serde_saphyr::options! { strict_booleans: true };
     serde_saphyr::from_str_with_options(text, options).map_err(|error| {
-        let diagnostic = Diagnostic::error(file, yaml_message(&error));
-        vec![match error.location() {
-            Some(location) => diagnostic.at_location(location),
-            None => diagnostic,
-        }]
+        let message = yaml_message(&error);
+        let mut diagnostic = classify(Diagnostic::error(file, message.clone()), &message);
+        if let Some(location) = error.location() {
+            diagnostic = diagnostic.at_location(location);
+        }
+        vec![diagnostic]
     })
+}
+
+/// Names the kind of a parse error and, for a misspelt key or kind, suggests the right one.
+fn classify(diagnostic: Diagnostic, message: &str) -> Diagnostic {
+    let (code, unknown) = if let Some(rest) = message.strip_prefix("unknown field `") {
+        ("unknown-key", rest)
+    } else if let Some(rest) = message.strip_prefix("unknown variant `") {
+        ("unknown-kind", rest)
+    } else if message.starts_with("missing field") {
+        return diagnostic.with_code("missing-key");
+    } else if message.starts_with("invalid") {
+        return diagnostic.with_code("invalid-value");
+    } else {
+        return diagnostic.with_code("yaml-syntax");
+    };
+    let diagnostic = diagnostic.with_code(code);
+    let Some((word, expected)) = unknown.split_once('`') else {
+        return diagnostic;
+    };
+    // serde lists what it expected after "expected one of" or "expected".
+    let expected = expected.split_once("expected").map_or("", |(_, list)| list);
+    let candidates: Vec<&str> = expected
+        .split([',', ' '])
+        .map(|c| c.trim_matches(|ch: char| ch == '`' || ch == ' ' || ch == '.'))
+        .filter(|c| !c.is_empty() && *c != "one" && *c != "of" && *c != "or")
+        .collect();
+    match crate::diagnostic::closest(word, candidates.iter().copied()) {
+        Some(best) => diagnostic.with_hint(format!("did you mean `{best}`?")),
+        None => diagnostic,
+    }
 }
 
 /// The error's own words, without the location and snippet that the diagnostic adds itself.
@@ -164,7 +193,11 @@ pub fn interpolate(
                 column += 1;
                 continue;
             }
-            let error = |message: String| Diagnostic::error(file, message).at(line_no, column);
+            let error = |message: String| {
+                Diagnostic::error(file, message)
+                    .at(line_no, column)
+                    .with_code("environment")
+            };
             let Some(end) = tail.find('}') else {
                 errors.push(error(
                     "unterminated `${`: write `${NAME}`, or `$${` for a literal `${`".into(),
@@ -189,9 +222,10 @@ pub fn interpolate(
                     ))),
                     (Some(value), _) => out.push_str(&value),
                     (None, Some(default)) => out.push_str(default),
-                    (None, None) => errors.push(error(format!(
-                        "environment variable {name} is not set and has no default; set it or write `${{{name}:-default}}`"
-                    ))),
+                    (None, None) => errors.push(
+                        error(format!("environment variable {name} is not set and has no default"))
+                            .with_hint(format!("set {name}, or give a default: `${{{name}:-default}}`")),
+                    ),
                 }
             }
             column += tail[..=end].chars().count() as u64;

@@ -60,14 +60,22 @@ impl Route {
             }
             let target = ctx.targets.iter().position(|t| *t == to.value);
             if target.is_none() {
-                let known = if ctx.targets.is_empty() {
-                    "the flow declares no targets".to_owned()
-                } else {
-                    format!("known targets: {}", ctx.targets.join(", "))
+                let hint = match crate::diagnostic::closest(
+                    &to.value,
+                    ctx.targets.iter().map(String::as_str),
+                ) {
+                    Some(best) => format!(
+                        "did you mean `{best}`? known targets: {}",
+                        ctx.targets.join(", ")
+                    ),
+                    None if ctx.targets.is_empty() => "the flow declares no targets".to_owned(),
+                    None => format!("known targets: {}", ctx.targets.join(", ")),
                 };
-                ctx.error(
+                ctx.error_with(
                     to.referenced,
-                    format!("unknown target \"{}\"; {known}", to.value),
+                    "unknown-target",
+                    format!("unknown target \"{}\"", to.value),
+                    Some(hint),
                 );
                 ok = false;
             }

@@ -25,6 +25,49 @@ fn broken_flows_report_every_problem_at_its_location() {
 }
 
 #[test]
+fn json_output_has_one_object_per_diagnostic() {
+    let output = ferry(&[
+        "check",
+        "--format",
+        "json",
+        "tests/fixtures/check/broken/flows",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 20);
+    let unknown_key = lines.iter().find(|d| d["code"] == "unknown-key").unwrap();
+    assert_eq!(
+        unknown_key,
+        &serde_json::json!({
+            "file": "tests/fixtures/check/broken/flows/b-unknown-key.yaml",
+            "line": 5, "column": 5, "severity": "error", "code": "unknown-key",
+            "message": "unknown field `pathh`, expected one of method, path, max_body, idempotency_key",
+            "flow": null, "context": null, "hint": "did you mean `path`?",
+        })
+    );
+    for code in [
+        "yaml-syntax",
+        "missing-key",
+        "schema",
+        "jsonpath",
+        "template",
+        "unknown-target",
+        "environment",
+        "route-collision",
+        "call-cycle",
+        "unknown-flow",
+    ] {
+        assert!(
+            lines.iter().any(|d| d["code"] == code),
+            "no {code} diagnostic"
+        );
+    }
+}
+
+#[test]
 fn the_shipped_flows_are_clean() {
     let output = ferry(&["check", "flows"]);
     assert_eq!(
@@ -45,8 +88,10 @@ fn usage_errors_exit_2() {
     assert_eq!(ferry(&["frobnicate"]).status.code(), Some(2));
     let missing = ferry(&["check", "no/such/folder"]);
     assert_eq!(missing.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
     assert!(
-        String::from_utf8_lossy(&missing.stderr)
-            .starts_with("no/such/folder: error: cannot read flows folder")
+        stderr.starts_with("error[io]: cannot read flows folder"),
+        "{stderr}"
     );
+    assert!(stderr.contains("--> no/such/folder"), "{stderr}");
 }
