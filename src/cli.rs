@@ -70,6 +70,8 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
     },
+    /// Print the flow format's JSON Schema (what `schemas/flow.schema.json` holds).
+    Schema,
     /// Dead letters: list, show and replay them (through a running ferry's admin API).
     Dlq {
         /// What to do with them.
@@ -154,6 +156,13 @@ pub fn run(cli: Cli) -> ExitCode {
         } => {
             let paths = ProjectPaths::many(&flows, &schemas);
             serve(&paths, listen, &store, retention)
+        }
+        Command::Schema => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&crate::config::json_schema()).unwrap_or_default()
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Dlq { action, admin } => operate(&admin, |client| dlq(client, action)),
         Command::Trace { key, admin } => operate(&admin, |client| trace(client, key)),

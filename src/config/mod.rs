@@ -9,16 +9,52 @@ pub mod load;
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::Value;
 
 pub use serde_saphyr::Spanned;
 
+/// The flow format's JSON Schema, generated from these types, for editors: the shipped
+/// `schemas/flow.schema.json` (a test keeps it current; `ferry schema` prints it).
+pub fn json_schema() -> Value {
+    let mut schema = serde_json::to_value(schemars::schema_for!(FlowConfig)).unwrap_or(Value::Null);
+    allow_variables_in_numbers(&mut schema);
+    schema
+}
+
+/// A number may be written as `${VAR}` (interpolated before parsing): say so, so editors do
+/// not flag it.
+fn allow_variables_in_numbers(schema: &mut Value) {
+    match schema {
+        Value::Object(map) => {
+            let is_number = |t: &Value| t == "integer" || t == "number";
+            let numeric = match map.get("type") {
+                Some(Value::Array(types)) => types.iter().any(is_number),
+                Some(t) => is_number(t),
+                None => false,
+            };
+            if numeric {
+                let number = Value::Object(std::mem::take(map));
+                map.insert(
+                    "anyOf".into(),
+                    serde_json::json!([number, {"type": "string", "pattern": "^\\$\\{[A-Za-z_][A-Za-z0-9_]*(:-[^}]*)?\\}$"}]),
+                );
+                return;
+            }
+            map.values_mut().for_each(allow_variables_in_numbers);
+        }
+        Value::Array(items) => items.iter_mut().for_each(allow_variables_in_numbers),
+        _ => {}
+    }
+}
+
 /// One flow file: a trigger, the steps a message goes through, where it goes, and the reply.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FlowConfig {
     /// Unique name of the flow, used in logs, errors and references from other flows.
+    #[schemars(with = "String")]
     pub name: Spanned<String>,
     /// A sentence for people reading the flow; ferry ignores it.
     #[serde(default)]
@@ -29,6 +65,7 @@ pub struct FlowConfig {
     pub trigger: Option<TriggerConfig>,
     /// Steps run in order on every message.
     #[serde(default)]
+    #[schemars(with = "Vec<StepConfig>")]
     pub steps: Vec<Spanned<StepConfig>>,
     /// Named targets. With one target, every message goes there; with several, a `route`
     /// step chooses.
@@ -43,7 +80,7 @@ pub struct FlowConfig {
 }
 
 /// What starts a flow. One key, naming the kind of trigger.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum TriggerConfig {
     /// An HTTP endpoint that ferry serves.
@@ -53,7 +90,7 @@ pub enum TriggerConfig {
 }
 
 /// Which queue implementation carries messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum QueueDriver {
     /// A durable queue inside ferry's store; no broker needed.
@@ -65,53 +102,63 @@ pub enum QueueDriver {
 }
 
 /// A queue that a flow consumes.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct QueueTriggerConfig {
     /// `embedded` (default), `amqp` or `nats`.
     #[serde(default)]
     pub driver: Option<QueueDriver>,
     /// The queue (AMQP queue, NATS subject, embedded queue name).
+    #[schemars(with = "String")]
     pub name: Spanned<String>,
     /// Broker URL for `amqp` and `nats`, such as `${AMQP_URL}`.
     #[serde(default)]
+    #[schemars(with = "Option<String>")]
     pub url: Option<Spanned<String>>,
     /// How many messages may be in flight at once (default 16).
     #[serde(default)]
+    #[schemars(with = "Option<u16>")]
     pub prefetch: Option<Spanned<u16>>,
     /// Attempts before a message that keeps failing becomes a dead letter (default 5).
     #[serde(default)]
+    #[schemars(with = "Option<u32>")]
     pub attempts: Option<Spanned<u32>>,
     /// Backoff before a failed message is tried again, such as `1s` (default 1s, doubling).
     #[serde(default)]
+    #[schemars(with = "Option<String>")]
     pub backoff: Option<Spanned<String>>,
 }
 
 /// An HTTP endpoint served by `ferry serve`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpTriggerConfig {
     /// HTTP method, such as `POST` or `GET`.
+    #[schemars(with = "String")]
     pub method: Spanned<String>,
     /// Path, starting with `/`; `{name}` captures a path segment into `meta.params.name`.
+    #[schemars(with = "String")]
     pub path: Spanned<String>,
     /// Largest accepted request body, such as `1MiB` or `64KiB` (default 1 MiB).
     #[serde(default)]
+    #[schemars(with = "Option<String>")]
     pub max_body: Option<Spanned<String>>,
     /// JSONPath over the message whose value identifies a submission, such as
     /// `$.body.portal_ref`: a repeated submission gets the first one's reply and is not
     /// delivered again. Without it, the caller's `Idempotency-Key` header does this.
     #[serde(default)]
+    #[schemars(with = "Option<String>")]
     pub idempotency_key: Option<Spanned<String>>,
 }
 
 /// One step. One key, naming the kind of step: `- validate: {...}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum StepConfig {
     /// Check the body against a JSON Schema; reject the message with every violation.
     Validate(ValidateConfig),
     /// Extract values with JSONPath into named vars: `var_name: $.body.field`.
+    #[schemars(with = "BTreeMap<String, String>")]
     Set(BTreeMap<String, Spanned<String>>),
     /// Build a new body from a template.
     Transform(TransformConfig),
@@ -135,32 +182,36 @@ impl StepConfig {
 }
 
 /// `validate`: JSON Schema validation of the message body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ValidateConfig {
     /// Schema file, relative to the schemas folder (by default `schemas/` beside `flows/`).
+    #[schemars(with = "String")]
     pub schema: Spanned<String>,
 }
 
 /// `transform`: replaces the body with a rendered template, either a JSON tree or text.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TransformConfig {
     /// Structural template: a YAML tree whose string leaves are Handlebars templates.
     /// A leaf that is exactly one `{{path}}` keeps the JSON type of what it reads.
     #[serde(default)]
+    #[schemars(with = "Option<Value>")]
     pub body: Option<Spanned<Value>>,
     /// Text template for non-JSON bodies; every value is escaped for `content_type`.
     #[serde(default)]
+    #[schemars(with = "Option<String>")]
     pub text: Option<Spanned<String>>,
     /// Content type of a `text` body: `text/plain`, `text/csv`, `application/xml`,
     /// `text/html` or `application/json`.
     #[serde(default)]
+    #[schemars(with = "Option<String>")]
     pub content_type: Option<Spanned<String>>,
 }
 
 /// One rule of a `route` step: a condition and the target it selects.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteRuleConfig {
     /// Condition; a rule without one always matches (the default route).
@@ -168,10 +219,12 @@ pub struct RouteRuleConfig {
     pub when: Option<ConditionConfig>,
     /// Name of the target (a key of `targets`) this rule selects.
     #[serde(default)]
+    #[schemars(with = "Option<String>")]
     pub to: Option<Spanned<String>>,
     /// Name of a flow this rule hands the message to, as if it were a `flow:` target; so a
     /// partner is added with one line.
     #[serde(default)]
+    #[schemars(with = "Option<String>")]
     pub flow: Option<Spanned<String>>,
 }
 
@@ -179,10 +232,11 @@ pub struct RouteRuleConfig {
 ///
 /// With neither `equals` nor `in`, the condition holds when the path selects anything
 /// (`exists: true`) or nothing (`exists: false`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConditionConfig {
     /// JSONPath over the message (`$.body…`, `$.vars…`, `$.meta…`).
+    #[schemars(with = "String")]
     pub path: Spanned<String>,
     /// Holds when the selected value equals this value.
     #[serde(default)]
@@ -197,18 +251,21 @@ pub struct ConditionConfig {
 
 /// `correlate`: a record that messages of several flows share, such as a Test Request and
 /// its results, found by any of its keys. Exactly one of `save` and `find`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CorrelateConfig {
     /// Namespace of the records, such as `test-request`.
+    #[schemars(with = "String")]
     pub context: Spanned<String>,
     /// Templates of the keys to save the record under; the first is its main key. Creates the
     /// record, or updates the one an existing key names.
     #[serde(default)]
+    #[schemars(with = "Option<Vec<String>>")]
     pub save: Option<Vec<Spanned<String>>>,
     /// Templates of keys to look the record up by, in order; the first that names a record
     /// wins. A message that finds none is refused with 404 and kept as a dead letter.
     #[serde(default)]
+    #[schemars(with = "Option<Vec<String>>")]
     pub find: Option<Vec<Spanned<String>>>,
     /// The var that receives the found record: `{key, keys, data, state, history}`
     /// (default `correlation`).
@@ -216,14 +273,16 @@ pub struct CorrelateConfig {
     pub into: Option<String>,
     /// Structural template of fields merged into the record's data.
     #[serde(default)]
+    #[schemars(with = "Option<Value>")]
     pub data: Option<Spanned<Value>>,
     /// Lifecycle state to record, such as `accepted`.
     #[serde(default)]
+    #[schemars(with = "Option<String>")]
     pub state: Option<Spanned<String>>,
 }
 
 /// How a flow delivers to its targets.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveryConfig {
     /// `durable` (default): the message is stored before the reply and delivered in the
@@ -235,6 +294,7 @@ pub struct DeliveryConfig {
     pub retry: Option<RetryConfig>,
     /// How many deliveries to each target may run at once (default 8).
     #[serde(default)]
+    #[schemars(with = "Option<u32>")]
     pub concurrency: Option<Spanned<u32>>,
     /// Changes to the message's correlation record once a target took it.
     #[serde(default)]
@@ -245,7 +305,7 @@ pub struct DeliveryConfig {
 }
 
 /// Delivery modes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DeliveryMode {
     /// Stored, then delivered in the background with retries.
@@ -255,38 +315,44 @@ pub enum DeliveryMode {
 }
 
 /// Retries of durable delivery: capped exponential backoff with full jitter.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetryConfig {
     /// Attempts before the message becomes a dead letter (default 10).
     #[serde(default)]
+    #[schemars(with = "Option<u32>")]
     pub attempts: Option<Spanned<u32>>,
     /// Backoff before the second attempt, such as `500ms` (default 500ms).
     #[serde(default)]
+    #[schemars(with = "Option<String>")]
     pub initial: Option<Spanned<String>>,
     /// Longest backoff, such as `5m` (default 5m).
     #[serde(default)]
+    #[schemars(with = "Option<String>")]
     pub max: Option<Spanned<String>>,
 }
 
 /// A change to the correlation record of a message after delivery.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OutcomeConfig {
     /// Lifecycle state to record, such as `delivered_to_lab`.
     #[serde(default)]
+    #[schemars(with = "Option<String>")]
     pub state: Option<Spanned<String>>,
     /// Templates of more keys to find the record by, such as `{{vars.lab_order_id}}`;
     /// templates read the message and what the target's answer captured.
     #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     pub keys: Vec<Spanned<String>>,
     /// Structural template of fields merged into the record's data.
     #[serde(default)]
+    #[schemars(with = "Option<Value>")]
     pub data: Option<Spanned<Value>>,
 }
 
 /// Where messages go. One key, naming the kind of target.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum TargetConfig {
     /// An HTTP call.
@@ -294,55 +360,80 @@ pub enum TargetConfig {
     /// A queue: embedded, RabbitMQ or NATS JetStream.
     Queue(QueueTargetConfig),
     /// Another flow, called in-process: its reply fields become this flow's vars.
+    #[schemars(with = "String")]
     Flow(Spanned<String>),
 }
 
 /// A queue that a flow publishes to.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct QueueTargetConfig {
     /// `embedded` (default), `amqp` or `nats`.
     #[serde(default)]
     pub driver: Option<QueueDriver>,
     /// The queue (AMQP queue, NATS subject, embedded queue name).
+    #[schemars(with = "String")]
     pub name: Spanned<String>,
     /// Broker URL for `amqp` and `nats`, such as `${AMQP_URL}`.
     #[serde(default)]
+    #[schemars(with = "Option<String>")]
     pub url: Option<Spanned<String>>,
 }
 
 /// An HTTP call to a partner system.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpTargetConfig {
     /// URL template; values from the message are percent-encoded.
+    #[schemars(with = "String")]
     pub url: Spanned<String>,
     /// HTTP method (default `POST`).
     #[serde(default)]
+    #[schemars(with = "Option<String>")]
     pub method: Option<Spanned<String>>,
     /// Request headers; values are templates.
     #[serde(default)]
+    #[schemars(with = "BTreeMap<String, String>")]
     pub headers: BTreeMap<String, Spanned<String>>,
     /// How long to wait for the whole response, such as `10s` (default 30s).
     #[serde(default)]
+    #[schemars(with = "Option<String>")]
     pub timeout: Option<Spanned<String>>,
     /// JSONPaths over the response body whose values are saved into vars:
     /// `var_name: $.field`.
     #[serde(default)]
+    #[schemars(with = "BTreeMap<String, String>")]
     pub capture: BTreeMap<String, Spanned<String>>,
 }
 
 /// The answer to the caller.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReplyConfig {
     /// HTTP status (default 200).
     #[serde(default)]
+    #[schemars(with = "Option<u16>")]
     pub status: Option<Spanned<u16>>,
     /// Response headers; values are templates.
     #[serde(default)]
+    #[schemars(with = "BTreeMap<String, String>")]
     pub headers: BTreeMap<String, Spanned<String>>,
     /// Structural template of the response body, like `transform.body`.
     #[serde(default)]
+    #[schemars(with = "Option<Value>")]
     pub body: Option<Spanned<Value>>,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_shipped_flow_schema_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/flow.schema.json");
+        let shipped: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert!(
+            shipped == super::json_schema(),
+            "schemas/flow.schema.json is stale: run `cargo run -- schema > schemas/flow.schema.json`"
+        );
+    }
 }

@@ -95,3 +95,38 @@ fn usage_errors_exit_2() {
     );
     assert!(stderr.contains("--> no/such/folder"), "{stderr}");
 }
+
+#[test]
+fn every_shipped_flow_and_example_matches_the_flow_schema() {
+    let schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("schemas/flow.schema.json")).unwrap(),
+    )
+    .unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let mut files = Vec::new();
+    for folder in [
+        "flows",
+        "examples/lab-results-amqp/flows",
+        "examples/second-lab/flows",
+        "examples/layered/flows",
+    ] {
+        for entry in std::fs::read_dir(repo().join(folder)).unwrap() {
+            files.push(entry.unwrap().path());
+        }
+    }
+    assert!(files.len() >= 8);
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(
+            text.starts_with("# yaml-language-server: $schema="),
+            "{} has no schema modeline",
+            file.display()
+        );
+        let flow: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
+        let errors: Vec<String> = validator
+            .iter_errors(&flow)
+            .map(|e| format!("{}: {e}", e.instance_path()))
+            .collect();
+        assert!(errors.is_empty(), "{}: {errors:#?}", file.display());
+    }
+}
