@@ -70,6 +70,19 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
     },
+    /// Run the flow tests (`*.test.yaml`) found in the flows folders, targets mocked.
+    Test {
+        /// Folders of flow files and their tests, loaded as one project.
+        #[arg(default_value = "flows")]
+        flows: Vec<PathBuf>,
+        /// Folder of JSON Schemas, searched before the `schemas` folder beside each flows
+        /// folder; may be repeated.
+        #[arg(long)]
+        schemas: Vec<PathBuf>,
+        /// `text` (like `cargo test`) or `junit` (XML on stdout, for CI dashboards).
+        #[arg(long, value_enum, default_value = "text")]
+        format: TestFormat,
+    },
     /// Print the flow format's JSON Schema (what `schemas/flow.schema.json` holds).
     Schema,
     /// Dead letters: list, show and replay them (through a running ferry's admin API).
@@ -99,6 +112,15 @@ pub enum Format {
     Text,
     /// One JSON object per diagnostic and line.
     Json,
+}
+
+/// How `test` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TestFormat {
+    /// Like `cargo test`.
+    Text,
+    /// JUnit XML.
+    Junit,
 }
 
 /// `ferry dlq` actions.
@@ -157,6 +179,11 @@ pub fn run(cli: Cli) -> ExitCode {
             let paths = ProjectPaths::many(&flows, &schemas);
             serve(&paths, listen, &store, retention)
         }
+        Command::Test {
+            flows,
+            schemas,
+            format,
+        } => test(&ProjectPaths::many(&flows, &schemas), format),
         Command::Schema => {
             println!(
                 "{}",
@@ -196,6 +223,77 @@ fn check(paths: &ProjectPaths, format: Format) -> ExitCode {
     } else {
         ExitCode::from(1)
     }
+}
+
+fn test(paths: &ProjectPaths, format: TestFormat) -> anyhow::Result<ExitCode> {
+    let project = match load_project(paths) {
+        Ok(project) => project,
+        Err(diagnostics) => {
+            print_diagnostics(&diagnostics);
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let files = crate::testing::find_test_files(&paths.flows);
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let mut results = Vec::new();
+    let mut broken = Vec::new();
+    runtime.block_on(async {
+        for file in &files {
+            match crate::testing::run_file(&project, file).await {
+                Ok(mut found) => results.append(&mut found),
+                Err(diagnostic) => broken.push(diagnostic),
+            }
+        }
+    });
+    print_diagnostics(&broken);
+    let failed: Vec<_> = results.iter().filter(|r| !r.failures.is_empty()).collect();
+    match format {
+        TestFormat::Junit => print!("{}", crate::testing::junit(&results)),
+        TestFormat::Text => {
+            println!(
+                "\nrunning {} tests from {} file(s)",
+                results.len(),
+                files.len()
+            );
+            for result in &results {
+                let verdict = if result.failures.is_empty() {
+                    "ok"
+                } else {
+                    "FAILED"
+                };
+                println!("test {} ... {verdict}", result.name);
+            }
+            if !failed.is_empty() {
+                println!("\nfailures:");
+                for result in &failed {
+                    println!(
+                        "\n{} [{}:{}]:",
+                        result.name,
+                        result.file.display(),
+                        result.line
+                    );
+                    for failure in &result.failures {
+                        println!("  {}", failure.replace('\n', "\n  "));
+                    }
+                }
+            }
+            let verdict = if failed.is_empty() && broken.is_empty() {
+                "ok"
+            } else {
+                "FAILED"
+            };
+            println!(
+                "\ntest result: {verdict}. {} passed; {} failed",
+                results.len() - failed.len(),
+                failed.len()
+            );
+        }
+    }
+    Ok(if failed.is_empty() && broken.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// Prints diagnostics rustc-style on stderr, each with its source line, and a count.

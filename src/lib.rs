@@ -35,3 +35,4 @@ pub mod steps;
 pub mod store;
 pub mod targets;
 pub mod template;
+pub mod testing;

@@ -55,6 +55,20 @@ impl Meta {
     }
 }
 
+impl Meta {
+    /// Takes the caller's `X-Correlation-Id` header (up to 128 characters) as the correlation
+    /// id, so one id follows a request across systems.
+    pub fn adopt_correlation_id(&mut self) {
+        if let Some(id) = self
+            .headers
+            .get("x-correlation-id")
+            .filter(|id| !id.is_empty() && id.len() <= 128)
+        {
+            self.correlation_id = id.clone();
+        }
+    }
+}
+
 /// A message in flight.
 #[derive(Debug, Clone)]
 pub struct Message {

@@ -149,13 +149,7 @@ async fn handle(
                 .insert(name.as_str().to_owned(), value.to_owned());
         }
     }
-    if let Some(id) = meta
-        .headers
-        .get("x-correlation-id")
-        .filter(|id| !id.is_empty() && id.len() <= 128)
-    {
-        meta.correlation_id = id.clone();
-    }
+    meta.adopt_correlation_id();
     let message = Message::new(body, &meta);
     let reply = runtime.handle(flow, message).await.inspect_err(|error| {
         tracing::debug!(flow = %flow.name, message_id = %meta.id, %error, "message refused");

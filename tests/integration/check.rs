@@ -1,4 +1,5 @@
-//! `ferry check`: every problem in every file, each at its file:line:column, and exit codes.
+//! `ferry check` (every problem in every file, each at its file:line:column) and `ferry test`
+//! (flows unit-tested with mocked targets), with their exit codes.
 
 use std::process::Command;
 
@@ -111,7 +112,10 @@ fn every_shipped_flow_and_example_matches_the_flow_schema() {
         "examples/layered/flows",
     ] {
         for entry in std::fs::read_dir(repo().join(folder)).unwrap() {
-            files.push(entry.unwrap().path());
+            let path = entry.unwrap().path();
+            if !path.to_string_lossy().ends_with(".test.yaml") {
+                files.push(path);
+            }
         }
     }
     assert!(files.len() >= 8);
@@ -129,4 +133,83 @@ fn every_shipped_flow_and_example_matches_the_flow_schema() {
             .collect();
         assert!(errors.is_empty(), "{}: {errors:#?}", file.display());
     }
+}
+
+#[test]
+fn ferry_test_passes_the_shipped_flows_and_examples() {
+    let output = ferry(&[
+        "test",
+        "flows",
+        "examples/lab-results-amqp/flows",
+        "examples/second-lab/flows",
+        "examples/layered/flows",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("running 16 tests from 8 file(s)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .trim_end()
+            .ends_with("test result: ok. 16 passed; 0 failed"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn ferry_test_reports_a_failure_at_its_line_with_the_difference() {
+    let output = ferry(&[
+        "test",
+        "tests/fixtures/flow-tests/flows",
+        "--schemas",
+        "schemas",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("test passes ... ok"), "{stdout}");
+    assert!(
+        stdout.contains("test expects the wrong state ... FAILED"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "expects the wrong state [tests/fixtures/flow-tests/flows/status.test.yaml:13]:"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("\"status\": \"accepted\""),
+        "the actual body is shown: {stdout}"
+    );
+    assert!(
+        stdout
+            .trim_end()
+            .ends_with("test result: FAILED. 1 passed; 1 failed"),
+        "{stdout}"
+    );
+
+    let junit = ferry(&[
+        "test",
+        "tests/fixtures/flow-tests/flows",
+        "--schemas",
+        "schemas",
+        "--format",
+        "junit",
+    ]);
+    let xml = String::from_utf8_lossy(&junit.stdout);
+    assert!(
+        xml.contains("<testsuite name=\"ferry\" tests=\"2\" failures=\"1\">"),
+        "{xml}"
+    );
+    assert!(
+        xml.contains("<failure message=\"1 failed expectation(s)\">"),
+        "{xml}"
+    );
 }
