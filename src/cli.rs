@@ -83,6 +83,27 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "text")]
         format: TestFormat,
     },
+    /// Run one message through a flow and print what each step makes of it, the request the
+    /// target would get, and the reply. Targets are mocked unless `--live`.
+    Run {
+        /// The flow's name.
+        flow: String,
+        /// A file holding the JSON body.
+        #[arg(long)]
+        input: PathBuf,
+        /// A request header, `Name: value`; may be repeated.
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        /// Really call an HTTP target.
+        #[arg(long)]
+        live: bool,
+        /// Folders of flow files.
+        #[arg(long, default_value = "flows", value_delimiter = ',')]
+        flows: Vec<PathBuf>,
+        /// Folder of JSON Schemas; may be repeated.
+        #[arg(long)]
+        schemas: Vec<PathBuf>,
+    },
     /// Print the flow format's JSON Schema (what `schemas/flow.schema.json` holds).
     Schema,
     /// Dead letters: list, show and replay them (through a running ferry's admin API).
@@ -184,6 +205,20 @@ pub fn run(cli: Cli) -> ExitCode {
             schemas,
             format,
         } => test(&ProjectPaths::many(&flows, &schemas), format),
+        Command::Run {
+            flow,
+            input,
+            headers,
+            live,
+            flows,
+            schemas,
+        } => run_one(
+            &ProjectPaths::many(&flows, &schemas),
+            &flow,
+            &input,
+            &headers,
+            live,
+        ),
         Command::Schema => {
             println!(
                 "{}",
@@ -294,6 +329,43 @@ fn test(paths: &ProjectPaths, format: TestFormat) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+fn run_one(
+    paths: &ProjectPaths,
+    name: &str,
+    input: &std::path::Path,
+    headers: &[String],
+    live: bool,
+) -> anyhow::Result<ExitCode> {
+    let project = match load_project(paths) {
+        Ok(project) => project,
+        Err(diagnostics) => {
+            print_diagnostics(&diagnostics);
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let Some(flow) = project.flow(name) else {
+        let names: Vec<&str> = project.flows.iter().map(|f| f.name.as_str()).collect();
+        anyhow::bail!("no flow \"{name}\"; flows: {}", names.join(", "));
+    };
+    let text =
+        std::fs::read_to_string(input).with_context(|| format!("reading {}", input.display()))?;
+    let body: Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", input.display()))?;
+    let mut header_map = std::collections::BTreeMap::new();
+    for header in headers {
+        let (name, value) = header
+            .split_once(':')
+            .with_context(|| format!("header \"{header}\" is not `Name: value`"))?;
+        header_map.insert(name.trim().to_owned(), value.trim().to_owned());
+    }
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    print!(
+        "{}",
+        runtime.block_on(crate::testing::trace(flow, body, &header_map, live))
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Prints diagnostics rustc-style on stderr, each with its source line, and a count.

@@ -326,10 +326,25 @@ impl Flow {
         message: &mut Message,
         store: Option<&Store>,
     ) -> Result<Processed, FlowError> {
+        self.run_steps_watched(message, store, &mut |_, _| {}).await
+    }
+
+    /// [`Flow::run_steps`], showing `watch` the message after each step, for `ferry run`.
+    ///
+    /// # Errors
+    ///
+    /// The first step that refuses the message.
+    pub async fn run_steps_watched(
+        &self,
+        message: &mut Message,
+        store: Option<&Store>,
+        watch: &mut (dyn FnMut(&str, &Message) + Send),
+    ) -> Result<Processed, FlowError> {
         let mut state = StepState::default();
         for (label, step) in &self.steps {
             step.apply(message, &self.templates, &mut state, store, label)
                 .await?;
+            watch(label, message);
         }
         Ok(Processed {
             target: state.target.or(self.default_target),

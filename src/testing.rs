@@ -348,6 +348,21 @@ async fn run_case(
     Ok(failures)
 }
 
+/// A message's metadata as the flow's trigger would give it, with these headers.
+fn meta_for(flow: &Flow, headers: &BTreeMap<String, String>) -> Meta {
+    let mut meta = Meta::new(&flow.name);
+    if let Trigger::Http(http) = &flow.trigger {
+        meta.method = http.method.to_string();
+        meta.path = http.path.clone();
+    }
+    meta.headers = headers
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+        .collect();
+    meta.adopt_correlation_id();
+    meta
+}
+
 /// The status and body a caller gets for an error.
 fn refusal(error: FlowError) -> (u16, Value) {
     let error = ServeError::Flow(error);
@@ -476,6 +491,125 @@ fn check_json(
             None => failures.push(format!("{what}: no header {name}")),
         }
     }
+}
+
+/// Runs one message through `flow` step by step for `ferry run`, and describes each step's
+/// output, the request the target gets, and the reply. The target is mocked (answering `200`
+/// with an empty body) unless `live`, when an HTTP target is really called.
+pub async fn trace(
+    flow: &Flow,
+    body: Value,
+    headers: &BTreeMap<String, String>,
+    live: bool,
+) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let meta = meta_for(flow, headers);
+    let mut message = Message::new(body, &meta);
+    let _ = writeln!(out, "== input\n{}", pretty(message.root()));
+    let Ok(store) = Store::open("sqlite::memory:").await else {
+        return out + "cannot open a scratch store\n";
+    };
+    let mut previous = message.root().clone();
+    let mut watch = |label: &str, message: &Message| {
+        let _ = writeln!(out, "\n== {label}");
+        let now = message.root();
+        let mut changed = false;
+        for part in ["body", "vars"] {
+            if now[part] != previous[part] {
+                let _ = writeln!(out, "{part}:\n{}", pretty(&now[part]));
+                changed = true;
+            }
+        }
+        if !changed {
+            out.push_str("ok, the message is unchanged\n");
+        }
+        previous = now.clone();
+    };
+    let processed = flow
+        .run_steps_watched(&mut message, Some(&store), &mut watch)
+        .await;
+    let processed = match processed {
+        Ok(processed) => processed,
+        Err(error) => {
+            let (status, body) = refusal(error);
+            let _ = writeln!(out, "\n== refused: {status}\n{}", pretty(&body));
+            return out;
+        }
+    };
+    for write in &processed.correlation {
+        let (what, keys, data, state) = match write {
+            crate::store::CorrelationWrite::Save {
+                context,
+                keys,
+                data,
+                state,
+            } => (format!("save {context} under"), keys, data, state),
+            crate::store::CorrelationWrite::Update {
+                keys, data, state, ..
+            } => (
+                "update the found record, adding".to_owned(),
+                keys,
+                data,
+                state,
+            ),
+        };
+        let _ = writeln!(
+            out,
+            "\n== correlation: {what} {keys:?}, state {}\n{}",
+            state.as_deref().unwrap_or("-"),
+            pretty(data)
+        );
+    }
+    if let Some(target) = processed.target.map(|i| &flow.targets()[i]) {
+        let mut outputs = BTreeMap::new();
+        let delivered = match (target, live) {
+            (Target::Http(http), true) => {
+                let client = crate::server::http_client().unwrap_or_default();
+                let attempt = http.attempt(&mut message, flow.templates(), &client).await;
+                let _ = writeln!(
+                    out,
+                    "\n== target \"{}\" called: {:?} {:?} {}",
+                    target.name(),
+                    attempt.action,
+                    attempt.status,
+                    attempt.error.unwrap_or_default()
+                );
+                Ok(())
+            }
+            _ => deliver(flow, target, None, &mut message, &mut outputs),
+        };
+        for (name, output) in &outputs {
+            let kind = match target {
+                Target::Http(_) => "http",
+                Target::Queue(_) => "queue",
+                Target::Flow(_) => "flow",
+            };
+            let _ = writeln!(out, "\n== target \"{name}\" ({kind}) would get (mocked)");
+            for (header, value) in &output.headers {
+                let _ = writeln!(out, "{header}: {value}");
+            }
+            let _ = writeln!(out, "{}", pretty(&output.body));
+        }
+        if let Err(error) = delivered {
+            let _ = writeln!(out, "\n== delivery failed: {error}");
+        }
+    }
+    match flow.render_reply(&message) {
+        Ok(reply) => {
+            let _ = writeln!(
+                out,
+                "\n== reply {}\n{}",
+                reply.status.as_u16(),
+                pretty(&reply.body)
+            );
+        }
+        Err(error) => {
+            let _ = writeln!(out, "\n== reply failed: {error}");
+        }
+    }
+    store.close().await;
+    out
 }
 
 /// Whether `actual` contains `expected`: objects field by field, arrays element by element

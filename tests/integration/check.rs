@@ -213,3 +213,42 @@ fn ferry_test_reports_a_failure_at_its_line_with_the_difference() {
         "{xml}"
     );
 }
+
+#[test]
+fn ferry_run_shows_each_step_the_target_request_and_the_reply() {
+    let output = ferry(&[
+        "run",
+        "portal-to-lab",
+        "--input",
+        "tests/fixtures/payloads/test-request.json",
+        "--header",
+        "X-Correlation-Id: run-1",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    let order = [
+        "== input",
+        "== step 1 (validate)\nok, the message is unchanged",
+        "== step 3 (set)\nvars:",
+        "== step 5 (transform)\nbody:",
+        "== correlation: save test-request under",
+        "== target \"lab\" (http) would get (mocked)\ncontent-type: application/json",
+        "x-correlation-id: run-1",
+        "== reply 202",
+    ];
+    let mut from = 0;
+    for part in order {
+        let at = stdout[from..]
+            .find(part)
+            .unwrap_or_else(|| panic!("{part:?} missing or out of order in\n{stdout}"));
+        from += at + part.len();
+    }
+    let refused = ferry(&[
+        "run",
+        "portal-to-lab",
+        "--input",
+        "tests/fixtures/payloads/test-result.json",
+    ]);
+    let stdout = String::from_utf8_lossy(&refused.stdout);
+    assert!(stdout.contains("== refused: 422"), "{stdout}");
+}
