@@ -32,6 +32,16 @@ pub struct Cli {
 /// A `ferry` subcommand.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Show the whole round trip on this machine: the shipped flows with a simulated lab and
+    /// portal, on a temporary store.
+    Demo {
+        /// How long the simulated lab takes to post results.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        delay: Duration,
+        /// Folders of flow files.
+        #[arg(long, default_value = "flows", value_delimiter = ',')]
+        flows: Vec<PathBuf>,
+    },
     /// Serve the flows' HTTP triggers and deliver their messages.
     Serve {
         /// Folder of flow files; repeat it (or separate with commas) to serve several as one.
@@ -219,6 +229,19 @@ pub fn run(cli: Cli) -> ExitCode {
             &headers,
             live,
         ),
+        Command::Demo { delay, flows } => {
+            let paths = ProjectPaths::many(&flows, &[]);
+            tokio::runtime::Runtime::new()
+                .context("starting the async runtime")
+                .and_then(|rt| rt.block_on(crate::demo::run(&paths, delay)))
+                .map(|done| {
+                    if done {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
+                })
+        }
         Command::Schema => {
             println!(
                 "{}",

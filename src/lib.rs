@@ -22,6 +22,7 @@ pub mod cli;
 pub mod compile;
 pub mod config;
 pub mod delivery;
+pub mod demo;
 pub mod diagnostic;
 pub mod error;
 pub mod flow;

@@ -243,3 +243,36 @@ async fn consumers_killed_mid_batch_lose_nothing() {
     .await;
     terminate(child).await;
 }
+
+#[test]
+fn the_demo_shows_the_whole_round_trip() {
+    let output = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["demo", "--delay", "100ms"])
+        .current_dir(repo())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut from = 0;
+    for part in [
+        "202 Accepted",
+        "[accepted",
+        "[delivered_to_lab",
+        "[results_received",
+        "[delivered_to_portal",
+        "the portal received:",
+        "lab-to-portal  attempt",
+        "round trip complete",
+    ] {
+        let at = stdout[from..]
+            .find(part)
+            .unwrap_or_else(|| panic!("{part:?} missing or out of order in\n{stdout}"));
+        from += at + part.len();
+    }
+}
