@@ -105,6 +105,7 @@ pub fn load_project_with_env(
         }
     }
     check_calls(&loaded, &mut diagnostics);
+    check_examples(&flows, &schemas, &mut diagnostics);
     diagnostic::sort(&mut diagnostics);
     if diagnostics.iter().any(|d| d.severity == Severity::Error) {
         return Err(diagnostics);
@@ -168,6 +169,77 @@ fn check_endpoints(flows: &[LoadedFlow], diagnostics: &mut Vec<Diagnostic>) {
         } else {
             seen.insert(key, (name, &flow.file));
         }
+    }
+}
+
+/// Runs each example of a flow's input schema through its steps: an example the flow's own
+/// steps refuse (a transform whose output breaks the next schema, say) is a mistake found
+/// without traffic.
+fn check_examples(flows: &[Arc<Flow>], schemas: &Schemas, diagnostics: &mut Vec<Diagnostic>) {
+    for flow in flows {
+        let Some(schema) = flow.input_schema() else {
+            continue;
+        };
+        for (index, example) in schemas.examples(schema).iter().enumerate() {
+            let mut message = crate::message::Message::new(
+                example.clone(),
+                &crate::message::Meta::new(&flow.name),
+            );
+            let mut label = String::new();
+            let outcome = {
+                let mut watch = |step: &str, _: &crate::message::Message| label = step.to_owned();
+                let steps = flow.run_steps_watched(&mut message, None, &mut watch);
+                // Without a store nothing awaits, so one poll finishes the steps; a flow that
+                // needs a store to go on (a correlation lookup) is left to `ferry test`.
+                let mut steps = std::pin::pin!(steps);
+                let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+                steps.as_mut().poll(&mut context)
+            };
+            let std::task::Poll::Ready(Err(error)) = outcome else {
+                continue;
+            };
+            if matches!(
+                error,
+                crate::error::FlowError::Unavailable(_)
+                    | crate::error::FlowError::NotCorrelated { .. }
+            ) {
+                continue;
+            }
+            let failed = flow.steps_after(&label).unwrap_or(label.clone());
+            let mut diagnostic = Diagnostic::error(
+                &flow.file,
+                format!("example {} of {schema} is refused: {error}{}", index + 1, violations(&error)),
+            )
+            .with_code("example")
+            .in_flow(&flow.name)
+            .in_context(failed.clone())
+            .with_hint(format!("the flow's own steps should accept every example of {schema}: check the transform before {failed}"));
+            if let Some(at) = flow.step_location(&failed) {
+                diagnostic = diagnostic.at_location(at);
+            }
+            diagnostics.push(diagnostic);
+        }
+    }
+}
+
+/// The violations of a validation error, for a diagnostic.
+fn violations(error: &crate::error::FlowError) -> String {
+    match error {
+        crate::error::FlowError::Invalid { violations, .. } => violations
+            .iter()
+            .map(|v| {
+                format!(
+                    "; {}: {}",
+                    if v.pointer.is_empty() {
+                        "/"
+                    } else {
+                        &v.pointer
+                    },
+                    v.message
+                )
+            })
+            .collect(),
+        _ => String::new(),
     }
 }
 

@@ -32,6 +32,8 @@ pub struct Flow {
     /// What starts it.
     pub trigger: Trigger,
     steps: Vec<(String, Step)>,
+    /// Where each step is written, for diagnostics found after compiling.
+    step_locations: Vec<serde_saphyr::Location>,
     targets: Vec<Target>,
     default_target: Option<usize>,
     delivery: DeliveryPolicy,
@@ -175,11 +177,13 @@ impl Flow {
         }
 
         let mut steps = Vec::new();
+        let mut step_locations = Vec::new();
         for (index, step) in config.steps.iter().enumerate() {
             ctx.part = format!("step {} ({})", index + 1, step.value.kind());
             ctx.at = step.referenced;
             if let Some(compiled) = Step::compile(&step.value, &mut ctx) {
                 steps.push((ctx.part.clone(), compiled));
+                step_locations.push(step.referenced);
             }
         }
         let routed = config
@@ -217,6 +221,7 @@ impl Flow {
             file: loaded.file.clone(),
             trigger: trigger?,
             steps,
+            step_locations,
             targets,
             default_target,
             delivery: delivery?,
@@ -350,6 +355,31 @@ impl Flow {
             target: state.target.or(self.default_target),
             correlation: state.correlation,
         })
+    }
+
+    /// The schema the flow's first step validates its input against, if it starts so.
+    pub fn input_schema(&self) -> Option<&str> {
+        match self.steps.first() {
+            Some((_, Step::Validate(validate))) => Some(validate.schema_name()),
+            _ => None,
+        }
+    }
+
+    /// The label of the step after the one labelled `label` (the step that refused, when
+    /// `label` is the last that passed); the first step's when `label` is empty.
+    pub fn steps_after(&self, label: &str) -> Option<String> {
+        let next = if label.is_empty() {
+            0
+        } else {
+            self.steps.iter().position(|(l, _)| l == label)? + 1
+        };
+        self.steps.get(next).map(|(l, _)| l.clone())
+    }
+
+    /// Where the step labelled `label` is written.
+    pub fn step_location(&self, label: &str) -> Option<serde_saphyr::Location> {
+        let index = self.steps.iter().position(|(l, _)| l == label)?;
+        self.step_locations.get(index).copied()
     }
 
     /// The labels of the steps, as `step 2 (transform)`, for timelines.

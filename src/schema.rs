@@ -55,6 +55,7 @@ pub enum SchemaError {
 pub struct Schemas {
     dirs: Vec<PathBuf>,
     compiled: HashMap<String, Result<Arc<Validator>, SchemaError>>,
+    examples: HashMap<String, Vec<Value>>,
 }
 
 impl Schemas {
@@ -63,6 +64,7 @@ impl Schemas {
         Self {
             dirs: dirs.to_vec(),
             compiled: HashMap::new(),
+            examples: HashMap::new(),
         }
     }
 
@@ -80,7 +82,12 @@ impl Schemas {
         result
     }
 
-    fn compile(&self, name: &str) -> Result<Arc<Validator>, SchemaError> {
+    /// The `examples` the schema named `name` gives, once it has been compiled.
+    pub fn examples(&self, name: &str) -> &[Value] {
+        self.examples.get(name).map_or(&[], Vec::as_slice)
+    }
+
+    fn compile(&mut self, name: &str) -> Result<Arc<Validator>, SchemaError> {
         let relative = Path::new(name);
         if relative.is_absolute()
             || relative
@@ -103,6 +110,9 @@ impl Schemas {
             .filter_map(|d| std::fs::canonicalize(d).ok())
             .collect();
         let schema = read_json(&path)?;
+        if let Some(Value::Array(examples)) = schema.get("examples") {
+            self.examples.insert(name.to_owned(), examples.clone());
+        }
         let canonical = std::fs::canonicalize(&path).map_err(|e| SchemaError::Unreadable {
             path: path.clone(),
             reason: e.to_string(),

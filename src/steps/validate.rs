@@ -27,6 +27,11 @@ impl Validate {
         })
     }
 
+    /// The schema file it validates against.
+    pub fn schema_name(&self) -> &str {
+        &self.name
+    }
+
     pub(crate) fn apply(&self, message: &Message) -> Result<(), FlowError> {
         // The fast check first: valid messages, the common case, skip collecting errors.
         if self.schema.is_valid(message.body()) {

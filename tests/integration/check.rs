@@ -38,7 +38,7 @@ fn json_output_has_one_object_per_diagnostic() {
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
         .collect();
-    assert_eq!(lines.len(), 20);
+    assert_eq!(lines.len(), 37, "a corpus of 37 distinct mistakes");
     let unknown_key = lines.iter().find(|d| d["code"] == "unknown-key").unwrap();
     assert_eq!(
         unknown_key,
@@ -188,10 +188,17 @@ fn ferry_test_reports_a_failure_at_its_line_with_the_difference() {
         stdout.contains("\"status\": \"accepted\""),
         "the actual body is shown: {stdout}"
     );
+    // A wrong transform is caught, with what the target really got.
+    assert!(
+        stdout.contains("test the lab gets the customer's name ... FAILED"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("target \"lab\": body differs"), "{stdout}");
+    assert!(stdout.contains("\"name\": \"C-1\""), "{stdout}");
     assert!(
         stdout
             .trim_end()
-            .ends_with("test result: FAILED. 1 passed; 1 failed"),
+            .ends_with("test result: FAILED. 1 passed; 2 failed"),
         "{stdout}"
     );
 
@@ -205,7 +212,7 @@ fn ferry_test_reports_a_failure_at_its_line_with_the_difference() {
     ]);
     let xml = String::from_utf8_lossy(&junit.stdout);
     assert!(
-        xml.contains("<testsuite name=\"ferry\" tests=\"2\" failures=\"1\">"),
+        xml.contains("<testsuite name=\"ferry\" tests=\"3\" failures=\"2\">"),
         "{xml}"
     );
     assert!(
