@@ -63,6 +63,10 @@ pub enum Command {
         /// survives a restart).
         #[arg(long, default_value = "sqlite://data/ferry.db", env = "FERRY_STORE")]
         store: String,
+        /// Reload the flows when a file in the flows or schemas folders changes (SIGHUP
+        /// reloads them too, with or without this).
+        #[arg(long)]
+        watch: bool,
         /// How long delivered messages are kept, such as `7d` or `12h`.
         #[arg(long, default_value = "7d", env = "FERRY_RETENTION", value_parser = humantime::parse_duration)]
         retention: Duration,
@@ -205,10 +209,11 @@ pub fn run(cli: Cli) -> ExitCode {
             schemas,
             listen,
             store,
+            watch,
             retention,
         } => {
             let paths = ProjectPaths::many(&flows, &schemas);
-            serve(&paths, listen, &store, retention)
+            serve(&paths, listen, &store, retention, watch)
         }
         Command::Test {
             flows,
@@ -416,6 +421,7 @@ fn serve(
     listen: SocketAddr,
     store_url: &str,
     retention: Duration,
+    watch: bool,
 ) -> anyhow::Result<ExitCode> {
     let project = match load_project(paths) {
         Ok(project) => project,
@@ -432,8 +438,12 @@ fn serve(
     runtime.block_on(async {
         let client = crate::server::http_client().context("building the HTTP client")?;
         let store = crate::store::Store::open(store_url).await.with_context(|| format!("opening the store {store_url}"))?;
-        let ferry = crate::runtime::Runtime::start(&project, client, Some(store.clone()));
-        let router = crate::server::router(&ferry, admin_token.as_deref());
+        let ferry = crate::runtime::Runtime::start(&project, client.clone(), Some(store.clone()));
+        let live = crate::reload::Live::new(paths.clone(), client, store.clone(), admin_token.clone(), ferry);
+        let router = live.router();
+        let mut watched = paths.flows.clone();
+        watched.extend(paths.schemas.iter().filter(|s| s.is_dir()).cloned());
+        crate::reload::spawn_triggers(&live, &watched, watch);
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
         let address = listener.local_addr()?;
         for flow in &project.flows {
@@ -452,7 +462,7 @@ fn serve(
         println!("ferry listening on http://{address}");
         crate::server::run(listener, router, shutdown_signal()).await.context("serving")?;
         pruner.abort();
-        ferry.shutdown(Duration::from_secs(10)).await;
+        live.runtime().shutdown(Duration::from_secs(10)).await;
         tracing::info!("stopped");
         Ok(ExitCode::SUCCESS)
     })

@@ -29,6 +29,7 @@ pub mod flow;
 pub mod jsonpath;
 pub mod message;
 pub mod queue;
+pub mod reload;
 pub mod runtime;
 pub mod schema;
 pub mod server;

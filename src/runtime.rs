@@ -387,15 +387,20 @@ impl Runtime {
             .map(Some)
     }
 
-    /// Stops consumers and delivery (waiting up to `grace` for work in hand) and closes the
-    /// store.
-    pub async fn shutdown(&self, grace: Duration) {
+    /// Stops consumers and delivery, waiting up to `grace` for the work they hold. The store
+    /// stays open: another runtime may go on with it (a reload).
+    pub async fn stop(&self, grace: Duration) {
         if let Some(consumers) = self.consumers.get() {
             consumers.shutdown(grace).await;
         }
         if let Some(delivery) = self.delivery.get() {
             delivery.shutdown(grace).await;
         }
+    }
+
+    /// [`Runtime::stop`], then closes the store.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.stop(grace).await;
         if let Some(store) = &self.store {
             store.close().await;
         }

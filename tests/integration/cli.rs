@@ -276,3 +276,172 @@ fn the_demo_shows_the_whole_round_trip() {
         from += at + part.len();
     }
 }
+
+/// Copies the shipped flows and schemas into `dir`, to edit them while ferry serves them.
+fn copy_shipped(dir: &Path) {
+    for folder in ["flows", "schemas"] {
+        std::fs::create_dir_all(dir.join(folder)).unwrap();
+        for entry in std::fs::read_dir(repo().join(folder)).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, dir.join(folder).join(path.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
+fn edit(file: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(file).unwrap();
+    assert!(text.contains(from), "{} has no {from:?}", file.display());
+    std::fs::write(file, text.replacen(from, to, 1)).unwrap();
+}
+
+#[tokio::test]
+async fn a_reload_under_load_loses_no_request() {
+    let lab = Partner::start(201, json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    copy_shipped(dir.path());
+    let flows = dir.path().join("flows");
+    let store = format!("sqlite://{}/ferry.db", dir.path().display());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "serve",
+            "--watch",
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            &store,
+            "--flows",
+        ])
+        .arg(&flows)
+        .env("LAB_URL", &lab.url)
+        .envs(FAST_RETRY)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("ferry listening on ")
+        .unwrap()
+        .to_owned();
+
+    const CLIENTS: usize = 8;
+    const EACH: usize = 40;
+    let (versions, load) = {
+        let versions = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut load = tokio::task::JoinSet::new();
+        for client in 0..CLIENTS {
+            let (url, versions) = (url.clone(), std::sync::Arc::clone(&versions));
+            load.spawn(async move {
+                for n in 0..EACH {
+                    let mut request = payload("test-request.json");
+                    request["portal_ref"] = json!(format!("PR-R{client}-{n}"));
+                    let (status, reply) =
+                        post_json(&format!("{url}/api/v1/test-requests"), &request).await;
+                    assert_eq!(status, 202, "{reply}");
+                    versions.lock().unwrap().push(reply["version"].clone());
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            });
+        }
+        (versions, load)
+    };
+    wait_until("the load is under way", || {
+        versions.lock().unwrap().len() >= 40
+    })
+    .await;
+    // A clean change is served as soon as it is saved...
+    edit(
+        &flows.join("portal-to-lab.yaml"),
+        "    status: accepted\n",
+        "    status: accepted\n    version: 2\n",
+    );
+    wait_until("the new flow answers", || {
+        versions.lock().unwrap().contains(&json!(2))
+    })
+    .await;
+    // ...and a broken one is refused while the last clean set goes on serving.
+    edit(
+        &flows.join("lab-to-portal.yaml"),
+        "    path: /api/v1/lab-results",
+        "    pathh: /api/v1/lab-results",
+    );
+    let mut load = load;
+    while let Some(done) = load.join_next().await {
+        done.unwrap();
+    }
+    let versions = versions.lock().unwrap().clone();
+    assert_eq!(versions.len(), CLIENTS * EACH, "every request was answered");
+    assert_eq!(
+        versions.last(),
+        Some(&json!(2)),
+        "the broken edit did not replace the clean set"
+    );
+    wait_until("the lab has every order", || {
+        lab.accepted().len() >= CLIENTS * EACH
+    })
+    .await;
+    let keys: BTreeSet<String> = lab
+        .accepted()
+        .iter()
+        .map(|r| r.headers["idempotency-key"].to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        keys.len(),
+        CLIENTS * EACH,
+        "each order reached the lab once"
+    );
+    terminate(child).await;
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_flows() {
+    let lab = Partner::start(201, json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    copy_shipped(dir.path());
+    let flows = dir.path().join("flows");
+    let (child, url) = spawn_serving(
+        dir.path(),
+        flows.to_str().unwrap(),
+        &[("LAB_URL", &lab.url)],
+    );
+    edit(
+        &flows.join("portal-to-lab.yaml"),
+        "    status: accepted\n",
+        "    status: accepted\n    version: 3\n",
+    );
+    let (_, reply) = post_json(
+        &format!("{url}/api/v1/test-requests"),
+        &payload("test-request.json"),
+    )
+    .await;
+    assert_eq!(
+        reply["version"],
+        json!(null),
+        "without --watch, nothing reloads by itself"
+    );
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut request = payload("test-request.json");
+    request["portal_ref"] = json!("PR-HUP");
+    let mut reloaded = false;
+    for _ in 0..500 {
+        let (_, reply) = post_json(&format!("{url}/api/v1/test-requests"), &request).await;
+        if reply["version"] == json!(3) {
+            reloaded = true;
+            break;
+        }
+        request["portal_ref"] = json!(format!("PR-HUP-{}", uuid::Uuid::now_v7().simple()));
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(reloaded, "SIGHUP did not reload the flows");
+    terminate(child).await;
+}

@@ -1,0 +1,169 @@
+//! Hot reload: serving a new set of flows without dropping a request.
+//!
+//! The server asks [`Live`] for the current router on every request. A reload checks the
+//! flows and schemas again; only a clean set replaces the old one, in one swap. Requests
+//! already in hand finish on the set they started with, and the old set's delivery workers
+//! and consumers finish what they hold before they stop; the new set's workers take over the
+//! store's pending work. A set with problems is refused and its diagnostics logged, and the
+//! old set keeps serving.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::Request;
+use tower::ServiceExt;
+
+use crate::compile::{ProjectPaths, load_project};
+use crate::diagnostic::Diagnostic;
+use crate::runtime::Runtime;
+use crate::store::Store;
+
+/// How long a replaced set may take to finish what it holds.
+const DRAIN: Duration = Duration::from_secs(30);
+
+/// The flows being served, replaceable while serving.
+#[derive(Debug)]
+pub struct Live {
+    paths: ProjectPaths,
+    client: reqwest::Client,
+    store: Store,
+    admin_token: Option<String>,
+    current: RwLock<(Arc<Runtime>, Router)>,
+}
+
+impl Live {
+    /// Serves `runtime` (built from `paths`), ready to be replaced by a reload.
+    pub fn new(
+        paths: ProjectPaths,
+        client: reqwest::Client,
+        store: Store,
+        admin_token: Option<String>,
+        runtime: Arc<Runtime>,
+    ) -> Arc<Self> {
+        let router = crate::server::router(&runtime, admin_token.as_deref());
+        Arc::new(Self {
+            paths,
+            client,
+            store,
+            admin_token,
+            current: RwLock::new((runtime, router)),
+        })
+    }
+
+    /// A router that hands each request to the set being served when it arrives.
+    pub fn router(self: &Arc<Self>) -> Router {
+        let live = Arc::clone(self);
+        Router::new().fallback(move |request: Request| {
+            let router = live
+                .current
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .1
+                .clone();
+            async move { router.oneshot(request).await }
+        })
+    }
+
+    /// The runtime being served.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        Arc::clone(
+            &self
+                .current
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0,
+        )
+    }
+
+    /// Loads and checks the flows again; a clean set replaces the one being served.
+    ///
+    /// # Errors
+    ///
+    /// The diagnostics of a set with errors, which is not served.
+    pub fn reload(&self) -> Result<usize, Vec<Diagnostic>> {
+        let project = load_project(&self.paths)?;
+        let runtime = Runtime::start(&project, self.client.clone(), Some(self.store.clone()));
+        let router = crate::server::router(&runtime, self.admin_token.as_deref());
+        let (old, _) = std::mem::replace(
+            &mut *self
+                .current
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            (runtime, router),
+        );
+        // The old set lets go of nothing it holds: it finishes in the background.
+        tokio::spawn(async move { old.stop(DRAIN).await });
+        Ok(project.flows.len())
+    }
+
+    /// Reloads, logging the outcome.
+    pub fn reload_and_log(&self) {
+        match self.reload() {
+            Ok(flows) => tracing::info!(flows, "reloaded: the new flows are served"),
+            Err(diagnostics) => {
+                for diagnostic in &diagnostics {
+                    tracing::warn!(%diagnostic, "reload refused");
+                }
+                tracing::warn!(
+                    problems = diagnostics.len(),
+                    "reload refused: the flows being served stay"
+                );
+            }
+        }
+    }
+}
+
+/// Reloads `live` on SIGHUP and, with `watch`, whenever a file under `folders` changes.
+pub fn spawn_triggers(live: &Arc<Live>, folders: &[PathBuf], watch: bool) {
+    #[cfg(unix)]
+    {
+        let live = Arc::clone(live);
+        tokio::spawn(async move {
+            let Ok(mut hangup) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            else {
+                return;
+            };
+            while hangup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the flows");
+                live.reload_and_log();
+            }
+        });
+    }
+    if watch {
+        let (changes, mut changed) = tokio::sync::mpsc::unbounded_channel();
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok_and(|e| !e.kind.is_access()) {
+                let _ = changes.send(());
+            }
+        });
+        let mut watcher = match watcher {
+            Ok(watcher) => watcher,
+            Err(error) => {
+                tracing::warn!(%error, "cannot watch the flows; reload with SIGHUP");
+                return;
+            }
+        };
+        for folder in folders {
+            use notify::Watcher as _;
+            if let Err(error) = watcher.watch(folder, notify::RecursiveMode::Recursive) {
+                tracing::warn!(folder = %folder.display(), %error, "cannot watch folder");
+            }
+        }
+        let live = Arc::clone(live);
+        tokio::spawn(async move {
+            let _watcher = watcher; // lives as long as the task
+            while changed.recv().await.is_some() {
+                // An editor's save is several events: wait for quiet, then reload once.
+                while tokio::time::timeout(Duration::from_millis(300), changed.recv())
+                    .await
+                    .is_ok_and(|e| e.is_some())
+                {}
+                tracing::info!("flows changed: reloading");
+                live.reload_and_log();
+            }
+        });
+    }
+}
