@@ -172,6 +172,18 @@ fn check_endpoints(flows: &[LoadedFlow], diagnostics: &mut Vec<Diagnostic>) {
     }
 }
 
+/// The `{{path}}` lookups in a structural template, each at the template's location.
+fn lookups(tree: &serde_json::Value, at: Location, reads: &mut Vec<(Vec<String>, Location)>) {
+    match tree {
+        serde_json::Value::String(source) => {
+            reads.extend(crate::template::lookup_segments(source).map(|s| (s, at)))
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|i| lookups(i, at, reads)),
+        serde_json::Value::Object(map) => map.values().for_each(|v| lookups(v, at, reads)),
+        _ => {}
+    }
+}
+
 /// Runs each example of a flow's input schema through its steps: an example the flow's own
 /// steps refuse (a transform whose output breaks the next schema, say) is a mistake found
 /// without traffic.
@@ -486,6 +498,93 @@ impl Ctx<'_> {
             Err(message) => {
                 self.error_with(at, "template", message, None);
                 None
+            }
+        }
+    }
+
+    /// Warns about every read of `body` in `step` that the schema the body last passed
+    /// (`schema`) does not declare: most likely a misspelt field.
+    pub(crate) fn check_reads(
+        &mut self,
+        step: &crate::config::StepConfig,
+        schema: Option<&str>,
+        at: Location,
+    ) {
+        use crate::config::StepConfig;
+        let Some(schema) = schema else { return };
+        let mut reads: Vec<(Vec<String>, Location)> = Vec::new();
+        let path_of = |source: &str| {
+            crate::jsonpath::JsonPath::parse(source)
+                .ok()
+                .and_then(|p| p.segments())
+        };
+        match step {
+            StepConfig::Set(vars) => {
+                reads.extend(
+                    vars.values()
+                        .filter_map(|p| path_of(&p.value).map(|s| (s, p.referenced))),
+                );
+            }
+            StepConfig::Route(rules) => {
+                for rule in rules {
+                    if let Some(when) = &rule.when {
+                        reads.extend(path_of(&when.path.value).map(|s| (s, when.path.referenced)));
+                    }
+                }
+            }
+            StepConfig::Transform(transform) => {
+                if let Some(body) = &transform.body {
+                    lookups(&body.value, body.referenced, &mut reads);
+                }
+            }
+            StepConfig::Correlate(correlate) => {
+                for key in correlate.save.iter().chain(correlate.find.iter()).flatten() {
+                    lookups(
+                        &serde_json::Value::String(key.value.clone()),
+                        key.referenced,
+                        &mut reads,
+                    );
+                }
+                if let Some(data) = &correlate.data {
+                    lookups(&data.value, data.referenced, &mut reads);
+                }
+            }
+            StepConfig::Validate(_) => {}
+        }
+        for (segments, location) in reads {
+            let Some(("body", path)) = segments
+                .split_first()
+                .map(|(root, rest)| (root.as_str(), rest))
+            else {
+                continue;
+            };
+            if let crate::schema::Declared::No {
+                at: parent,
+                field,
+                known,
+            } = self.schemas.declares(schema, path)
+            {
+                let read = format!("body.{}", path.join("."));
+                let owner = if parent.is_empty() {
+                    "the body".to_owned()
+                } else {
+                    format!("body.{parent}")
+                };
+                let hint =
+                    match crate::diagnostic::closest(&field, known.iter().map(String::as_str)) {
+                        Some(best) => format!(
+                            "did you mean `{best}`? {owner} declares: {}",
+                            known.join(", ")
+                        ),
+                        None => format!("{owner} declares: {}", known.join(", ")),
+                    };
+                let mut d = self
+                    .diagnostic(format!("reads `{read}`, which {schema} does not declare"))
+                    .with_code("undeclared-field")
+                    .with_hint(hint)
+                    .at_location(if location.line() > 0 { location } else { at });
+                d.severity = Severity::Warning;
+                self.diagnostics.push(d);
             }
         }
     }

@@ -178,9 +178,19 @@ impl Flow {
 
         let mut steps = Vec::new();
         let mut step_locations = Vec::new();
+        // The schema the body last passed, for `ferry check` to see what the steps read.
+        let mut body_schema: Option<String> = None;
         for (index, step) in config.steps.iter().enumerate() {
             ctx.part = format!("step {} ({})", index + 1, step.value.kind());
             ctx.at = step.referenced;
+            ctx.check_reads(&step.value, body_schema.as_deref(), step.referenced);
+            match &step.value {
+                crate::config::StepConfig::Validate(v) => {
+                    body_schema = Some(v.schema.value.clone())
+                }
+                crate::config::StepConfig::Transform(_) => body_schema = None,
+                _ => {}
+            }
             if let Some(compiled) = Step::compile(&step.value, &mut ctx) {
                 steps.push((ctx.part.clone(), compiled));
                 step_locations.push(step.referenced);

@@ -65,6 +65,23 @@ impl JsonPath {
         matches!(self.kind, Kind::Singular(_))
     }
 
+    /// For a singular path, the names and indices it walks (`$.body.tests[0]` → `body`,
+    /// `tests`, `0`).
+    pub fn segments(&self) -> Option<Vec<String>> {
+        match &self.kind {
+            Kind::Singular(steps) => Some(
+                steps
+                    .iter()
+                    .map(|s| match s {
+                        Step::Name(name) => name.clone(),
+                        Step::Index(index) => index.to_string(),
+                    })
+                    .collect(),
+            ),
+            Kind::General(_) => None,
+        }
+    }
+
     /// The first name the path reads under the root (`body` in `$.body.x`), if any.
     pub fn root_name(&self) -> Option<&str> {
         match &self.kind {

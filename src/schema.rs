@@ -56,6 +56,23 @@ pub struct Schemas {
     dirs: Vec<PathBuf>,
     compiled: HashMap<String, Result<Arc<Validator>, SchemaError>>,
     examples: HashMap<String, Vec<Value>>,
+    raw: HashMap<String, Value>,
+}
+
+/// Whether a schema declares the field a path reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Declared {
+    /// It does, or the schema leaves it open.
+    Yes,
+    /// It does not: the object at `at` has only `known` properties.
+    No {
+        /// The path read up to the undeclared field.
+        at: String,
+        /// The field read.
+        field: String,
+        /// The fields that object declares.
+        known: Vec<String>,
+    },
 }
 
 impl Schemas {
@@ -65,6 +82,7 @@ impl Schemas {
             dirs: dirs.to_vec(),
             compiled: HashMap::new(),
             examples: HashMap::new(),
+            raw: HashMap::new(),
         }
     }
 
@@ -80,6 +98,98 @@ impl Schemas {
         let result = self.compile(name);
         self.compiled.insert(name.to_owned(), result.clone());
         result
+    }
+
+    /// Whether schema `name` (already compiled) declares the field that `path` (names and
+    /// indices under the body) reads. Schemas that leave a level open (no `properties`, or
+    /// combinators ferry does not follow) declare everything under it.
+    pub fn declares(&self, name: &str, path: &[String]) -> Declared {
+        let Some(root) = self.raw.get(name) else {
+            return Declared::Yes;
+        };
+        let mut node = root;
+        let mut file = name.to_owned();
+        for (depth, segment) in path.iter().enumerate() {
+            let Some((resolved, in_file)) = self.resolve(node, &file) else {
+                return Declared::Yes;
+            };
+            node = resolved;
+            file = in_file;
+            if let Some(items) = node.get("items")
+                && segment.parse::<usize>().is_ok()
+            {
+                node = items;
+                continue;
+            }
+            let Some(Value::Object(properties)) = node.get("properties") else {
+                return Declared::Yes;
+            };
+            match properties.get(segment) {
+                Some(next) => node = next,
+                None if node.get("patternProperties").is_some() => return Declared::Yes,
+                None => {
+                    return Declared::No {
+                        at: path[..depth].join("."),
+                        field: segment.clone(),
+                        known: properties.keys().cloned().collect(),
+                    };
+                }
+            }
+        }
+        Declared::Yes
+    }
+
+    /// Keeps the files `schema` (the file `name`) refers to, so [`Schemas::declares`] can
+    /// follow references across files. Files it cannot read are left to the validator's errors.
+    fn load_references(&mut self, schema: &Value, name: &str) {
+        let mut files = Vec::new();
+        collect_references(schema, &mut files);
+        for target in files {
+            let file = Path::new(name)
+                .parent()
+                .unwrap_or(Path::new(""))
+                .join(&target)
+                .to_string_lossy()
+                .into_owned();
+            if self.raw.contains_key(&file) {
+                continue;
+            }
+            let found = self
+                .dirs
+                .iter()
+                .map(|d| d.join(&file))
+                .find(|p| p.is_file());
+            if let Some(document) = found.and_then(|path| read_json(&path).ok()) {
+                self.raw.insert(file.clone(), document.clone());
+                self.load_references(&document, &file);
+            }
+        }
+    }
+
+    /// Follows `$ref`s from `node` (in schema file `file`) to the schema they name.
+    fn resolve<'a>(&'a self, mut node: &'a Value, file: &str) -> Option<(&'a Value, String)> {
+        let mut file = file.to_owned();
+        for _ in 0..16 {
+            let Some(reference) = node.get("$ref").and_then(Value::as_str) else {
+                return Some((node, file));
+            };
+            let (target, pointer) = reference.split_once('#').unwrap_or((reference, ""));
+            if !target.is_empty() {
+                file = Path::new(&file)
+                    .parent()
+                    .unwrap_or(Path::new(""))
+                    .join(target)
+                    .to_string_lossy()
+                    .into_owned();
+            }
+            let document = self.raw.get(&file)?;
+            node = if pointer.is_empty() {
+                document
+            } else {
+                document.pointer(pointer)?
+            };
+        }
+        None
     }
 
     /// The `examples` the schema named `name` gives, once it has been compiled.
@@ -113,6 +223,8 @@ impl Schemas {
         if let Some(Value::Array(examples)) = schema.get("examples") {
             self.examples.insert(name.to_owned(), examples.clone());
         }
+        self.raw.insert(name.to_owned(), schema.clone());
+        self.load_references(&schema, name);
         let canonical = std::fs::canonicalize(&path).map_err(|e| SchemaError::Unreadable {
             path: path.clone(),
             reason: e.to_string(),
@@ -131,6 +243,26 @@ impl Schemas {
                 path,
                 reason: e.to_string(),
             })
+    }
+}
+
+/// The files that `$ref`s in `schema` name (not the `#…` part).
+fn collect_references(schema: &Value, files: &mut Vec<String>) {
+    match schema {
+        Value::Object(map) => {
+            if let Some(Value::String(reference)) = map.get("$ref") {
+                let target = reference.split('#').next().unwrap_or_default();
+                if !target.is_empty()
+                    && !target.contains("://")
+                    && !files.iter().any(|f| f == target)
+                {
+                    files.push(target.to_owned());
+                }
+            }
+            map.values().for_each(|v| collect_references(v, files));
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_references(v, files)),
+        _ => {}
     }
 }
 
@@ -289,5 +421,44 @@ mod tests {
             Err(SchemaError::NotJson { line, column, .. }) => assert_eq!((line, column), (3, 1)),
             other => panic!("{other:?}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod declares_tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_followed_through_refs_across_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.json"), r#"{"type":"object","properties":{"customer":{"$ref":"defs.json#/$defs/customer"},"tests":{"type":"array","items":{"type":"object","properties":{"code":{}}}},"free":{}}}"#).unwrap();
+        std::fs::write(
+            dir.path().join("defs.json"),
+            r#"{"$defs":{"customer":{"type":"object","properties":{"name":{},"email":{}}}}}"#,
+        )
+        .unwrap();
+        let mut schemas = Schemas::new(&[dir.path().to_path_buf()]);
+        schemas.get("a.json").unwrap();
+        let path = |p: &str| p.split('.').map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(
+            schemas.declares("a.json", &path("customer.name")),
+            Declared::Yes
+        );
+        assert_eq!(
+            schemas.declares("a.json", &path("tests.0.code")),
+            Declared::Yes
+        );
+        assert_eq!(
+            schemas.declares("a.json", &path("free.anything.below")),
+            Declared::Yes
+        );
+        assert_eq!(
+            schemas.declares("a.json", &path("customer.nam")),
+            Declared::No {
+                at: "customer".into(),
+                field: "nam".into(),
+                known: vec!["email".into(), "name".into()]
+            }
+        );
     }
 }

@@ -351,6 +351,11 @@ fn render_error(error: &handlebars::RenderError) -> String {
     }
 }
 
+/// The path a template that is exactly `{{path}}` reads, as segments; `None` for any other.
+pub fn lookup_segments(source: &str) -> Option<Vec<String>> {
+    Lookup::parse(source).map(|lookup| lookup.segments)
+}
+
 impl Lookup {
     /// Parses a leaf that is exactly `{{path}}`, or returns `None` for any other template.
     fn parse(source: &str) -> Option<Self> {

@@ -38,7 +38,7 @@ fn json_output_has_one_object_per_diagnostic() {
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
         .collect();
-    assert_eq!(lines.len(), 37, "a corpus of 37 distinct mistakes");
+    assert_eq!(lines.len(), 38, "a corpus of 38 distinct mistakes");
     let unknown_key = lines.iter().find(|d| d["code"] == "unknown-key").unwrap();
     assert_eq!(
         unknown_key,
@@ -60,6 +60,13 @@ fn json_output_has_one_object_per_diagnostic() {
         "route-collision",
         "call-cycle",
         "unknown-flow",
+        "unknown-key",
+        "unknown-kind",
+        "invalid-value",
+        "duplicate-name",
+        "example",
+        "unreachable-route",
+        "undeclared-field",
     ] {
         assert!(
             lines.iter().any(|d| d["code"] == code),
