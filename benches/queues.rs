@@ -70,19 +70,9 @@ async fn fill(driver: &str, queue: &str, store: &Store, count: u64) {
         }
         _ => {
             let context = async_nats::jetstream::new(async_nats::connect(NATS).await.unwrap());
-            let name: String = queue
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                        c
-                    } else {
-                        '_'
-                    }
-                })
-                .collect();
             context
                 .get_or_create_stream(async_nats::jetstream::stream::Config {
-                    name: format!("ferry_{name}"),
+                    name: ferry::queue::nats_stream_name(queue),
                     subjects: vec![queue.to_owned()],
                     ..Default::default()
                 })

@@ -289,12 +289,8 @@ fn check(paths: &ProjectPaths, format: Format) -> ExitCode {
 }
 
 fn test(paths: &ProjectPaths, format: TestFormat) -> anyhow::Result<ExitCode> {
-    let project = match load_project(paths) {
-        Ok(project) => project,
-        Err(diagnostics) => {
-            print_diagnostics(&diagnostics);
-            return Ok(ExitCode::from(1));
-        }
+    let Some(project) = load_or_report(paths) else {
+        return Ok(ExitCode::from(1));
     };
     let files = crate::testing::find_test_files(&paths.flows);
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -366,12 +362,8 @@ fn run_one(
     headers: &[String],
     live: bool,
 ) -> anyhow::Result<ExitCode> {
-    let project = match load_project(paths) {
-        Ok(project) => project,
-        Err(diagnostics) => {
-            print_diagnostics(&diagnostics);
-            return Ok(ExitCode::from(1));
-        }
+    let Some(project) = load_or_report(paths) else {
+        return Ok(ExitCode::from(1));
     };
     let Some(flow) = project.flow(name) else {
         let names: Vec<&str> = project.flows.iter().map(|f| f.name.as_str()).collect();
@@ -394,6 +386,13 @@ fn run_one(
         runtime.block_on(crate::testing::trace(flow, body, &header_map, live))
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Loads the project, or prints why it cannot be.
+fn load_or_report(paths: &ProjectPaths) -> Option<crate::compile::Project> {
+    load_project(paths)
+        .map_err(|diagnostics| print_diagnostics(&diagnostics))
+        .ok()
 }
 
 /// Prints diagnostics rustc-style on stderr, each with its source line, and a count.
@@ -423,12 +422,8 @@ fn serve(
     retention: Duration,
     watch: bool,
 ) -> anyhow::Result<ExitCode> {
-    let project = match load_project(paths) {
-        Ok(project) => project,
-        Err(diagnostics) => {
-            print_diagnostics(&diagnostics);
-            return Ok(ExitCode::from(1));
-        }
+    let Some(project) = load_or_report(paths) else {
+        return Ok(ExitCode::from(1));
     };
     print_diagnostics(&project.warnings);
     let admin_token = std::env::var("FERRY_ADMIN_TOKEN")

@@ -16,6 +16,16 @@ use serde_json::{Map, Value};
 
 use crate::message::Message;
 
+/// A content type's media type, lowercase, without parameters: `Text/CSV; charset=x` → `text/csv`.
+pub fn media_type(content_type: &str) -> String {
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase()
+}
+
 /// How values are escaped when a text template renders them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Escape {
@@ -38,13 +48,7 @@ impl Escape {
     ///
     /// A message naming the supported content types.
     pub fn for_content_type(content_type: &str) -> Result<Self, String> {
-        let essence = content_type
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase();
-        match essence.as_str() {
+        match media_type(content_type).as_str() {
             "text/plain" => Ok(Self::Plain),
             "text/csv" => Ok(Self::Csv),
             "application/json" => Ok(Self::JsonString),

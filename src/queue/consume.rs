@@ -267,16 +267,7 @@ impl Consumer {
         let trigger = self.trigger();
         let context = nats::connect(&spec.url).await?;
         let stream = nats::stream(&context, &spec.name).await?;
-        let durable: String = format!("ferry-{}", self.flow.name)
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
+        let durable = super::nats_safe(&format!("ferry-{}", self.flow.name));
         let consumer: pull::Stream = stream
             .get_or_create_consumer(
                 &durable,

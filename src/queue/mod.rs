@@ -24,6 +24,25 @@ pub const CORRELATION_ID: &str = "ferry-correlation-id";
 /// Header carrying the key a consumer drops duplicates by: `<message id>:<target>`.
 pub const IDEMPOTENCY_KEY: &str = "ferry-idempotency-key";
 
+/// `name` with every character NATS does not take in stream and consumer names replaced by
+/// `_`.
+pub fn nats_safe(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The JetStream stream ferry keeps `subject`'s messages in.
+pub fn nats_stream_name(subject: &str) -> String {
+    format!("ferry_{}", nats_safe(subject))
+}
+
 /// Where a queue is.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct QueueSpec {

@@ -31,19 +31,9 @@ pub(super) async fn stream(
     context: &Context,
     subject: &str,
 ) -> Result<jetstream::stream::Stream, String> {
-    let name: String = subject
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
     context
         .get_or_create_stream(jetstream::stream::Config {
-            name: format!("ferry_{name}"),
+            name: super::nats_stream_name(subject),
             subjects: vec![subject.to_owned()],
             ..Default::default()
         })

@@ -352,19 +352,9 @@ pub(crate) async fn amqp_depth(queue: &str) -> u32 {
 pub(crate) async fn nats_publish(subject: &str, payload: &[u8]) {
     let client = async_nats::connect(nats()).await.unwrap();
     let context = async_nats::jetstream::new(client);
-    let name: String = subject
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
     context
         .get_or_create_stream(async_nats::jetstream::stream::Config {
-            name: format!("ferry_{name}"),
+            name: ferry::queue::nats_stream_name(subject),
             subjects: vec![subject.to_owned()],
             ..Default::default()
         })
