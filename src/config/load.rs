@@ -175,6 +175,11 @@ pub fn interpolate(
     let mut errors = Vec::new();
     for (index, line) in text.split_inclusive('\n').enumerate() {
         let line_no = index as u64 + 1;
+        // A comment line is documentation: `${VAR}` there is not interpolated.
+        if line.trim_start().starts_with('#') {
+            out.push_str(line);
+            continue;
+        }
         let mut rest = line;
         let mut column = 1u64;
         while let Some(at) = rest.find('$') {
@@ -283,6 +288,14 @@ mod tests {
         assert_eq!(errors.len(), 2);
         assert!(errors[0].starts_with("f.yaml:2:6: error: environment variable A is not set"));
         assert!(errors[1].starts_with("f.yaml:2:13: error: environment variable B"));
+    }
+
+    #[test]
+    fn comment_lines_are_left_alone() {
+        assert_eq!(
+            run("# set ${UNSET} first\nurl: ${LAB_URL}\n").unwrap(),
+            "# set ${UNSET} first\nurl: http://lab.test\n"
+        );
     }
 
     #[test]
