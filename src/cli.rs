@@ -27,6 +27,37 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// Log lines for people (`text`) or for machines (`json`, one object per line).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "FERRY_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+}
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Sends logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }
 
 /// A `ferry` subcommand.
@@ -452,15 +483,30 @@ fn serve(
         if admin_token.is_none() {
             tracing::info!("admin API off: set FERRY_ADMIN_TOKEN to turn it on");
         }
+        if let Err(error) = crate::observe::install() {
+            tracing::warn!(%error, "metrics are off");
+        }
+        let gauges = tokio::spawn(publish_gauges(store.clone()));
         let pruner = tokio::spawn(prune_forever(store, retention));
         // Tests and scripts read this line to find the port when listening on port 0.
         println!("ferry listening on http://{address}");
         crate::server::run(listener, router, shutdown_signal()).await.context("serving")?;
         pruner.abort();
+        gauges.abort();
         live.runtime().shutdown(Duration::from_secs(10)).await;
         tracing::info!("stopped");
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Keeps the store's gauges current for `/metrics`.
+async fn publish_gauges(store: crate::store::Store) {
+    loop {
+        if let Ok(pending) = store.undelivered().await {
+            metrics::gauge!("ferry_outbox_pending").set(pending as f64);
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
 }
 
 /// Deletes delivered messages older than `retention`, now and then.

@@ -220,12 +220,21 @@ impl Worker {
         let Some(runtime) = self.runtime.upgrade() else {
             return; // stopping: the lease runs out and the entry is due again at next start
         };
+        let labels = [
+            ("flow", flow.name.clone()),
+            ("target", target.name().to_owned()),
+        ];
+        let in_flight = metrics::gauge!("ferry_deliveries_in_flight", &labels);
+        in_flight.increment(1.0);
         let Attempt {
             action,
             status,
             error,
             retry_after,
         } = runtime.attempt(flow, target, &mut message).await;
+        in_flight.decrement(1.0);
+        metrics::histogram!("ferry_delivery_attempt_duration_seconds", &labels)
+            .record(started.elapsed().as_secs_f64());
         drop(runtime);
         let policy = flow.retry();
         let outcome = match action {
@@ -244,6 +253,17 @@ impl Worker {
             _ => None,
         };
         let latency_ms = started.elapsed().as_millis() as u64;
+        let counted = match outcome {
+            AttemptOutcome::Delivered => "delivered",
+            AttemptOutcome::RetryAt(_) => "retried",
+            AttemptOutcome::Dead => "dead_lettered",
+        };
+        let labels = [
+            ("flow", flow.name.clone()),
+            ("target", target.name().to_owned()),
+            ("outcome", counted.to_owned()),
+        ];
+        metrics::counter!("ferry_deliveries_total", &labels).increment(1);
         match outcome {
             AttemptOutcome::Dead => tracing::warn!(
                 flow = %flow.name, target = %target.name(), message_id = %entry.message_id, attempt = number,

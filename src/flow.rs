@@ -357,8 +357,11 @@ impl Flow {
     ) -> Result<Processed, FlowError> {
         let mut state = StepState::default();
         for (label, step) in &self.steps {
+            let started = std::time::Instant::now();
             step.apply(message, &self.templates, &mut state, store, label)
                 .await?;
+            metrics::histogram!("ferry_step_duration_seconds", "flow" => self.name.clone(), "step" => label.clone())
+                .record(started.elapsed().as_secs_f64());
             watch(label, message);
         }
         Ok(Processed {

@@ -28,6 +28,7 @@ pub mod error;
 pub mod flow;
 pub mod jsonpath;
 pub mod message;
+pub mod observe;
 pub mod queue;
 pub mod reload;
 pub mod runtime;

@@ -5,11 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    ferry::cli::run(ferry::cli::Cli::parse())
+    let cli = ferry::cli::Cli::parse();
+    ferry::cli::init_logging(cli.log_format);
+    ferry::cli::run(cli)
 }

@@ -56,9 +56,20 @@ pub fn router(runtime: &Arc<Runtime>, admin_token: Option<&str>) -> Router {
             let runtime = Arc::clone(runtime);
             move |params: Option<Path<BTreeMap<String, String>>>, request: Request| async move {
                 let params = params.map(|Path(p)| p).unwrap_or_default();
+                let name = flow.name.clone();
+                metrics::counter!("ferry_messages_received_total", "flow" => name.clone())
+                    .increment(1);
                 match handle(&runtime, &flow, params, request).await {
-                    Ok(response) => response,
-                    Err(error) => error.into_response(),
+                    Ok(response) => {
+                        metrics::counter!("ferry_messages_accepted_total", "flow" => name)
+                            .increment(1);
+                        response
+                    }
+                    Err(error) => {
+                        metrics::counter!("ferry_messages_rejected_total", "flow" => name, "reason" => error.code())
+                            .increment(1);
+                        error.into_response()
+                    }
                 }
             }
         };
@@ -69,6 +80,17 @@ pub fn router(runtime: &Arc<Runtime>, admin_token: Option<&str>) -> Router {
     for (path, methods) in by_path {
         router = router.route(path, methods);
     }
+    router = router.route(
+        "/metrics",
+        axum::routing::get(|| async {
+            match crate::observe::render() {
+                Some(text) => {
+                    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+                }
+                None => ServeError::NotFound("/metrics".into()).into_response(),
+            }
+        }),
+    );
     router = router.route(
         "/healthz",
         axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),

@@ -541,7 +541,11 @@ async fn write_loop(mut conn: SqliteConnection, mut jobs: mpsc::Receiver<Job>, s
             .iter()
             .filter(|j| matches!(j, Job::Accept(..)))
             .count();
-        match commit_batch(&mut conn, &mut batch).await {
+        let started = std::time::Instant::now();
+        let committed = commit_batch(&mut conn, &mut batch).await;
+        metrics::histogram!("ferry_store_commit_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        match committed {
             Ok(done) => {
                 stats.commits.fetch_add(1, Ordering::Relaxed);
                 stats.writes.fetch_add(done.len() as u64, Ordering::Relaxed);

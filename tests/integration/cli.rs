@@ -445,3 +445,136 @@ async fn sighup_reloads_the_flows() {
     assert!(reloaded, "SIGHUP did not reload the flows");
     terminate(child).await;
 }
+
+#[tokio::test]
+async fn metrics_count_a_scripted_run_exactly_and_logs_are_json() {
+    let lab = Partner::start(201, json!({"lab_order_id": "LAB-M"})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}/ferry.db", dir.path().display());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            &store,
+            "--log-format",
+            "json",
+        ])
+        .current_dir(repo())
+        .env("LAB_URL", &lab.url)
+        .env(
+            "RUST_LOG",
+            "debug,sqlx=warn,hyper=warn,reqwest=warn,h2=warn,lapin=warn,async_nats=warn",
+        )
+        .envs(FAST_RETRY)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("ferry listening on ")
+        .unwrap()
+        .to_owned();
+    let stderr = child.stderr.take().unwrap();
+    let logs = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+
+    let mut request_id = String::new();
+    for n in 0..3 {
+        let mut request = payload("test-request.json");
+        request["portal_ref"] = json!(format!("PR-M-{n}"));
+        let (status, reply) = post_json(&format!("{url}/api/v1/test-requests"), &request).await;
+        assert_eq!(status, 202);
+        request_id = reply["request_id"].as_str().unwrap().to_owned();
+    }
+    assert_eq!(
+        post_json(
+            &format!("{url}/api/v1/test-requests"),
+            &json!({"portal_ref": 1})
+        )
+        .await
+        .0,
+        422
+    );
+    let malformed = reqwest::Client::new()
+        .post(format!("{url}/api/v1/test-requests"))
+        .header("content-type", "application/json")
+        .body("{")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(malformed.status(), 400);
+    wait_until("the lab took three orders", || lab.accepted().len() == 3).await;
+
+    let expected = [
+        "ferry_messages_received_total{flow=\"portal-to-lab\"} 5",
+        "ferry_messages_accepted_total{flow=\"portal-to-lab\"} 3",
+        "ferry_messages_rejected_total{flow=\"portal-to-lab\",reason=\"validation_failed\"} 1",
+        "ferry_messages_rejected_total{flow=\"portal-to-lab\",reason=\"malformed_json\"} 1",
+        "ferry_deliveries_total{flow=\"portal-to-lab\",target=\"lab\",outcome=\"delivered\"} 3",
+    ];
+    let mut scraped = String::new();
+    for _ in 0..500 {
+        scraped = reqwest::get(format!("{url}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if expected
+            .iter()
+            .all(|line| scraped.lines().any(|l| l == *line))
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    for line in expected {
+        assert!(
+            scraped.lines().any(|l| l == line),
+            "no {line:?} in\n{scraped}"
+        );
+    }
+    assert!(
+        scraped.contains(
+            "ferry_step_duration_seconds_bucket{flow=\"portal-to-lab\",step=\"step 1 (validate)\""
+        ),
+        "{scraped}"
+    );
+    assert!(
+        scraped.contains("ferry_store_commit_duration_seconds_count"),
+        "{scraped}"
+    );
+    assert!(!scraped.contains(&request_id), "no id in a label");
+
+    terminate(child).await;
+    let logs = logs.join().unwrap();
+    let entries: Vec<serde_json::Value> = logs
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(
+        entries.len(),
+        logs.len(),
+        "every log line is JSON: {logs:#?}"
+    );
+    let about: Vec<&serde_json::Value> = entries
+        .iter()
+        .filter(|e| e["message_id"] == request_id.as_str())
+        .collect();
+    assert!(!about.is_empty(), "no log line names message {request_id}");
+    assert!(
+        about.iter().all(|e| e["flow"] == "portal-to-lab"),
+        "{about:#?}"
+    );
+}
