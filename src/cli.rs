@@ -505,6 +505,10 @@ async fn publish_gauges(store: crate::store::Store) {
         if let Ok(pending) = store.undelivered().await {
             metrics::gauge!("ferry_outbox_pending").set(pending as f64);
         }
+        if let Ok(oldest) = store.oldest_undelivered().await {
+            let age = oldest.map_or(0, |at| crate::store::now_ms().saturating_sub(at));
+            metrics::gauge!("ferry_outbox_oldest_age_seconds").set(age as f64 / 1000.0);
+        }
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
 }

@@ -69,6 +69,31 @@ impl Meta {
     }
 }
 
+/// The `traceparent` to send onwards: the trace of the message's own `traceparent` header
+/// (W3C Trace Context), with a new parent id for ferry's hop; `None` without a valid one.
+pub fn child_traceparent(message: &Message) -> Option<String> {
+    let incoming = message.root()["meta"]["headers"]["traceparent"].as_str()?;
+    let parts: Vec<&str> = incoming.trim().split('-').collect();
+    let [version, trace, _parent, flags] = parts.as_slice() else {
+        return None;
+    };
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    };
+    if *version != "00" || !hex(trace, 32) || trace.bytes().all(|b| b == b'0') || !hex(flags, 2) {
+        return None;
+    }
+    let span = loop {
+        let candidate = fastrand::u64(..);
+        if candidate != 0 {
+            break candidate;
+        }
+    };
+    Some(format!("00-{trace}-{span:016x}-{flags}"))
+}
+
 /// A message in flight.
 #[derive(Debug, Clone)]
 pub struct Message {
@@ -176,6 +201,24 @@ mod tests {
         assert_eq!(message.root()["meta"]["flow"], json!("orders"));
         assert_eq!(message.id(), meta.id);
         assert_eq!(message.root()["meta"]["correlation_id"], json!(meta.id));
+    }
+
+    #[test]
+    fn trace_context_goes_on_with_a_new_parent() {
+        let mut meta = Meta::new("f");
+        meta.headers.insert(
+            "traceparent".into(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+        );
+        let next = child_traceparent(&Message::new(json!({}), &meta)).unwrap();
+        assert!(
+            next.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{next}"
+        );
+        assert!(next.ends_with("-01"));
+        assert_ne!(&next[36..52], "00f067aa0ba902b7");
+        meta.headers.insert("traceparent".into(), "garbage".into());
+        assert_eq!(child_traceparent(&Message::new(json!({}), &meta)), None);
     }
 
     #[test]

@@ -175,7 +175,7 @@ impl Runtime {
                         .as_bytes()
                         .to_vec(),
                 };
-                let headers = BTreeMap::from([
+                let mut headers = BTreeMap::from([
                     (MESSAGE_ID.to_owned(), message.id().to_owned()),
                     (
                         CORRELATION_ID.to_owned(),
@@ -189,6 +189,9 @@ impl Runtime {
                         format!("{}:{}", message.id(), target.name()),
                     ),
                 ]);
+                if let Some(traceparent) = crate::message::child_traceparent(message) {
+                    headers.insert("traceparent".to_owned(), traceparent);
+                }
                 match self
                     .brokers
                     .publish(self.store.as_ref(), &queue.spec, payload, headers)

@@ -576,6 +576,15 @@ impl Store {
         self.backend.queue_depth(queue).await
     }
 
+    /// When the oldest delivery not yet done was accepted.
+    ///
+    /// # Errors
+    ///
+    /// When the database fails.
+    pub async fn oldest_undelivered(&self) -> Result<Option<Millis>, StoreError> {
+        self.backend.oldest_undelivered().await
+    }
+
     /// Outbox entries not yet delivered or dead.
     ///
     /// # Errors

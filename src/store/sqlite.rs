@@ -299,6 +299,14 @@ impl SqliteStore {
         .await?)
     }
 
+    pub(super) async fn oldest_undelivered(&self) -> Result<Option<Millis>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT MIN(created_at) FROM outbox WHERE state IN ('pending', 'in_flight')",
+        )
+        .fetch_one(&self.read)
+        .await?)
+    }
+
     pub(super) async fn undelivered(&self) -> Result<u64, StoreError> {
         let count: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM outbox WHERE state IN ('pending', 'in_flight')",

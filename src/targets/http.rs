@@ -142,6 +142,12 @@ impl HttpTarget {
             HeaderName::from_static("idempotency-key"),
             HeaderValue::from_str(&key).map_err(|e| unprocessable(e.to_string()))?,
         ));
+        // W3C trace context: the caller's trace goes on, with ferry's hop as the parent.
+        if let Some(traceparent) = crate::message::child_traceparent(message)
+            && let Ok(value) = HeaderValue::from_str(&traceparent)
+        {
+            headers.push((HeaderName::from_static("traceparent"), value));
+        }
         for (name, template) in &self.headers {
             let value = templates
                 .render_text(template, message)

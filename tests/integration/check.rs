@@ -266,3 +266,50 @@ fn ferry_run_shows_each_step_the_target_request_and_the_reply() {
     let stdout = String::from_utf8_lossy(&refused.stdout);
     assert!(stdout.contains("== refused: 422"), "{stdout}");
 }
+
+#[test]
+fn the_deploy_files_parse_and_name_metrics_ferry_has() {
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("deploy/grafana-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let alerts: serde_json::Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(repo().join("deploy/alerts.yaml")).unwrap(),
+    )
+    .unwrap();
+    let known = [
+        "ferry_messages_received_total",
+        "ferry_messages_rejected_total",
+        "ferry_deliveries_total",
+        "ferry_delivery_attempt_duration_seconds_bucket",
+        "ferry_outbox_pending",
+        "ferry_outbox_oldest_age_seconds",
+        "ferry_step_duration_seconds_bucket",
+        "ferry_store_commit_duration_seconds_bucket",
+    ];
+    let mut expressions: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["targets"][0]["expr"].as_str().unwrap().to_owned())
+        .collect();
+    expressions.extend(
+        alerts["groups"][0]["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["expr"].as_str().unwrap().to_owned()),
+    );
+    assert!(expressions.len() >= 12);
+    for expression in expressions {
+        let names = expression
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("ferry_"));
+        for name in names {
+            assert!(
+                known.contains(&name),
+                "{name} in {expression:?} is not a ferry metric"
+            );
+        }
+    }
+}

@@ -12,6 +12,8 @@ use crate::util::{
     repo, unique, wait_for, wait_until,
 };
 
+const TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
 /// The queue fixture flows, with a fresh queue per driver, delivering to `sink`.
 async fn queue_flows(sink: &Partner) -> (Ferry, [String; 3]) {
     let names = [unique("embedded"), unique("amqp"), unique("nats")];
@@ -34,11 +36,15 @@ async fn each_driver_carries_messages_from_a_flow_to_a_flow() {
     let sink = Partner::start(200, json!({})).await;
     let (ferry, _) = queue_flows(&sink).await;
     for driver in ["embedded", "amqp", "nats"] {
-        let (status, reply) = post_json(
-            &format!("{}/{driver}/publish", ferry.url),
-            &json!({"driver": driver, "n": 1}),
-        )
-        .await;
+        let response = reqwest::Client::new()
+            .post(format!("{}/{driver}/publish", ferry.url))
+            .header("traceparent", TRACE)
+            .json(&json!({"driver": driver, "n": 1}))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let reply: Value = response.json().await.unwrap();
         assert_eq!(status, 202, "{driver}: {reply}");
         let id = reply["id"].as_str().unwrap().to_owned();
         wait_until(&format!("the sink has the {driver} message"), || {
@@ -55,6 +61,10 @@ async fn each_driver_carries_messages_from_a_flow_to_a_flow() {
         assert_eq!(got.json(), json!({"driver": driver, "n": 1}), "{driver}");
         // The queue carried the message id as the correlation id of the consuming flow.
         assert_eq!(got.headers["x-correlation-id"], id.as_str(), "{driver}");
+        // The W3C trace goes on across the queue: same trace id, ferry's hops as parents.
+        let traceparent = got.headers["traceparent"].to_str().unwrap();
+        assert_eq!(&traceparent[..36], &TRACE[..36], "{driver}: {traceparent}");
+        assert_ne!(traceparent, TRACE, "{driver}");
     }
 }
 
