@@ -130,6 +130,32 @@ fn main() {
             }
             ferry.shutdown(Duration::from_secs(5)).await;
         }
+        // Observability's cost: the durable store at 16 clients, before and after turning on
+        // Prometheus metrics and JSON logs of every message and attempt (to a sink), in this run.
+        let observed = {
+            let store = Store::open(&format!("sqlite://{}/observed.db", scratch.path().display())).await.unwrap();
+            let ferry = Runtime::start(&project, ferry::server::http_client().unwrap(), Some(store));
+            let base = serve(ferry::server::router(&ferry, None)).await;
+            let endpoint = format!("{base}/api/v1/test-requests");
+            load(&endpoint, 4, 1, "OW").await;
+            let off = load(&endpoint, 16, seconds, "OFF").await.per_second();
+            ferry::observe::install().unwrap();
+            tracing_subscriber::fmt()
+                .json()
+                .with_env_filter("ferry=debug")
+                .with_writer(std::io::sink)
+                .init();
+            let on = load(&endpoint, 16, seconds, "ON").await.per_second();
+            ferry.shutdown(Duration::from_secs(5)).await;
+            (off, on)
+        };
+        println!();
+        println!(
+            "metrics + JSON debug logs, 16 clients, durable: {:.0} req/s off, {:.0} req/s on ({:+.1}%)",
+            observed.0,
+            observed.1,
+            100.0 * (observed.1 - observed.0) / observed.0
+        );
         println!();
         for clients in [1, 16, 64] {
             let rate = |store: &str| results.iter().find(|r| r.0 == store && r.1 == clients).map(|r| (r.2, r.3)).unwrap();
