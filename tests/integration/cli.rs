@@ -20,23 +20,22 @@ fn spawn_ferry(dir: &Path, lab: &Partner) -> (Child, String) {
 /// Starts `ferry serve` on an ephemeral port with the flows of `flows`, `env`, and a store
 /// in `dir`.
 fn spawn_serving(dir: &Path, flows: &str, env: &[(&str, &str)]) -> (Child, String) {
+    spawn_with(dir, &["--flows", flows], env, Stdio::null())
+}
+
+/// Starts `ferry serve` on an ephemeral port with a store in `dir`, more `args`, `env`, and
+/// stderr going to `stderr`; returns the process and its URL.
+fn spawn_with(dir: &Path, args: &[&str], env: &[(&str, &str)], stderr: Stdio) -> (Child, String) {
     let store = format!("sqlite://{}/ferry.db", dir.display());
     let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--store",
-            &store,
-            "--flows",
-            flows,
-        ])
+        .args(["serve", "--listen", "127.0.0.1:0", "--store", &store])
+        .args(args)
         .current_dir(repo())
         .envs(env.iter().copied())
         .env("FERRY_ADMIN_TOKEN", TOKEN)
         .envs(FAST_RETRY)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let mut line = String::new();
@@ -300,33 +299,12 @@ async fn a_reload_under_load_loses_no_request() {
     let dir = tempfile::tempdir().unwrap();
     copy_shipped(dir.path());
     let flows = dir.path().join("flows");
-    let store = format!("sqlite://{}/ferry.db", dir.path().display());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args([
-            "serve",
-            "--watch",
-            "--listen",
-            "127.0.0.1:0",
-            "--store",
-            &store,
-            "--flows",
-        ])
-        .arg(&flows)
-        .env("LAB_URL", &lab.url)
-        .envs(FAST_RETRY)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("ferry listening on ")
-        .unwrap()
-        .to_owned();
+    let (child, url) = spawn_with(
+        dir.path(),
+        &["--watch", "--flows", flows.to_str().unwrap()],
+        &[("LAB_URL", &lab.url)],
+        Stdio::null(),
+    );
 
     const CLIENTS: usize = 8;
     const EACH: usize = 40;
@@ -450,37 +428,14 @@ async fn sighup_reloads_the_flows() {
 async fn metrics_count_a_scripted_run_exactly_and_logs_are_json() {
     let lab = Partner::start(201, json!({"lab_order_id": "LAB-M"})).await;
     let dir = tempfile::tempdir().unwrap();
-    let store = format!("sqlite://{}/ferry.db", dir.path().display());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--store",
-            &store,
-            "--log-format",
-            "json",
-        ])
-        .current_dir(repo())
-        .env("LAB_URL", &lab.url)
-        .env(
+    let env = [
+        ("LAB_URL", lab.url.as_str()),
+        (
             "RUST_LOG",
             "debug,sqlx=warn,hyper=warn,reqwest=warn,h2=warn,lapin=warn,async_nats=warn",
-        )
-        .envs(FAST_RETRY)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("ferry listening on ")
-        .unwrap()
-        .to_owned();
+        ),
+    ];
+    let (mut child, url) = spawn_with(dir.path(), &["--log-format", "json"], &env, Stdio::piped());
     let stderr = child.stderr.take().unwrap();
     let logs = std::thread::spawn(move || {
         BufReader::new(stderr)
