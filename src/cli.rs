@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -490,7 +491,13 @@ fn serve(
         let pruner = tokio::spawn(prune_forever(store, retention));
         // Tests and scripts read this line to find the port when listening on port 0.
         println!("ferry listening on http://{address}");
-        crate::server::run(listener, router, shutdown_signal()).await.context("serving")?;
+        let draining = Arc::clone(&live);
+        let signal = async move {
+            shutdown_signal().await;
+            // Load balancers stop sending before the drain ends.
+            draining.runtime().mark_draining();
+        };
+        crate::server::run(listener, router, signal).await.context("serving")?;
         pruner.abort();
         gauges.abort();
         live.runtime().shutdown(Duration::from_secs(10)).await;

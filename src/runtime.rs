@@ -28,6 +28,7 @@ pub struct Runtime {
     brokers: Brokers,
     delivery: OnceLock<Delivery>,
     consumers: OnceLock<Consumers>,
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Runtime {
@@ -41,6 +42,7 @@ impl Runtime {
             brokers: Brokers::default(),
             delivery: OnceLock::new(),
             consumers: OnceLock::new(),
+            draining: std::sync::atomic::AtomicBool::new(false),
         });
         if runtime.store.is_some() {
             let _ = runtime.delivery.set(Delivery::start(&runtime));
@@ -62,6 +64,17 @@ impl Runtime {
     /// The store, when there is one.
     pub fn store(&self) -> Option<&Store> {
         self.store.as_ref()
+    }
+
+    /// Marks the runtime as stopping, so readiness answers 503 while requests drain.
+    pub fn mark_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the runtime is stopping: it finishes what it holds and takes nothing new.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The broker connections.
@@ -393,6 +406,7 @@ impl Runtime {
     /// Stops consumers and delivery, waiting up to `grace` for the work they hold. The store
     /// stays open: another runtime may go on with it (a reload).
     pub async fn stop(&self, grace: Duration) {
+        self.mark_draining();
         if let Some(consumers) = self.consumers.get() {
             consumers.shutdown(grace).await;
         }

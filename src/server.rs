@@ -137,13 +137,14 @@ async fn readiness(runtime: Arc<Runtime>) -> Response {
         None => true,
     };
     let brokers = runtime.brokers().status();
-    let ready = store && brokers.values().all(|up| *up);
+    let draining = runtime.is_draining();
+    let ready = store && !draining && brokers.values().all(|up| *up);
     let status = if ready {
         axum::http::StatusCode::OK
     } else {
         axum::http::StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = serde_json::json!({"ready": ready, "store": store, "brokers": brokers});
+    let body = serde_json::json!({"ready": ready, "store": store, "brokers": brokers, "draining": draining});
     (status, axum::Json(body)).into_response()
 }
 

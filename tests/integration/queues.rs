@@ -343,3 +343,15 @@ async fn readiness_says_when_a_broker_is_down() {
         "credentials stay out: {last}"
     );
 }
+
+#[tokio::test]
+async fn readiness_turns_false_while_draining() {
+    let sink = Partner::start(200, json!({})).await;
+    let (ferry, _) = queue_flows(&sink).await;
+    let ready = reqwest::get(format!("{}/readyz", ferry.url)).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    ferry.runtime.mark_draining();
+    let draining = reqwest::get(format!("{}/readyz", ferry.url)).await.unwrap();
+    assert_eq!(draining.status(), 503);
+    assert_eq!(draining.json::<Value>().await.unwrap()["draining"], true);
+}
