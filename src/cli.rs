@@ -99,6 +99,10 @@ pub enum Command {
         /// reloads them too, with or without this).
         #[arg(long)]
         watch: bool,
+        /// Serve metrics and the admin API on this address instead of the main one, such as
+        /// `127.0.0.1:9090` (port 0 picks a free port).
+        #[arg(long, env = "FERRY_ADMIN_LISTEN")]
+        admin_listen: Option<SocketAddr>,
         /// How long delivered messages are kept, such as `7d` or `12h`.
         #[arg(long, default_value = "7d", env = "FERRY_RETENTION", value_parser = humantime::parse_duration)]
         retention: Duration,
@@ -242,10 +246,20 @@ pub fn run(cli: Cli) -> ExitCode {
             listen,
             store,
             watch,
+            admin_listen,
             retention,
         } => {
             let paths = ProjectPaths::many(&flows, &schemas);
-            serve(&paths, listen, &store, retention, watch)
+            serve(
+                &paths,
+                Listen {
+                    main: listen,
+                    admin: admin_listen,
+                },
+                &store,
+                retention,
+                watch,
+            )
         }
         Command::Test {
             flows,
@@ -447,9 +461,16 @@ fn print_diagnostics(diagnostics: &[Diagnostic]) {
     }
 }
 
+/// Where `serve` listens.
+#[derive(Debug, Clone, Copy)]
+struct Listen {
+    main: SocketAddr,
+    admin: Option<SocketAddr>,
+}
+
 fn serve(
     paths: &ProjectPaths,
-    listen: SocketAddr,
+    listen: Listen,
     store_url: &str,
     retention: Duration,
     watch: bool,
@@ -466,12 +487,13 @@ fn serve(
         let client = crate::server::http_client().context("building the HTTP client")?;
         let store = crate::store::Store::open(store_url).await.with_context(|| format!("opening the store {store_url}"))?;
         let ferry = crate::runtime::Runtime::start(&project, client.clone(), Some(store.clone()));
-        let live = crate::reload::Live::new(paths.clone(), client, store.clone(), admin_token.clone(), ferry);
+        let split = listen.admin.is_some();
+        let live = crate::reload::Live::new(paths.clone(), client, store.clone(), admin_token.clone(), ferry, split);
         let router = live.router();
         let mut watched = paths.flows.clone();
         watched.extend(paths.schemas.iter().filter(|s| s.is_dir()).cloned());
         crate::reload::spawn_triggers(&live, &watched, watch);
-        let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+        let listener = tokio::net::TcpListener::bind(listen.main).await.with_context(|| format!("binding {}", listen.main))?;
         let address = listener.local_addr()?;
         for flow in &project.flows {
             let mode = if flow.is_durable() { "durable" } else { "sync" };
@@ -497,7 +519,27 @@ fn serve(
             // Load balancers stop sending before the drain ends.
             draining.runtime().mark_draining();
         };
+        let stop = tokio_util::sync::CancellationToken::new();
+        let operations = match listen.admin {
+            Some(admin) => {
+                let listener = tokio::net::TcpListener::bind(admin).await.with_context(|| format!("binding {admin}"))?;
+                println!("ferry admin listening on http://{}", listener.local_addr()?);
+                let (router, stop) = (live.operations_router(), stop.clone());
+                Some(tokio::spawn(crate::server::run(listener, router, async move { stop.cancelled().await })))
+            }
+            None => None,
+        };
+        let signal = {
+            let stop = stop.clone();
+            async move {
+                signal.await;
+                stop.cancel();
+            }
+        };
         crate::server::run(listener, router, signal).await.context("serving")?;
+        if let Some(operations) = operations {
+            let _ = operations.await;
+        }
         pruner.abort();
         gauges.abort();
         live.runtime().shutdown(Duration::from_secs(10)).await;

@@ -30,38 +30,79 @@ pub struct Live {
     client: reqwest::Client,
     store: Store,
     admin_token: Option<String>,
-    current: RwLock<(Arc<Runtime>, Router)>,
+    /// Whether metrics and the admin API have an address of their own.
+    split: bool,
+    current: RwLock<Served>,
+}
+
+/// One set of flows and the routers serving it.
+#[derive(Debug)]
+struct Served {
+    runtime: Arc<Runtime>,
+    main: Router,
+    operations: Router,
+}
+
+impl Served {
+    fn new(runtime: Arc<Runtime>, admin_token: Option<&str>, split: bool) -> Self {
+        let (main, operations) = if split {
+            (
+                crate::server::flows_router(&runtime),
+                crate::server::operations_router(&runtime, admin_token),
+            )
+        } else {
+            (crate::server::router(&runtime, admin_token), Router::new())
+        };
+        Self {
+            runtime,
+            main,
+            operations,
+        }
+    }
 }
 
 impl Live {
-    /// Serves `runtime` (built from `paths`), ready to be replaced by a reload.
+    /// Serves `runtime` (built from `paths`), ready to be replaced by a reload. With `split`,
+    /// metrics and the admin API are left out of [`Live::router`] for
+    /// [`Live::operations_router`] to serve elsewhere.
     pub fn new(
         paths: ProjectPaths,
         client: reqwest::Client,
         store: Store,
         admin_token: Option<String>,
         runtime: Arc<Runtime>,
+        split: bool,
     ) -> Arc<Self> {
-        let router = crate::server::router(&runtime, admin_token.as_deref());
+        let served = Served::new(runtime, admin_token.as_deref(), split);
         Arc::new(Self {
             paths,
             client,
             store,
             admin_token,
-            current: RwLock::new((runtime, router)),
+            split,
+            current: RwLock::new(served),
         })
     }
 
     /// A router that hands each request to the set being served when it arrives.
     pub fn router(self: &Arc<Self>) -> Router {
+        self.delegate(|served| served.main.clone())
+    }
+
+    /// The same, for metrics and the admin API on their own address.
+    pub fn operations_router(self: &Arc<Self>) -> Router {
+        self.delegate(|served| served.operations.clone())
+    }
+
+    fn delegate(self: &Arc<Self>, pick: fn(&Served) -> Router) -> Router {
         let live = Arc::clone(self);
         Router::new().fallback(move |request: Request| {
-            let router = live
-                .current
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .1
-                .clone();
+            let router = pick(
+                &live
+                    .current
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
             async move { router.oneshot(request).await }
         })
     }
@@ -73,7 +114,7 @@ impl Live {
                 .current
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .0,
+                .runtime,
         )
     }
 
@@ -85,16 +126,16 @@ impl Live {
     pub fn reload(&self) -> Result<usize, Vec<Diagnostic>> {
         let project = load_project(&self.paths)?;
         let runtime = Runtime::start(&project, self.client.clone(), Some(self.store.clone()));
-        let router = crate::server::router(&runtime, self.admin_token.as_deref());
-        let (old, _) = std::mem::replace(
+        let served = Served::new(runtime, self.admin_token.as_deref(), self.split);
+        let old = std::mem::replace(
             &mut *self
                 .current
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
-            (runtime, router),
+            served,
         );
         // The old set lets go of nothing it holds: it finishes in the background.
-        tokio::spawn(async move { old.stop(DRAIN).await });
+        tokio::spawn(async move { old.runtime.stop(DRAIN).await });
         Ok(project.flows.len())
     }
 

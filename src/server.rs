@@ -40,9 +40,68 @@ pub fn http_client() -> reqwest::Result<reqwest::Client> {
         .build()
 }
 
-/// Builds the router serving every flow of `runtime`, and the admin API under `/admin/v1`
-/// when `admin_token` is set.
+/// Builds the router serving every flow of `runtime`, health and readiness, metrics, and the
+/// admin API under `/admin/v1` when `admin_token` is set.
 pub fn router(runtime: &Arc<Runtime>, admin_token: Option<&str>) -> Router {
+    with_fallbacks(flow_routes(runtime).merge(operation_routes(runtime, admin_token)))
+}
+
+/// The flows' endpoints, health and readiness, without metrics and the admin API (which
+/// [`operations_router`] serves on an address of their own).
+pub fn flows_router(runtime: &Arc<Runtime>) -> Router {
+    with_fallbacks(flow_routes(runtime))
+}
+
+/// Metrics, the admin API (when `admin_token` is set), health and readiness.
+pub fn operations_router(runtime: &Arc<Runtime>, admin_token: Option<&str>) -> Router {
+    with_fallbacks(operation_routes(runtime, admin_token).merge(health_routes(runtime)))
+}
+
+fn with_fallbacks(router: Router) -> Router {
+    router
+        .fallback(|request: Request| async move {
+            ServeError::NotFound(request.uri().path().to_owned())
+        })
+        .method_not_allowed_fallback(|method: Method| async move {
+            ServeError::MethodNotAllowed(method.to_string())
+        })
+}
+
+fn health_routes(runtime: &Arc<Runtime>) -> Router {
+    let ready = Arc::clone(runtime);
+    Router::new()
+        .route(
+            "/healthz",
+            axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .route(
+            "/readyz",
+            axum::routing::get(move || readiness(Arc::clone(&ready))),
+        )
+}
+
+fn operation_routes(runtime: &Arc<Runtime>, admin_token: Option<&str>) -> Router {
+    let mut router = Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async {
+            match crate::observe::render() {
+                Some(text) => {
+                    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+                }
+                None => ServeError::NotFound("/metrics".into()).into_response(),
+            }
+        }),
+    );
+    if let Some(token) = admin_token {
+        router = router.nest(
+            "/admin/v1",
+            crate::admin::router(Arc::clone(runtime), token),
+        );
+    }
+    router
+}
+
+fn flow_routes(runtime: &Arc<Runtime>) -> Router {
     let mut by_path: HashMap<&str, MethodRouter> = HashMap::new();
     for flow in runtime.flows() {
         let Some(trigger) = flow.http_trigger() else {
@@ -80,39 +139,7 @@ pub fn router(runtime: &Arc<Runtime>, admin_token: Option<&str>) -> Router {
     for (path, methods) in by_path {
         router = router.route(path, methods);
     }
-    router = router.route(
-        "/metrics",
-        axum::routing::get(|| async {
-            match crate::observe::render() {
-                Some(text) => {
-                    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
-                }
-                None => ServeError::NotFound("/metrics".into()).into_response(),
-            }
-        }),
-    );
-    router = router.route(
-        "/healthz",
-        axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
-    );
-    let ready = Arc::clone(runtime);
-    router = router.route(
-        "/readyz",
-        axum::routing::get(move || readiness(Arc::clone(&ready))),
-    );
-    if let Some(token) = admin_token {
-        router = router.nest(
-            "/admin/v1",
-            crate::admin::router(Arc::clone(runtime), token),
-        );
-    }
-    router
-        .fallback(|request: Request| async move {
-            ServeError::NotFound(request.uri().path().to_owned())
-        })
-        .method_not_allowed_fallback(|method: Method| async move {
-            ServeError::MethodNotAllowed(method.to_string())
-        })
+    router.merge(health_routes(runtime))
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then waits for requests in flight.

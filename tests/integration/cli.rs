@@ -533,3 +533,72 @@ async fn metrics_count_a_scripted_run_exactly_and_logs_are_json() {
         "{about:#?}"
     );
 }
+
+#[tokio::test]
+async fn admin_listen_serves_metrics_and_the_admin_api_apart() {
+    let lab = Partner::start(201, json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}/ferry.db", dir.path().display());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--store",
+            &store,
+        ])
+        .current_dir(repo())
+        .env("LAB_URL", &lab.url)
+        .env("FERRY_ADMIN_TOKEN", TOKEN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let main = lines
+        .next()
+        .unwrap()
+        .unwrap()
+        .strip_prefix("ferry listening on ")
+        .unwrap()
+        .to_owned();
+    let admin = lines
+        .next()
+        .unwrap()
+        .unwrap()
+        .strip_prefix("ferry admin listening on ")
+        .unwrap()
+        .to_owned();
+    let get = |url: String| async move {
+        reqwest::Client::new()
+            .get(url)
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(
+        post_json(
+            &format!("{main}/api/v1/test-requests"),
+            &payload("test-request.json")
+        )
+        .await
+        .0,
+        202
+    );
+    assert_eq!(get(format!("{main}/metrics")).await, 404);
+    assert_eq!(get(format!("{main}/admin/v1/dead-letters")).await, 404);
+    assert_eq!(get(format!("{main}/readyz")).await, 200);
+    assert_eq!(get(format!("{admin}/metrics")).await, 200);
+    assert_eq!(get(format!("{admin}/admin/v1/dead-letters")).await, 200);
+    assert_eq!(
+        get(format!("{admin}/api/v1/test-requests/x")).await,
+        404,
+        "flows are not served on the admin address"
+    );
+    terminate(child).await;
+}
