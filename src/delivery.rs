@@ -264,14 +264,17 @@ impl Worker {
             ("outcome", counted.to_owned()),
         ];
         metrics::counter!("ferry_deliveries_total", &labels).increment(1);
+        let correlation_id = message.root()["meta"]["correlation_id"]
+            .as_str()
+            .unwrap_or_default();
         match outcome {
             AttemptOutcome::Dead => tracing::warn!(
-                flow = %flow.name, target = %target.name(), message_id = %entry.message_id, attempt = number,
-                error = error.as_deref().unwrap_or_default(), "delivery failed for good: dead letter"
+                flow = %flow.name, target = %target.name(), message_id = %entry.message_id, correlation_id,
+                attempt = number, error = error.as_deref().unwrap_or_default(), "delivery failed for good: dead letter"
             ),
             _ => tracing::debug!(
-                flow = %flow.name, target = %target.name(), message_id = %entry.message_id, attempt = number,
-                ?status, ?outcome, "delivery attempt"
+                flow = %flow.name, target = %target.name(), message_id = %entry.message_id, correlation_id,
+                attempt = number, ?status, ?outcome, "delivery attempt"
             ),
         }
         let record = AttemptRecord {

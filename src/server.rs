@@ -202,9 +202,9 @@ async fn handle(
     meta.adopt_correlation_id();
     let message = Message::new(body, &meta);
     let reply = runtime.handle(flow, message).await.inspect_err(|error| {
-        tracing::debug!(flow = %flow.name, message_id = %meta.id, %error, "message refused");
+        tracing::debug!(flow = %flow.name, message_id = %meta.id, correlation_id = %meta.correlation_id, %error, "message refused");
     })?;
-    tracing::debug!(flow = %flow.name, message_id = %meta.id, status = reply.status, "message handled");
+    tracing::debug!(flow = %flow.name, message_id = %meta.id, correlation_id = %meta.correlation_id, status = reply.status, "message handled");
     respond(reply)
 }
 

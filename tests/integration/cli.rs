@@ -602,3 +602,84 @@ async fn admin_listen_serves_metrics_and_the_admin_api_apart() {
     );
     terminate(child).await;
 }
+
+#[tokio::test]
+async fn json_logs_follow_one_correlation_id_both_ways() {
+    let lab = Partner::start(201, json!({"lab_order_id": "LAB-J"})).await;
+    let portal = Partner::start(200, json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("LAB_URL", lab.url.as_str()),
+        ("PORTAL_URL", portal.url.as_str()),
+        ("RUST_LOG", "warn,ferry=debug"),
+    ];
+    let (mut child, url) = spawn_with(dir.path(), &["--log-format", "json"], &env, Stdio::piped());
+    let stderr = child.stderr.take().unwrap();
+    let logs = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+
+    let response = reqwest::Client::new()
+        .post(format!("{url}/api/v1/test-requests"))
+        .header("x-correlation-id", "corr-both-ways")
+        .json(&payload("test-request.json"))
+        .send()
+        .await
+        .unwrap();
+    let request_id = response.json::<serde_json::Value>().await.unwrap()["request_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_until("the lab has the order", || lab.accepted().len() == 1).await;
+    // A well-behaved lab sends its results with the correlation id it was given.
+    let echoed = lab.accepted()[0].headers["x-correlation-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let mut result = payload("test-result.json");
+    result["order_ref"] = json!(request_id);
+    let answer = reqwest::Client::new()
+        .post(format!("{url}/api/v1/lab-results"))
+        .header("x-correlation-id", &echoed)
+        .json(&result)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 202);
+    wait_until("the portal has the results", || {
+        portal.accepted().len() == 1
+    })
+    .await;
+    terminate(child).await;
+
+    let entries: Vec<serde_json::Value> = logs
+        .join()
+        .unwrap()
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let journey: Vec<(&str, &str)> = entries
+        .iter()
+        .filter(|e| e["correlation_id"] == "corr-both-ways")
+        .map(|e| {
+            (
+                e["flow"].as_str().unwrap_or_default(),
+                e["message"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    for step in [
+        ("portal-to-lab", "message handled"),
+        ("portal-to-lab", "delivery attempt"),
+        ("lab-to-portal", "message handled"),
+        ("lab-to-portal", "delivery attempt"),
+    ] {
+        assert!(
+            journey.contains(&step),
+            "{step:?} missing from {journey:#?}"
+        );
+    }
+}
