@@ -509,7 +509,7 @@ fn serve(
         if let Err(error) = crate::observe::install() {
             tracing::warn!(%error, "metrics are off");
         }
-        let gauges = tokio::spawn(publish_gauges(store.clone()));
+        let gauges = tokio::spawn(publish_gauges(Arc::clone(&live), store.clone()));
         let pruner = tokio::spawn(prune_forever(store, retention));
         // Tests and scripts read this line to find the port when listening on port 0.
         println!("ferry listening on http://{address}");
@@ -549,8 +549,18 @@ fn serve(
 }
 
 /// Keeps the store's gauges current for `/metrics`.
-async fn publish_gauges(store: crate::store::Store) {
+async fn publish_gauges(live: Arc<crate::reload::Live>, store: crate::store::Store) {
     loop {
+        for flow in live.runtime().flows() {
+            if let Some(trigger) = flow
+                .queue_trigger()
+                .filter(|t| t.spec.driver == crate::config::QueueDriver::Embedded)
+                && let Ok(depth) = store.queue_depth(&trigger.spec.name).await
+            {
+                metrics::gauge!("ferry_queue_depth", "queue" => trigger.spec.name.clone())
+                    .set(depth as f64);
+            }
+        }
         if let Ok(pending) = store.undelivered().await {
             metrics::gauge!("ferry_outbox_pending").set(pending as f64);
         }

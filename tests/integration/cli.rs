@@ -683,3 +683,32 @@ async fn json_logs_follow_one_correlation_id_both_ways() {
         );
     }
 }
+
+#[tokio::test]
+async fn embedded_queue_depth_is_a_gauge() {
+    let lab = Partner::start(201, json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (child, url) = spawn_serving(
+        dir.path(),
+        "flows,examples/layered/flows",
+        &[("LAB_URL", &lab.url)],
+    );
+    let mut scraped = String::new();
+    for _ in 0..500 {
+        scraped = reqwest::get(format!("{url}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if scraped.contains("ferry_queue_depth{queue=\"lab-orders\"} 0") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(
+        scraped.contains("ferry_queue_depth{queue=\"lab-orders\"} 0"),
+        "{scraped}"
+    );
+    terminate(child).await;
+}
