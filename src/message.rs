@@ -172,6 +172,16 @@ impl Message {
         }
     }
 
+    /// Sets a var for every field of `fields`, when it is an object: how a called flow's
+    /// reply becomes the caller's vars.
+    pub fn merge_vars(&mut self, fields: &Value) {
+        if let Value::Object(fields) = fields {
+            for (name, value) in fields {
+                self.set_var(name, value.clone());
+            }
+        }
+    }
+
     fn slot(&mut self, key: &str, value: Value) {
         self.root_mut().insert(key.to_owned(), value);
     }

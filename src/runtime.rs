@@ -16,7 +16,7 @@ use crate::message::{Message, Meta};
 use crate::queue::consume::Consumers;
 use crate::queue::{Brokers, CORRELATION_ID, IDEMPOTENCY_KEY, MESSAGE_ID};
 use crate::store::{AcceptOutcome, Accepted, MessageStatus, NewEvent, Store, StoredReply, now_ms};
-use crate::targets::{Attempt, RetryAction, Target};
+use crate::targets::{Attempt, RetryAction, Target, classify_status};
 
 /// The flows with what they run on: the HTTP client, the store, brokers, the delivery
 /// workers and the queue consumers.
@@ -128,7 +128,7 @@ impl Runtime {
             if let Target::Flow(call) = target {
                 // A called flow's refusal is the caller's, status and all.
                 let reply = self.call(&call.flow, &message).await?;
-                merge_vars(&mut message, &reply.body);
+                message.merge_vars(&reply.body);
                 called = Some(reply);
             } else {
                 let attempt = self.attempt(flow, target, &mut message).await;
@@ -216,7 +216,7 @@ impl Runtime {
             }
             Target::Flow(call) => match self.call(&call.flow, message).await {
                 Ok(reply) if (200..300).contains(&reply.status) => {
-                    merge_vars(message, &reply.body);
+                    message.merge_vars(&reply.body);
                     Attempt::done(Some(reply.status))
                 }
                 Ok(reply) => {
@@ -420,24 +420,6 @@ impl Runtime {
         self.stop(grace).await;
         if let Some(store) = &self.store {
             store.close().await;
-        }
-    }
-}
-
-/// A called flow's status, read like an HTTP target's.
-fn classify_status(status: u16) -> RetryAction {
-    match status {
-        200..=299 => RetryAction::Done,
-        408 | 429 | 500..=599 => RetryAction::Retry,
-        _ => RetryAction::Drop,
-    }
-}
-
-/// A called flow's reply fields become the caller's vars.
-fn merge_vars(message: &mut Message, reply: &Value) {
-    if let Value::Object(fields) = reply {
-        for (name, value) in fields {
-            message.set_var(name, value.clone());
         }
     }
 }

@@ -22,7 +22,7 @@ use crate::flow::{Flow, Trigger};
 use crate::jsonpath::JsonPath;
 use crate::message::{Message, Meta};
 use crate::store::Store;
-use crate::targets::{RetryAction, Target, TargetResponse, classify};
+use crate::targets::{RetryAction, Target, TargetResponse, classify_status};
 
 /// A test file.
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -413,28 +413,24 @@ fn deliver(
     if let Some(kind) = &mock.fail {
         return Err(failed(None, format!("mocked {kind}")));
     }
-    let response = TargetResponse {
-        status: mock.status,
-        retry_after: None,
-        body: Bytes::from(mock.body.to_string()),
-    };
-    let outcome = Ok(response);
-    if classify(&outcome) != RetryAction::Done {
+    if classify_status(mock.status) != RetryAction::Done {
         return Err(failed(
             Some(mock.status),
             format!("answered {}", mock.status),
         ));
     }
-    match (target, outcome) {
-        (Target::Http(http), Ok(response)) => http.capture(&response, message),
-        (Target::Flow(_), _) => {
-            if let Value::Object(fields) = &mock.body {
-                for (name, value) in fields {
-                    message.set_var(name, value.clone());
-                }
-            }
+    match target {
+        Target::Http(http) => {
+            let body = Bytes::from(mock.body.to_string());
+            let response = TargetResponse {
+                status: mock.status,
+                retry_after: None,
+                body,
+            };
+            http.capture(&response, message);
         }
-        _ => {}
+        Target::Flow(_) => message.merge_vars(&mock.body),
+        Target::Queue(_) => {}
     }
     Ok(())
 }

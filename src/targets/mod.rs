@@ -90,11 +90,17 @@ pub enum RetryAction {
 pub fn classify(outcome: &Result<TargetResponse, SendError>) -> RetryAction {
     match outcome {
         Err(_) => RetryAction::Retry,
-        Ok(response) => match response.status {
-            200..=299 => RetryAction::Done,
-            408 | 429 | 500..=599 => RetryAction::Retry,
-            _ => RetryAction::Drop,
-        },
+        Ok(response) => classify_status(response.status),
+    }
+}
+
+/// Classifies an answered status: 2xx is done; 408, 429 and 5xx are worth retrying; any
+/// other status is permanent. A called flow's reply status reads the same way.
+pub fn classify_status(status: u16) -> RetryAction {
+    match status {
+        200..=299 => RetryAction::Done,
+        408 | 429 | 500..=599 => RetryAction::Retry,
+        _ => RetryAction::Drop,
     }
 }
 
