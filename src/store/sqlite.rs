@@ -264,12 +264,18 @@ impl SqliteStore {
             .transpose()
     }
 
+    /// A read transaction: queries in it see one snapshot, even when a commit lands between
+    /// them (a status must never pair a new state with old data).
+    async fn snapshot(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
+        Ok(self.read.begin().await?)
+    }
+
     pub(super) async fn find_correlation(
         &self,
         context: &str,
         keys: &[String],
     ) -> Result<Option<Correlation>, StoreError> {
-        let mut conn = self.read.acquire().await?;
+        let mut conn = self.snapshot().await?;
         for key in keys.iter().filter(|k| !k.is_empty()) {
             let id: Option<i64> = sqlx::query_scalar(
                 "SELECT correlation_id FROM correlation_keys WHERE context = $1 AND key = $2",
@@ -336,7 +342,7 @@ impl SqliteStore {
     }
 
     pub(super) async fn message(&self, id: &str) -> Result<Option<MessageDetail>, StoreError> {
-        let mut conn = self.read.acquire().await?;
+        let mut conn = self.snapshot().await?;
         let Some(row) = sqlx::query(
             "SELECT id, flow, status, correlation_id, error, received_at, updated_at, inbound, reply, record_id
              FROM messages WHERE id = $1",
@@ -397,7 +403,7 @@ impl SqliteStore {
     }
 
     pub(super) async fn trace(&self, key: &str) -> Result<Option<Trace>, StoreError> {
-        let mut conn = self.read.acquire().await?;
+        let mut conn = self.snapshot().await?;
         let by_message: Option<Option<i64>> =
             sqlx::query_scalar("SELECT record_id FROM messages WHERE id = $1")
                 .bind(key)
