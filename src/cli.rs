@@ -106,6 +106,9 @@ pub enum Command {
         /// How long delivered messages are kept, such as `7d` or `12h`.
         #[arg(long, default_value = "7d", env = "FERRY_RETENTION", value_parser = humantime::parse_duration)]
         retention: Duration,
+        /// TLS and limits.
+        #[command(flatten)]
+        guard: GuardArgs,
     },
     /// Check flows for every problem that can be found without traffic.
     Check {
@@ -248,6 +251,7 @@ pub fn run(cli: Cli) -> ExitCode {
             watch,
             admin_listen,
             retention,
+            guard,
         } => {
             let paths = ProjectPaths::many(&flows, &schemas);
             serve(
@@ -259,6 +263,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 &store,
                 retention,
                 watch,
+                &guard,
             )
         }
         Command::Test {
@@ -461,6 +466,38 @@ fn print_diagnostics(diagnostics: &[Diagnostic]) {
     }
 }
 
+/// How `serve` guards its endpoints.
+#[derive(Debug, clap::Args)]
+pub struct GuardArgs {
+    /// Serve HTTPS with this PEM certificate chain (needs `--tls-key`).
+    #[arg(long, env = "FERRY_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long, env = "FERRY_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Requests handled at once; beyond it ferry answers 503 with `Retry-After`.
+    #[arg(long, default_value_t = 1024, env = "FERRY_MAX_CONCURRENCY")]
+    max_concurrency: usize,
+    /// Longest a request may take, body included; beyond it ferry answers 408.
+    #[arg(long, default_value = "30s", env = "FERRY_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
+}
+
+impl GuardArgs {
+    fn options(&self) -> anyhow::Result<crate::server::ServeOptions> {
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::server::tls_config(cert, key)?),
+            _ => None,
+        };
+        Ok(crate::server::ServeOptions {
+            tls,
+            max_concurrency: self.max_concurrency.max(1),
+            request_timeout: self.request_timeout,
+            ..crate::server::ServeOptions::default()
+        })
+    }
+}
+
 /// Where `serve` listens.
 #[derive(Debug, Clone, Copy)]
 struct Listen {
@@ -474,11 +511,20 @@ fn serve(
     store_url: &str,
     retention: Duration,
     watch: bool,
+    guard: &GuardArgs,
 ) -> anyhow::Result<ExitCode> {
+    let options = guard.options()?;
     let Some(project) = load_or_report(paths) else {
         return Ok(ExitCode::from(1));
     };
     print_diagnostics(&project.warnings);
+    if project.warnings.iter().any(|d| d.code == "secret-unset") {
+        eprintln!("ferry serve needs the secrets above: set the environment variables they name");
+        return Ok(ExitCode::from(1));
+    }
+    if options.tls.is_none() && !listen.main.ip().is_loopback() {
+        tracing::warn!(address = %listen.main, "serving plain HTTP on a non-loopback address: use --tls-cert and --tls-key, or a TLS proxy in front");
+    }
     let admin_token = std::env::var("FERRY_ADMIN_TOKEN")
         .ok()
         .filter(|t| !t.is_empty());
@@ -525,7 +571,7 @@ fn serve(
                 let listener = tokio::net::TcpListener::bind(admin).await.with_context(|| format!("binding {admin}"))?;
                 println!("ferry admin listening on http://{}", listener.local_addr()?);
                 let (router, stop) = (live.operations_router(), stop.clone());
-                Some(tokio::spawn(crate::server::run(listener, router, async move { stop.cancelled().await })))
+                Some(tokio::spawn(crate::server::run(listener, router, options.clone(), async move { stop.cancelled().await })))
             }
             None => None,
         };
@@ -536,7 +582,7 @@ fn serve(
                 stop.cancel();
             }
         };
-        crate::server::run(listener, router, signal).await.context("serving")?;
+        crate::server::run(listener, router, options, signal).await.context("serving")?;
         if let Some(operations) = operations {
             let _ = operations.await;
         }

@@ -100,7 +100,7 @@ pub fn load_project_with_env(
     check_endpoints(&loaded, &mut diagnostics);
     let mut flows = Vec::new();
     for flow in &loaded {
-        if let Some(compiled) = Flow::compile(flow, &mut schemas, &mut diagnostics) {
+        if let Some(compiled) = Flow::compile(flow, &mut schemas, &mut diagnostics, env) {
             flows.push(Arc::new(compiled));
         }
     }
@@ -362,6 +362,8 @@ pub(crate) struct Ctx<'a> {
     pub(crate) diagnostics: &'a mut Vec<Diagnostic>,
     /// Target names, in declaration order; routes refer to them.
     pub(crate) targets: Vec<String>,
+    /// Where secrets named by environment variable come from.
+    pub(crate) env: &'a dyn Fn(&str) -> Option<String>,
 }
 
 impl Ctx<'_> {
@@ -384,14 +386,72 @@ impl Ctx<'_> {
         self.diagnostics.push(d);
     }
 
-    /// Records a warning at `at`.
-    pub(crate) fn warn(&mut self, at: Location, message: impl Into<String>) {
-        let mut d = self
-            .diagnostic(message)
-            .at_location(at)
-            .with_code("unreachable-route");
+    /// Records a warning of kind `code` at `at`.
+    pub(crate) fn warn_with(
+        &mut self,
+        at: Location,
+        code: &'static str,
+        message: impl Into<String>,
+    ) {
+        let mut d = self.diagnostic(message).at_location(at).with_code(code);
         d.severity = Severity::Warning;
         self.diagnostics.push(d);
+    }
+
+    /// An environment variable, read through the loader's environment.
+    pub(crate) fn env(&self, name: &str) -> Option<String> {
+        (self.env)(name)
+    }
+
+    /// The secret in the environment variable `name`; unset is a `secret-unset` warning (on
+    /// which `ferry serve` refuses to start) and an empty secret.
+    pub(crate) fn secret(&mut self, name: &crate::config::Spanned<String>) -> String {
+        let value = self.env(&name.value).filter(|v| !v.is_empty());
+        if value.is_none() {
+            self.warn_with(
+                name.referenced,
+                "secret-unset",
+                format!("environment variable {} is not set", name.value),
+            );
+        }
+        value.unwrap_or_default()
+    }
+
+    /// Parses a header name, reporting a problem at `at`.
+    pub(crate) fn header_name(
+        &mut self,
+        name: &str,
+        at: Location,
+    ) -> Option<axum::http::HeaderName> {
+        match axum::http::HeaderName::from_bytes(name.as_bytes()) {
+            Ok(header) => Some(header),
+            Err(_) => {
+                self.error(at, format!("invalid header name \"{name}\""));
+                None
+            }
+        }
+    }
+
+    /// Reads a file the flow names (see [`Ctx::project_file`]), reporting a problem at `at`.
+    pub(crate) fn read_project_file(&mut self, name: &str, at: Location) -> Option<Vec<u8>> {
+        let path = self.project_file(name, at)?;
+        std::fs::read(&path)
+            .map_err(|e| self.error(at, format!("cannot read {name}: {e}")))
+            .ok()
+    }
+
+    /// A file the flow names, relative to the flow file's folder; one outside it is refused.
+    pub(crate) fn project_file(&mut self, name: &str, at: Location) -> Option<std::path::PathBuf> {
+        if !crate::auth::stays_inside(name) {
+            self.error_with(
+                at,
+                "file-escape",
+                format!("\"{name}\" is outside the flow's folder"),
+                Some("name files relative to the flow file, without `..`".into()),
+            );
+            return None;
+        }
+        Some(self.file.parent().unwrap_or(Path::new(".")).join(name))
     }
 
     fn diagnostic(&self, message: impl Into<String>) -> Diagnostic {

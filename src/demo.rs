@@ -33,11 +33,16 @@ pub async fn run(paths: &ProjectPaths, delay: Duration) -> anyhow::Result<bool> 
     let (portal_url, portal_got) = simulated_portal().await?;
     let ferry_listener = TcpListener::bind("127.0.0.1:0").await?;
     let ferry_url = format!("http://{}", ferry_listener.local_addr()?);
-    let lab_url = simulated_lab(ferry_url.clone(), delay).await?;
+    // Secrets of this run only: the portal's API key and the lab's webhook secret.
+    let portal_key = format!("demo-{:016x}", fastrand::u64(..));
+    let lab_secret = format!("demo-{:016x}", fastrand::u64(..));
+    let lab_url = simulated_lab(ferry_url.clone(), delay, lab_secret.clone()).await?;
 
     let overrides = [
         ("LAB_URL", lab_url.clone()),
         ("PORTAL_URL", portal_url.clone()),
+        ("PORTAL_API_KEY", portal_key.clone()),
+        ("LAB_WEBHOOK_SECRET", lab_secret),
     ];
     let env = |name: &str| {
         overrides
@@ -72,6 +77,7 @@ pub async fn run(paths: &ProjectPaths, delay: Duration) -> anyhow::Result<bool> 
     let client = reqwest::Client::new();
     let response = client
         .post(format!("{ferry_url}/api/v1/test-requests"))
+        .header("x-api-key", &portal_key)
         .json(&sample)
         .send()
         .await?;
@@ -88,6 +94,7 @@ pub async fn run(paths: &ProjectPaths, delay: Duration) -> anyhow::Result<bool> 
     while started.elapsed() < delay + Duration::from_secs(30) {
         let status: Value = client
             .get(format!("{ferry_url}/api/v1/test-requests/{request_id}"))
+            .header("x-api-key", &portal_key)
             .send()
             .await?
             .json()
@@ -159,9 +166,13 @@ pub async fn run(paths: &ProjectPaths, delay: Duration) -> anyhow::Result<bool> 
 
 /// A lab that takes every order with an id of its own and, `delay` later, posts results for
 /// it to ferry's webhook.
-async fn simulated_lab(ferry_url: String, delay: Duration) -> anyhow::Result<String> {
+async fn simulated_lab(
+    ferry_url: String,
+    delay: Duration,
+    secret: String,
+) -> anyhow::Result<String> {
     async fn take_order(
-        State((ferry_url, delay)): State<(String, Duration)>,
+        State((ferry_url, delay, secret)): State<(String, Duration, String)>,
         axum::Json(order): axum::Json<Value>,
     ) -> (StatusCode, axum::Json<Value>) {
         let lab_order_id = format!("LAB-{}", &uuid::Uuid::now_v7().simple().to_string()[20..]);
@@ -178,9 +189,19 @@ async fn simulated_lab(ferry_url: String, delay: Duration) -> anyhow::Result<Str
                 "order_ref": order["order_ref"], "lab_order_id": id, "status": "completed",
                 "completed_at": crate::store::rfc3339(crate::store::now_ms()), "results": results,
             });
+            // Signed the Standard Webhooks way, as the lab-to-portal flow requires.
+            let body = result.to_string();
+            let id = format!("msg_{}", uuid::Uuid::now_v7().simple());
+            let timestamp = time::OffsetDateTime::now_utc().unix_timestamp();
+            let key = crate::auth::webhook_key(&secret);
+            let signature = crate::auth::standard_signature(&key, &id, timestamp, body.as_bytes());
             let _ = reqwest::Client::new()
                 .post(format!("{ferry_url}/api/v1/lab-results"))
-                .json(&result)
+                .header("content-type", "application/json")
+                .header("webhook-id", id)
+                .header("webhook-timestamp", timestamp.to_string())
+                .header("webhook-signature", signature)
+                .body(body)
                 .send()
                 .await;
         });
@@ -193,7 +214,7 @@ async fn simulated_lab(ferry_url: String, delay: Duration) -> anyhow::Result<Str
     let url = format!("http://{}", listener.local_addr()?);
     let app = Router::new()
         .route("/orders", axum::routing::post(take_order))
-        .with_state((ferry_url, delay));
+        .with_state((ferry_url, delay, secret));
     tokio::spawn(async move { axum::serve(listener, app).await });
     Ok(url)
 }

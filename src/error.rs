@@ -93,6 +93,33 @@ pub enum ServeError {
     /// A flow serves the path, but not with this method.
     #[error("method {0} is not allowed here")]
     MethodNotAllowed(String),
+    /// The body is JSON, but not JSON ferry accepts: nested too deep, or an object with a
+    /// key twice (which readers would resolve differently).
+    #[error("the body is refused: {reason} at {pointer}")]
+    RefusedJson {
+        /// What is wrong.
+        reason: String,
+        /// JSON pointer to where it is.
+        pointer: String,
+    },
+    /// Credentials are missing or wrong; which part was wrong is not said.
+    #[error("missing or invalid credentials")]
+    Unauthorized,
+    /// Valid credentials that are not allowed here.
+    #[error("not allowed")]
+    Forbidden,
+    /// The client sent more than its rate limit allows.
+    #[error("too many requests; try again later")]
+    TooManyRequests {
+        /// Seconds until the next request is allowed.
+        retry_after: u64,
+    },
+    /// ferry is at its concurrency limit.
+    #[error("overloaded; try again later")]
+    Overloaded,
+    /// The request took longer than the server's request timeout.
+    #[error("the request took too long")]
+    Timeout,
     /// The flow refused or failed the message.
     #[error(transparent)]
     Flow(#[from] FlowError),
@@ -108,6 +135,12 @@ impl ServeError {
             Self::MalformedJson { .. } => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RefusedJson { .. } => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Timeout => StatusCode::REQUEST_TIMEOUT,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Flow(
@@ -126,6 +159,12 @@ impl ServeError {
             Self::MalformedJson { .. } => "malformed_json",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::RefusedJson { .. } => "refused_json",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::TooManyRequests { .. } => "rate_limited",
+            Self::Overloaded => "overloaded",
+            Self::Timeout => "timeout",
             Self::NotFound(_) => "not_found",
             Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::Flow(FlowError::Invalid { .. }) => "validation_failed",
@@ -144,6 +183,7 @@ impl ServeError {
                 vec![json!({"line": line, "column": column})]
             }
             Self::PayloadTooLarge { limit } => vec![json!({"limit_bytes": limit})],
+            Self::RefusedJson { pointer, .. } => vec![json!({"pointer": pointer})],
             Self::Flow(FlowError::Invalid { schema, violations }) => violations
                 .iter()
                 .map(|v| json!({"pointer": v.pointer, "message": v.message, "schema": schema}))
@@ -186,9 +226,20 @@ impl ServeError {
 impl IntoResponse for ServeError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
+        if status.is_server_error() && !matches!(self, Self::Overloaded) {
             tracing::warn!(error = %self, code = self.code(), "request failed");
         }
-        (status, Json(self.body())).into_response()
+        let retry_after = match &self {
+            Self::TooManyRequests { retry_after } => Some(retry_after.max(&1).to_string()),
+            Self::Overloaded => Some("1".to_owned()),
+            _ => None,
+        };
+        let mut response = (status, Json(self.body())).into_response();
+        if let Some(seconds) = retry_after.and_then(|s| s.parse().ok()) {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds);
+        }
+        response
     }
 }

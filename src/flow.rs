@@ -69,7 +69,11 @@ pub struct Processed {
 }
 
 /// What starts a flow.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per flow, built once at load"
+)]
 pub enum Trigger {
     /// Nothing: other flows call it.
     Called,
@@ -93,7 +97,7 @@ pub struct QueueTrigger {
 }
 
 /// A compiled HTTP trigger.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct HttpTrigger {
     /// The method it answers.
     pub method: Method,
@@ -101,8 +105,14 @@ pub struct HttpTrigger {
     pub path: String,
     /// The largest body accepted, in bytes.
     pub max_body: u64,
+    /// The deepest JSON nesting accepted.
+    pub max_depth: u32,
     /// Where a submission's identity comes from, when not the `Idempotency-Key` header.
     pub idempotency_key: Option<JsonPath>,
+    /// Who may call.
+    pub auth: crate::auth::Auth,
+    /// How often one client may call.
+    pub rate_limit: Option<RateLimit>,
 }
 
 #[derive(Debug)]
@@ -131,6 +141,7 @@ impl Flow {
         loaded: &LoadedFlow,
         schemas: &mut Schemas,
         diagnostics: &mut Vec<Diagnostic>,
+        env: &dyn Fn(&str) -> Option<String>,
     ) -> Option<Self> {
         let config = &loaded.config;
         let mut templates = Templates::new();
@@ -147,6 +158,7 @@ impl Flow {
             schemas,
             diagnostics,
             targets: config.targets.keys().cloned().collect(),
+            env,
         };
         let trigger = compile_trigger(config.trigger.as_ref(), &mut ctx);
 
@@ -293,6 +305,25 @@ impl Flow {
             Value::String(key) if key.is_empty() => None,
             Value::String(key) => Some(key),
             other => Some(other.to_string()),
+        }
+    }
+
+    /// Refuses a message whose chosen target's destination comes from data it may not
+    /// choose (see [`crate::targets::HttpTarget::check_destination`]).
+    ///
+    /// # Errors
+    ///
+    /// [`FlowError::Unprocessable`] saying why.
+    pub fn check_destination(
+        &self,
+        target: Option<usize>,
+        message: &Message,
+    ) -> Result<(), FlowError> {
+        match target.map(|i| &self.targets[i]) {
+            Some(crate::targets::Target::Http(http)) => {
+                http.check_destination(message, &self.templates)
+            }
+            _ => Ok(()),
         }
     }
 
@@ -517,12 +548,82 @@ fn compile_http_trigger(
         Some(path) => Some(ctx.message_path(&path.value, path.referenced)?),
         None => None,
     };
+    let max_depth = match &http.max_depth {
+        Some(depth) if depth.value == 0 || depth.value > crate::json::MAX_MAX_DEPTH => {
+            ctx.error(
+                depth.referenced,
+                format!(
+                    "max_depth must be between 1 and {}",
+                    crate::json::MAX_MAX_DEPTH
+                ),
+            );
+            None
+        }
+        Some(depth) => Some(depth.value),
+        None => Some(crate::json::DEFAULT_MAX_DEPTH),
+    };
+    let rate_limit = match &http.rate_limit {
+        Some(limit) => Some(RateLimit::compile(limit, ctx)?),
+        None => None,
+    };
+    let auth = crate::auth::compile(http.auth.as_ref(), http.method.referenced, ctx);
     Some(HttpTrigger {
         method: method?,
         path: path.clone(),
         max_body: max_body?,
+        max_depth: max_depth?,
         idempotency_key,
+        auth: auth?,
+        rate_limit,
     })
+}
+
+/// A token bucket per client address.
+pub struct RateLimit {
+    limiter: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
+}
+
+impl std::fmt::Debug for RateLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RateLimit")
+    }
+}
+
+impl RateLimit {
+    fn compile(config: &crate::config::RateLimitConfig, ctx: &mut Ctx<'_>) -> Option<Self> {
+        let per_second = std::num::NonZeroU32::new(config.per_second.value);
+        let burst = config
+            .burst
+            .as_ref()
+            .map_or(per_second, |b| std::num::NonZeroU32::new(b.value));
+        let (Some(per_second), Some(burst)) = (per_second, burst) else {
+            ctx.error(
+                config.per_second.referenced,
+                "a rate limit must be at least 1",
+            );
+            return None;
+        };
+        let quota = governor::Quota::per_second(per_second).allow_burst(burst);
+        Some(Self {
+            limiter: governor::RateLimiter::keyed(quota),
+        })
+    }
+
+    /// Takes a token for `client`.
+    ///
+    /// # Errors
+    ///
+    /// The seconds until one is free, when none is.
+    pub fn check(&self, client: std::net::IpAddr) -> Result<(), u64> {
+        use governor::clock::Clock as _;
+        if self.limiter.len() > 100_000 {
+            self.limiter.retain_recent(); // forget clients whose buckets are full again
+        }
+        self.limiter.check_key(&client).map_err(|not_until| {
+            let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+            wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+        })
+    }
 }
 
 /// Paths start with `/`, and a `{name}` or `{*rest}` parameter fills a whole segment.

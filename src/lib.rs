@@ -13,11 +13,13 @@
 //! - [`steps`]: `validate`, `set`, `transform`, `route`.
 //! - [`targets`]: where messages go (`http`), and how outcomes are classified.
 //! - [`template`], [`jsonpath`], [`schema`]: the compilers steps and targets share.
-//! - [`server`]: the HTTP server that runs flows' triggers.
+//! - [`server`]: the HTTP server that runs flows' triggers; [`auth`] decides who may call
+//!   them and [`json`] reads their bodies strictly.
 //! - [`error`]: errors and their single mapping to HTTP replies.
 //! - [`cli`]: the `ferry` command.
 
 pub mod admin;
+pub mod auth;
 pub mod cli;
 pub mod compile;
 pub mod config;
@@ -26,6 +28,7 @@ pub mod demo;
 pub mod diagnostic;
 pub mod error;
 pub mod flow;
+pub mod json;
 pub mod jsonpath;
 pub mod message;
 pub mod observe;

@@ -106,7 +106,10 @@ impl Runtime {
         let inbound = message.body().clone();
         let meta = message.root()["meta"].clone();
         let received_at = now_ms();
-        let steps = flow.run_steps(&mut message, Some(store)).await;
+        let steps = flow
+            .run_steps(&mut message, Some(store))
+            .await
+            .and_then(|p| flow.check_destination(p.target, &message).map(|()| p));
         let source = Source {
             inbound,
             meta,
@@ -123,6 +126,7 @@ impl Runtime {
         mut message: Message,
     ) -> Result<StoredReply, ServeError> {
         let processed = flow.run_steps(&mut message, self.store.as_ref()).await?;
+        flow.check_destination(processed.target, &message)?;
         let mut called = None;
         if let Some(target) = processed.target.map(|i| &flow.targets()[i]) {
             if let Target::Flow(call) = target {

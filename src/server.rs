@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, to_bytes};
@@ -35,9 +36,15 @@ const HIDDEN_HEADERS: [&str; 4] = [
 ///
 /// When the TLS backend cannot be initialised.
 pub fn http_client() -> reqwest::Result<reqwest::Client> {
+    http_client_builder().build()
+}
+
+/// How every HTTP client of ferry starts: its user agent, and no redirects (a partner that
+/// redirects could send ferry, and the message, anywhere).
+pub fn http_client_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .user_agent(concat!("ferry/", env!("CARGO_PKG_VERSION")))
-        .build()
+        .redirect(reqwest::redirect::Policy::none())
 }
 
 /// Builds the router serving every flow of `runtime`, health and readiness, metrics, and the
@@ -142,7 +149,93 @@ fn flow_routes(runtime: &Arc<Runtime>) -> Router {
     router.merge(health_routes(runtime))
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves, then waits for requests in flight.
+/// How the server guards itself: TLS, and limits that hold for every endpoint.
+#[derive(Clone)]
+pub struct ServeOptions {
+    /// Serve HTTPS with this configuration.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Requests handled at once; beyond it, `503` with `Retry-After`.
+    pub max_concurrency: usize,
+    /// Longest a request may take, body included; beyond it, `408`.
+    pub request_timeout: Duration,
+    /// Most header lines a request may have (beyond it, `431`).
+    pub max_headers: usize,
+    /// Most bytes a request's head may take (beyond it, `431`).
+    pub max_header_bytes: usize,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            tls: None,
+            max_concurrency: 1024,
+            request_timeout: Duration::from_secs(30),
+            max_headers: 64,
+            max_header_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl std::fmt::Debug for ServeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeOptions")
+            .field("tls", &self.tls.is_some())
+            .field("max_concurrency", &self.max_concurrency)
+            .field("request_timeout", &self.request_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads a PEM certificate chain and private key into a TLS server configuration.
+///
+/// # Errors
+///
+/// When a file cannot be read or holds no usable certificate or key.
+pub fn tls_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use anyhow::Context as _;
+    use rustls_pki_types::pem::PemObject as _;
+    let chain = rustls_pki_types::CertificateDer::pem_file_iter(cert)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .with_context(|| format!("reading certificates from {}", cert.display()))?;
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("reading the private key from {}", key.display()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .context("the certificate does not match the key")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Applies the concurrency limit and the request timeout to every route of `router`.
+fn guarded(router: Router, options: &ServeOptions) -> Router {
+    let permits = Arc::new(tokio::sync::Semaphore::new(options.max_concurrency));
+    let timeout = options.request_timeout;
+    router.layer(axum::middleware::from_fn(
+        move |request: Request, next: axum::middleware::Next| {
+            let permits = Arc::clone(&permits);
+            async move {
+                let Ok(_permit) = permits.try_acquire() else {
+                    metrics::counter!("ferry_requests_shed_total").increment(1);
+                    return ServeError::Overloaded.into_response();
+                };
+                match tokio::time::timeout(timeout, next.run(request)).await {
+                    Ok(response) => response,
+                    Err(_) => ServeError::Timeout.into_response(),
+                }
+            }
+        },
+    ))
+}
+
+/// Serves `router` on `listener` (over TLS when configured) until `shutdown` resolves, then
+/// waits for requests in flight.
 ///
 /// # Errors
 ///
@@ -150,11 +243,77 @@ fn flow_routes(runtime: &Arc<Runtime>) -> Router {
 pub async fn run(
     listener: TcpListener,
     router: Router,
+    options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let router = guarded(router, &options);
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .max_headers(options.max_headers)
+        .max_buf_size(options.max_header_bytes.max(8192))
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(options.request_timeout);
+    builder
+        .http2()
+        .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX));
+    let builder = Arc::new(builder);
+    let tls = options.tls.map(tokio_rustls::TlsAcceptor::from);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, say: wait rather than spin.
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let router = router.clone();
+        let service = hyper::service::service_fn(
+            move |mut request: hyper::Request<hyper::body::Incoming>| {
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                tower::ServiceExt::oneshot(router.clone(), request.map(Body::new))
+            },
+        );
+        let builder = Arc::clone(&builder);
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        let handshake_timeout = options.request_timeout;
+        tokio::spawn(async move {
+            let served = match tls {
+                Some(acceptor) => {
+                    let Ok(Ok(stream)) =
+                        tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
+                    else {
+                        return; // a failed or stalled handshake: nothing to answer
+                    };
+                    let connection =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    watcher.watch(connection.into_owned()).await
+                }
+                None => {
+                    let connection =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    watcher.watch(connection.into_owned()).await
+                }
+            };
+            if let Err(error) = served {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 /// Ready when the store answers and every broker in use is connected; 503 otherwise.
@@ -182,10 +341,28 @@ async fn handle(
     request: Request,
 ) -> Result<Response, ServeError> {
     let (parts, body) = request.into_parts();
-    let limit = flow
+    let trigger = flow
         .http_trigger()
-        .map_or(crate::flow::DEFAULT_MAX_BODY, |t| t.max_body);
-    let body = read_json(&parts.headers, body, limit).await?;
+        .ok_or_else(|| ServeError::Internal(format!("flow {} has no http trigger", flow.name)))?;
+    if let Some(limit) = &trigger.rate_limit {
+        let client = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+        limit
+            .check(client)
+            .map_err(|retry_after| ServeError::TooManyRequests { retry_after })?;
+    }
+    // Header credentials are checked before the body is read; a signature covers the body.
+    let signed = matches!(trigger.auth, crate::auth::Auth::Signature(_));
+    if !signed {
+        trigger.auth.check(&parts.headers, &[])?;
+    }
+    let bytes = read_body(&parts.headers, body, trigger.max_body).await?;
+    if signed {
+        trigger.auth.check(&parts.headers, &bytes)?;
+    }
+    let body = parse_json(&parts.headers, &bytes, trigger.max_depth)?;
     let mut meta = Meta::new(&flow.name);
     meta.method = parts.method.to_string();
     meta.path = parts.uri.path().to_owned();
@@ -228,15 +405,19 @@ pub(crate) fn respond(reply: crate::store::StoredReply) -> Result<Response, Serv
     Ok(response)
 }
 
-/// Reads a JSON body within `limit` bytes; an empty body is `null`.
-async fn read_json(headers: &HeaderMap, body: Body, limit: u64) -> Result<Value, ServeError> {
+/// Reads a body of at most `limit` bytes.
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: u64,
+) -> Result<bytes::Bytes, ServeError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|length| length > limit) {
         return Err(ServeError::PayloadTooLarge { limit });
     }
-    let bytes = to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX))
+    to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX))
         .await
         .map_err(|error| {
             let too_large = std::error::Error::source(&error)
@@ -244,9 +425,17 @@ async fn read_json(headers: &HeaderMap, body: Body, limit: u64) -> Result<Value,
             if too_large {
                 ServeError::PayloadTooLarge { limit }
             } else {
-                ServeError::Internal(format!("reading the body: {error}"))
+                ServeError::MalformedJson {
+                    reason: format!("the body could not be read: {error}"),
+                    line: 0,
+                    column: 0,
+                }
             }
-        })?;
+        })
+}
+
+/// Parses a JSON body strictly; an empty body is `null`.
+fn parse_json(headers: &HeaderMap, bytes: &[u8], max_depth: u32) -> Result<Value, ServeError> {
     if bytes.is_empty() {
         return Ok(Value::Null);
     }
@@ -257,11 +446,7 @@ async fn read_json(headers: &HeaderMap, body: Body, limit: u64) -> Result<Value,
     if !is_json(content_type) {
         return Err(ServeError::UnsupportedMediaType(content_type.to_owned()));
     }
-    serde_json::from_slice(&bytes).map_err(|error| ServeError::MalformedJson {
-        reason: error.to_string(),
-        line: error.line(),
-        column: error.column(),
-    })
+    crate::json::parse(bytes, max_depth)
 }
 
 fn is_json(content_type: &str) -> bool {

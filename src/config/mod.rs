@@ -6,6 +6,9 @@
 //! [`Spanned`] so their errors point at the exact line and column.
 
 pub mod load;
+mod security;
+
+pub use security::*;
 
 use std::collections::BTreeMap;
 
@@ -77,11 +80,21 @@ pub struct FlowConfig {
     /// The answer sent to the caller once the message has been handled.
     #[serde(default)]
     pub reply: Option<ReplyConfig>,
+    /// Fields holding personal or secret data, as JSON pointers into the body such as
+    /// `/customer/email`: their values are redacted in logs, errors, timelines and the
+    /// admin API (targets still receive them).
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub sensitive: Vec<Spanned<String>>,
 }
 
 /// What starts a flow. One key, naming the kind of trigger.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per flow, built once at load"
+)]
 pub enum TriggerConfig {
     /// An HTTP endpoint that ferry serves.
     Http(HttpTriggerConfig),
@@ -149,6 +162,18 @@ pub struct HttpTriggerConfig {
     #[serde(default)]
     #[schemars(with = "Option<String>")]
     pub idempotency_key: Option<Spanned<String>>,
+    /// Who may call: `none`, `api_key`, `webhook_signature` or `jwt`. Required: an endpoint
+    /// open to anyone says `auth: none`.
+    #[serde(default)]
+    #[schemars(with = "Option<AuthConfig>")]
+    pub auth: Option<Spanned<AuthConfig>>,
+    /// A per-client rate limit; over it, `429` with `Retry-After`.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitConfig>,
+    /// Deepest JSON nesting accepted in a body (default 64, at most 128).
+    #[serde(default)]
+    #[schemars(with = "Option<u32>")]
+    pub max_depth: Option<Spanned<u32>>,
 }
 
 /// One step. One key, naming the kind of step: `- validate: {...}`.
@@ -354,6 +379,10 @@ pub struct OutcomeConfig {
 /// Where messages go. One key, naming the kind of target.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per flow, built once at load"
+)]
 pub enum TargetConfig {
     /// An HTTP call.
     Http(HttpTargetConfig),
@@ -404,6 +433,23 @@ pub struct HttpTargetConfig {
     #[serde(default)]
     #[schemars(with = "BTreeMap<String, String>")]
     pub capture: BTreeMap<String, Spanned<String>>,
+    /// Credentials to present: `bearer`, `basic` or `oauth2`.
+    #[serde(default)]
+    pub auth: Option<TargetAuthConfig>,
+    /// Sign each request the Standard Webhooks way.
+    #[serde(default)]
+    pub sign: Option<SignConfig>,
+    /// Certificates to trust.
+    #[serde(default)]
+    pub tls: Option<TargetTlsConfig>,
+    /// Hosts a URL may name when its host comes from the message, such as
+    /// `["portal.example", "*.portal.example"]`. Required for such a URL.
+    #[serde(default)]
+    pub allow_hosts: Vec<String>,
+    /// Allow addresses that are private, loopback or link-local when the host comes from the
+    /// message (refused by default).
+    #[serde(default)]
+    pub allow_private_addresses: bool,
 }
 
 /// The answer to the caller.

@@ -53,8 +53,9 @@ impl Route {
                 }
             };
             if let Some(earlier) = catch_all {
-                ctx.warn(
+                ctx.warn_with(
                     to.referenced,
+                    "unreachable-route",
                     format!("this rule can never match: the rule at line {earlier} has no `when` and matches first"),
                 );
             }

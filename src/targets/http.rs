@@ -5,6 +5,7 @@ use std::time::Duration;
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use bytes::Bytes;
 
+use super::outbound::{self, Credentials, HostGuard, Signer};
 use super::{OutboundRequest, TargetResponse};
 use crate::compile::Ctx;
 use crate::config::HttpTargetConfig;
@@ -24,6 +25,12 @@ pub struct HttpTarget {
     headers: Vec<(HeaderName, TextTemplate)>,
     timeout: Duration,
     capture: Vec<(String, JsonPath)>,
+    pub(super) credentials: Option<Credentials>,
+    pub(super) signer: Option<Signer>,
+    /// Set when the URL's host comes from the message.
+    guard: Option<HostGuard>,
+    /// The target's own client, when its TLS trust or guard differ from the shared one.
+    pub(super) client: Option<reqwest::Client>,
 }
 
 impl HttpTarget {
@@ -44,23 +51,40 @@ impl HttpTarget {
                 }
             },
         };
-        let url = ctx.text_template(&config.url.value, Escape::Url, config.url.referenced);
+        // Values after the host are percent-encoded, so they cannot add path segments. A host
+        // from the message is another matter: it must be one `allow_hosts` lists.
+        let fixed = config.url.value.split("{{").next().unwrap_or_default();
+        let host_fixed = fixed
+            .find("://")
+            .is_some_and(|at| fixed[at + 3..].contains('/'));
+        let templated = config.url.value.contains("{{");
+        let guard = if templated && !host_fixed {
+            let guard = outbound::host_guard(config, ctx);
+            ok &= guard.is_some();
+            guard
+        } else {
+            None
+        };
+        let escape = if guard.is_some() {
+            Escape::Plain
+        } else {
+            Escape::Url
+        };
+        let url = ctx.text_template(&config.url.value, escape, config.url.referenced);
         if let Some(TextTemplate::Literal(literal)) = &url {
             check_url(literal, config.url.referenced, ctx);
-        } else if let Some(TextTemplate::Compiled { .. }) = &url {
-            // The scheme and host must be fixed by the flow, never chosen by message data.
-            let fixed = config.url.value.split("{{").next().unwrap_or_default();
-            let host_end = fixed
-                .find("://")
-                .and_then(|at| fixed[at + 3..].find('/').map(|p| p + at + 3));
-            if host_end.is_none() {
-                ctx.error(
-                    config.url.referenced,
-                    "templated values may only follow the host: write `http://host/path/{{…}}`",
-                );
-                ok = false;
-            }
         }
+        let credentials = match &config.auth {
+            Some(auth) => {
+                let credentials = Credentials::compile(auth, ctx);
+                ok &= credentials.is_some();
+                credentials
+            }
+            None => None,
+        };
+        let signer = config.sign.as_ref().map(|sign| Signer::compile(sign, ctx));
+        let client = outbound::client(config, guard.as_ref(), ctx);
+        ok &= client.is_some();
         let mut headers = Vec::new();
         for (name, value) in &config.headers {
             let Ok(header_name) = HeaderName::from_bytes(name.as_bytes()) else {
@@ -98,11 +122,32 @@ impl HttpTarget {
             headers,
             timeout,
             capture,
+            credentials,
+            signer,
+            guard,
+            client: client.flatten(),
         })
     }
 
     pub(crate) fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Refuses a message whose data points this target somewhere `allow_hosts` does not
+    /// allow, before it is accepted. Targets with a fixed host have nothing to check.
+    ///
+    /// # Errors
+    ///
+    /// [`FlowError::Unprocessable`] saying why.
+    pub fn check_destination(
+        &self,
+        message: &Message,
+        templates: &Templates,
+    ) -> Result<(), FlowError> {
+        match self.guard {
+            Some(_) => self.prepare(message, templates).map(drop),
+            None => Ok(()),
+        }
     }
 
     /// Renders the request for `message`.
@@ -124,6 +169,11 @@ impl HttpTarget {
             .map_err(&unprocessable)?;
         let url = reqwest::Url::parse(&url)
             .map_err(|e| unprocessable(format!("invalid URL \"{url}\": {e}")))?;
+        if let Some(guard) = &self.guard {
+            guard
+                .check(&url)
+                .map_err(|reason| unprocessable(format!("refused to call {url}: {reason}")))?;
+        }
         let (body, content_type) = match message.content_type() {
             None => (Bytes::from(message.body().to_string()), "application/json"),
             Some(content_type) => (

@@ -7,10 +7,12 @@
 
 mod flow;
 mod http;
+mod outbound;
 mod queue;
 
 pub use flow::FlowTarget;
 pub use http::HttpTarget;
+pub use outbound::is_private;
 pub use queue::QueueTarget;
 pub(crate) use queue::queue_spec;
 
@@ -23,9 +25,14 @@ use crate::compile::Ctx;
 use crate::config::TargetConfig;
 use crate::message::Message;
 use crate::template::Templates;
+use outbound::Credentials;
 
 /// A compiled target.
 #[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per flow, built once at load"
+)]
 pub enum Target {
     /// An HTTP call.
     Http(HttpTarget),
@@ -160,6 +167,28 @@ impl Attempt {
 }
 
 impl HttpTarget {
+    /// Adds credentials and the signature (both may change between attempts), then sends.
+    async fn send_secured(
+        &self,
+        client: &reqwest::Client,
+        request: &mut OutboundRequest,
+        fresh_token: bool,
+    ) -> Result<TargetResponse, SendError> {
+        if let Some(credentials) = &self.credentials {
+            credentials
+                .apply(request, client, fresh_token)
+                .await
+                .map_err(SendError::Connect)?;
+        }
+        if let Some(signer) = &self.signer {
+            request
+                .headers
+                .retain(|(n, _)| !n.as_str().starts_with("webhook-"));
+            signer.sign(request);
+        }
+        send(client, request).await
+    }
+
     /// Renders, sends and classifies one attempt; a successful answer's captures go into
     /// `message`'s vars.
     pub async fn attempt(
@@ -168,11 +197,22 @@ impl HttpTarget {
         templates: &Templates,
         client: &reqwest::Client,
     ) -> Attempt {
-        let request = match self.prepare(message, templates) {
+        let mut request = match self.prepare(message, templates) {
             Ok(request) => request,
             Err(error) => return Attempt::failed(RetryAction::Drop, None, error.to_string()),
         };
-        let outcome = send(client, &request).await;
+        let client = self.client.as_ref().unwrap_or(client);
+        let mut outcome = self.send_secured(client, &mut request, false).await;
+        // A token the target no longer takes is fetched again, once.
+        if let Ok(response) = &outcome
+            && response.status == 401
+            && self
+                .credentials
+                .as_ref()
+                .is_some_and(Credentials::refreshes)
+        {
+            outcome = self.send_secured(client, &mut request, true).await;
+        }
         let action = classify(&outcome);
         match outcome {
             Ok(response) if action == RetryAction::Done => {

@@ -11,6 +11,7 @@ fn ferry(args: &[&str]) -> std::process::Output {
         .current_dir(repo())
         .env_remove("FERRY_CHECK_UNSET_URL")
         .env_remove("FERRY_CHECK_UNSET_KEY")
+        .env_remove("FERRY_CHECK_UNSET_TOKEN")
         .output()
         .unwrap()
 }
@@ -38,14 +39,14 @@ fn json_output_has_one_object_per_diagnostic() {
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
         .collect();
-    assert_eq!(lines.len(), 38, "a corpus of 38 distinct mistakes");
+    assert_eq!(lines.len(), 44, "a corpus of 44 distinct mistakes");
     let unknown_key = lines.iter().find(|d| d["code"] == "unknown-key").unwrap();
     assert_eq!(
         unknown_key,
         &serde_json::json!({
             "file": "tests/fixtures/check/broken/flows/b-unknown-key.yaml",
             "line": 5, "column": 5, "severity": "error", "code": "unknown-key",
-            "message": "unknown field `pathh`, expected one of method, path, max_body, idempotency_key",
+            "message": "unknown field `pathh`, expected one of method, path, max_body, idempotency_key, auth, rate_limit, max_depth",
             "flow": null, "context": null, "hint": "did you mean `path`?",
         })
     );
@@ -67,6 +68,11 @@ fn json_output_has_one_object_per_diagnostic() {
         "example",
         "unreachable-route",
         "undeclared-field",
+        "auth-missing",
+        "ssrf",
+        "secret-unset",
+        "file-escape",
+        "jwt",
     ] {
         assert!(
             lines.iter().any(|d| d["code"] == code),

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 
 use serde_json::json;
 
-use crate::util::{FAST_RETRY, Partner, payload, post_json, repo, wait_until};
+use crate::util::{FAST_RETRY, Partner, SECRETS, payload, post_json, repo, wait_until};
 
 const TOKEN: &str = "cli-test-token";
 
@@ -34,6 +34,7 @@ fn spawn_with(dir: &Path, args: &[&str], env: &[(&str, &str)], stderr: Stdio) ->
         .envs(env.iter().copied())
         .env("FERRY_ADMIN_TOKEN", TOKEN)
         .envs(FAST_RETRY)
+        .envs(SECRETS)
         .stdout(Stdio::piped())
         .stderr(stderr)
         .spawn()
@@ -461,7 +462,7 @@ async fn metrics_count_a_scripted_run_exactly_and_logs_are_json() {
         .0,
         422
     );
-    let malformed = reqwest::Client::new()
+    let malformed = crate::util::client()
         .post(format!("{url}/api/v1/test-requests"))
         .header("content-type", "application/json")
         .body("{")
@@ -552,6 +553,7 @@ async fn admin_listen_serves_metrics_and_the_admin_api_apart() {
         .current_dir(repo())
         .env("LAB_URL", &lab.url)
         .env("FERRY_ADMIN_TOKEN", TOKEN)
+        .envs(SECRETS)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -622,7 +624,7 @@ async fn json_logs_follow_one_correlation_id_both_ways() {
             .collect::<Vec<_>>()
     });
 
-    let response = reqwest::Client::new()
+    let response = crate::util::client()
         .post(format!("{url}/api/v1/test-requests"))
         .header("x-correlation-id", "corr-both-ways")
         .json(&payload("test-request.json"))
@@ -641,13 +643,14 @@ async fn json_logs_follow_one_correlation_id_both_ways() {
         .to_owned();
     let mut result = payload("test-result.json");
     result["order_ref"] = json!(request_id);
-    let answer = reqwest::Client::new()
-        .post(format!("{url}/api/v1/lab-results"))
-        .header("x-correlation-id", &echoed)
-        .json(&result)
-        .send()
-        .await
-        .unwrap();
+    let answer = crate::util::signed_post(
+        &format!("{url}/api/v1/lab-results"),
+        serde_json::to_vec(&result).unwrap(),
+    )
+    .header("x-correlation-id", &echoed)
+    .send()
+    .await
+    .unwrap();
     assert_eq!(answer.status(), 202);
     wait_until("the portal has the results", || {
         portal.accepted().len() == 1

@@ -21,7 +21,7 @@ async fn send(
     content_type: Option<&str>,
     body: Vec<u8>,
 ) -> (u16, Value) {
-    let mut request = reqwest::Client::new().request(method, url).body(body);
+    let mut request = crate::util::client().request(method, url).body(body);
     if let Some(content_type) = content_type {
         request = request.header("content-type", content_type);
     }
@@ -83,7 +83,7 @@ async fn a_body_streamed_past_the_limit_without_length_is_refused() {
     let ferry = Ferry::shipped(&lab, &portal).await;
     let address = ferry.url.trim_start_matches("http://");
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    let head = "POST /api/v1/test-requests HTTP/1.1\r\nhost: ferry\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n";
+    let head = "POST /api/v1/test-requests HTTP/1.1\r\nhost: ferry\r\nx-api-key: test-portal-key\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n";
     stream.write_all(head.as_bytes()).await.unwrap();
     let chunk = vec![b' '; 64 * 1024];
     for _ in 0..17 {

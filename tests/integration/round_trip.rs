@@ -6,7 +6,9 @@ use serde_json::{Value, json};
 use crate::util::{Ferry, Partner, payload, post_json, wait_until};
 
 pub(crate) async fn status_of(ferry: &Ferry, request_id: &str) -> (u16, Value) {
-    let response = reqwest::get(format!("{}/api/v1/test-requests/{request_id}", ferry.url))
+    let response = crate::util::client()
+        .get(format!("{}/api/v1/test-requests/{request_id}", ferry.url))
+        .send()
         .await
         .unwrap();
     (response.status().as_u16(), response.json().await.unwrap())
@@ -200,7 +202,7 @@ async fn caller_correlation_ids_are_passed_on() {
     let lab = Partner::start(201, json!({})).await;
     let portal = Partner::start(200, json!({})).await;
     let ferry = Ferry::shipped(&lab, &portal).await;
-    let response = reqwest::Client::new()
+    let response = crate::util::client()
         .post(format!("{}/api/v1/test-requests", ferry.url))
         .header("x-correlation-id", "trace-42")
         .json(&payload("test-request.json"))

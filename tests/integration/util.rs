@@ -10,6 +10,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use ferry::compile::{ProjectPaths, load_project_with_env};
 use ferry::runtime::Runtime;
+use ferry::server::ServeOptions;
 use ferry::store::Store;
 use serde_json::Value;
 use tokio::net::TcpListener;
@@ -60,6 +61,8 @@ type Answer = (u16, Value, Vec<(String, String)>);
 struct PartnerState {
     received: Mutex<Vec<Received>>,
     reply: Mutex<Answer>,
+    /// Answers given once each, in order, before `reply`.
+    next: Mutex<std::collections::VecDeque<Answer>>,
     /// How long the partner takes to answer.
     delay: Mutex<std::time::Duration>,
 }
@@ -77,6 +80,7 @@ impl Partner {
         let state = Arc::new(PartnerState {
             received: Mutex::default(),
             reply: Mutex::new((status, body, Vec::new())),
+            next: Mutex::default(),
             delay: Mutex::default(),
         });
         let router = Router::new()
@@ -97,6 +101,15 @@ impl Partner {
     pub(crate) fn set_reply_with_header(&self, status: u16, body: Value, header: (&str, &str)) {
         let header = (header.0.to_owned(), header.1.to_owned());
         *self.state.reply.lock().unwrap() = (status, body, vec![header]);
+    }
+
+    /// Answers the next request with `status` and `body`, then as before.
+    pub(crate) fn answer_once(&self, status: u16, body: Value) {
+        self.state
+            .next
+            .lock()
+            .unwrap()
+            .push_back((status, body, Vec::new()));
     }
 
     /// Makes the partner take `delay` to answer each request.
@@ -123,7 +136,8 @@ async fn record(
 ) -> axum::response::Response {
     let (parts, body) = request.into_parts();
     let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
-    let (status, reply, headers) = state.reply.lock().unwrap().clone();
+    let queued = state.next.lock().unwrap().pop_front();
+    let (status, reply, headers) = queued.unwrap_or_else(|| state.reply.lock().unwrap().clone());
     state.received.lock().unwrap().push(Received {
         method: parts.method.to_string(),
         path: parts.uri.to_string(),
@@ -157,6 +171,22 @@ async fn serve(router: Router) -> (String, oneshot::Sender<()>) {
             .await
             .unwrap();
     });
+    (url, tx)
+}
+
+/// Serves ferry's `router` the way `ferry serve` does (limits, TLS when `options` says so).
+async fn serve_ferry(router: Router, options: ServeOptions) -> (String, oneshot::Sender<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let scheme = if options.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let url = format!("{scheme}://{}", listener.local_addr().unwrap());
+    let (tx, rx) = oneshot::channel::<()>();
+    tokio::spawn(ferry::server::run(listener, router, options, async {
+        let _ = rx.await;
+    }));
     (url, tx)
 }
 
@@ -201,8 +231,20 @@ impl Ferry {
         store: &str,
         dir: tempfile::TempDir,
     ) -> Self {
+        Self::start_guarded(flows, env, store, dir, ServeOptions::default()).await
+    }
+
+    /// [`Ferry::start_with_store`], served with `options`.
+    pub(crate) async fn start_guarded(
+        flows: &[PathBuf],
+        env: &[(&str, &str)],
+        store: &str,
+        dir: tempfile::TempDir,
+        options: ServeOptions,
+    ) -> Self {
         let env: Vec<(String, String)> = env
             .iter()
+            .chain(&SECRETS)
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
@@ -211,7 +253,8 @@ impl Ferry {
         let store = Store::open(store).await.unwrap();
         let client = ferry::server::http_client().unwrap();
         let runtime = Runtime::start(&project, client, Some(store));
-        let (url, shutdown) = serve(ferry::server::router(&runtime, Some(ADMIN_TOKEN))).await;
+        let router = ferry::server::router(&runtime, Some(ADMIN_TOKEN));
+        let (url, shutdown) = serve_ferry(router, options).await;
         Self {
             url,
             runtime,
@@ -413,11 +456,57 @@ pub(crate) async fn features(urls: &[(&str, &str)]) -> Ferry {
     Ferry::start(&repo().join("tests/fixtures/features/flows"), &env).await
 }
 
-/// POSTs JSON and returns the status and JSON reply.
-pub(crate) async fn post_json(url: &str, body: &Value) -> (u16, Value) {
-    let response = reqwest::Client::new()
+/// The portal's API key in tests.
+pub(crate) const PORTAL_KEY: &str = "test-portal-key";
+/// The lab's webhook secret in tests.
+pub(crate) const LAB_SECRET: &str = "test-lab-webhook-secret";
+/// The secrets the shipped flows read, as tests set them.
+pub(crate) const SECRETS: [(&str, &str); 2] = [
+    ("PORTAL_API_KEY", PORTAL_KEY),
+    ("LAB_WEBHOOK_SECRET", LAB_SECRET),
+];
+
+/// A client that sends the portal's API key with every request.
+pub(crate) fn client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("x-api-key", PORTAL_KEY.parse().unwrap());
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
+/// The Standard Webhooks headers signing `body` with `secret`, now, under a fresh id.
+pub(crate) fn webhook_headers(secret: &str, body: &[u8]) -> Vec<(&'static str, String)> {
+    let id = format!("msg_{}", unique("wh"));
+    let timestamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let signature =
+        ferry::auth::standard_signature(&ferry::auth::webhook_key(secret), &id, timestamp, body);
+    vec![
+        ("webhook-id", id),
+        ("webhook-timestamp", timestamp.to_string()),
+        ("webhook-signature", signature),
+    ]
+}
+
+/// POSTs `body` with the portal's key and signed as the lab signs its webhooks, so it passes
+/// whichever shipped flow serves `url`.
+pub(crate) fn signed_post(url: &str, body: Vec<u8>) -> reqwest::RequestBuilder {
+    let mut request = client()
         .post(url)
-        .json(body)
+        .header("content-type", "application/json");
+    for (name, value) in webhook_headers(LAB_SECRET, &body) {
+        request = request.header(name, value);
+    }
+    request.body(body)
+}
+
+/// POSTs JSON (with credentials, see [`signed_post`]) and returns the status and JSON reply.
+pub(crate) async fn post_json(url: &str, body: &Value) -> (u16, Value) {
+    let response = signed_post(url, serde_json::to_vec(body).unwrap())
         .send()
         .await
         .unwrap();

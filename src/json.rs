@@ -1,0 +1,222 @@
+//! Reading request bodies strictly: JSON that parsers would read differently (an object with
+//! a key twice) or that is nested deep enough to exhaust a recursive reader is refused, with
+//! a JSON pointer to the place.
+
+use std::cell::RefCell;
+use std::fmt;
+
+use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Value};
+
+use crate::error::ServeError;
+
+/// The default deepest nesting a body may have.
+pub const DEFAULT_MAX_DEPTH: u32 = 64;
+/// The deepest nesting a flow may allow (below serde_json's own limit of 128).
+pub const MAX_MAX_DEPTH: u32 = 100;
+
+/// Parses `bytes` as one JSON document.
+///
+/// # Errors
+///
+/// [`ServeError::MalformedJson`] for bytes that are not JSON (with line and column), and
+/// [`ServeError::RefusedJson`] for a duplicate key or nesting deeper than `max_depth`.
+pub fn parse(bytes: &[u8], max_depth: u32) -> Result<Value, ServeError> {
+    let state = State {
+        max_depth: max_depth as usize,
+        path: RefCell::new(Vec::new()),
+        refused: RefCell::new(None),
+    };
+    let mut reader = serde_json::Deserializer::from_slice(bytes);
+    let parsed = Node {
+        depth: 0,
+        state: &state,
+    }
+    .deserialize(&mut reader)
+    .and_then(|value| reader.end().map(|()| value));
+    parsed.map_err(|error| match state.refused.into_inner() {
+        Some((reason, pointer)) => ServeError::RefusedJson { reason, pointer },
+        None => ServeError::MalformedJson {
+            reason: error.to_string(),
+            line: error.line(),
+            column: error.column(),
+        },
+    })
+}
+
+struct State {
+    max_depth: usize,
+    /// The pointer segments to the value being read.
+    path: RefCell<Vec<String>>,
+    /// Why the body was refused, and where.
+    refused: RefCell<Option<(String, String)>>,
+}
+
+impl State {
+    fn refuse<E: serde::de::Error>(&self, reason: String) -> E {
+        let pointer: String = self
+            .path
+            .borrow()
+            .iter()
+            .map(|s| format!("/{}", s.replace('~', "~0").replace('/', "~1")))
+            .collect();
+        let message = format!("{reason} at {pointer}");
+        *self.refused.borrow_mut() = Some((reason, pointer));
+        E::custom(message)
+    }
+}
+
+/// One value, `depth` containers deep.
+struct Node<'a> {
+    depth: usize,
+    state: &'a State,
+}
+
+impl<'de> DeserializeSeed<'de> for Node<'_> {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl Node<'_> {
+    fn enter<E: serde::de::Error>(&self) -> Result<Node<'_>, E> {
+        if self.depth >= self.state.max_depth {
+            return Err(self.state.refuse(format!(
+                "nesting deeper than {} levels",
+                self.state.max_depth
+            )));
+        }
+        Ok(Node {
+            depth: self.depth + 1,
+            state: self.state,
+        })
+    }
+}
+
+impl<'de> Visitor<'de> for Node<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
+        serde_json::Number::from_f64(v)
+            .map(Value::Number)
+            .ok_or_else(|| E::custom("number out of range"))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let inner = self.enter()?;
+        let mut items = Vec::new();
+        loop {
+            self.state.path.borrow_mut().push(items.len().to_string());
+            let item = seq.next_element_seed(Node { ..inner });
+            self.state.path.borrow_mut().pop();
+            match item? {
+                Some(item) => items.push(item),
+                None => return Ok(Value::Array(items)),
+            }
+        }
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let inner = self.enter()?;
+        let mut object = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            self.state.path.borrow_mut().push(key.clone());
+            if object.contains_key(&key) {
+                return Err(self.state.refuse("duplicate key".into()));
+            }
+            let value = map.next_value_seed(Node { ..inner });
+            self.state.path.borrow_mut().pop();
+            object.insert(key, value?);
+        }
+        Ok(Value::Object(object))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(text: &str) -> (String, String) {
+        match parse(text.as_bytes(), DEFAULT_MAX_DEPTH) {
+            Err(ServeError::RefusedJson { reason, pointer }) => (reason, pointer),
+            other => panic!("{text}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reads_json_like_serde_json() {
+        let text =
+            r#"{"a": [1, -2, 3.5, "x\u0000y", null, true, {"b": {}}], "c": 18446744073709551615}"#;
+        let expected: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(parse(text.as_bytes(), 64).unwrap(), expected);
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_where_they_are() {
+        let (reason, pointer) = refused(r#"{"a": [{"x/y": 1, "x/y": 2}]}"#);
+        assert_eq!(reason, "duplicate key");
+        assert_eq!(pointer, "/a/0/x~1y");
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_it_costs_anything() {
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        let (reason, pointer) = refused(&deep);
+        assert_eq!(reason, "nesting deeper than 64 levels");
+        assert_eq!(pointer.matches('/').count(), 64);
+        let fine = format!("{}{}", "[".repeat(64), "]".repeat(64));
+        assert!(parse(fine.as_bytes(), 64).is_ok());
+    }
+
+    #[test]
+    fn broken_json_says_where() {
+        match parse(b"{\"a\": 1,\n \"b\": }", 64) {
+            Err(ServeError::MalformedJson { line, column, .. }) => {
+                assert_eq!((line, column), (2, 7))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse(b"1e400", 64),
+            Err(ServeError::MalformedJson { .. })
+        ));
+        assert!(matches!(
+            parse(b"{} trailing", 64),
+            Err(ServeError::MalformedJson { .. })
+        ));
+        assert!(matches!(
+            parse(b"\"\xff\"", 64),
+            Err(ServeError::MalformedJson { .. })
+        ));
+    }
+}

@@ -1,0 +1,443 @@
+//! Who may call, how often, and where ferry may be made to call: inbound authentication,
+//! limits, outbound credentials and the SSRF guard, over real HTTP.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use hmac::{KeyInit, Mac};
+use serde_json::{Value, json};
+
+use crate::util::{
+    Ferry, LAB_SECRET, PORTAL_KEY, Partner, payload, post_json, repo, webhook_headers,
+};
+
+const GITHUB_SECRET: &str = "github-test-secret";
+const JWT_SECRET: &str = "jwt-test-secret-0123456789abcdef";
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+async fn security_flows(env: &[(&str, &str)], options: ferry::server::ServeOptions) -> Ferry {
+    let mut all = vec![
+        ("GITHUB_SECRET", GITHUB_SECRET),
+        ("JWT_SECRET", JWT_SECRET),
+        ("PARTNER_URL", "http://127.0.0.1:9"),
+        ("TOKEN_URL", "http://127.0.0.1:9/token"),
+        ("PARTNER_TOKEN", "partner-token"),
+        ("PARTNER_PASSWORD", "p@ss:word"),
+        ("OAUTH_SECRET", "oauth-secret"),
+        ("SIGNING_SECRET", "whsec_c2lnbmluZy1zZWNyZXQ="),
+    ];
+    all.retain(|(k, _)| !env.iter().any(|(n, _)| n == k));
+    all.extend(env);
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}/ferry.db", dir.path().display());
+    let flows = [repo().join("tests/fixtures/security/flows")];
+    Ferry::start_guarded(&flows, &all, &store, dir, options).await
+}
+
+async fn status_and_body(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn the_portal_needs_one_of_its_api_keys() {
+    let lab = Partner::start(201, json!({})).await;
+    let portal = Partner::start(200, json!({})).await;
+    let ferry = Ferry::start(
+        &repo().join("flows"),
+        &[
+            ("LAB_URL", &lab.url),
+            ("PORTAL_URL", &portal.url),
+            ("PORTAL_API_KEY_PREVIOUS", "the-old-key"),
+        ],
+    )
+    .await;
+    let url = format!("{}/api/v1/test-requests", ferry.url);
+    let request = payload("test-request.json");
+    let plain = reqwest::Client::new();
+    for key in [None, Some("wrong"), Some("test-portal-ke"), Some("")] {
+        let mut attempt = plain.post(&url).json(&request);
+        if let Some(key) = key {
+            attempt = attempt.header("x-api-key", key);
+        }
+        let (status, body) = status_and_body(attempt.send().await.unwrap()).await;
+        assert_eq!(status, 401, "{key:?}");
+        assert_eq!(
+            body,
+            json!({"error": "unauthorized", "message": "missing or invalid credentials", "details": []})
+        );
+    }
+    for key in [PORTAL_KEY, "the-old-key"] {
+        let response = plain
+            .post(&url)
+            .header("x-api-key", key)
+            .json(&json!({"portal_ref": format!("PR-{key}")}))
+            .send()
+            .await
+            .unwrap();
+        // Past authentication: the body is checked (and refused) next.
+        assert_eq!(response.status(), 422, "{key}");
+    }
+    let status = plain
+        .get(format!("{}/api/v1/test-requests/anything", ferry.url))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 401, "the status endpoint is the portal's too");
+    assert!(lab.received().is_empty());
+}
+
+#[tokio::test]
+async fn lab_webhooks_must_be_signed_fresh_and_new() {
+    let lab = Partner::start(201, json!({})).await;
+    let portal = Partner::start(200, json!({})).await;
+    let ferry = Ferry::shipped(&lab, &portal).await;
+    let url = format!("{}/api/v1/lab-results", ferry.url);
+    let body = serde_json::to_vec(&payload("test-result.json")).unwrap();
+    let send = |headers: Vec<(&'static str, String)>, body: Vec<u8>| {
+        let url = url.clone();
+        async move {
+            let mut request = reqwest::Client::new()
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body);
+            for (name, value) in headers {
+                request = request.header(name, value);
+            }
+            request.send().await.unwrap().status().as_u16()
+        }
+    };
+    // Signed right, the result reaches the flow (and matches no request: 404).
+    let good = webhook_headers(LAB_SECRET, &body);
+    assert_eq!(send(good.clone(), body.clone()).await, 404);
+    // The same delivery again is a replay.
+    assert_eq!(send(good, body.clone()).await, 401);
+    // Forged: another secret; or the right signature over another body.
+    assert_eq!(
+        send(webhook_headers("not-the-secret", &body), body.clone()).await,
+        401
+    );
+    let mut tampered = body.clone();
+    tampered[1] = b' ';
+    assert_eq!(
+        send(webhook_headers(LAB_SECRET, &body), tampered).await,
+        401
+    );
+    // Stale: signed ten minutes ago.
+    let stale_at = now() as i64 - 600;
+    let signature =
+        ferry::auth::standard_signature(LAB_SECRET.as_bytes(), "msg_stale", stale_at, &body);
+    let stale = vec![
+        ("webhook-id", "msg_stale".to_owned()),
+        ("webhook-timestamp", stale_at.to_string()),
+        ("webhook-signature", signature),
+    ];
+    assert_eq!(send(stale, body.clone()).await, 401);
+    // Unsigned.
+    assert_eq!(send(Vec::new(), body.clone()).await, 401);
+    assert!(portal.received().is_empty());
+}
+
+#[tokio::test]
+async fn generic_signatures_cover_the_body() {
+    let ferry = security_flows(&[], Default::default()).await;
+    let body = br#"{"action":"opened"}"#.to_vec();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(GITHUB_SECRET.as_bytes()).unwrap();
+    mac.update(&body);
+    let good = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+    let send = |signature: Option<String>, body: Vec<u8>| {
+        let url = format!("{}/github", ferry.url);
+        async move {
+            let mut request = reqwest::Client::new()
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body);
+            if let Some(signature) = signature {
+                request = request.header("x-hub-signature-256", signature);
+            }
+            request.send().await.unwrap().status().as_u16()
+        }
+    };
+    assert_eq!(send(Some(good.clone()), body.clone()).await, 200);
+    assert_eq!(
+        send(Some(good.replace("sha256=", "")), body.clone()).await,
+        401
+    );
+    assert_eq!(
+        send(Some(good), br#"{"action":"closed"}"#.to_vec()).await,
+        401
+    );
+    assert_eq!(send(None, body).await, 401);
+}
+
+fn jwt(claims: &Value, secret: &str, kid: Option<&str>) -> String {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.kid = kid.map(str::to_owned);
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).unwrap();
+    jsonwebtoken::encode(&header, claims, &key).unwrap()
+}
+
+#[tokio::test]
+async fn bearer_tokens_are_checked_and_scoped() {
+    let ferry = security_flows(&[], Default::default()).await;
+    let send = |token: String| {
+        let url = format!("{}/jwt", ferry.url);
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let valid = json!({"iss": "https://idp.example", "aud": "ferry", "exp": now() + 300, "scope": "results:read results:write"});
+    assert_eq!(send(jwt(&valid, JWT_SECRET, None)).await, 200);
+    // Valid, but without the scope: authenticated, not allowed.
+    let mut unscoped = valid.clone();
+    unscoped["scope"] = json!("results:read");
+    assert_eq!(send(jwt(&unscoped, JWT_SECRET, None)).await, 403);
+    let mut expired = valid.clone();
+    expired["exp"] = json!(now() - 3600);
+    assert_eq!(send(jwt(&expired, JWT_SECRET, None)).await, 401);
+    let mut elsewhere = valid.clone();
+    elsewhere["aud"] = json!("another-service");
+    assert_eq!(send(jwt(&elsewhere, JWT_SECRET, None)).await, 401);
+    assert_eq!(send(jwt(&valid, "a-guessed-secret", None)).await, 401);
+    // `alg: none`: an unsigned token claiming everything.
+    let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let unsigned = format!(
+        "{}.{}.",
+        b64(&json!({"alg": "none", "typ": "JWT"})),
+        b64(&valid)
+    );
+    assert_eq!(send(unsigned).await, 401);
+    assert_eq!(send("not.a.token".into()).await, 401);
+
+    // A JWKS file: the kid picks the key.
+    let jwks = |token: String| {
+        let url = format!("{}/jwks", ferry.url);
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let claims = json!({"exp": now() + 300});
+    let secret = "jwks-test-secret-0123456789abcdef";
+    assert_eq!(jwks(jwt(&claims, secret, Some("k1"))).await, 200);
+    assert_eq!(jwks(jwt(&claims, secret, Some("k2"))).await, 401);
+}
+
+#[tokio::test]
+async fn a_client_over_its_rate_gets_429_with_retry_after() {
+    let ferry = security_flows(&[], Default::default()).await;
+    let url = format!("{}/limited", ferry.url);
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..4 {
+        let response = reqwest::Client::new().post(&url).send().await.unwrap();
+        if response.status() == 429 {
+            retry_after = response.headers().get("retry-after").cloned();
+        }
+        statuses.push(response.status().as_u16());
+    }
+    assert_eq!(&statuses[..3], [200, 200, 429]);
+    assert_eq!(retry_after.unwrap(), "1");
+}
+
+#[tokio::test]
+async fn over_the_concurrency_limit_ferry_sheds_load_with_503() {
+    let partner = Partner::start(200, json!({"ok": true})).await;
+    partner.set_delay(std::time::Duration::from_millis(500));
+    let options = ferry::server::ServeOptions {
+        max_concurrency: 1,
+        ..Default::default()
+    };
+    let ferry = security_flows(&[("PARTNER_URL", &partner.url)], options).await;
+    let url = format!("{}/outbound", ferry.url);
+    let slow = tokio::spawn({
+        let url = url.clone();
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .json(&json!({"kind": "basic"}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    crate::util::wait_until("the slow request is in flight", || {
+        !partner.received().is_empty()
+    })
+    .await;
+    let shed = reqwest::Client::new()
+        .post(&url)
+        .json(&json!({"kind": "basic"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(shed.status(), 503);
+    assert_eq!(shed.headers()["retry-after"], "1");
+    assert_eq!(slow.await.unwrap(), 200);
+}
+
+#[tokio::test]
+async fn too_many_or_too_large_headers_get_431() {
+    let ferry = security_flows(&[], Default::default()).await;
+    let mut many = reqwest::header::HeaderMap::new();
+    for i in 0..100 {
+        many.insert(
+            reqwest::header::HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap(),
+            "v".parse().unwrap(),
+        );
+    }
+    let url = format!("{}/limited", ferry.url);
+    let response = reqwest::Client::new().post(&url).headers(many).send().await;
+    assert_eq!(response.unwrap().status(), 431);
+    let response = reqwest::Client::new()
+        .post(&url)
+        .header("x-big", "v".repeat(100 * 1024))
+        .send()
+        .await;
+    assert_eq!(response.unwrap().status(), 431);
+    // Still answering.
+    let response = reqwest::Client::new().post(&url).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn targets_present_credentials_and_sign_what_they_send() {
+    let partner = Partner::start(200, json!({"ok": true})).await;
+    let tokens = Partner::start(200, json!({"access_token": "token-1", "expires_in": 3600})).await;
+    let token_url = format!("{}/token", tokens.url);
+    let ferry = security_flows(
+        &[("PARTNER_URL", &partner.url), ("TOKEN_URL", &token_url)],
+        Default::default(),
+    )
+    .await;
+    let send = |kind: &'static str| {
+        post_json_plain(format!("{}/outbound", ferry.url), json!({"kind": kind}))
+    };
+    assert_eq!(send("bearer").await, 200);
+    assert_eq!(send("basic").await, 200);
+    assert_eq!(send("oauth2").await, 200);
+    assert_eq!(send("oauth2").await, 200);
+    let received = partner.received();
+    assert_eq!(received[0].headers["authorization"], "Bearer partner-token");
+    let expected = base64::engine::general_purpose::STANDARD.encode("ferry:p@ss:word");
+    assert_eq!(
+        received[1].headers["authorization"],
+        format!("Basic {expected}").as_str()
+    );
+    assert_eq!(received[2].headers["authorization"], "Bearer token-1");
+    assert_eq!(received[3].headers["authorization"], "Bearer token-1");
+    assert_eq!(tokens.received().len(), 1, "the token is cached");
+    let token_request = String::from_utf8_lossy(&tokens.received()[0].body).into_owned();
+    assert!(
+        token_request.contains("grant_type=client_credentials"),
+        "{token_request}"
+    );
+
+    // The partner can verify ferry's signature with the shared secret.
+    let signed = &received[0];
+    let header = |name: &str| signed.headers[name].to_str().unwrap().to_owned();
+    let key = ferry::auth::webhook_key("whsec_c2lnbmluZy1zZWNyZXQ=");
+    let timestamp: i64 = header("webhook-timestamp").parse().unwrap();
+    assert_eq!(
+        header("webhook-signature"),
+        ferry::auth::standard_signature(&key, &header("webhook-id"), timestamp, &signed.body)
+    );
+    assert_eq!(header("webhook-id"), header("idempotency-key"));
+
+    // A token the partner no longer takes is fetched again, once.
+    tokens.set_reply(200, json!({"access_token": "token-2", "expires_in": 3600}));
+    partner.answer_once(401, json!({"error": "expired token"}));
+    assert_eq!(send("oauth2").await, 200);
+    let received = partner.received();
+    assert_eq!(received[4].headers["authorization"], "Bearer token-1");
+    assert_eq!(received[5].headers["authorization"], "Bearer token-2");
+    assert_eq!(tokens.received().len(), 2);
+}
+
+async fn post_json_plain(url: String, body: Value) -> u16 {
+    reqwest::Client::new()
+        .post(url)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn message_data_cannot_make_ferry_call_private_or_unlisted_hosts() {
+    let inside = Partner::start(200, json!({"ok": true})).await;
+    let ferry = security_flows(&[], Default::default()).await;
+    let url = format!("{}/callback", ferry.url);
+    for callback in [
+        format!("{}/steal", inside.url), // loopback, though listed
+        "http://169.254.169.254/latest/meta-data/".into(), // cloud metadata, though listed
+        "http://[::1]:9/x".into(),       // not listed
+        "http://evil.test/x".into(),     // not listed
+        "http://a.partner.example.evil.test/x".into(), // a suffix trick
+        "file:///etc/passwd".into(),
+    ] {
+        let (status, body) = post_json(&url, &json!({"callback_url": callback})).await;
+        assert_eq!(status, 422, "{callback}: {body}");
+        assert_eq!(body["error"], "unprocessable", "{body}");
+    }
+    // A listed name that resolves to a private address is refused when connecting.
+    let port = inside.url.rsplit(':').next().unwrap().to_owned();
+    let (status, body) = post_json(
+        &url,
+        &json!({"callback_url": format!("http://localhost:{port}/x")}),
+    )
+    .await;
+    assert_eq!(status, 502, "{body}");
+    assert!(inside.received().is_empty());
+}
+
+#[test]
+fn serve_refuses_to_start_without_the_secrets_its_flows_name() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            "sqlite::memory:",
+        ])
+        .current_dir(repo())
+        .env_remove("PORTAL_API_KEY")
+        .env_remove("PORTAL_API_KEY_PREVIOUS")
+        .env_remove("LAB_WEBHOOK_SECRET")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("warning[secret-unset]"), "{stderr}");
+    assert!(stderr.contains("LAB_WEBHOOK_SECRET"), "{stderr}");
+    assert!(
+        stderr.contains("ferry serve needs the secrets above"),
+        "{stderr}"
+    );
+}
