@@ -441,3 +441,100 @@ fn serve_refuses_to_start_without_the_secrets_its_flows_name() {
         "{stderr}"
     );
 }
+
+/// A self-signed certificate for `localhost`, as PEM files in `dir`.
+fn certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+#[tokio::test]
+async fn ferry_serves_https_and_verifies_its_targets_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = certificate(dir.path());
+    let tls = ferry::server::ServeOptions {
+        tls: Some(ferry::server::tls_config(&cert, &key).unwrap()),
+        ..Default::default()
+    };
+    // A partner serving HTTPS with that certificate.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let partner = axum::Router::new().route("/in", axum::routing::post(|| async { "taken" }));
+    tokio::spawn(ferry::server::run(
+        listener,
+        partner,
+        tls.clone(),
+        std::future::pending(),
+    ));
+
+    let flows = dir.path().join("flows");
+    std::fs::create_dir(&flows).unwrap();
+    std::fs::copy(&cert, flows.join("partner-ca.pem")).unwrap();
+    let flow = |name: &str, tls: &str| {
+        format!(
+            "name: {name}\ntrigger:\n  http: {{ method: POST, path: /{name}, auth: none }}\ntargets:\n  partner:\n    http:\n      url: https://localhost:{port}/in\n{tls}delivery:\n  mode: sync\n"
+        )
+    };
+    std::fs::write(
+        flows.join("trusting.yaml"),
+        flow("trusting", "      tls: { ca_file: partner-ca.pem }\n"),
+    )
+    .unwrap();
+    std::fs::write(flows.join("default.yaml"), flow("default", "")).unwrap();
+    std::fs::write(
+        flows.join("insecure.yaml"),
+        flow("insecure", "      tls: { insecure_skip_verify: true }\n"),
+    )
+    .unwrap();
+    let store = format!("sqlite://{}/ferry.db", dir.path().display());
+    let ferry =
+        Ferry::start_guarded(&[flows], &[], &store, tempfile::tempdir().unwrap(), tls).await;
+    assert!(ferry.url.starts_with("https://"));
+
+    let trusting = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(&cert).unwrap()).unwrap(),
+        )
+        .build()
+        .unwrap();
+    let url = ferry.url.replace("127.0.0.1", "localhost");
+    let status = |path: &'static str| {
+        let (client, url) = (trusting.clone(), format!("{url}/{path}"));
+        async move {
+            client
+                .post(url)
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(
+        status("trusting").await,
+        200,
+        "a target trusted through ca_file"
+    );
+    assert_eq!(
+        status("default").await,
+        502,
+        "an unknown certificate is refused"
+    );
+    assert_eq!(
+        status("insecure").await,
+        200,
+        "unless verification is explicitly off"
+    );
+    // A client that does not trust ferry's certificate gets no answer.
+    assert!(
+        reqwest::Client::new()
+            .get(format!("{url}/healthz"))
+            .send()
+            .await
+            .is_err()
+    );
+}
