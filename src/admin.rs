@@ -90,7 +90,16 @@ async fn show_message(
     Path(id): Path<String>,
 ) -> Result<Response, ServeError> {
     match store(&runtime)?.message(&id).await? {
-        Some(message) => Ok(Json(message).into_response()),
+        Some(mut message) => {
+            if let Some(flow) = runtime
+                .flows()
+                .iter()
+                .find(|f| f.name == message.summary.flow)
+            {
+                flow.sensitive().redact(&mut message.inbound);
+            }
+            Ok(Json(message).into_response())
+        }
         None => Err(ServeError::NotFound(format!("message {id}"))),
     }
 }

@@ -89,6 +89,18 @@ impl Auth {
     pub fn is_open(&self) -> bool {
         matches!(self, Self::Open)
     }
+
+    /// The header carrying this check's secret, besides the usual credential headers.
+    pub fn secret_header(&self) -> Option<&HeaderName> {
+        match self {
+            Self::ApiKey { header, .. } => Some(header),
+            Self::Signature(Signature {
+                form: SignatureForm::Generic { header, .. },
+                ..
+            }) => Some(header),
+            _ => None,
+        }
+    }
 }
 
 /// An HMAC-SHA256 signature check.

@@ -39,6 +39,7 @@ pub struct Flow {
     delivery: DeliveryPolicy,
     reply: Reply,
     templates: Templates,
+    sensitive: crate::redact::Sensitive,
 }
 
 /// How a flow delivers.
@@ -230,6 +231,22 @@ impl Flow {
         ctx.part = "reply".into();
         let reply = compile_reply(config.reply.as_ref(), &mut ctx);
 
+        ctx.part = "sensitive".into();
+        for pointer in &config.sensitive {
+            if !pointer.value.starts_with('/') {
+                ctx.error(
+                    pointer.referenced,
+                    format!(
+                        "\"{}\" is not a JSON pointer into the body: write e.g. /customer/email",
+                        pointer.value
+                    ),
+                );
+            }
+        }
+        let sensitive = crate::redact::Sensitive::new(
+            config.sensitive.iter().map(|p| p.value.clone()).collect(),
+        );
+
         let errors_after = ctx
             .diagnostics
             .iter()
@@ -249,7 +266,13 @@ impl Flow {
             delivery: delivery?,
             reply: reply?,
             templates,
+            sensitive,
         })
+    }
+
+    /// The fields the flow marks sensitive.
+    pub fn sensitive(&self) -> &crate::redact::Sensitive {
+        &self.sensitive
     }
 
     /// The flow's targets.
@@ -389,8 +412,20 @@ impl Flow {
         let mut state = StepState::default();
         for (label, step) in &self.steps {
             let started = std::time::Instant::now();
-            step.apply(message, &self.templates, &mut state, store, label)
-                .await?;
+            if let Err(mut error) = step
+                .apply(message, &self.templates, &mut state, store, label)
+                .await
+            {
+                if let FlowError::Invalid { violations, .. } = &mut error
+                    && !self.sensitive.is_empty()
+                {
+                    for violation in violations {
+                        violation.message =
+                            self.sensitive.scrub(message.body(), &violation.message);
+                    }
+                }
+                return Err(error);
+            }
             metrics::histogram!("ferry_step_duration_seconds", "flow" => self.name.clone(), "step" => label.clone())
                 .record(started.elapsed().as_secs_f64());
             watch(label, message);

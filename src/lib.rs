@@ -33,6 +33,7 @@ pub mod jsonpath;
 pub mod message;
 pub mod observe;
 pub mod queue;
+pub mod redact;
 pub mod reload;
 pub mod runtime;
 pub mod schema;

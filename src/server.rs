@@ -22,12 +22,14 @@ use crate::flow::Flow;
 use crate::message::{Message, Meta};
 use crate::runtime::Runtime;
 
-/// Headers that carry credentials never reach `meta.headers`, so no template or log sees them.
-const HIDDEN_HEADERS: [&str; 4] = [
+/// Headers that carry credentials never reach `meta.headers`, so no template or log sees them
+/// (nor does the header a trigger's `auth` names).
+const HIDDEN_HEADERS: [&str; 5] = [
     "authorization",
     "proxy-authorization",
     "cookie",
     "x-api-key",
+    "webhook-signature",
 ];
 
 /// The HTTP client targets share, so connections to partners are reused.
@@ -371,7 +373,9 @@ async fn handle(
         .map(|q| q.0)
         .unwrap_or_default();
     for (name, value) in &parts.headers {
-        if let (false, Ok(value)) = (HIDDEN_HEADERS.contains(&name.as_str()), value.to_str()) {
+        let hidden =
+            HIDDEN_HEADERS.contains(&name.as_str()) || trigger.auth.secret_header() == Some(name);
+        if let (false, Ok(value)) = (hidden, value.to_str()) {
             meta.headers
                 .insert(name.as_str().to_owned(), value.to_owned());
         }

@@ -538,3 +538,36 @@ async fn ferry_serves_https_and_verifies_its_targets_certificates() {
             .is_err()
     );
 }
+
+#[tokio::test]
+async fn sensitive_fields_stay_out_of_errors_and_the_admin_api() {
+    let lab = Partner::start(201, json!({})).await;
+    let portal = Partner::start(200, json!({})).await;
+    let ferry = Ferry::shipped(&lab, &portal).await;
+    let url = format!("{}/api/v1/test-requests", ferry.url);
+    let mut broken = payload("test-request.json");
+    broken["customer"]["email"] = json!("ana.private@@example");
+    let (status, reply) = post_json(&url, &broken).await;
+    assert_eq!(status, 422);
+    assert!(
+        reply["details"].to_string().contains("/customer/email"),
+        "{reply}"
+    );
+    assert!(!reply.to_string().contains("ana.private"), "{reply}");
+
+    let (status, reply) = post_json(&url, &payload("test-request.json")).await;
+    assert_eq!(status, 202, "{reply}");
+    let id = reply["request_id"].as_str().unwrap();
+    let (_, detail) = ferry.admin(&format!("/messages/{id}")).await;
+    assert_eq!(detail["inbound"]["customer"]["email"], "[redacted]");
+    assert_eq!(detail["inbound"]["customer"]["name"], "Acme Water Ltd");
+    assert!(
+        !detail.to_string().contains("qa@acme-water.example"),
+        "{detail}"
+    );
+    crate::util::wait_until("the lab has the order", || lab.received().len() == 1).await;
+    assert_eq!(
+        lab.received()[0].json()["client"]["contact_email"],
+        "qa@acme-water.example"
+    );
+}
