@@ -409,6 +409,24 @@ mod tests {
         )
     }
 
+    proptest::proptest! {
+        /// Whatever a string holds (quotes, braces, backslashes, control characters, any
+        /// Unicode), a structural template passes it through unchanged, alone or in text.
+        #[test]
+        fn any_string_round_trips_through_a_structural_template(value in proptest::prelude::any::<String>()) {
+            let mut templates = Templates::new();
+            let template = templates
+                .compile_json(&json!({"alone": "{{body.value}}", "in_text": "<{{body.value}}>", "nested": ["{{body.value}}"]}))
+                .unwrap();
+            let message = Message::new(json!({"value": value}), &Meta::new("f"));
+            let out = templates.render_json(&template, &message).unwrap();
+            proptest::prop_assert_eq!(&out["alone"], &json!(value));
+            proptest::prop_assert_eq!(&out["in_text"], &json!(format!("<{value}>")));
+            proptest::prop_assert_eq!(&out["nested"][0], &json!(value));
+            proptest::prop_assert_eq!(out.as_object().unwrap().len(), 3);
+        }
+    }
+
     #[test]
     fn lone_lookups_keep_their_type_and_text_leaves_become_strings() {
         let mut templates = Templates::new();
