@@ -571,3 +571,27 @@ async fn sensitive_fields_stay_out_of_errors_and_the_admin_api() {
         "qa@acme-water.example"
     );
 }
+
+#[tokio::test]
+async fn a_request_that_takes_too_long_gets_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let options = ferry::server::ServeOptions {
+        request_timeout: std::time::Duration::from_millis(300),
+        ..Default::default()
+    };
+    let ferry = security_flows(&[], options).await;
+    let mut stream = tokio::net::TcpStream::connect(ferry.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    // The head arrives; the promised body never does.
+    let head = "POST /limited HTTP/1.1\r\nhost: ferry\r\ncontent-type: application/json\r\ncontent-length: 10\r\n\r\n{";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0; 1024];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .expect("ferry answers instead of waiting forever")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..read]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"timeout\""), "{answer}");
+}
