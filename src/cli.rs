@@ -558,7 +558,8 @@ fn serve(
         let gauges = tokio::spawn(publish_gauges(Arc::clone(&live), store.clone()));
         let pruner = tokio::spawn(prune_forever(store, retention));
         // Tests and scripts read this line to find the port when listening on port 0.
-        println!("ferry listening on http://{address}");
+        let scheme = if options.tls.is_some() { "https" } else { "http" };
+        println!("ferry listening on {scheme}://{address}");
         let draining = Arc::clone(&live);
         let signal = async move {
             shutdown_signal().await;
@@ -597,14 +598,26 @@ fn serve(
 /// Keeps the store's gauges current for `/metrics`.
 async fn publish_gauges(live: Arc<crate::reload::Live>, store: crate::store::Store) {
     loop {
-        for flow in live.runtime().flows() {
-            if let Some(trigger) = flow
-                .queue_trigger()
-                .filter(|t| t.spec.driver == crate::config::QueueDriver::Embedded)
-                && let Ok(depth) = store.queue_depth(&trigger.spec.name).await
-            {
-                metrics::gauge!("ferry_queue_depth", "queue" => trigger.spec.name.clone())
-                    .set(depth as f64);
+        let runtime = live.runtime();
+        for flow in runtime.flows() {
+            let Some(trigger) = flow.queue_trigger() else {
+                continue;
+            };
+            let backlog = runtime
+                .brokers()
+                .backlog(Some(&store), &trigger.spec, &flow.name);
+            match tokio::time::timeout(Duration::from_secs(3), backlog).await {
+                Ok(Ok(backlog)) => {
+                    let queue = trigger.spec.name.clone();
+                    metrics::gauge!("ferry_queue_depth", "queue" => queue.clone())
+                        .set(backlog.depth as f64);
+                    metrics::gauge!("ferry_queue_consumer_lag", "queue" => queue)
+                        .set(backlog.lag as f64);
+                }
+                Ok(Err(error)) => {
+                    tracing::debug!(queue = %trigger.spec, %error, "queue backlog unknown")
+                }
+                Err(_) => tracing::debug!(queue = %trigger.spec, "queue backlog: no answer in 3 s"),
             }
         }
         if let Ok(pending) = store.undelivered().await {

@@ -267,7 +267,7 @@ impl Consumer {
         let trigger = self.trigger();
         let context = nats::connect(&spec.url).await?;
         let stream = nats::stream(&context, &spec.name).await?;
-        let durable = super::nats_safe(&format!("ferry-{}", self.flow.name));
+        let durable = super::nats_consumer_name(&self.flow.name);
         let consumer: pull::Stream = stream
             .get_or_create_consumer(
                 &durable,

@@ -65,6 +65,20 @@ impl std::fmt::Display for QueueSpec {
     }
 }
 
+/// A queue's backlog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    /// Messages in the queue not yet settled (for RabbitMQ: ready, not yet delivered).
+    pub depth: u64,
+    /// Messages ferry's consumer has not taken yet.
+    pub lag: u64,
+}
+
+/// The durable JetStream consumer of `flow`.
+pub fn nats_consumer_name(flow: &str) -> String {
+    nats_safe(&format!("ferry-{flow}"))
+}
+
 /// Why a publish failed; publishing again later may work.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -109,6 +123,33 @@ impl Brokers {
         };
         self.mark(&spec.url, result.is_ok());
         result
+    }
+
+    /// How many messages wait in the queue a flow consumes, and how many its consumer has
+    /// yet to take.
+    ///
+    /// # Errors
+    ///
+    /// When the store or broker cannot say.
+    pub async fn backlog(
+        &self,
+        store: Option<&Store>,
+        spec: &QueueSpec,
+        flow: &str,
+    ) -> Result<Backlog, PublishError> {
+        match spec.driver {
+            QueueDriver::Embedded => {
+                let store =
+                    store.ok_or_else(|| PublishError("embedded queues need a store".into()))?;
+                let depth = store
+                    .queue_depth(&spec.name)
+                    .await
+                    .map_err(|e| PublishError(e.to_string()))?;
+                Ok(Backlog { depth, lag: depth })
+            }
+            QueueDriver::Amqp => self.amqp.backlog(spec).await,
+            QueueDriver::Nats => self.nats.backlog(spec, &nats_consumer_name(flow)).await,
+        }
     }
 
     /// Records whether the broker at `url` answers.

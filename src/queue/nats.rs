@@ -42,6 +42,24 @@ pub(super) async fn stream(
 }
 
 impl Publishers {
+    /// From the consumer's own count: messages not yet delivered, and delivered unacked.
+    pub(super) async fn backlog(
+        &self,
+        spec: &QueueSpec,
+        consumer: &str,
+    ) -> Result<super::Backlog, PublishError> {
+        let context = connect(&spec.url).await.map_err(PublishError)?;
+        let stream = stream(&context, &spec.name).await.map_err(PublishError)?;
+        let info = stream
+            .consumer_info(consumer)
+            .await
+            .map_err(|e| PublishError(format!("nats consumer info: {e}")))?;
+        Ok(super::Backlog {
+            depth: info.num_pending + info.num_ack_pending as u64,
+            lag: info.num_pending,
+        })
+    }
+
     pub(super) async fn publish(
         &self,
         spec: &QueueSpec,

@@ -713,5 +713,9 @@ async fn embedded_queue_depth_is_a_gauge() {
         scraped.contains("ferry_queue_depth{queue=\"lab-orders\"} 0"),
         "{scraped}"
     );
+    assert!(
+        scraped.contains("ferry_queue_consumer_lag{queue=\"lab-orders\"} 0"),
+        "{scraped}"
+    );
     terminate(child).await;
 }

@@ -355,3 +355,71 @@ async fn readiness_turns_false_while_draining() {
     assert_eq!(draining.status(), 503);
     assert_eq!(draining.json::<Value>().await.unwrap()["draining"], true);
 }
+
+#[tokio::test]
+async fn queue_backlogs_are_read_from_the_store_and_each_broker() {
+    use ferry::config::QueueDriver;
+    use ferry::queue::{Backlog, Brokers, QueueSpec};
+    let brokers = Brokers::default();
+    let spec = |driver, name: &str, url: &str| QueueSpec {
+        driver,
+        name: name.to_owned(),
+        url: url.to_owned(),
+    };
+
+    // RabbitMQ: three messages ready in a queue no one consumes yet.
+    let queue = unique("backlog-amqp");
+    for n in 0..3 {
+        amqp_publish(&queue, b"{}", &format!("m{n}")).await;
+    }
+    let amqp = spec(QueueDriver::Amqp, &queue, rabbitmq());
+    assert_eq!(
+        brokers.backlog(None, &amqp, "any").await.unwrap(),
+        Backlog { depth: 3, lag: 3 }
+    );
+
+    // NATS: the durable consumer a flow would use, with three messages not yet taken.
+    let subject = unique("backlog-nats");
+    nats_publish(&subject, b"{}").await;
+    let client = async_nats::connect(nats()).await.unwrap();
+    let stream = async_nats::jetstream::new(client)
+        .get_stream(ferry::queue::nats_stream_name(&subject))
+        .await
+        .unwrap();
+    let name = ferry::queue::nats_consumer_name("backlog-flow");
+    stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some(name),
+            filter_subject: subject.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    nats_publish(&subject, b"{}").await;
+    nats_publish(&subject, b"{}").await;
+    let queue = spec(QueueDriver::Nats, &subject, nats());
+    assert_eq!(
+        brokers.backlog(None, &queue, "backlog-flow").await.unwrap(),
+        Backlog { depth: 3, lag: 3 }
+    );
+
+    // Embedded: what the store holds.
+    let dir = tempfile::tempdir().unwrap();
+    let store = ferry::store::Store::open(&format!("sqlite://{}/ferry.db", dir.path().display()))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        store
+            .enqueue("backlog-embedded", "{}".into(), Default::default())
+            .await
+            .unwrap();
+    }
+    let embedded = spec(QueueDriver::Embedded, "backlog-embedded", "");
+    assert_eq!(
+        brokers
+            .backlog(Some(&store), &embedded, "any")
+            .await
+            .unwrap(),
+        Backlog { depth: 2, lag: 2 }
+    );
+}
