@@ -320,8 +320,12 @@ pub async fn run(
 
 /// Ready when the store answers and every broker in use is connected; 503 otherwise.
 async fn readiness(runtime: Arc<Runtime>) -> Response {
+    // Writable within two seconds: a store locked or failing answers not ready.
     let store = match runtime.store() {
-        Some(store) => store.undelivered().await.is_ok(),
+        Some(store) => matches!(
+            tokio::time::timeout(Duration::from_secs(2), store.writable()).await,
+            Ok(Ok(()))
+        ),
         None => true,
     };
     let brokers = runtime.brokers().status();

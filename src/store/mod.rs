@@ -594,6 +594,16 @@ impl Store {
         self.backend.undelivered().await
     }
 
+    /// Whether the store takes writes now: a commit that writes nothing, through the same
+    /// writer as every other write.
+    ///
+    /// # Errors
+    ///
+    /// When the database cannot be written (locked by another process, say).
+    pub async fn writable(&self) -> Result<(), StoreError> {
+        self.backend.writable().await
+    }
+
     /// Group-commit counters since the store opened.
     pub fn commit_stats(&self) -> CommitStats {
         self.backend.commit_stats()

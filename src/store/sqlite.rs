@@ -56,6 +56,8 @@ enum Job {
         retry_at: Option<Millis>,
         reply: Reply<()>,
     },
+    /// Nothing to write: its commit shows the write lock can be taken.
+    Probe(Reply<()>),
 }
 
 #[derive(Debug, Default)]
@@ -133,6 +135,10 @@ impl SqliteStore {
             .await
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    pub(super) async fn writable(&self) -> Result<(), StoreError> {
+        self.submit(Job::Probe).await
     }
 
     pub(super) async fn accept(&self, accepted: Accepted) -> Result<AcceptOutcome, StoreError> {
@@ -632,7 +638,7 @@ fn fail(job: Job, error: &sqlx::Error) -> Finish {
         Job::Attempt(_, reply) | Job::Correlate(_, reply) => finisher(reply, Err(error())),
         Job::Claim { reply, .. } => finisher(reply, Err(error())),
         Job::Prune(_, reply) => finisher(reply, Err(error())),
-        Job::Enqueue { reply, .. } | Job::FinishQueue { reply, .. } => {
+        Job::Enqueue { reply, .. } | Job::FinishQueue { reply, .. } | Job::Probe(reply) => {
             finisher(reply, Err(error()))
         }
         Job::ClaimQueue { reply, .. } => finisher(reply, Err(error())),
@@ -647,6 +653,7 @@ async fn run_job(conn: &mut SqliteConnection, job: Job) -> (Finish, bool) {
     }
     match job {
         Job::Accept(accepted, reply) => done(reply, accept(conn, *accepted).await),
+        Job::Probe(reply) => done(reply, Ok(())),
         Job::Attempt(attempt, reply) => done(reply, attempt_done(conn, *attempt).await),
         Job::Correlate(writes, reply) => {
             let mut result = Ok(());

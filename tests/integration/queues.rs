@@ -423,3 +423,75 @@ async fn queue_backlogs_are_read_from_the_store_and_each_broker() {
         Backlog { depth: 2, lag: 2 }
     );
 }
+
+async fn readiness(ferry: &Ferry) -> (u16, Value) {
+    let response = reqwest::get(format!("{}/readyz", ferry.url)).await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn readiness_follows_a_broker_that_goes_away_and_comes_back() {
+    rabbitmq();
+    let mut proxy = crate::util::Proxy::start("127.0.0.1:5672").await;
+    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
+    let sink = Partner::start(200, json!({})).await;
+    let queue = unique("readiness");
+    let env = [
+        ("EMBEDDED_QUEUE", "readiness-embedded"),
+        ("AMQP_QUEUE", queue.as_str()),
+        ("AMQP_URL", url.as_str()),
+        ("NATS_QUEUE", "readiness-nats"),
+        ("NATS_URL", nats()),
+        ("SINK_URL", sink.url.as_str()),
+    ];
+    let ferry = Ferry::start(&repo().join("tests/fixtures/queues/flows"), &env).await;
+    wait_for("ready with the broker up", || async {
+        readiness(&ferry).await.0 == 200
+    })
+    .await;
+    proxy.cut();
+    wait_for("not ready with the broker gone", || async {
+        let (status, body) = readiness(&ferry).await;
+        status == 503 && body["store"] == true && body["brokers"].to_string().contains("false")
+    })
+    .await;
+    proxy.restore().await;
+    wait_for("ready again once the broker is back", || async {
+        readiness(&ferry).await.0 == 200
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn readiness_follows_a_store_that_cannot_be_written() {
+    use sqlx::Connection as _;
+    let sink = Partner::start(200, json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ferry.db");
+    let store = format!("sqlite://{}", path.display());
+    let flows = [repo().join("tests/fixtures/features/flows")];
+    let env = [
+        ("SINK_URL", sink.url.as_str()),
+        ("NORTH_URL", "http://127.0.0.1:9"),
+        ("METALS_URL", "http://127.0.0.1:9"),
+        ("SOUTH_URL", "http://127.0.0.1:9"),
+    ];
+    let ferry = Ferry::start_with_store(&flows, &env, &store, dir).await;
+    assert_eq!(readiness(&ferry).await.0, 200);
+    // Another process takes the database's write lock and keeps it.
+    let mut other = sqlx::sqlite::SqliteConnection::connect(&store)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let (status, body) = readiness(&ferry).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["store"], false);
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    wait_for("ready again once the lock is gone", || async {
+        readiness(&ferry).await.0 == 200
+    })
+    .await;
+}
