@@ -37,6 +37,10 @@ pub struct Cli {
         env = "FERRY_LOG_FORMAT"
     )]
     pub log_format: LogFormat,
+    /// Export traces to this OTLP/HTTP collector, such as `http://127.0.0.1:4318`.
+    #[cfg(feature = "otlp")]
+    #[arg(long, global = true, env = "FERRY_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// How log lines look.
@@ -48,17 +52,32 @@ pub enum LogFormat {
     Json,
 }
 
-/// Sends logs to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_logging(format: LogFormat) {
+/// Sends logs to stderr, filtered by `RUST_LOG` (default `info`), and traces to the OTLP
+/// collector when built with the `otlp` feature and given one.
+pub fn init_logging(cli: &Cli) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+    let text = (cli.log_format == LogFormat::Text)
+        .then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
+    let json = (cli.log_format == LogFormat::Json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .json()
+            .flatten_event(true)
+    });
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(text)
+        .with(json);
+    #[cfg(feature = "otlp")]
+    let registry = registry.with(cli.otlp_endpoint.as_deref().and_then(|endpoint| {
+        crate::observe::otlp::layer(endpoint)
+            .inspect_err(|error| eprintln!("OTLP export is off: {error}"))
+            .ok()
+    }));
+    registry.init();
 }
 
 /// A `ferry` subcommand.

@@ -231,7 +231,18 @@ impl Worker {
             status,
             error,
             retry_after,
-        } = runtime.attempt(flow, target, &mut message).await;
+        } = {
+            #[cfg(feature = "otlp")]
+            let span = crate::observe::otlp::span(
+                "ferry.delivery",
+                &flow.name,
+                message.root()["meta"]["headers"]["traceparent"].as_str(),
+            );
+            let attempt = runtime.attempt(flow, target, &mut message);
+            #[cfg(feature = "otlp")]
+            let attempt = tracing::Instrument::instrument(attempt, span);
+            attempt.await
+        };
         in_flight.decrement(1.0);
         metrics::histogram!("ferry_delivery_attempt_duration_seconds", &labels)
             .record(started.elapsed().as_secs_f64());

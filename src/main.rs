@@ -6,6 +6,9 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = ferry::cli::Cli::parse();
-    ferry::cli::init_logging(cli.log_format);
-    ferry::cli::run(cli)
+    ferry::cli::init_logging(&cli);
+    let code = ferry::cli::run(cli);
+    #[cfg(feature = "otlp")]
+    ferry::observe::otlp::shutdown();
+    code
 }

@@ -34,3 +34,69 @@ pub fn install() -> Result<(), String> {
 pub fn render() -> Option<String> {
     HANDLE.get().map(PrometheusHandle::render)
 }
+
+/// Trace export over OTLP/HTTP, compiled in only with the `otlp` feature.
+#[cfg(feature = "otlp")]
+pub mod otlp {
+    use std::collections::HashMap;
+    use std::sync::OnceLock;
+
+    use opentelemetry::propagation::TextMapPropagator as _;
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig as _;
+    use opentelemetry_sdk::propagation::TraceContextPropagator;
+    use opentelemetry_sdk::trace::SdkTracerProvider;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+    static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
+
+    /// A tracing layer exporting spans, in batches, to the collector at `endpoint` (such as
+    /// `http://127.0.0.1:4318`; `/v1/traces` is added when missing).
+    ///
+    /// # Errors
+    ///
+    /// When the exporter cannot be built.
+    pub fn layer<S>(endpoint: &str) -> Result<impl tracing_subscriber::Layer<S>, String>
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        let endpoint = if endpoint.ends_with("/v1/traces") {
+            endpoint.to_owned()
+        } else {
+            format!("{}/v1/traces", endpoint.trim_end_matches('/'))
+        };
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_endpoint(endpoint)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(
+                opentelemetry_sdk::Resource::builder()
+                    .with_service_name("ferry")
+                    .build(),
+            )
+            .build();
+        let tracer = provider.tracer("ferry");
+        let _ = PROVIDER.set(provider);
+        Ok(tracing_opentelemetry::layer().with_tracer(tracer))
+    }
+
+    /// Sends the spans not yet exported.
+    pub fn shutdown() {
+        if let Some(provider) = PROVIDER.get() {
+            let _ = provider.shutdown();
+        }
+    }
+
+    /// A span named `name` continuing the W3C trace of `traceparent`, when there is one.
+    pub fn span(name: &'static str, flow: &str, traceparent: Option<&str>) -> tracing::Span {
+        let span = tracing::info_span!("ferry", otel.name = name, flow);
+        if let Some(traceparent) = traceparent {
+            let carrier = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+            let _ = span.set_parent(TraceContextPropagator::new().extract(&carrier));
+        }
+        span
+    }
+}

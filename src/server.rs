@@ -386,7 +386,17 @@ async fn handle(
     }
     meta.adopt_correlation_id();
     let message = Message::new(body, &meta);
-    let reply = runtime.handle(flow, message).await.inspect_err(|error| {
+    let handled = runtime.handle(flow, message);
+    #[cfg(feature = "otlp")]
+    let handled = tracing::Instrument::instrument(
+        handled,
+        crate::observe::otlp::span(
+            "ferry.message",
+            &flow.name,
+            meta.headers.get("traceparent").map(String::as_str),
+        ),
+    );
+    let reply = handled.await.inspect_err(|error| {
         tracing::debug!(flow = %flow.name, message_id = %meta.id, correlation_id = %meta.correlation_id, %error, "message refused");
     })?;
     tracing::debug!(flow = %flow.name, message_id = %meta.id, correlation_id = %meta.correlation_id, status = reply.status, "message handled");

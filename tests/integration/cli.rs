@@ -719,3 +719,44 @@ async fn embedded_queue_depth_is_a_gauge() {
     );
     terminate(child).await;
 }
+
+/// With the `otlp` feature: spans reach an OTLP/HTTP collector, in the caller's trace.
+#[cfg(feature = "otlp")]
+#[tokio::test]
+async fn traces_are_exported_over_otlp_in_the_callers_trace() {
+    let lab = Partner::start(201, json!({})).await;
+    let collector = Partner::start(200, json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (child, url) = spawn_with(
+        dir.path(),
+        &["--otlp-endpoint", &collector.url],
+        &[("LAB_URL", &lab.url)],
+        Stdio::null(),
+    );
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let response = crate::util::client()
+        .post(format!("{url}/api/v1/test-requests"))
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .json(&payload("test-request.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    wait_until("the lab has the order", || lab.accepted().len() == 1).await;
+    terminate(child).await; // flushes the batch
+    let exported = collector.received();
+    assert!(!exported.is_empty(), "nothing exported");
+    assert_eq!(exported[0].path, "/v1/traces");
+    let raw_id: Vec<u8> = (0..16)
+        .map(|i| u8::from_str_radix(&trace_id[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    let spans = exported
+        .iter()
+        .flat_map(|r| r.body.windows(16))
+        .filter(|w| *w == raw_id)
+        .count();
+    assert!(
+        spans >= 2,
+        "the message and its delivery continue the caller's trace ({spans})"
+    );
+}
