@@ -3,10 +3,15 @@
 //! the same flow on an in-memory store (`sqlite::memory:`, nothing synced), at 1, 16 and 64
 //! concurrent clients, in one run. The lab is a mock on loopback that accepts every order.
 //!
+//! Then observability's cost: Prometheus metrics and JSON logs switched on and off in turns
+//! on one server, so both sides see the same machine, store and moment.
+//!
 //! Run with `cargo bench --bench durable`. Each cell runs for a bounded time
 //! (`FERRY_BENCH_SECONDS`, default 3 s).
 #![allow(missing_docs)]
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -15,6 +20,74 @@ use ferry::runtime::Runtime;
 use ferry::store::Store;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+
+const KEY: &str = "bench-key";
+
+/// A metrics recorder that records into Prometheus while `on`, and nowhere otherwise.
+struct Toggle {
+    inner: metrics_exporter_prometheus::PrometheusRecorder,
+    on: Arc<AtomicBool>,
+}
+
+impl metrics::Recorder for Toggle {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+
+    fn register_counter(
+        &self,
+        key: &metrics::Key,
+        metadata: &metrics::Metadata<'_>,
+    ) -> metrics::Counter {
+        if self.on.load(Ordering::Relaxed) {
+            self.inner.register_counter(key, metadata)
+        } else {
+            metrics::Counter::noop()
+        }
+    }
+
+    fn register_gauge(
+        &self,
+        key: &metrics::Key,
+        metadata: &metrics::Metadata<'_>,
+    ) -> metrics::Gauge {
+        if self.on.load(Ordering::Relaxed) {
+            self.inner.register_gauge(key, metadata)
+        } else {
+            metrics::Gauge::noop()
+        }
+    }
+
+    fn register_histogram(
+        &self,
+        key: &metrics::Key,
+        metadata: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        if self.on.load(Ordering::Relaxed) {
+            self.inner.register_histogram(key, metadata)
+        } else {
+            metrics::Histogram::noop()
+        }
+    }
+}
 
 async fn serve(router: Router) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -68,7 +141,13 @@ async fn load(url: &str, clients: usize, seconds: u64, run: &str) -> Cell {
             while Instant::now() < deadline {
                 body["portal_ref"] = json!(format!("PR-{run}-{client}-{n}"));
                 let sent = Instant::now();
-                let response = http.post(&url).json(&body).send().await.unwrap();
+                let response = http
+                    .post(&url)
+                    .header("x-api-key", KEY)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
                 assert_eq!(response.status(), 202);
                 let _ = response.bytes().await;
                 latencies.push(sent.elapsed());
@@ -97,7 +176,11 @@ fn main() {
     runtime.block_on(async {
         let lab = serve(Router::new().fallback(|| async { (axum::http::StatusCode::CREATED, axum::Json(json!({"lab_order_id": "LAB-1"}))) })).await;
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-        let env = move |name: &str| (name == "LAB_URL").then(|| lab.clone());
+        let env = move |name: &str| match name {
+            "LAB_URL" => Some(lab.clone()),
+            "PORTAL_API_KEY" | "LAB_WEBHOOK_SECRET" => Some(KEY.to_owned()),
+            _ => None,
+        };
         let project = load_project_with_env(&ProjectPaths::new(&root.join("flows"), None), &env).unwrap();
         let scratch = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         let stores = [
@@ -130,32 +213,45 @@ fn main() {
             }
             ferry.shutdown(Duration::from_secs(5)).await;
         }
-        // Observability's cost: the durable store at 16 clients, before and after turning on
-        // Prometheus metrics and JSON logs of every message and attempt (to a sink), in this run.
-        let observed = {
-            let store = Store::open(&format!("sqlite://{}/observed.db", scratch.path().display())).await.unwrap();
-            let ferry = Runtime::start(&project, ferry::server::http_client().unwrap(), Some(store));
-            let base = serve(ferry::server::router(&ferry, None)).await;
-            let endpoint = format!("{base}/api/v1/test-requests");
-            load(&endpoint, 4, 1, "OW").await;
-            let off = load(&endpoint, 16, seconds, "OFF").await.per_second();
-            ferry::observe::install().unwrap();
-            tracing_subscriber::fmt()
-                .json()
-                .with_env_filter("ferry=debug")
-                .with_writer(std::io::sink)
+        // Observability's cost: the durable store at 16 clients, with Prometheus metrics and
+        // JSON logs (to a sink) switched on and off in turns, so noise hits both sides alike.
+        let on = Arc::new(AtomicBool::new(false));
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        metrics::set_global_recorder(Toggle { inner: recorder, on: Arc::clone(&on) }).unwrap();
+        let (filter, logs) = tracing_subscriber::reload::Layer::new(tracing_subscriber::EnvFilter::new("off"));
+        {
+            use tracing_subscriber::layer::SubscriberExt as _;
+            use tracing_subscriber::util::SubscriberInitExt as _;
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(tracing_subscriber::fmt::layer().json().flatten_event(true).with_writer(std::io::sink))
                 .init();
-            let on = load(&endpoint, 16, seconds, "ON").await.per_second();
-            ferry.shutdown(Duration::from_secs(5)).await;
-            (off, on)
-        };
-        println!();
-        println!(
-            "metrics + JSON debug logs, 16 clients, durable: {:.0} req/s off, {:.0} req/s on ({:+.1}%)",
-            observed.0,
-            observed.1,
-            100.0 * (observed.1 - observed.0) / observed.0
-        );
+        }
+        let store = Store::open(&format!("sqlite://{}/observed.db", scratch.path().display())).await.unwrap();
+        let ferry = Runtime::start(&project, ferry::server::http_client().unwrap(), Some(store));
+        let base = serve(ferry::server::router(&ferry, None)).await;
+        let endpoint = format!("{base}/api/v1/test-requests");
+        load(&endpoint, 4, 1, "OW").await;
+        let rounds = 4;
+        let turn = (seconds / 2).max(1);
+        for level in ["info", "ferry=debug"] {
+            let (mut off, mut observed) = (0.0, 0.0);
+            for round in 0..rounds {
+                on.store(false, Ordering::Relaxed);
+                logs.modify(|f| *f = tracing_subscriber::EnvFilter::new("off")).unwrap();
+                off += load(&endpoint, 16, turn, &format!("OFF-{level}-{round}")).await.per_second();
+                on.store(true, Ordering::Relaxed);
+                logs.modify(|f| *f = tracing_subscriber::EnvFilter::new(level)).unwrap();
+                observed += load(&endpoint, 16, turn, &format!("ON-{level}-{round}")).await.per_second();
+            }
+            let (off, observed) = (off / f64::from(rounds), observed / f64::from(rounds));
+            println!(
+                "\nmetrics + JSON logs at {level:<11}, 16 clients, durable: {off:.0} req/s off, {observed:.0} req/s on: ratio {:.3} ({:+.1}%)",
+                observed / off,
+                100.0 * (observed - off) / off
+            );
+        }
+        ferry.shutdown(Duration::from_secs(5)).await;
         println!();
         for clients in [1, 16, 64] {
             let rate = |store: &str| results.iter().find(|r| r.0 == store && r.1 == clients).map(|r| (r.2, r.3)).unwrap();
