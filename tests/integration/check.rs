@@ -292,6 +292,9 @@ fn the_deploy_files_parse_and_name_metrics_ferry_has() {
         "ferry_outbox_oldest_age_seconds",
         "ferry_step_duration_seconds_bucket",
         "ferry_store_commit_duration_seconds_bucket",
+        "ferry_queue_depth",
+        "ferry_queue_consumer_lag",
+        "ferry_requests_shed_total",
     ];
     let mut expressions: Vec<String> = dashboard["panels"]
         .as_array()
