@@ -4,7 +4,6 @@
 //! or "forbidden" (403), never which part was wrong.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -458,18 +457,6 @@ fn secrets(
         );
     }
     values
-}
-
-/// Whether `path`, as a flow names it, stays inside the flow's folder.
-pub(crate) fn stays_inside(path: &str) -> bool {
-    let path = Path::new(path);
-    !path.is_absolute()
-        && path.components().all(|c| {
-            matches!(
-                c,
-                std::path::Component::Normal(_) | std::path::Component::CurDir
-            )
-        })
 }
 
 #[cfg(test)]

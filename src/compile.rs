@@ -442,7 +442,7 @@ impl Ctx<'_> {
 
     /// A file the flow names, relative to the flow file's folder; one outside it is refused.
     pub(crate) fn project_file(&mut self, name: &str, at: Location) -> Option<std::path::PathBuf> {
-        if !crate::auth::stays_inside(name) {
+        if !stays_inside(name) {
             self.error_with(
                 at,
                 "file-escape",
@@ -662,6 +662,18 @@ impl Ctx<'_> {
             }
         }
     }
+}
+
+/// Whether `path`, as a flow names it, stays inside the flow's folder.
+fn stays_inside(path: &str) -> bool {
+    let path = Path::new(path);
+    !path.is_absolute()
+        && path.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::CurDir
+            )
+        })
 }
 
 #[cfg(test)]

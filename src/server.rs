@@ -215,7 +215,8 @@ pub fn tls_config(
     Ok(Arc::new(config))
 }
 
-/// Applies the concurrency limit and the request timeout to every route of `router`.
+/// Applies the concurrency limit and the request timeout to every route of `router` but
+/// `/healthz`.
 fn guarded(router: Router, options: &ServeOptions) -> Router {
     let permits = Arc::new(tokio::sync::Semaphore::new(options.max_concurrency));
     let timeout = options.request_timeout;
@@ -223,6 +224,10 @@ fn guarded(router: Router, options: &ServeOptions) -> Router {
         move |request: Request, next: axum::middleware::Next| {
             let permits = Arc::clone(&permits);
             async move {
+                // Liveness must answer however busy ferry is, or an orchestrator restarts it.
+                if request.uri().path() == "/healthz" {
+                    return next.run(request).await;
+                }
                 let Ok(_permit) = permits.try_acquire() else {
                     metrics::counter!("ferry_requests_shed_total").increment(1);
                     return ServeError::Overloaded.into_response();

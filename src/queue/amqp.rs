@@ -16,11 +16,18 @@ pub(super) struct Publishers {
     channels: Mutex<HashMap<String, (Connection, Channel)>>,
 }
 
-/// Opens a channel on a new connection to `url`.
-pub(super) async fn connect(url: &str) -> Result<(Connection, Channel), lapin::Error> {
-    let connection = Connection::connect(url, ConnectionProperties::default()).await?;
-    let channel = connection.create_channel().await?;
-    Ok((connection, channel))
+/// Opens a channel on a new connection to `url`, giving up after 10 s (a peer that takes
+/// the TCP connection but never speaks AMQP must not hold a consumer forever).
+pub(super) async fn connect(url: &str) -> Result<(Connection, Channel), PublishError> {
+    let open = async {
+        let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+        let channel = connection.create_channel().await?;
+        Ok::<_, lapin::Error>((connection, channel))
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(10), open).await {
+        Ok(opened) => Ok(opened?),
+        Err(_) => Err(PublishError("amqp: no answer within 10 s".into())),
+    }
 }
 
 /// Declares `queue` durable, so it and its persistent messages survive a broker restart.

@@ -445,8 +445,10 @@ async fn readiness_follows_a_broker_that_goes_away_and_comes_back() {
         ("SINK_URL", sink.url.as_str()),
     ];
     let ferry = Ferry::start(&repo().join("tests/fixtures/queues/flows"), &env).await;
+    // Ready, with the consumer connected through the proxy (not merely no broker known yet).
     wait_for("ready with the broker up", || async {
-        readiness(&ferry).await.0 == 200
+        let (status, body) = readiness(&ferry).await;
+        status == 200 && body["brokers"].as_object().is_some_and(|b| b.len() == 2)
     })
     .await;
     proxy.cut();

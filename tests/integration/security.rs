@@ -257,7 +257,9 @@ async fn a_client_over_its_rate_gets_429_with_retry_after() {
         }
         statuses.push(response.status().as_u16());
     }
-    assert_eq!(&statuses[..3], [200, 200, 429]);
+    // The burst of two passes; then the bucket is empty (one token comes back each second).
+    assert_eq!(&statuses[..2], [200, 200]);
+    assert!(statuses[2..].contains(&429), "{statuses:?}");
     assert_eq!(retry_after.unwrap(), "1");
 }
 
@@ -296,6 +298,10 @@ async fn over_the_concurrency_limit_ferry_sheds_load_with_503() {
         .unwrap();
     assert_eq!(shed.status(), 503);
     assert_eq!(shed.headers()["retry-after"], "1");
+    let live = reqwest::get(format!("{}/healthz", ferry.url))
+        .await
+        .unwrap();
+    assert_eq!(live.status(), 200, "liveness answers however busy ferry is");
     assert_eq!(slow.await.unwrap(), 200);
 }
 
