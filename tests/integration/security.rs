@@ -601,3 +601,52 @@ async fn a_request_that_takes_too_long_gets_408() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("\"timeout\""), "{answer}");
 }
+
+#[tokio::test]
+async fn the_result_callbacks_example_takes_rs256_tokens_from_its_partner() {
+    // The private half of examples/result-callbacks/flows/keys/partner-idp.pem, for tests only.
+    let private =
+        std::fs::read(repo().join("tests/fixtures/security/keys/partner-idp.test-only.key"))
+            .unwrap();
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(&private).unwrap();
+    let token = |scope: &str| {
+        let claims = json!({"iss": "https://idp.partner.example", "aud": "ferry", "exp": now() + 300, "scope": scope});
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+            &claims,
+            &key,
+        )
+        .unwrap()
+    };
+    let env = [
+        ("PARTNER_CLIENT_SECRET", "secret"),
+        ("PARTNER_SIGNING_SECRET", "secret"),
+    ];
+    let ferry = Ferry::start(&repo().join("examples/result-callbacks/flows"), &env).await;
+    let subscribe = |token: String, callback: &str| {
+        let url = format!("{}/api/v1/result-subscriptions", ferry.url);
+        let body = json!({"request_id": "R-1", "callback_url": callback, "contact": {"email": "desk@clinic.partner.example"}});
+        async move {
+            let response = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (
+                response.status().as_u16(),
+                response.json::<Value>().await.unwrap(),
+            )
+        }
+    };
+    // Authenticated and allowed: the body is checked next, and a callback outside the
+    // partner's hosts is refused before anything is sent.
+    let (status, body) = subscribe(token("results:subscribe"), "https://evil.test/x").await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"], "unprocessable");
+    let (status, _) = subscribe(token("results:read"), "https://a.partner.example/x").await;
+    assert_eq!(status, 403);
+    let (status, _) = subscribe("e30.e30.".into(), "https://a.partner.example/x").await;
+    assert_eq!(status, 401);
+}
