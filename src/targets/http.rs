@@ -145,9 +145,31 @@ impl HttpTarget {
         templates: &Templates,
     ) -> Result<(), FlowError> {
         match self.guard {
-            Some(_) => self.prepare(message, templates).map(drop),
+            Some(_) => self.url(message, templates).map(drop),
             None => Ok(()),
         }
+    }
+
+    fn unprocessable(&self, reason: String) -> FlowError {
+        FlowError::Unprocessable {
+            context: format!("target \"{}\"", self.name),
+            reason,
+        }
+    }
+
+    /// Renders the URL for `message` and holds it to `allow_hosts` when the host is templated.
+    fn url(&self, message: &Message, templates: &Templates) -> Result<reqwest::Url, FlowError> {
+        let url = templates
+            .render_text(&self.url, message)
+            .map_err(|reason| self.unprocessable(reason))?;
+        let url = reqwest::Url::parse(&url)
+            .map_err(|e| self.unprocessable(format!("invalid URL \"{url}\": {e}")))?;
+        if let Some(guard) = &self.guard {
+            guard
+                .check(&url)
+                .map_err(|reason| self.unprocessable(format!("refused to call {url}: {reason}")))?;
+        }
+        Ok(url)
     }
 
     /// Renders the request for `message`.
@@ -160,20 +182,8 @@ impl HttpTarget {
         message: &Message,
         templates: &Templates,
     ) -> Result<OutboundRequest, FlowError> {
-        let unprocessable = |reason: String| FlowError::Unprocessable {
-            context: format!("target \"{}\"", self.name),
-            reason,
-        };
-        let url = templates
-            .render_text(&self.url, message)
-            .map_err(&unprocessable)?;
-        let url = reqwest::Url::parse(&url)
-            .map_err(|e| unprocessable(format!("invalid URL \"{url}\": {e}")))?;
-        if let Some(guard) = &self.guard {
-            guard
-                .check(&url)
-                .map_err(|reason| unprocessable(format!("refused to call {url}: {reason}")))?;
-        }
+        let unprocessable = |reason: String| self.unprocessable(reason);
+        let url = self.url(message, templates)?;
         let (body, content_type) = match message.content_type() {
             None => (Bytes::from(message.body().to_string()), "application/json"),
             Some(content_type) => (
