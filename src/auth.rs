@@ -204,6 +204,24 @@ pub fn standard_signature(secret: &[u8], id: &str, timestamp: i64, body: &[u8]) 
     format!("v1,{}", BASE64.encode(mac.finalize().into_bytes()))
 }
 
+/// The three Standard Webhooks headers for `body` sent as `id` at `timestamp` (Unix seconds),
+/// signed with `key`: `webhook-id`, `webhook-timestamp`, `webhook-signature`.
+pub fn webhook_headers(
+    key: &[u8],
+    id: &str,
+    timestamp: i64,
+    body: &[u8],
+) -> [(&'static str, String); 3] {
+    [
+        ("webhook-id", id.to_owned()),
+        ("webhook-timestamp", timestamp.to_string()),
+        (
+            "webhook-signature",
+            standard_signature(key, id, timestamp, body),
+        ),
+    ]
+}
+
 /// The key a Standard Webhooks secret stands for: base64 after `whsec_`, else its bytes.
 pub fn webhook_key(secret: &str) -> Vec<u8> {
     match secret.strip_prefix("whsec_") {
@@ -403,10 +421,7 @@ fn compile_jwt(
         }
         JwtKeys::Set(keys)
     } else {
-        let name = config.secret_from_env.as_ref()?;
-        let secret = secrets(std::slice::from_ref(name), at, ctx)
-            .pop()
-            .unwrap_or_default();
+        let secret = ctx.secret(config.secret_from_env.as_ref()?);
         JwtKeys::One(DecodingKey::from_secret(secret.as_bytes()).ok()?)
     };
     let mut validation = Validation::new(first);

@@ -194,16 +194,14 @@ async fn simulated_lab(
             let id = format!("msg_{}", uuid::Uuid::now_v7().simple());
             let timestamp = time::OffsetDateTime::now_utc().unix_timestamp();
             let key = crate::auth::webhook_key(&secret);
-            let signature = crate::auth::standard_signature(&key, &id, timestamp, body.as_bytes());
-            let _ = reqwest::Client::new()
+            let mut request = reqwest::Client::new()
                 .post(format!("{ferry_url}/api/v1/lab-results"))
-                .header("content-type", "application/json")
-                .header("webhook-id", id)
-                .header("webhook-timestamp", timestamp.to_string())
-                .header("webhook-signature", signature)
-                .body(body)
-                .send()
-                .await;
+                .header("content-type", "application/json");
+            for (name, value) in crate::auth::webhook_headers(&key, &id, timestamp, body.as_bytes())
+            {
+                request = request.header(name, value);
+            }
+            let _ = request.body(body).send().await;
         });
         (
             StatusCode::CREATED,

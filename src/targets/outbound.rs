@@ -196,12 +196,8 @@ impl Signer {
             .unwrap_or_default()
             .to_owned();
         let timestamp = time::OffsetDateTime::now_utc().unix_timestamp();
-        let signature = crate::auth::standard_signature(&self.key, &id, timestamp, &request.body);
-        for (name, value) in [
-            ("webhook-id", id),
-            ("webhook-timestamp", timestamp.to_string()),
-            ("webhook-signature", signature),
-        ] {
+        for (name, value) in crate::auth::webhook_headers(&self.key, &id, timestamp, &request.body)
+        {
             if let Ok(value) = HeaderValue::from_str(&value) {
                 request.headers.push((HeaderName::from_static(name), value));
             }

@@ -111,7 +111,7 @@ async fn lab_webhooks_must_be_signed_fresh_and_new() {
             for (name, value) in headers {
                 request = request.header(name, value);
             }
-            request.send().await.unwrap().status().as_u16()
+            status_of(request).await
         }
     };
     // Signed right, the result reaches the flow (and matches no request: 404).
@@ -132,13 +132,8 @@ async fn lab_webhooks_must_be_signed_fresh_and_new() {
     );
     // Stale: signed ten minutes ago.
     let stale_at = now() as i64 - 600;
-    let signature =
-        ferry::auth::standard_signature(LAB_SECRET.as_bytes(), "msg_stale", stale_at, &body);
-    let stale = vec![
-        ("webhook-id", "msg_stale".to_owned()),
-        ("webhook-timestamp", stale_at.to_string()),
-        ("webhook-signature", signature),
-    ];
+    let stale =
+        ferry::auth::webhook_headers(LAB_SECRET.as_bytes(), "msg_stale", stale_at, &body).to_vec();
     assert_eq!(send(stale, body.clone()).await, 401);
     // Unsigned.
     assert_eq!(send(Vec::new(), body.clone()).await, 401);
@@ -162,7 +157,7 @@ async fn generic_signatures_cover_the_body() {
             if let Some(signature) = signature {
                 request = request.header("x-hub-signature-256", signature);
             }
-            request.send().await.unwrap().status().as_u16()
+            status_of(request).await
         }
     };
     assert_eq!(send(Some(good.clone()), body.clone()).await, 200);
@@ -190,15 +185,13 @@ async fn bearer_tokens_are_checked_and_scoped() {
     let send = |token: String| {
         let url = format!("{}/jwt", ferry.url);
         async move {
-            reqwest::Client::new()
-                .post(url)
-                .bearer_auth(token)
-                .json(&json!({}))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
+            status_of(
+                reqwest::Client::new()
+                    .post(url)
+                    .bearer_auth(token)
+                    .json(&json!({})),
+            )
+            .await
         }
     };
     let valid = json!({"iss": "https://idp.example", "aud": "ferry", "exp": now() + 300, "scope": "results:read results:write"});
@@ -227,16 +220,7 @@ async fn bearer_tokens_are_checked_and_scoped() {
     // A JWKS file: the kid picks the key.
     let jwks = |token: String| {
         let url = format!("{}/jwks", ferry.url);
-        async move {
-            reqwest::Client::new()
-                .post(url)
-                .bearer_auth(token)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }
+        async move { status_of(reqwest::Client::new().post(url).bearer_auth(token)).await }
     };
     let claims = json!({"exp": now() + 300});
     let secret = "jwks-test-secret-0123456789abcdef";
@@ -276,14 +260,12 @@ async fn over_the_concurrency_limit_ferry_sheds_load_with_503() {
     let slow = tokio::spawn({
         let url = url.clone();
         async move {
-            reqwest::Client::new()
-                .post(url)
-                .json(&json!({"kind": "basic"}))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
+            status_of(
+                reqwest::Client::new()
+                    .post(url)
+                    .json(&json!({"kind": "basic"})),
+            )
+            .await
         }
     });
     crate::util::wait_until("the slow request is in flight", || {
@@ -383,15 +365,13 @@ async fn targets_present_credentials_and_sign_what_they_send() {
     assert_eq!(tokens.received().len(), 2);
 }
 
+/// The status `request` is answered with.
+async fn status_of(request: reqwest::RequestBuilder) -> u16 {
+    request.send().await.unwrap().status().as_u16()
+}
+
 async fn post_json_plain(url: String, body: Value) -> u16 {
-    reqwest::Client::new()
-        .post(url)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+    status_of(reqwest::Client::new().post(url).json(&body)).await
 }
 
 #[tokio::test]
@@ -509,16 +489,7 @@ async fn ferry_serves_https_and_verifies_its_targets_certificates() {
     let url = ferry.url.replace("127.0.0.1", "localhost");
     let status = |path: &'static str| {
         let (client, url) = (trusting.clone(), format!("{url}/{path}"));
-        async move {
-            client
-                .post(url)
-                .json(&json!({}))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }
+        async move { status_of(client.post(url).json(&json!({}))).await }
     };
     assert_eq!(
         status("trusting").await,

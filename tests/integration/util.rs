@@ -483,13 +483,7 @@ pub(crate) fn webhook_headers(secret: &str, body: &[u8]) -> Vec<(&'static str, S
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64;
-    let signature =
-        ferry::auth::standard_signature(&ferry::auth::webhook_key(secret), &id, timestamp, body);
-    vec![
-        ("webhook-id", id),
-        ("webhook-timestamp", timestamp.to_string()),
-        ("webhook-signature", signature),
-    ]
+    ferry::auth::webhook_headers(&ferry::auth::webhook_key(secret), &id, timestamp, body).to_vec()
 }
 
 /// POSTs `body` with the portal's key and signed as the lab signs its webhooks, so it passes
