@@ -110,10 +110,19 @@ pub enum Command {
         /// Address to listen on; port 0 picks a free port.
         #[arg(long, default_value = "127.0.0.1:8080", env = "FERRY_LISTEN")]
         listen: SocketAddr,
-        /// The store: `sqlite://PATH` (created if missing) or `sqlite::memory:` (nothing
-        /// survives a restart).
+        /// The store: `sqlite://PATH` (created if missing), `sqlite::memory:` (nothing
+        /// survives a restart), or `postgres://USER@HOST/DATABASE`, which several ferry
+        /// processes can share.
         #[arg(long, default_value = "sqlite://data/ferry.db", env = "FERRY_STORE")]
         store: String,
+        /// How long a claim on a delivery or an embedded-queue message holds: when a ferry
+        /// dies mid-delivery, another takes the work over after this. Keep it above the
+        /// slowest target's timeout.
+        #[arg(long, default_value = "60s", env = "FERRY_LEASE", value_parser = humantime::parse_duration)]
+        lease: Duration,
+        /// Most connections to a PostgreSQL store, per ferry process.
+        #[arg(long, default_value_t = 10, env = "FERRY_STORE_CONNECTIONS")]
+        store_connections: u32,
         /// Reload the flows when a file in the flows or schemas folders changes (SIGHUP
         /// reloads them too, with or without this).
         #[arg(long)]
@@ -267,6 +276,8 @@ pub fn run(cli: Cli) -> ExitCode {
             schemas,
             listen,
             store,
+            lease,
+            store_connections,
             watch,
             admin_listen,
             retention,
@@ -280,6 +291,10 @@ pub fn run(cli: Cli) -> ExitCode {
                     admin: admin_listen,
                 },
                 &store,
+                crate::store::StoreOptions {
+                    lease,
+                    connections: store_connections,
+                },
                 retention,
                 watch,
                 &guard,
@@ -528,6 +543,7 @@ fn serve(
     paths: &ProjectPaths,
     listen: Listen,
     store_url: &str,
+    store_options: crate::store::StoreOptions,
     retention: Duration,
     watch: bool,
     guard: &GuardArgs,
@@ -550,7 +566,9 @@ fn serve(
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         let client = crate::server::http_client().context("building the HTTP client")?;
-        let store = crate::store::Store::open(store_url).await.with_context(|| format!("opening the store {store_url}"))?;
+        let store = crate::store::Store::open_with(store_url, store_options)
+            .await
+            .with_context(|| format!("opening the store {}", crate::queue::redact(store_url)))?;
         let ferry = crate::runtime::Runtime::start(&project, client.clone(), Some(store.clone()));
         let split = listen.admin.is_some();
         let live = crate::reload::Live::new(paths.clone(), client, store.clone(), admin_token.clone(), ferry, split);

@@ -19,8 +19,8 @@ use crate::runtime::Runtime;
 use crate::store::{AttemptOutcome, AttemptRecord, Claimed, Store, now_ms};
 use crate::targets::{Attempt, RetryAction};
 
-/// How long a claim holds an entry; a worker that dies lets it go after this.
-const LEASE: Duration = Duration::from_secs(300);
+/// The longest a worker waits before claiming again after the store failed.
+const MAX_STORE_BACKOFF: Duration = Duration::from_secs(30);
 /// How often an idle worker looks for due entries when nothing wakes it.
 const IDLE_POLL: Duration = Duration::from_secs(5);
 /// The longest a target's `Retry-After` can push an attempt back.
@@ -153,6 +153,7 @@ impl Worker {
         let permits = Arc::new(Semaphore::new(self.flow.concurrency() as usize));
         let mut attempts = JoinSet::new();
         let this = Arc::new(self);
+        let mut backoff = Duration::from_millis(500);
         loop {
             while attempts.try_join_next().is_some() {}
             if this.stop.is_cancelled() {
@@ -166,14 +167,14 @@ impl Worker {
                     Some(_) = attempts.join_next() => continue,
                 }
             }
-            let lease_until = now_ms() + LEASE.as_millis() as i64;
             let mut drained = true;
             match this
                 .store
-                .claim(&this.flow.name, &target, free as u32, lease_until)
+                .claim(&this.flow.name, &target, free as u32)
                 .await
             {
                 Ok(claimed) => {
+                    backoff = Duration::from_millis(500);
                     drained = claimed.len() < free;
                     for entry in claimed {
                         let permit = Arc::clone(&permits)
@@ -187,8 +188,13 @@ impl Worker {
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(flow = %this.flow.name, %target, %error, "claiming deliveries failed");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    // The store is away (a database restarting, say): try again, less and less often.
+                    tracing::warn!(flow = %this.flow.name, %target, %error, ?backoff, "claiming deliveries failed");
+                    tokio::select! {
+                        () = this.stop.cancelled() => break,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_STORE_BACKOFF);
                 }
             }
             if !drained {
@@ -298,6 +304,7 @@ impl Worker {
             error,
             latency_ms,
             correlation,
+            lease_until: entry.lease_until,
         };
         if let Err(error) = self.store.record_attempt(record).await {
             // The lease runs out and the entry is attempted again: at least once, never lost.

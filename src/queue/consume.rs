@@ -23,8 +23,6 @@ use crate::message::{Message, Meta};
 use crate::runtime::Runtime;
 use crate::store::now_ms;
 
-/// How long an embedded queue message is held by a consumer before another may take it.
-const LEASE: Duration = Duration::from_secs(300);
 /// How often an idle embedded consumer looks for messages.
 const POLL: Duration = Duration::from_millis(50);
 /// How long JetStream waits for an ack before delivering a message again: what a consumer
@@ -134,9 +132,8 @@ impl Consumer {
         drop(runtime);
         let prefetch = u32::from(self.trigger().prefetch);
         while !self.stop.is_cancelled() {
-            let lease_until = now_ms() + LEASE.as_millis() as i64;
             let items = store
-                .claim_queue(&spec.name, prefetch, lease_until)
+                .claim_queue(&spec.name, prefetch)
                 .await
                 .map_err(|e| e.to_string())?;
             if items.is_empty() {

@@ -6,7 +6,11 @@
 //! requests share transactions (group commit), so durability costs one sync per batch, not
 //! one per request.
 
+mod postgres;
 mod sqlite;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -41,8 +45,17 @@ pub enum StoreError {
     #[error("store migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// The URL names no supported store.
-    #[error("unsupported store URL \"{0}\"; use sqlite://PATH or sqlite::memory:")]
+    #[error(
+        "unsupported store URL \"{0}\"; use sqlite://PATH, sqlite::memory: or postgres://USER@HOST/DATABASE"
+    )]
     Url(String),
+    /// The claim an attempt was made under ran out, and another worker took the entry over:
+    /// its outcome, not this one, counts.
+    #[error("the claim on this delivery ran out and another worker took it over")]
+    LeaseLost,
+    /// The database takes no writes: a standby in recovery, say.
+    #[error("store: the database takes no writes (a standby in recovery)")]
+    ReadOnly,
     /// The store is shutting down.
     #[error("store is closed")]
     Closed,
@@ -228,6 +241,8 @@ pub struct Claimed {
     pub content_type: Option<String>,
     /// The message's correlation record.
     pub record_id: Option<i64>,
+    /// Until when the claim holds; the attempt's outcome is recorded only under it.
+    pub lease_until: Millis,
 }
 
 /// What an attempt decided.
@@ -262,6 +277,8 @@ pub struct AttemptRecord {
     pub latency_ms: u64,
     /// The correlation change the outcome makes (`on_delivered` / `on_failed`).
     pub correlation: Option<CorrelationWrite>,
+    /// The claim the attempt was made under ([`Claimed::lease_until`]).
+    pub lease_until: Millis,
 }
 
 /// A stored message, for operators.
@@ -379,27 +396,114 @@ pub struct CommitStats {
     pub messages: u64,
 }
 
+/// How a store is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// How long a claim on a delivery or an embedded-queue message holds. A worker that dies
+    /// holding one lets it go when it runs out; keep it above the slowest target's timeout.
+    pub lease: Duration,
+    /// Most connections to a PostgreSQL store, per process.
+    pub connections: u32,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(60),
+            connections: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PgStore),
+}
+
+/// Calls the same method on whichever backend the store has.
+macro_rules! on_backend {
+    ($self:ident, $backend:ident => $call:expr) => {
+        match &$self.backend {
+            Backend::Sqlite($backend) => $call,
+            Backend::Postgres($backend) => $call,
+        }
+    };
+}
+
+/// Commit counters a backend keeps.
+#[derive(Debug, Default)]
+struct Counters {
+    commits: AtomicU64,
+    writes: AtomicU64,
+    messages: AtomicU64,
+}
+
+impl Counters {
+    /// Counts one commit of `writes` writes, `messages` of them accepted messages.
+    fn add(&self, writes: u64, messages: u64) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.writes.fetch_add(writes, Ordering::Relaxed);
+        self.messages.fetch_add(messages, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> CommitStats {
+        CommitStats {
+            commits: self.commits.load(Ordering::Relaxed),
+            writes: self.writes.load(Ordering::Relaxed),
+            messages: self.messages.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// The store. Cheap to clone; clones share one database.
 #[derive(Debug, Clone)]
 pub struct Store {
-    backend: sqlite::SqliteStore,
+    backend: Backend,
+    lease: Duration,
 }
 
 impl Store {
-    /// Opens the store at `url`, creating it and running migrations as needed.
-    ///
-    /// `sqlite://PATH` is a file (created with its folder), `sqlite::memory:` lives in memory.
+    /// Opens the store at `url` with default options; see [`Store::open_with`].
     ///
     /// # Errors
     ///
     /// When the URL is not supported or the database cannot be opened or migrated.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
-        if url.starts_with("sqlite:") {
-            return Ok(Self {
-                backend: sqlite::SqliteStore::open(url).await?,
-            });
-        }
-        Err(StoreError::Url(url.to_owned()))
+        Self::open_with(url, StoreOptions::default()).await
+    }
+
+    /// Opens the store at `url`, creating it and running migrations as needed.
+    ///
+    /// `sqlite://PATH` is a file (created with its folder), `sqlite::memory:` lives in memory;
+    /// both belong to one process. `postgres://…` is a PostgreSQL database that any number of
+    /// processes share.
+    ///
+    /// # Errors
+    ///
+    /// When the URL is not supported or the database cannot be opened or migrated.
+    pub async fn open_with(url: &str, options: StoreOptions) -> Result<Self, StoreError> {
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite(sqlite::SqliteStore::open(url).await?)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres(postgres::PgStore::open(url, options.connections).await?)
+        } else {
+            return Err(StoreError::Url(url.to_owned()));
+        };
+        Ok(Self {
+            backend,
+            lease: options.lease,
+        })
+    }
+
+    /// How long claims hold.
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// Until when a claim made now holds.
+    fn lease_until(&self) -> Millis {
+        now_ms().saturating_add(i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX))
     }
 
     /// Commits a message with its outbox entries, correlation changes and timeline.
@@ -408,7 +512,7 @@ impl Store {
     ///
     /// When the database fails; nothing of the message is stored then.
     pub async fn accept(&self, accepted: Accepted) -> Result<AcceptOutcome, StoreError> {
-        self.backend.accept(accepted).await
+        on_backend!(self, b => b.accept(accepted).await)
     }
 
     /// The reply stored for `flow`'s message with this idempotency key.
@@ -421,7 +525,7 @@ impl Store {
         flow: &str,
         key: &str,
     ) -> Result<Option<StoredReply>, StoreError> {
-        self.backend.reply_for(flow, key).await
+        on_backend!(self, b => b.reply_for(flow, key).await)
     }
 
     /// The record in `context` found by the first of `keys` that names one.
@@ -434,7 +538,7 @@ impl Store {
         context: &str,
         keys: &[String],
     ) -> Result<Option<Correlation>, StoreError> {
-        self.backend.find_correlation(context, keys).await
+        on_backend!(self, b => b.find_correlation(context, keys).await)
     }
 
     /// Commits correlation changes that no stored message carries.
@@ -443,10 +547,11 @@ impl Store {
     ///
     /// When the database fails.
     pub async fn correlate(&self, writes: Vec<CorrelationWrite>) -> Result<(), StoreError> {
-        self.backend.correlate(writes).await
+        on_backend!(self, b => b.correlate(writes).await)
     }
 
-    /// Claims up to `limit` due outbox entries of `flow`'s `target` until `lease_until`.
+    /// Claims up to `limit` due outbox entries of `flow`'s `target` for [`Store::lease`];
+    /// entries whose claim ran out are due again.
     ///
     /// # Errors
     ///
@@ -456,9 +561,9 @@ impl Store {
         flow: &str,
         target: &str,
         limit: u32,
-        lease_until: Millis,
     ) -> Result<Vec<Claimed>, StoreError> {
-        self.backend.claim(flow, target, limit, lease_until).await
+        let lease_until = self.lease_until();
+        on_backend!(self, b => b.claim(flow, target, limit, lease_until).await)
     }
 
     /// When the next pending entry of `flow`'s `target` is due.
@@ -467,7 +572,7 @@ impl Store {
     ///
     /// When the database fails.
     pub async fn next_due(&self, flow: &str, target: &str) -> Result<Option<Millis>, StoreError> {
-        self.backend.next_due(flow, target).await
+        on_backend!(self, b => b.next_due(flow, target).await)
     }
 
     /// Records an attempt's outcome.
@@ -476,7 +581,7 @@ impl Store {
     ///
     /// When the database fails.
     pub async fn record_attempt(&self, attempt: AttemptRecord) -> Result<(), StoreError> {
-        self.backend.record_attempt(attempt).await
+        on_backend!(self, b => b.record_attempt(attempt).await)
     }
 
     /// Stored messages, newest first, optionally of one flow and status.
@@ -490,7 +595,7 @@ impl Store {
         status: Option<&str>,
         limit: u32,
     ) -> Result<Vec<MessageSummary>, StoreError> {
-        self.backend.list_messages(flow, status, limit).await
+        on_backend!(self, b => b.list_messages(flow, status, limit).await)
     }
 
     /// One message with its deliveries, timeline and correlation record.
@@ -499,7 +604,7 @@ impl Store {
     ///
     /// When the database fails.
     pub async fn message(&self, id: &str) -> Result<Option<MessageDetail>, StoreError> {
-        self.backend.message(id).await
+        on_backend!(self, b => b.message(id).await)
     }
 
     /// What replaying message `id` needs.
@@ -508,7 +613,7 @@ impl Store {
     ///
     /// When the database fails.
     pub async fn replay_source(&self, id: &str) -> Result<Option<ReplaySource>, StoreError> {
-        self.backend.replay_source(id).await
+        on_backend!(self, b => b.replay_source(id).await)
     }
 
     /// The journey that `key` belongs to: `key` is a message id or any correlation key.
@@ -517,7 +622,7 @@ impl Store {
     ///
     /// When the database fails.
     pub async fn trace(&self, key: &str) -> Result<Option<Trace>, StoreError> {
-        self.backend.trace(key).await
+        on_backend!(self, b => b.trace(key).await)
     }
 
     /// Deletes delivered messages, and correlation records with no message left, last
@@ -527,7 +632,7 @@ impl Store {
     ///
     /// When the database fails.
     pub async fn prune(&self, before: Millis) -> Result<u64, StoreError> {
-        self.backend.prune(before).await
+        on_backend!(self, b => b.prune(before).await)
     }
 
     /// Appends a message to embedded queue `queue`.
@@ -541,21 +646,17 @@ impl Store {
         payload: String,
         headers: std::collections::BTreeMap<String, String>,
     ) -> Result<(), StoreError> {
-        self.backend.enqueue(queue, payload, headers).await
+        on_backend!(self, b => b.enqueue(queue, payload, headers).await)
     }
 
-    /// Claims up to `limit` due messages of embedded queue `queue` until `lease_until`.
+    /// Claims up to `limit` due messages of embedded queue `queue` for [`Store::lease`].
     ///
     /// # Errors
     ///
     /// When the database fails.
-    pub async fn claim_queue(
-        &self,
-        queue: &str,
-        limit: u32,
-        lease_until: Millis,
-    ) -> Result<Vec<QueueItem>, StoreError> {
-        self.backend.claim_queue(queue, limit, lease_until).await
+    pub async fn claim_queue(&self, queue: &str, limit: u32) -> Result<Vec<QueueItem>, StoreError> {
+        let lease_until = self.lease_until();
+        on_backend!(self, b => b.claim_queue(queue, limit, lease_until).await)
     }
 
     /// Removes a consumed queue message (`retry_at: None`), or puts it back until `retry_at`.
@@ -564,7 +665,7 @@ impl Store {
     ///
     /// When the database fails.
     pub async fn finish_queue(&self, id: i64, retry_at: Option<Millis>) -> Result<(), StoreError> {
-        self.backend.finish_queue(id, retry_at).await
+        on_backend!(self, b => b.finish_queue(id, retry_at).await)
     }
 
     /// Messages waiting in embedded queue `queue`, including those in flight.
@@ -573,7 +674,7 @@ impl Store {
     ///
     /// When the database fails.
     pub async fn queue_depth(&self, queue: &str) -> Result<u64, StoreError> {
-        self.backend.queue_depth(queue).await
+        on_backend!(self, b => b.queue_depth(queue).await)
     }
 
     /// When the oldest delivery not yet done was accepted.
@@ -582,7 +683,7 @@ impl Store {
     ///
     /// When the database fails.
     pub async fn oldest_undelivered(&self) -> Result<Option<Millis>, StoreError> {
-        self.backend.oldest_undelivered().await
+        on_backend!(self, b => b.oldest_undelivered().await)
     }
 
     /// Outbox entries not yet delivered or dead.
@@ -591,7 +692,7 @@ impl Store {
     ///
     /// When the database fails.
     pub async fn undelivered(&self) -> Result<u64, StoreError> {
-        self.backend.undelivered().await
+        on_backend!(self, b => b.undelivered().await)
     }
 
     /// Whether the store takes writes now: a commit that writes nothing, through the same
@@ -599,20 +700,38 @@ impl Store {
     ///
     /// # Errors
     ///
-    /// When the database cannot be written (locked by another process, say).
+    /// When the database cannot be written (locked by another process, or a standby).
     pub async fn writable(&self) -> Result<(), StoreError> {
-        self.backend.writable().await
+        on_backend!(self, b => b.writable().await)
     }
 
     /// Group-commit counters since the store opened.
     pub fn commit_stats(&self) -> CommitStats {
-        self.backend.commit_stats()
+        on_backend!(self, b => b.commit_stats())
     }
 
     /// Finishes pending writes and closes the database.
     pub async fn close(&self) {
-        self.backend.close().await;
+        on_backend!(self, b => b.close().await);
     }
+}
+
+/// What a write must hold before it goes on, where writers run side by side.
+#[derive(Debug, Clone, Copy)]
+enum Lock<'a> {
+    /// A message's row: its status depends on all its deliveries.
+    Message(&'a str),
+    /// A correlation record's row: its data is read, merged and written back.
+    Record(i64),
+    /// A correlation key, whether or not a record has it yet.
+    Key {
+        /// The key's namespace.
+        context: &'a str,
+        /// The key.
+        key: &'a str,
+    },
+    /// Pruning: one store at a time; the others skip their turn.
+    Pruning,
 }
 
 /// Merges `patch` into `data`, field by field; non-objects replace.

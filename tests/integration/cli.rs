@@ -27,8 +27,19 @@ fn spawn_serving(dir: &Path, flows: &str, env: &[(&str, &str)]) -> (Child, Strin
 /// stderr going to `stderr`; returns the process and its URL.
 fn spawn_with(dir: &Path, args: &[&str], env: &[(&str, &str)], stderr: Stdio) -> (Child, String) {
     let store = format!("sqlite://{}/ferry.db", dir.display());
+    spawn_on(&store, args, env, stderr)
+}
+
+/// Starts `ferry serve` on an ephemeral port on the store at `store`, with more `args`, `env`,
+/// and stderr going to `stderr`; returns the process and its URL.
+pub(crate) fn spawn_on(
+    store: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    stderr: Stdio,
+) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--store", &store])
+        .args(["serve", "--listen", "127.0.0.1:0", "--store", store])
         .args(args)
         .current_dir(repo())
         .envs(env.iter().copied())
@@ -63,7 +74,7 @@ fn operate(url: &str, args: &[&str]) -> (i32, String) {
     (output.status.code().unwrap_or(-1), text)
 }
 
-async fn terminate(child: Child) {
+pub(crate) async fn terminate(child: Child) {
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

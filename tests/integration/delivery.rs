@@ -8,7 +8,16 @@ use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
 use crate::round_trip::{history_states, status_of, wait_for_state};
-use crate::util::{Ferry, Partner, features, payload, post_json, wait_for, wait_until};
+use crate::util::{Backend, Ferry, Partner, features, payload, post_json, wait_for, wait_until};
+
+on_both_stores!(
+    a_lab_down_while_200_requests_arrive_gets_each_once_when_it_is_back,
+    retry_after_from_the_lab_is_honoured,
+    a_permanent_refusal_dead_letters_at_once_and_replay_delivers_it,
+    a_repeated_submission_gets_the_same_reply_and_one_delivery,
+    the_status_endpoint_walks_through_each_lifecycle_state,
+    a_slow_lab_holds_up_nothing_else,
+);
 
 fn request(i: usize) -> Value {
     let mut request = payload("test-request.json");
@@ -23,11 +32,10 @@ fn keys(received: &[crate::util::Received]) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test]
-async fn a_lab_down_while_200_requests_arrive_gets_each_once_when_it_is_back() {
+async fn a_lab_down_while_200_requests_arrive_gets_each_once_when_it_is_back(backend: Backend) {
     let lab = Partner::start(503, json!({"error": "maintenance"})).await;
     let portal = Partner::start(200, json!({})).await;
-    let ferry = Ferry::shipped(&lab, &portal).await;
+    let ferry = Ferry::shipped_on(&lab, &portal, backend).await;
     let url = format!("{}/api/v1/test-requests", ferry.url);
 
     let mut submissions = JoinSet::new();
@@ -84,12 +92,11 @@ async fn a_lab_down_while_200_requests_arrive_gets_each_once_when_it_is_back() {
     assert!(stats.messages >= 200 && stats.commits > 0, "{stats:?}");
 }
 
-#[tokio::test]
-async fn retry_after_from_the_lab_is_honoured() {
+async fn retry_after_from_the_lab_is_honoured(backend: Backend) {
     let lab = Partner::start(201, json!({})).await;
     lab.set_reply_with_header(503, json!({}), ("retry-after", "1"));
     let portal = Partner::start(200, json!({})).await;
-    let ferry = Ferry::shipped(&lab, &portal).await;
+    let ferry = Ferry::shipped_on(&lab, &portal, backend).await;
     let (status, _) = post_json(&format!("{}/api/v1/test-requests", ferry.url), &request(1)).await;
     assert_eq!(status, 202);
     wait_until("the lab refused the order once", || {
@@ -104,11 +111,10 @@ async fn retry_after_from_the_lab_is_honoured() {
     assert!(gap >= Duration::from_millis(950), "retried after {gap:?}");
 }
 
-#[tokio::test]
-async fn a_permanent_refusal_dead_letters_at_once_and_replay_delivers_it() {
+async fn a_permanent_refusal_dead_letters_at_once_and_replay_delivers_it(backend: Backend) {
     let lab = Partner::start(400, json!({"error": "unknown test code PB-ICPMS"})).await;
     let portal = Partner::start(200, json!({})).await;
-    let ferry = Ferry::shipped(&lab, &portal).await;
+    let ferry = Ferry::shipped_on(&lab, &portal, backend).await;
     let (_, reply) = post_json(&format!("{}/api/v1/test-requests", ferry.url), &request(7)).await;
     let id = reply["request_id"].as_str().unwrap().to_owned();
 
@@ -163,11 +169,10 @@ async fn a_permanent_refusal_dead_letters_at_once_and_replay_delivers_it() {
     assert_eq!(dead["dead_letters"], json!([]));
 }
 
-#[tokio::test]
-async fn a_repeated_submission_gets_the_same_reply_and_one_delivery() {
+async fn a_repeated_submission_gets_the_same_reply_and_one_delivery(backend: Backend) {
     let lab = Partner::start(201, json!({})).await;
     let portal = Partner::start(200, json!({})).await;
-    let ferry = Ferry::shipped(&lab, &portal).await;
+    let ferry = Ferry::shipped_on(&lab, &portal, backend).await;
     let url = format!("{}/api/v1/test-requests", ferry.url);
     let mut submissions = JoinSet::new();
     for _ in 0..10 {
@@ -221,11 +226,10 @@ async fn the_idempotency_key_header_makes_submissions_idempotent() {
     assert_eq!(sink.received().len(), 3);
 }
 
-#[tokio::test]
-async fn the_status_endpoint_walks_through_each_lifecycle_state() {
+async fn the_status_endpoint_walks_through_each_lifecycle_state(backend: Backend) {
     let lab = Partner::start(503, json!({})).await;
     let portal = Partner::start(503, json!({})).await;
-    let ferry = Ferry::shipped(&lab, &portal).await;
+    let ferry = Ferry::shipped_on(&lab, &portal, backend).await;
     let (_, reply) = post_json(&format!("{}/api/v1/test-requests", ferry.url), &request(5)).await;
     let id = reply["request_id"].as_str().unwrap().to_owned();
     let (status, state) = status_of(&ferry, &id).await;
@@ -297,11 +301,10 @@ async fn the_admin_api_wants_its_token() {
     assert_eq!(wrong.status(), 401);
 }
 
-#[tokio::test]
-async fn a_slow_lab_holds_up_nothing_else() {
+async fn a_slow_lab_holds_up_nothing_else(backend: Backend) {
     let lab = Partner::start(201, json!({"lab_order_id": "LAB-S"})).await;
     let portal = Partner::start(200, json!({})).await;
-    let ferry = Ferry::shipped(&lab, &portal).await;
+    let ferry = Ferry::shipped_on(&lab, &portal, backend).await;
     let (_, reply) = post_json(&format!("{}/api/v1/test-requests", ferry.url), &request(0)).await;
     let id = reply["request_id"].as_str().unwrap().to_owned();
     wait_for_state(&ferry, &id, "delivered_to_lab").await;

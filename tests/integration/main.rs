@@ -10,6 +10,8 @@
 //! - `queues`: embedded, RabbitMQ and NATS queues, and the examples built on them.
 //! - `check`: `ferry check` on broken flows reports every problem at its line and column.
 //! - `cli`: the `ferry` binary serving the shipped flows.
+//! - `replicas`: several ferry processes sharing one PostgreSQL store.
+//! - `store`: the store's conformance suite, on SQLite and on PostgreSQL.
 
 #[macro_use]
 mod util;
@@ -23,5 +25,7 @@ mod hostile;
 mod injection;
 mod partners;
 mod queues;
+mod replicas;
 mod round_trip;
 mod security;
+mod store;

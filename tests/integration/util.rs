@@ -26,6 +26,23 @@ macro_rules! assert_eq_text {
     }};
 }
 
+/// Makes each `async fn NAME(backend: Backend)` listed a test on SQLite and one on PostgreSQL:
+/// `NAME::sqlite` and `NAME::postgres`.
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                super::$name(crate::util::Backend::Sqlite).await;
+            }
+            #[tokio::test]
+            async fn postgres() {
+                super::$name(crate::util::Backend::Postgres).await;
+            }
+        }
+    )*};
+}
+
 /// The repository root.
 pub(crate) fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -209,7 +226,7 @@ pub(crate) struct Ferry {
     pub(crate) url: String,
     pub(crate) runtime: Arc<Runtime>,
     _shutdown: oneshot::Sender<()>,
-    _dir: tempfile::TempDir,
+    _store: TestStore,
 }
 
 impl Ferry {
@@ -217,11 +234,10 @@ impl Ferry {
         Self::start_many(&[flows.to_path_buf()], env).await
     }
 
-    /// Several flows folders served as one, with a fresh store.
+    /// Several flows folders served as one, with a fresh SQLite store.
     pub(crate) async fn start_many(flows: &[PathBuf], env: &[(&str, &str)]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let store = format!("sqlite://{}/ferry.db", dir.path().display());
-        Self::start_with_store(flows, env, &store, dir).await
+        let store = TestStore::new(Backend::Sqlite).await;
+        Self::start_on(flows, env, store, ServeOptions::default()).await
     }
 
     /// Several flows folders served as one, on the store at `store`, which lives in `dir`.
@@ -242,6 +258,21 @@ impl Ferry {
         dir: tempfile::TempDir,
         options: ServeOptions,
     ) -> Self {
+        let store = TestStore {
+            url: store.to_owned(),
+            _dir: dir,
+            schema: None,
+        };
+        Self::start_on(flows, env, store, options).await
+    }
+
+    /// Several flows folders served as one on `store`, with `options`.
+    pub(crate) async fn start_on(
+        flows: &[PathBuf],
+        env: &[(&str, &str)],
+        store: TestStore,
+        options: ServeOptions,
+    ) -> Self {
         let env: Vec<(String, String)> = env
             .iter()
             .chain(&SECRETS)
@@ -250,27 +281,39 @@ impl Ferry {
         let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
         let project = load_project_with_env(&ProjectPaths::many(flows, &[]), &lookup)
             .unwrap_or_else(|d| panic!("flows do not load: {d:#?}"));
-        let store = Store::open(store).await.unwrap();
+        let opened = store.open().await;
         let client = ferry::server::http_client().unwrap();
-        let runtime = Runtime::start(&project, client, Some(store));
+        let runtime = Runtime::start(&project, client, Some(opened));
         let router = ferry::server::router(&runtime, Some(ADMIN_TOKEN));
         let (url, shutdown) = serve_ferry(router, options).await;
         Self {
             url,
             runtime,
             _shutdown: shutdown,
-            _dir: dir,
+            _store: store,
         }
     }
 
     /// The shipped flows, delivering to `lab` and `portal`, retrying fast.
     pub(crate) async fn shipped(lab: &Partner, portal: &Partner) -> Self {
+        Self::shipped_on(lab, portal, Backend::Sqlite).await
+    }
+
+    /// [`Ferry::shipped`] on a fresh store of `backend`.
+    pub(crate) async fn shipped_on(lab: &Partner, portal: &Partner, backend: Backend) -> Self {
         let mut env = vec![
             ("LAB_URL", lab.url.as_str()),
             ("PORTAL_URL", portal.url.as_str()),
         ];
         env.extend(FAST_RETRY);
-        Self::start(&repo().join("flows"), &env).await
+        let store = TestStore::new(backend).await;
+        Self::start_on(
+            &[repo().join("flows")],
+            &env,
+            store,
+            ServeOptions::default(),
+        )
+        .await
     }
 
     /// GETs an admin API path.
@@ -562,5 +605,114 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.cut();
+    }
+}
+
+/// The store a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Backend {
+    /// A SQLite file in a temporary folder.
+    Sqlite,
+    /// A schema of its own in the PostgreSQL at 127.0.0.1:5432 (database `test`).
+    Postgres,
+}
+
+/// The PostgreSQL the tests use, after checking it answers.
+pub(crate) fn postgres() -> String {
+    require(
+        "PostgreSQL",
+        5432,
+        "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
+    );
+    std::env::var("FERRY_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// A fresh, empty store of one backend: a SQLite file in a folder of its own, or a
+/// PostgreSQL schema of its own, dropped with this value.
+pub(crate) struct TestStore {
+    pub(crate) url: String,
+    /// Holds the SQLite file.
+    _dir: tempfile::TempDir,
+    schema: Option<String>,
+}
+
+impl TestStore {
+    pub(crate) async fn new(backend: Backend) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        match backend {
+            Backend::Sqlite => Self {
+                url: format!("sqlite://{}/ferry.db", dir.path().display()),
+                _dir: dir,
+                schema: None,
+            },
+            Backend::Postgres => {
+                let schema = unique("ferry_test").replace(['-', '.'], "_");
+                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&postgres())
+                    .await
+                    .unwrap();
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+                // Connections name themselves after the schema, so the end of the test can
+                // find and end every one of them, whichever process opened it.
+                Self {
+                    url: format!(
+                        "{}?application_name={schema}&options=-c%20search_path%3D{schema}",
+                        postgres()
+                    ),
+                    _dir: dir,
+                    schema: Some(schema),
+                }
+            }
+        }
+    }
+
+    /// A store at `url` that this value does not own (a second way to reach another one's).
+    pub(crate) fn at(url: String) -> Self {
+        Self {
+            url,
+            _dir: tempfile::tempdir().unwrap(),
+            schema: None,
+        }
+    }
+
+    /// Opens the store, as one more process would.
+    pub(crate) async fn open(&self) -> Store {
+        Store::open(&self.url).await.unwrap()
+    }
+}
+
+impl Drop for TestStore {
+    fn drop(&mut self) {
+        let Some(schema) = self.schema.take() else {
+            return;
+        };
+        // Drop runs outside async code: a thread of its own with a runtime of its own.
+        let dropped = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async {
+                    let mut conn =
+                        <sqlx::PgConnection as sqlx::Connection>::connect(&postgres()).await?;
+                    // The test's own tasks are stopped while this runs: a transaction of
+                    // theirs left open would hold the schema forever.
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                         WHERE application_name = '{schema}';
+                         DROP SCHEMA {schema} CASCADE"
+                    )))
+                    .execute(&mut conn)
+                    .await
+                    .map(|_| ())
+                })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("the test schema could not be dropped: {dropped:?}");
+        }
     }
 }

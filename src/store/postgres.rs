@@ -1,0 +1,237 @@
+//! The PostgreSQL backend: any number of ferry processes share one database.
+//!
+//! Each write is a transaction of its own on a bounded pool, so a process's writes run side
+//! by side and PostgreSQL shares the WAL flushes of concurrent commits. Claims take rows with
+//! `FOR UPDATE SKIP LOCKED`: two replicas never take the same entry and never wait for each
+//! other's. Where the SQLite backend relies on its one writer, this one takes row and
+//! advisory locks ([`lock`]). A connection that breaks is replaced by the pool on the next
+//! use; meanwhile every call fails quickly and its caller backs off.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::Postgres;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+
+use super::{
+    AcceptOutcome, Accepted, AttemptRecord, Claimed, CommitStats, CorrelationWrite, Counters, Lock,
+    Millis, QueueItem, StoreError,
+};
+
+/// What claims add to the rows they select: rows another replica is claiming are passed over,
+/// not waited for.
+macro_rules! skip_locked {
+    () => {
+        " FOR UPDATE SKIP LOCKED"
+    };
+}
+
+/// The SQL both backends share, compiled for PostgreSQL.
+#[path = "sql.rs"]
+#[allow(
+    clippy::duplicate_mod,
+    reason = "compiled once for each database, on purpose"
+)]
+mod sql;
+
+type This = PgStore;
+type Db = Postgres;
+type Conn = PgConnection;
+type Row = sqlx::postgres::PgRow;
+
+/// The advisory lock pruning holds (two-key form: apart from the one-key locks on
+/// correlation keys).
+const PRUNING: (i32, i32) = (0x6665_7272, 1); // "ferr", 1
+
+/// How often a transaction that lost a deadlock or a serialization conflict is run again.
+const RETRIES: u32 = 5;
+
+/// Takes what `lock` names until the transaction ends; `Lock::Pruning` is only tried.
+async fn lock(conn: &mut Conn, lock: Lock<'_>) -> Result<bool, StoreError> {
+    match lock {
+        Lock::Message(id) => {
+            sqlx::query("SELECT 1 FROM messages WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Lock::Record(id) => {
+            sqlx::query("SELECT 1 FROM correlations WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Lock::Key { context, key } => {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || $2, 0))")
+                .bind(context)
+                .bind(key)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Lock::Pruning => {
+            return Ok(
+                sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, $2)")
+                    .bind(PRUNING.0)
+                    .bind(PRUNING.1)
+                    .fetch_one(&mut *conn)
+                    .await?,
+            );
+        }
+    }
+    Ok(true)
+}
+
+/// Whether PostgreSQL undid the transaction only because it met another (a deadlock, or a
+/// serialization failure), so running it again can succeed.
+fn conflicted(error: &StoreError) -> bool {
+    let StoreError::Database(sqlx::Error::Database(error)) = error else {
+        return false;
+    };
+    matches!(error.code().as_deref(), Some("40001" | "40P01"))
+}
+
+/// Runs `$body`, with `$conn` bound to a transaction's connection, and commits; runs it again
+/// in a new transaction when it lost a conflict.
+macro_rules! transaction {
+    ($store:expr, $writes:expr, $conn:ident => $body:expr) => {{
+        let mut tries = 0;
+        loop {
+            let result: Result<_, StoreError> = async {
+                let mut tx = $store.pool.begin().await?;
+                let value = {
+                    let $conn: &mut PgConnection = &mut tx;
+                    $body.await?
+                };
+                tx.commit().await?;
+                Ok(value)
+            }
+            .await;
+            match result {
+                Err(error) if tries < RETRIES && conflicted(&error) => {
+                    tries += 1;
+                    let pause = fastrand::u64(1..=10 * u64::from(tries));
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+                Ok(value) => {
+                    let (writes, messages) = $writes;
+                    $store.stats.add(writes, messages);
+                    break Ok(value);
+                }
+                Err(error) => break Err(error),
+            }
+        }
+    }};
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct PgStore {
+    pool: PgPool,
+    stats: Arc<Counters>,
+}
+
+impl PgStore {
+    /// Connects with at most `connections` connections and migrates. Migrations hold
+    /// PostgreSQL's advisory lock, so replicas starting together migrate once.
+    pub(super) async fn open(url: &str, connections: u32) -> Result<Self, StoreError> {
+        let options =
+            PgConnectOptions::from_str(url).map_err(|_| StoreError::Url(url.to_owned()))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(connections.max(2))
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("migrations/postgres").run(&pool).await?;
+        Ok(Self {
+            pool,
+            stats: Arc::new(Counters::default()),
+        })
+    }
+
+    /// A read transaction that sees one snapshot across its queries. End it with `rollback`
+    /// right after reading: left to the pool, it stays open until the connection's next use
+    /// and holds back vacuum and schema changes meanwhile.
+    async fn snapshot(&self) -> Result<sqlx::Transaction<'static, Postgres>, StoreError> {
+        Ok(self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?)
+    }
+
+    /// A connection for a single read.
+    async fn reader(&self) -> Result<sqlx::pool::PoolConnection<Postgres>, StoreError> {
+        Ok(self.pool.acquire().await?)
+    }
+
+    pub(super) async fn writable(&self) -> Result<(), StoreError> {
+        let standby: bool = sqlx::query_scalar("SELECT pg_is_in_recovery()")
+            .fetch_one(&mut *self.reader().await?)
+            .await?;
+        if standby {
+            return Err(StoreError::ReadOnly);
+        }
+        Ok(())
+    }
+
+    pub(super) async fn accept(&self, accepted: Accepted) -> Result<AcceptOutcome, StoreError> {
+        transaction!(self, (1, 1), conn => sql::accept(conn, &accepted))
+    }
+
+    pub(super) async fn record_attempt(&self, attempt: AttemptRecord) -> Result<(), StoreError> {
+        transaction!(self, (1, 0), conn => sql::attempt_done(conn, &attempt))
+    }
+
+    pub(super) async fn correlate(&self, writes: Vec<CorrelationWrite>) -> Result<(), StoreError> {
+        transaction!(self, (1, 0), conn => sql::correlate_all(conn, &writes))
+    }
+
+    pub(super) async fn claim(
+        &self,
+        flow: &str,
+        target: &str,
+        limit: u32,
+        lease_until: Millis,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        transaction!(self, (1, 0), conn => sql::claim(conn, flow, target, limit, lease_until))
+    }
+
+    pub(super) async fn prune(&self, before: Millis) -> Result<u64, StoreError> {
+        transaction!(self, (1, 0), conn => sql::prune(conn, before))
+    }
+
+    pub(super) async fn enqueue(
+        &self,
+        queue: &str,
+        payload: String,
+        headers: std::collections::BTreeMap<String, String>,
+    ) -> Result<(), StoreError> {
+        let headers =
+            serde_json::to_string(&headers).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        transaction!(self, (1, 0), conn => sql::enqueue(conn, queue, &payload, &headers))
+    }
+
+    pub(super) async fn claim_queue(
+        &self,
+        queue: &str,
+        limit: u32,
+        lease_until: Millis,
+    ) -> Result<Vec<QueueItem>, StoreError> {
+        transaction!(self, (1, 0), conn => sql::claim_queue(conn, queue, limit, lease_until))
+    }
+
+    pub(super) async fn finish_queue(
+        &self,
+        id: i64,
+        retry_at: Option<Millis>,
+    ) -> Result<(), StoreError> {
+        transaction!(self, (1, 0), conn => sql::finish_queue(conn, id, retry_at))
+    }
+
+    pub(super) fn commit_stats(&self) -> CommitStats {
+        self.stats.get()
+    }
+
+    pub(super) async fn close(&self) {
+        self.pool.close().await;
+    }
+}

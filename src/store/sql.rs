@@ -1,0 +1,833 @@
+//! The SQL both backends run. Each backend compiles this module for its own database
+//! (`#[path]`), naming it `Db`, `Conn` and `Row`, itself `This` (with a `reader` and a
+//! `snapshot` to read through), and provides [`lock`](super::lock): what the one SQLite
+//! writer gets by running alone, PostgreSQL gets from row and advisory locks.
+
+use serde_json::Value;
+use sqlx::Row as _;
+
+use super::{Conn, Db, Lock, Row, This, lock};
+use crate::store::{
+    AcceptOutcome, Accepted, AttemptOutcome, AttemptRecord, Claimed, Correlation, CorrelationWrite,
+    Event, MessageDetail, MessageStatus, MessageSummary, Millis, OutboxEntry, QueueItem,
+    ReplaySource, StateChange, StoreError, StoredReply, Trace, merge, now_ms, rfc3339,
+};
+
+/// The reads, the same calls on both backends: a single query on a pooled connection, several
+/// in one snapshot.
+impl This {
+    pub(in crate::store) async fn reply_for(
+        &self,
+        flow: &str,
+        key: &str,
+    ) -> Result<Option<StoredReply>, StoreError> {
+        reply_for(&mut *self.reader().await?, flow, key).await
+    }
+
+    pub(in crate::store) async fn next_due(
+        &self,
+        flow: &str,
+        target: &str,
+    ) -> Result<Option<Millis>, StoreError> {
+        next_due(&mut *self.reader().await?, flow, target).await
+    }
+
+    pub(in crate::store) async fn oldest_undelivered(&self) -> Result<Option<Millis>, StoreError> {
+        oldest_undelivered(&mut *self.reader().await?).await
+    }
+
+    pub(in crate::store) async fn undelivered(&self) -> Result<u64, StoreError> {
+        undelivered(&mut *self.reader().await?).await
+    }
+
+    pub(in crate::store) async fn queue_depth(&self, queue: &str) -> Result<u64, StoreError> {
+        queue_depth(&mut *self.reader().await?, queue).await
+    }
+
+    pub(in crate::store) async fn list_messages(
+        &self,
+        flow: Option<&str>,
+        status: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<MessageSummary>, StoreError> {
+        list_messages(&mut *self.reader().await?, flow, status, limit).await
+    }
+
+    pub(in crate::store) async fn replay_source(
+        &self,
+        id: &str,
+    ) -> Result<Option<ReplaySource>, StoreError> {
+        replay_source(&mut *self.reader().await?, id).await
+    }
+
+    pub(in crate::store) async fn find_correlation(
+        &self,
+        context: &str,
+        keys: &[String],
+    ) -> Result<Option<Correlation>, StoreError> {
+        let mut snapshot = self.snapshot().await?;
+        let read = find_correlation(&mut snapshot, context, keys).await;
+        snapshot.rollback().await?;
+        read
+    }
+
+    pub(in crate::store) async fn message(
+        &self,
+        id: &str,
+    ) -> Result<Option<MessageDetail>, StoreError> {
+        let mut snapshot = self.snapshot().await?;
+        let read = message(&mut snapshot, id).await;
+        snapshot.rollback().await?;
+        read
+    }
+
+    pub(in crate::store) async fn trace(&self, key: &str) -> Result<Option<Trace>, StoreError> {
+        let mut snapshot = self.snapshot().await?;
+        let read = trace(&mut snapshot, key).await;
+        snapshot.rollback().await?;
+        read
+    }
+}
+
+async fn reply_for(
+    conn: &mut Conn,
+    flow: &str,
+    key: &str,
+) -> Result<Option<StoredReply>, StoreError> {
+    let row = sqlx::query("SELECT reply FROM messages WHERE flow = $1 AND idempotency_key = $2")
+        .bind(flow)
+        .bind(key)
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.map(|r| parse::<StoredReply>(&r.get::<String, _>(0)))
+        .transpose()
+}
+
+async fn find_correlation(
+    conn: &mut Conn,
+    context: &str,
+    keys: &[String],
+) -> Result<Option<Correlation>, StoreError> {
+    for key in keys.iter().filter(|k| !k.is_empty()) {
+        let id: Option<i64> = sqlx::query_scalar(
+            "SELECT correlation_id FROM correlation_keys WHERE context = $1 AND key = $2",
+        )
+        .bind(context)
+        .bind(key)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some(id) = id {
+            return load_correlation(conn, id).await;
+        }
+    }
+    Ok(None)
+}
+
+async fn next_due(conn: &mut Conn, flow: &str, target: &str) -> Result<Option<Millis>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT MIN(next_attempt_at) FROM outbox WHERE flow = $1 AND target = $2 AND state = 'pending'",
+    )
+    .bind(flow)
+    .bind(target)
+    .fetch_one(&mut *conn)
+    .await?)
+}
+
+async fn oldest_undelivered(conn: &mut Conn) -> Result<Option<Millis>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT MIN(created_at) FROM outbox WHERE state IN ('pending', 'in_flight')",
+    )
+    .fetch_one(&mut *conn)
+    .await?)
+}
+
+async fn undelivered(conn: &mut Conn) -> Result<u64, StoreError> {
+    let count: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE state IN ('pending', 'in_flight')")
+            .fetch_one(&mut *conn)
+            .await?;
+    Ok(u64::try_from(count).unwrap_or_default())
+}
+
+async fn queue_depth(conn: &mut Conn, queue: &str) -> Result<u64, StoreError> {
+    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM queue_messages WHERE queue = $1")
+        .bind(queue)
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(u64::try_from(count).unwrap_or_default())
+}
+
+async fn list_messages(
+    conn: &mut Conn,
+    flow: Option<&str>,
+    status: Option<&str>,
+    limit: u32,
+) -> Result<Vec<MessageSummary>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT id, flow, status, correlation_id, error, received_at, updated_at FROM messages
+         WHERE (CAST($1 AS TEXT) IS NULL OR flow = $1) AND (CAST($2 AS TEXT) IS NULL OR status = $2)
+         ORDER BY received_at DESC, id DESC LIMIT $3",
+    )
+    .bind(flow)
+    .bind(status)
+    .bind(i64::from(limit))
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows.iter().map(summary).collect())
+}
+
+async fn replay_source(conn: &mut Conn, id: &str) -> Result<Option<ReplaySource>, StoreError> {
+    let row = sqlx::query("SELECT flow, inbound, meta FROM messages WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.map(|r| {
+        Ok(ReplaySource {
+            flow: r.get("flow"),
+            inbound: parse(&r.get::<String, _>("inbound"))?,
+            meta: parse(&r.get::<String, _>("meta"))?,
+        })
+    })
+    .transpose()
+}
+
+async fn message(conn: &mut Conn, id: &str) -> Result<Option<MessageDetail>, StoreError> {
+    let Some(row) = sqlx::query(
+        "SELECT id, flow, status, correlation_id, error, received_at, updated_at, inbound, reply, record_id
+         FROM messages WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let deliveries = sqlx::query(
+        "SELECT target, state, attempts, last_status, last_error, next_attempt_at FROM outbox
+         WHERE message_id = $1 ORDER BY id",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?
+    .iter()
+    .map(|r| OutboxEntry {
+        target: r.get("target"),
+        state: r.get("state"),
+        attempts: u32::try_from(r.get::<i64, _>("attempts")).unwrap_or_default(),
+        last_status: r
+            .get::<Option<i64>, _>("last_status")
+            .and_then(|s| u16::try_from(s).ok()),
+        last_error: r.get("last_error"),
+        next_attempt_at: rfc3339(r.get("next_attempt_at")),
+    })
+    .collect();
+    let timeline = events(conn, &[id.to_owned()]).await?;
+    let correlation = match row.get::<Option<i64>, _>("record_id") {
+        Some(record) => load_correlation(conn, record).await?,
+        None => None,
+    };
+    Ok(Some(MessageDetail {
+        summary: summary(&row),
+        inbound: parse(&row.get::<String, _>("inbound"))?,
+        reply: parse(&row.get::<String, _>("reply"))?,
+        deliveries,
+        timeline,
+        correlation,
+    }))
+}
+
+async fn trace(conn: &mut Conn, key: &str) -> Result<Option<Trace>, StoreError> {
+    let by_message: Option<Option<i64>> =
+        sqlx::query_scalar("SELECT record_id FROM messages WHERE id = $1")
+            .bind(key)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let record = match by_message {
+        Some(record) => record,
+        None => {
+            sqlx::query_scalar("SELECT correlation_id FROM correlation_keys WHERE key = $1 ORDER BY correlation_id LIMIT 1")
+                .bind(key)
+                .fetch_optional(&mut *conn)
+                .await?
+        }
+    };
+    let rows = match record {
+        Some(record) => {
+            sqlx::query(
+                "SELECT id, flow, status, correlation_id, error, received_at, updated_at FROM messages
+                 WHERE record_id = $1 OR id = $2 ORDER BY received_at, id",
+            )
+            .bind(record)
+            .bind(key)
+            .fetch_all(&mut *conn)
+            .await?
+        }
+        None if by_message.is_some() => {
+            sqlx::query(
+                "SELECT id, flow, status, correlation_id, error, received_at, updated_at FROM messages WHERE id = $1",
+            )
+            .bind(key)
+            .fetch_all(&mut *conn)
+            .await?
+        }
+        None => return Ok(None),
+    };
+    let messages: Vec<MessageSummary> = rows.iter().map(summary).collect();
+    let ids: Vec<String> = messages.iter().map(|m| m.id.clone()).collect();
+    let mut timeline = events(conn, &ids).await?;
+    let correlation = match record {
+        Some(record) => load_correlation(conn, record).await?,
+        None => None,
+    };
+    if let Some(correlation) = &correlation {
+        for change in &correlation.history {
+            timeline.push(Event {
+                at: change.at.clone(),
+                message_id: change.message_id.clone().unwrap_or_default(),
+                flow: String::new(),
+                kind: "state".into(),
+                detail: serde_json::json!({"context": correlation.context, "state": change.state}),
+            });
+        }
+    }
+    // RFC 3339 in UTC with the same precision sorts as text; the sort is stable, so
+    // entries of one instant keep their recorded order.
+    timeline.sort_by(|a, b| a.at.cmp(&b.at));
+    Ok(Some(Trace {
+        correlation,
+        messages,
+        timeline,
+    }))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn summary(row: &Row) -> MessageSummary {
+    MessageSummary {
+        id: row.get("id"),
+        flow: row.get("flow"),
+        status: row.get("status"),
+        correlation_id: row.get("correlation_id"),
+        error: row.get("error"),
+        received_at: rfc3339(row.get("received_at")),
+        updated_at: rfc3339(row.get("updated_at")),
+    }
+}
+
+async fn events(conn: &mut Conn, ids: &[String]) -> Result<Vec<Event>, StoreError> {
+    let mut all = Vec::new();
+    for id in ids {
+        let rows = sqlx::query(
+            "SELECT e.at, e.message_id, m.flow, e.kind, e.detail FROM events e JOIN messages m ON m.id = e.message_id
+             WHERE e.message_id = $1 ORDER BY e.id",
+        )
+        .bind(id)
+        .fetch_all(&mut *conn)
+        .await?;
+        for row in rows {
+            all.push(Event {
+                at: rfc3339(row.get("at")),
+                message_id: row.get("message_id"),
+                flow: row.get("flow"),
+                kind: row.get("kind"),
+                detail: parse(&row.get::<String, _>("detail"))?,
+            });
+        }
+    }
+    Ok(all)
+}
+
+async fn load_correlation(conn: &mut Conn, id: i64) -> Result<Option<Correlation>, StoreError> {
+    let Some(row) =
+        sqlx::query("SELECT context, key, data, created_at FROM correlations WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?
+    else {
+        return Ok(None);
+    };
+    let keys: Vec<String> = sqlx::query_scalar(
+        "SELECT key FROM correlation_keys WHERE correlation_id = $1 ORDER BY rowid",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let history: Vec<StateChange> = sqlx::query(
+        "SELECT state, at, message_id FROM correlation_states WHERE correlation_id = $1 ORDER BY id",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?
+    .iter()
+    .map(|r| StateChange { state: r.get("state"), at: rfc3339(r.get("at")), message_id: r.get("message_id") })
+    .collect();
+    Ok(Some(Correlation {
+        id,
+        context: row.get("context"),
+        key: row.get("key"),
+        keys,
+        data: parse(&row.get::<String, _>("data"))?,
+        state: history.last().map(|h| h.state.clone()),
+        history,
+        created_at: rfc3339(row.get("created_at")),
+    }))
+}
+
+/// Commits a message with its outbox entries, correlation changes and timeline.
+pub(super) async fn accept(conn: &mut Conn, a: &Accepted) -> Result<AcceptOutcome, StoreError> {
+    let now = now_ms();
+    let reply = serde_json::to_string(&a.reply).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    if a.replay {
+        sqlx::query(
+            "UPDATE messages SET status = $1, document = $2, content_type = $3, error = $4, reply = $5, updated_at = $6
+             WHERE id = $7",
+        )
+        .bind(a.status.as_str())
+        .bind(a.document.to_string())
+        .bind(&a.content_type)
+        .bind(&a.error)
+        .bind(&reply)
+        .bind(now)
+        .bind(&a.id)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query("UPDATE outbox SET state = 'replayed', updated_at = $1 WHERE message_id = $2 AND state = 'dead'")
+            .bind(now)
+            .bind(&a.id)
+            .execute(&mut *conn)
+            .await?;
+    } else {
+        let inserted = sqlx::query(
+            "INSERT INTO messages (id, flow, correlation_id, idempotency_key, status, inbound, meta, document,
+                                   content_type, reply, error, received_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&a.id)
+        .bind(&a.flow)
+        .bind(&a.correlation_id)
+        .bind(&a.idempotency_key)
+        .bind(a.status.as_str())
+        .bind(a.inbound.to_string())
+        .bind(a.meta.to_string())
+        .bind(a.document.to_string())
+        .bind(&a.content_type)
+        .bind(&reply)
+        .bind(&a.error)
+        .bind(a.received_at)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            let original: Option<String> = sqlx::query_scalar(
+                "SELECT reply FROM messages WHERE (flow = $1 AND idempotency_key = $2) OR id = $3",
+            )
+            .bind(&a.flow)
+            .bind(&a.idempotency_key)
+            .bind(&a.id)
+            .fetch_optional(&mut *conn)
+            .await?;
+            let original =
+                original.ok_or_else(|| StoreError::Corrupt("duplicate without original".into()))?;
+            return Ok(AcceptOutcome::Duplicate(parse(&original)?));
+        }
+    }
+    let mut record = None;
+    for write in &a.correlation {
+        record = Some(correlate(conn, write, Some(&a.id)).await?);
+    }
+    if let Some(record) = record {
+        sqlx::query("UPDATE messages SET record_id = $1 WHERE id = $2")
+            .bind(record)
+            .bind(&a.id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    for target in &a.targets {
+        sqlx::query(
+            "INSERT INTO outbox (message_id, flow, target, state, attempts, next_attempt_at, created_at, updated_at)
+             VALUES ($1, $2, $3, 'pending', 0, $4, $4, $4)",
+        )
+        .bind(&a.id)
+        .bind(&a.flow)
+        .bind(target)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !a.events.is_empty() {
+        // One statement for the whole timeline: statements, not rows, are what cost here.
+        let mut insert =
+            sqlx::QueryBuilder::<Db>::new("INSERT INTO events (message_id, at, kind, detail) ");
+        insert.push_values(&a.events, |mut row, event| {
+            row.push_bind(&a.id)
+                .push_bind(now)
+                .push_bind(event.kind)
+                .push_bind(event.detail.to_string());
+        });
+        insert.build().execute(&mut *conn).await?;
+    }
+    Ok(AcceptOutcome::Stored)
+}
+
+async fn insert_event(
+    conn: &mut Conn,
+    message_id: &str,
+    at: Millis,
+    kind: &str,
+    detail: &Value,
+) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO events (message_id, at, kind, detail) VALUES ($1, $2, $3, $4)")
+        .bind(message_id)
+        .bind(at)
+        .bind(kind)
+        .bind(detail.to_string())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Applies correlation changes that no message carries.
+pub(super) async fn correlate_all(
+    conn: &mut Conn,
+    writes: &[CorrelationWrite],
+) -> Result<(), StoreError> {
+    for write in writes {
+        correlate(conn, write, None).await?;
+    }
+    Ok(())
+}
+
+/// Applies a correlation change and returns the record's id.
+async fn correlate(
+    conn: &mut Conn,
+    write: &CorrelationWrite,
+    message_id: Option<&str>,
+) -> Result<i64, StoreError> {
+    let now = now_ms();
+    let (id, context, keys, patch, state) = match write {
+        CorrelationWrite::Save {
+            context,
+            keys,
+            data,
+            state,
+        } => {
+            let keys: Vec<&String> = keys.iter().filter(|k| !k.is_empty()).collect();
+            let Some(main) = keys.first().copied() else {
+                return Err(StoreError::Corrupt(
+                    "a correlation record needs a key".into(),
+                ));
+            };
+            // Two saves of one key at once must find one record, not make two.
+            for key in &keys {
+                lock(conn, Lock::Key { context, key }).await?;
+            }
+            let mut existing = None;
+            for key in &keys {
+                existing = sqlx::query_scalar(
+                    "SELECT correlation_id FROM correlation_keys WHERE context = $1 AND key = $2",
+                )
+                .bind(context)
+                .bind(key.as_str())
+                .fetch_optional(&mut *conn)
+                .await?;
+                if existing.is_some() {
+                    break;
+                }
+            }
+            let id = match existing {
+                Some(id) => id,
+                None => {
+                    sqlx::query_scalar(
+                        "INSERT INTO correlations (context, key, data, created_at, updated_at)
+                         VALUES ($1, $2, '{}', $3, $3) RETURNING id",
+                    )
+                    .bind(context)
+                    .bind(main.as_str())
+                    .bind(now)
+                    .fetch_one(&mut *conn)
+                    .await?
+                }
+            };
+            (id, context.clone(), keys, data, state)
+        }
+        CorrelationWrite::Update {
+            record_id,
+            keys,
+            data,
+            state,
+        } => {
+            let context: String =
+                sqlx::query_scalar("SELECT context FROM correlations WHERE id = $1")
+                    .bind(record_id)
+                    .fetch_one(&mut *conn)
+                    .await?;
+            (*record_id, context, keys.iter().collect(), data, state)
+        }
+    };
+    if !patch.is_null() {
+        // Merging reads, then writes: nobody else may merge in between.
+        lock(conn, Lock::Record(id)).await?;
+        let current: String = sqlx::query_scalar("SELECT data FROM correlations WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut *conn)
+            .await?;
+        let mut data: Value = parse(&current)?;
+        merge(&mut data, patch);
+        sqlx::query("UPDATE correlations SET data = $1, updated_at = $2 WHERE id = $3")
+            .bind(data.to_string())
+            .bind(now)
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    for key in keys.iter().filter(|k| !k.is_empty()) {
+        sqlx::query(
+            "INSERT INTO correlation_keys (context, key, correlation_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        )
+        .bind(&context)
+        .bind(key.as_str())
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if let Some(state) = state {
+        sqlx::query("INSERT INTO correlation_states (correlation_id, state, message_id, at) VALUES ($1, $2, $3, $4)")
+            .bind(id)
+            .bind(state)
+            .bind(message_id)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query("UPDATE correlations SET updated_at = $1 WHERE id = $2")
+            .bind(now)
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(id)
+}
+
+/// Claims up to `limit` due (or abandoned) outbox entries of `flow`'s `target`.
+pub(super) async fn claim(
+    conn: &mut Conn,
+    flow: &str,
+    target: &str,
+    limit: u32,
+    lease_until: Millis,
+) -> Result<Vec<Claimed>, StoreError> {
+    let now = now_ms();
+    let rows = sqlx::query(concat!(
+        "UPDATE outbox SET state = 'in_flight', lease_until = $1, updated_at = $2
+         WHERE id IN (SELECT id FROM outbox WHERE flow = $3 AND target = $4
+                      AND ((state = 'pending' AND next_attempt_at <= $2) OR (state = 'in_flight' AND lease_until < $2))
+                      ORDER BY next_attempt_at, id LIMIT $5",
+        skip_locked!(),
+        ") RETURNING id, message_id, attempts"
+    ))
+        .bind(lease_until)
+        .bind(now)
+        .bind(flow)
+        .bind(target)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut claimed = Vec::with_capacity(rows.len());
+    for row in rows {
+        let message_id: String = row.get("message_id");
+        let message =
+            sqlx::query("SELECT document, content_type, record_id FROM messages WHERE id = $1")
+                .bind(&message_id)
+                .fetch_one(&mut *conn)
+                .await?;
+        claimed.push(Claimed {
+            outbox_id: row.get("id"),
+            attempts: u32::try_from(row.get::<i64, _>("attempts")).unwrap_or_default(),
+            document: parse(&message.get::<String, _>("document"))?,
+            content_type: message.get("content_type"),
+            record_id: message.get("record_id"),
+            lease_until,
+            message_id,
+        });
+    }
+    claimed.sort_by_key(|c| c.outbox_id);
+    Ok(claimed)
+}
+
+/// Claims up to `limit` due (or abandoned) messages of embedded queue `queue`.
+pub(super) async fn claim_queue(
+    conn: &mut Conn,
+    queue: &str,
+    limit: u32,
+    lease_until: Millis,
+) -> Result<Vec<QueueItem>, StoreError> {
+    let now = now_ms();
+    let rows = sqlx::query(concat!(
+        "UPDATE queue_messages SET state = 'in_flight', lease_until = $1
+         WHERE id IN (SELECT id FROM queue_messages WHERE queue = $2
+                      AND ((state = 'pending' AND next_attempt_at <= $3) OR (state = 'in_flight' AND lease_until < $3))
+                      ORDER BY next_attempt_at, id LIMIT $4",
+        skip_locked!(),
+        ") RETURNING id, payload, headers, attempts"
+    ))
+        .bind(lease_until)
+        .bind(queue)
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut items: Vec<QueueItem> = rows
+        .iter()
+        .map(|row| {
+            Ok(QueueItem {
+                id: row.get("id"),
+                payload: row.get("payload"),
+                headers: parse(&row.get::<String, _>("headers"))?,
+                attempts: u32::try_from(row.get::<i64, _>("attempts")).unwrap_or_default(),
+            })
+        })
+        .collect::<Result<_, StoreError>>()?;
+    items.sort_by_key(|item| item.id);
+    Ok(items)
+}
+
+/// Appends a message to embedded queue `queue`.
+pub(super) async fn enqueue(
+    conn: &mut Conn,
+    queue: &str,
+    payload: &str,
+    headers: &str,
+) -> Result<(), StoreError> {
+    let now = now_ms();
+    sqlx::query(
+        "INSERT INTO queue_messages (queue, payload, headers, state, next_attempt_at, created_at)
+         VALUES ($1, $2, $3, 'pending', $4, $4)",
+    )
+    .bind(queue)
+    .bind(payload)
+    .bind(headers)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Removes a consumed queue message, or puts it back until `retry_at`.
+pub(super) async fn finish_queue(
+    conn: &mut Conn,
+    id: i64,
+    retry_at: Option<Millis>,
+) -> Result<(), StoreError> {
+    match retry_at {
+        None => {
+            sqlx::query("DELETE FROM queue_messages WHERE id = $1")
+                .bind(id)
+                .execute(&mut *conn)
+                .await?
+        }
+        Some(at) => {
+            sqlx::query(
+                "UPDATE queue_messages SET state = 'pending', attempts = attempts + 1, next_attempt_at = $1,
+                        lease_until = NULL WHERE id = $2",
+            )
+            .bind(at)
+            .bind(id)
+            .execute(&mut *conn)
+            .await?
+        }
+    };
+    Ok(())
+}
+
+/// Records an attempt's outcome, unless the claim it was made under has run out (another
+/// worker owns the entry then, and its word counts).
+pub(super) async fn attempt_done(conn: &mut Conn, a: &AttemptRecord) -> Result<(), StoreError> {
+    let now = now_ms();
+    let (state, next) = match a.outcome {
+        AttemptOutcome::Delivered => ("delivered", now),
+        AttemptOutcome::RetryAt(at) => ("pending", at),
+        AttemptOutcome::Dead => ("dead", now),
+    };
+    // The message's status depends on all its deliveries: one attempt at a time decides it.
+    lock(conn, Lock::Message(&a.message_id)).await?;
+    let updated = sqlx::query(
+        "UPDATE outbox SET state = $1, attempts = $2, next_attempt_at = $3, last_status = $4, last_error = $5,
+                           lease_until = NULL, updated_at = $6
+         WHERE id = $7 AND state = 'in_flight' AND lease_until = $8",
+    )
+    .bind(state)
+    .bind(i64::from(a.attempt))
+    .bind(next)
+    .bind(a.status.map(i64::from))
+    .bind(&a.error)
+    .bind(now)
+    .bind(a.outbox_id)
+    .bind(a.lease_until)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if updated == 0 {
+        return Err(StoreError::LeaseLost);
+    }
+    match a.outcome {
+        AttemptOutcome::Delivered => {
+            sqlx::query(
+                "UPDATE messages SET status = 'delivered', updated_at = $1 WHERE id = $2
+                 AND NOT EXISTS (SELECT 1 FROM outbox WHERE message_id = $2 AND state NOT IN ('delivered', 'replayed'))",
+            )
+            .bind(now)
+            .bind(&a.message_id)
+            .execute(&mut *conn)
+            .await?;
+        }
+        AttemptOutcome::Dead => {
+            sqlx::query(
+                "UPDATE messages SET status = $1, error = $2, updated_at = $3 WHERE id = $4",
+            )
+            .bind(MessageStatus::Dead.as_str())
+            .bind(&a.error)
+            .bind(now)
+            .bind(&a.message_id)
+            .execute(&mut *conn)
+            .await?;
+        }
+        AttemptOutcome::RetryAt(_) => {}
+    }
+    let outcome = match a.outcome {
+        AttemptOutcome::Delivered => "delivered".to_owned(),
+        AttemptOutcome::RetryAt(at) => format!("retry at {}", rfc3339(at)),
+        AttemptOutcome::Dead => "dead".to_owned(),
+    };
+    let detail = serde_json::json!({
+        "target": a.target, "attempt": a.attempt, "status": a.status, "latency_ms": a.latency_ms,
+        "error": a.error, "outcome": outcome,
+    });
+    insert_event(conn, &a.message_id, now, "attempt", &detail).await?;
+    if let Some(write) = &a.correlation {
+        correlate(conn, write, Some(&a.message_id)).await?;
+    }
+    Ok(())
+}
+
+/// Deletes delivered messages, and correlation records with no message left, last changed
+/// before `before`; does nothing while another store prunes.
+pub(super) async fn prune(conn: &mut Conn, before: Millis) -> Result<u64, StoreError> {
+    if !lock(conn, Lock::Pruning).await? {
+        return Ok(0);
+    }
+    let pruned = sqlx::query("DELETE FROM messages WHERE status = 'delivered' AND updated_at < $1")
+        .bind(before)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    sqlx::query(
+        "DELETE FROM correlations WHERE updated_at < $1
+         AND NOT EXISTS (SELECT 1 FROM messages WHERE record_id = correlations.id)",
+    )
+    .bind(before)
+    .execute(&mut *conn)
+    .await?;
+    Ok(pruned)
+}

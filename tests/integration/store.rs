@@ -1,0 +1,398 @@
+//! The store's conformance suite: every test runs on SQLite and on the real PostgreSQL, and
+//! the PostgreSQL-only tests show what several processes sharing one database rely on.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use ferry::store::{
+    AcceptOutcome, Accepted, AttemptOutcome, AttemptRecord, Claimed, CorrelationWrite,
+    MessageStatus, NewEvent, Store, StoreError, StoreOptions, StoredReply, now_ms,
+};
+use serde_json::json;
+use tokio::task::JoinSet;
+
+use crate::util::{Backend, TestStore, postgres};
+
+fn accepted(id: &str, key: Option<&str>) -> Accepted {
+    Accepted {
+        id: id.into(),
+        flow: "f".into(),
+        correlation_id: id.into(),
+        idempotency_key: key.map(Into::into),
+        received_at: now_ms(),
+        inbound: json!({"a": 1}),
+        meta: json!({"id": id}),
+        document: json!({"body": {"a": 1}, "vars": {}, "meta": {"id": id}}),
+        content_type: None,
+        status: MessageStatus::Accepted,
+        error: None,
+        reply: StoredReply {
+            status: 202,
+            headers: vec![],
+            body: json!({"id": id}),
+        },
+        targets: vec!["lab".into()],
+        correlation: vec![CorrelationWrite::Save {
+            context: "req".into(),
+            keys: vec![id.into(), format!("ref-{id}")],
+            data: json!({"ref": format!("ref-{id}")}),
+            state: Some("accepted".into()),
+        }],
+        events: vec![NewEvent {
+            kind: "received",
+            detail: json!({}),
+        }],
+        replay: false,
+    }
+}
+
+fn delivered(claimed: &Claimed, correlation: Option<CorrelationWrite>) -> AttemptRecord {
+    AttemptRecord {
+        outbox_id: claimed.outbox_id,
+        message_id: claimed.message_id.clone(),
+        target: "lab".into(),
+        attempt: claimed.attempts + 1,
+        outcome: AttemptOutcome::Delivered,
+        status: Some(201),
+        error: None,
+        latency_ms: 3,
+        correlation,
+        lease_until: claimed.lease_until,
+    }
+}
+
+async fn with_lease(store: &TestStore, lease: Duration) -> Store {
+    let options = StoreOptions {
+        lease,
+        ..StoreOptions::default()
+    };
+    Store::open_with(&store.url, options).await.unwrap()
+}
+
+on_both_stores!(
+    accept_claim_deliver_and_trace,
+    a_claim_that_runs_out_is_taken_over_and_the_late_outcome_is_refused,
+    embedded_queue_messages_are_claimed_retried_and_removed,
+    a_replay_delivers_a_dead_letter_again,
+);
+
+async fn accept_claim_deliver_and_trace(backend: Backend) {
+    let test = TestStore::new(backend).await;
+    let store = test.open().await;
+    assert_eq!(
+        store.accept(accepted("m1", Some("k1"))).await.unwrap(),
+        AcceptOutcome::Stored
+    );
+    // The same idempotency key gives the original reply.
+    let again = store.accept(accepted("m2", Some("k1"))).await.unwrap();
+    assert!(matches!(again, AcceptOutcome::Duplicate(r) if r.body == json!({"id": "m1"})));
+    assert_eq!(
+        store.reply_for("f", "k1").await.unwrap().unwrap().body,
+        json!({"id": "m1"})
+    );
+    assert_eq!(store.undelivered().await.unwrap(), 1);
+    assert!(store.oldest_undelivered().await.unwrap().is_some());
+
+    let claimed = store.claim("f", "lab", 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert!(
+        store.claim("f", "lab", 10).await.unwrap().is_empty(),
+        "claimed once"
+    );
+    let record = claimed[0].record_id.unwrap();
+    let update = CorrelationWrite::Update {
+        record_id: record,
+        keys: vec!["LAB-1".into()],
+        data: json!({"lab_order_id": "LAB-1"}),
+        state: Some("sent".into()),
+    };
+    store
+        .record_attempt(delivered(&claimed[0], Some(update)))
+        .await
+        .unwrap();
+
+    let found = store
+        .find_correlation("req", &["nope".into(), "LAB-1".into()])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.key, "m1");
+    assert_eq!(found.keys, ["m1", "ref-m1", "LAB-1"]);
+    assert_eq!(
+        found.data,
+        json!({"ref": "ref-m1", "lab_order_id": "LAB-1"})
+    );
+    assert_eq!(found.state.as_deref(), Some("sent"));
+    assert_eq!(found.history.len(), 2);
+    let trace = store.trace("ref-m1").await.unwrap().unwrap();
+    assert_eq!(trace.messages.len(), 1);
+    assert_eq!(trace.messages[0].status, "delivered");
+    let mut kinds: Vec<&str> = trace.timeline.iter().map(|e| e.kind.as_str()).collect();
+    kinds.sort_unstable();
+    assert_eq!(kinds, ["attempt", "received", "state", "state"]);
+    let detail = store.message("m1").await.unwrap().unwrap();
+    assert_eq!(detail.deliveries[0].state, "delivered");
+    assert_eq!(detail.deliveries[0].last_status, Some(201));
+    let listed = store
+        .list_messages(Some("f"), Some("delivered"), 10)
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(
+        store
+            .list_messages(None, Some("dead"), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.undelivered().await.unwrap(), 0);
+    store.writable().await.unwrap();
+    assert_eq!(store.prune(now_ms() + 1).await.unwrap(), 1);
+    assert!(store.message("m1").await.unwrap().is_none());
+    assert!(store.trace("ref-m1").await.unwrap().is_none());
+    store.close().await;
+}
+
+async fn a_claim_that_runs_out_is_taken_over_and_the_late_outcome_is_refused(backend: Backend) {
+    let test = TestStore::new(backend).await;
+    let store = with_lease(&test, Duration::from_millis(300)).await;
+    store.accept(accepted("m1", None)).await.unwrap();
+    let first = store.claim("f", "lab", 10).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert!(store.claim("f", "lab", 10).await.unwrap().is_empty());
+
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let second = store.claim("f", "lab", 10).await.unwrap();
+    assert_eq!(second.len(), 1, "the claim ran out: the entry is due again");
+    assert_eq!(second[0].outbox_id, first[0].outbox_id);
+
+    // The first worker's word comes too late: it neither wins nor undoes the second's.
+    let late = store.record_attempt(delivered(&first[0], None)).await;
+    assert!(matches!(late, Err(StoreError::LeaseLost)), "{late:?}");
+    let mut failed = delivered(&second[0], None);
+    failed.outcome = AttemptOutcome::Dead;
+    failed.status = Some(400);
+    store.record_attempt(failed).await.unwrap();
+    let detail = store.message("m1").await.unwrap().unwrap();
+    assert_eq!(detail.summary.status, "dead");
+    assert_eq!(detail.deliveries[0].state, "dead");
+    store.close().await;
+}
+
+async fn embedded_queue_messages_are_claimed_retried_and_removed(backend: Backend) {
+    let test = TestStore::new(backend).await;
+    let store = test.open().await;
+    let headers = BTreeMap::from([("ferry-message-id".to_owned(), "m1".to_owned())]);
+    store
+        .enqueue("q", "{\"n\":1}".into(), headers.clone())
+        .await
+        .unwrap();
+    store
+        .enqueue("q", "{\"n\":2}".into(), BTreeMap::new())
+        .await
+        .unwrap();
+    assert_eq!(store.queue_depth("q").await.unwrap(), 2);
+    let items = store.claim_queue("q", 10).await.unwrap();
+    assert_eq!(items.len(), 2);
+    assert_eq!(items[0].payload, "{\"n\":1}");
+    assert_eq!(items[0].headers, headers);
+    assert!(store.claim_queue("q", 10).await.unwrap().is_empty());
+
+    store.finish_queue(items[0].id, None).await.unwrap();
+    store
+        .finish_queue(items[1].id, Some(now_ms() + 200))
+        .await
+        .unwrap();
+    assert_eq!(store.queue_depth("q").await.unwrap(), 1);
+    assert!(
+        store.claim_queue("q", 10).await.unwrap().is_empty(),
+        "not due yet"
+    );
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let again = store.claim_queue("q", 10).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempts, 1);
+    store.finish_queue(again[0].id, None).await.unwrap();
+    assert_eq!(store.queue_depth("q").await.unwrap(), 0);
+    store.close().await;
+}
+
+async fn a_replay_delivers_a_dead_letter_again(backend: Backend) {
+    let test = TestStore::new(backend).await;
+    let store = test.open().await;
+    store.accept(accepted("m1", Some("k1"))).await.unwrap();
+    let claimed = store.claim("f", "lab", 1).await.unwrap();
+    let mut dead = delivered(&claimed[0], None);
+    dead.outcome = AttemptOutcome::Dead;
+    dead.error = Some("lab answered 422".into());
+    store.record_attempt(dead).await.unwrap();
+    let dead_letters = store.list_messages(None, Some("dead"), 10).await.unwrap();
+    assert_eq!(dead_letters.len(), 1);
+    assert_eq!(dead_letters[0].error.as_deref(), Some("lab answered 422"));
+
+    let source = store.replay_source("m1").await.unwrap().unwrap();
+    assert_eq!(source.inbound, json!({"a": 1}));
+    let mut replay = accepted("m1", Some("k1"));
+    replay.replay = true;
+    store.accept(replay).await.unwrap();
+    let claimed = store.claim("f", "lab", 1).await.unwrap();
+    assert_eq!(claimed.len(), 1, "the replay is due");
+    store
+        .record_attempt(delivered(&claimed[0], None))
+        .await
+        .unwrap();
+    let detail = store.message("m1").await.unwrap().unwrap();
+    assert_eq!(detail.summary.status, "delivered");
+    let states: Vec<&str> = detail.deliveries.iter().map(|d| d.state.as_str()).collect();
+    assert_eq!(states, ["replayed", "delivered"]);
+    store.close().await;
+}
+
+/// Several processes, modelled as several stores on one database.
+async fn replicas(test: &TestStore, n: usize) -> Vec<Store> {
+    let mut opening = JoinSet::new();
+    for _ in 0..n {
+        let url = test.url.clone();
+        opening.spawn(async move { Store::open(&url).await });
+    }
+    let mut stores = Vec::new();
+    while let Some(opened) = opening.join_next().await {
+        stores.push(
+            opened
+                .unwrap()
+                .expect("replicas starting together all migrate"),
+        );
+    }
+    stores
+}
+
+#[tokio::test]
+async fn postgres_replicas_claim_each_entry_once_between_them() {
+    let test = TestStore::new(Backend::Postgres).await;
+    let stores = replicas(&test, 4).await;
+    for i in 0..300 {
+        stores[i % 4]
+            .accept(accepted(&format!("m{i}"), None))
+            .await
+            .unwrap();
+    }
+    let mut workers = JoinSet::new();
+    for store in stores.clone() {
+        workers.spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let claimed = store.claim("f", "lab", 7).await.unwrap();
+                if claimed.is_empty() {
+                    return mine;
+                }
+                for entry in claimed {
+                    store.record_attempt(delivered(&entry, None)).await.unwrap();
+                    mine.push(entry.outbox_id);
+                }
+            }
+        });
+    }
+    let mut all = Vec::new();
+    let mut busy = 0;
+    while let Some(mine) = workers.join_next().await {
+        let mine = mine.unwrap();
+        busy += usize::from(!mine.is_empty());
+        all.extend(mine);
+    }
+    let unique: BTreeSet<i64> = all.iter().copied().collect();
+    assert_eq!(all.len(), 300, "every entry was claimed exactly once");
+    assert_eq!(unique.len(), 300);
+    assert!(busy >= 2, "the replicas shared the work");
+    assert_eq!(stores[0].undelivered().await.unwrap(), 0);
+    let delivered = stores[1]
+        .list_messages(None, Some("delivered"), 1000)
+        .await
+        .unwrap();
+    assert_eq!(delivered.len(), 300);
+}
+
+#[tokio::test]
+async fn postgres_replicas_share_idempotency_and_correlation() {
+    let test = TestStore::new(Backend::Postgres).await;
+    let stores = replicas(&test, 2).await;
+    // The same submission reaching both replicas at once is stored once.
+    let mut racing = JoinSet::new();
+    for (n, store) in stores.iter().enumerate() {
+        let store = store.clone();
+        racing.spawn(async move { store.accept(accepted(&format!("m{n}"), Some("k"))).await });
+    }
+    let mut outcomes = Vec::new();
+    while let Some(outcome) = racing.join_next().await {
+        outcomes.push(outcome.unwrap().unwrap());
+    }
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|o| **o == AcceptOutcome::Stored)
+            .count(),
+        1,
+        "{outcomes:?}"
+    );
+
+    // Saves of one key from both replicas at once make one record with both changes.
+    let mut saving = JoinSet::new();
+    for (n, store) in stores.iter().enumerate() {
+        let store = store.clone();
+        let mut data = serde_json::Map::new();
+        data.insert(format!("from_{n}"), json!(true));
+        saving.spawn(async move {
+            store
+                .correlate(vec![CorrelationWrite::Save {
+                    context: "req".into(),
+                    keys: vec!["PR-9".into(), format!("LAB-{n}")],
+                    data: data.into(),
+                    state: Some(format!("seen_by_{n}")),
+                }])
+                .await
+        });
+    }
+    while let Some(saved) = saving.join_next().await {
+        saved.unwrap().unwrap();
+    }
+    let on_0 = stores[0]
+        .find_correlation("req", &["LAB-1".into()])
+        .await
+        .unwrap()
+        .unwrap();
+    let on_1 = stores[1]
+        .find_correlation("req", &["LAB-0".into()])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(on_0, on_1, "one record, found by either replica's key");
+    assert_eq!(on_0.data, json!({"from_0": true, "from_1": true}));
+    assert_eq!(on_0.history.len(), 2);
+}
+
+#[tokio::test]
+async fn postgres_prunes_on_one_replica_at_a_time() {
+    let test = TestStore::new(Backend::Postgres).await;
+    let store = test.open().await;
+    store.accept(accepted("m1", None)).await.unwrap();
+    let claimed = store.claim("f", "lab", 1).await.unwrap();
+    store
+        .record_attempt(delivered(&claimed[0], None))
+        .await
+        .unwrap();
+
+    // Another replica pruning: hold its lock in a transaction of our own.
+    let mut other = <sqlx::PgConnection as sqlx::Connection>::connect(&postgres())
+        .await
+        .unwrap();
+    sqlx::raw_sql("BEGIN; SELECT pg_advisory_xact_lock(1717924466, 1)")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.prune(now_ms() + 1).await.unwrap(),
+        0,
+        "skipped its turn"
+    );
+    sqlx::raw_sql("COMMIT").execute(&mut other).await.unwrap();
+    assert_eq!(store.prune(now_ms() + 1).await.unwrap(), 1);
+}
