@@ -178,6 +178,9 @@ pub fn find_test_files(dirs: &[PathBuf]) -> Vec<PathBuf> {
         };
         for entry in entries.flatten() {
             let path = entry.path();
+            if crate::config::load::is_hidden(&path) {
+                continue;
+            }
             if path.is_dir() {
                 walk(&path, found);
             } else if path.to_string_lossy().ends_with(".test.yaml") {

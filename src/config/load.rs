@@ -60,6 +60,9 @@ pub fn load_dir(
 fn find_flow_files(dir: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
+        if is_hidden(&path) {
+            continue;
+        }
         if path.is_dir() {
             find_flow_files(&path, files)?;
         } else if is_flow_file(&path) {
@@ -67,6 +70,14 @@ fn find_flow_files(dir: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> 
         }
     }
     Ok(())
+}
+
+/// Hidden files and folders hold no flows: editors' and version control's, and the `..data`
+/// folders through which Kubernetes mounts a ConfigMap (whose files would load twice).
+pub(crate) fn is_hidden(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with('.'))
 }
 
 /// Flow files end in `.yaml` or `.yml`; `*.test.yaml` files hold flow tests, not flows.
@@ -269,6 +280,19 @@ mod tests {
     fn run(text: &str) -> Result<String, Vec<String>> {
         interpolate(Path::new("f.yaml"), text, &env)
             .map_err(|d| d.into_iter().map(|d| d.to_string()).collect())
+    }
+
+    #[test]
+    fn hidden_folders_are_passed_over() {
+        // A ConfigMap mounted by Kubernetes: each file beside a hidden copy of it.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("..data")).unwrap();
+        for file in ["a.yaml", "..data/a.yaml", ".b.yaml", "a.test.yaml"] {
+            std::fs::write(dir.path().join(file), "").unwrap();
+        }
+        let mut files = Vec::new();
+        find_flow_files(dir.path(), &mut files).unwrap();
+        assert_eq!(files, [dir.path().join("a.yaml")]);
     }
 
     #[test]

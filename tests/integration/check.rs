@@ -322,3 +322,77 @@ fn the_deploy_files_parse_and_name_metrics_ferry_has() {
         }
     }
 }
+
+/// `deploy/kubernetes/flows.yaml` as the shipped flows and schemas make it: two ConfigMaps,
+/// one file each (flow tests and the editors' flow schema left out).
+fn flows_config_maps() -> String {
+    let mut text = String::from(
+        "# The shipped flows and schemas as ConfigMaps, for deploy/kubernetes/ferry.yaml.\n\
+         # Generated from flows/ and schemas/: FERRY_BLESS=1 cargo test kubernetes rewrites it.\n",
+    );
+    for (name, folder, keep) in [
+        (
+            "ferry-flows",
+            "flows",
+            (|f: &str| f.ends_with(".yaml") && !f.ends_with(".test.yaml")) as fn(&str) -> bool,
+        ),
+        ("ferry-schemas", "schemas", |f: &str| {
+            f.ends_with(".json") && f != "flow.schema.json"
+        }),
+    ] {
+        let mut files: Vec<String> = std::fs::read_dir(repo().join(folder))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|f| keep(f))
+            .collect();
+        files.sort();
+        text +=
+            &format!("---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n");
+        for file in files {
+            text += &format!("  {file}: |\n");
+            for line in std::fs::read_to_string(repo().join(folder).join(&file))
+                .unwrap()
+                .lines()
+            {
+                text += &if line.is_empty() {
+                    "\n".to_owned()
+                } else {
+                    format!("    {line}\n")
+                };
+            }
+        }
+    }
+    text
+}
+
+#[test]
+fn the_kubernetes_config_maps_hold_the_shipped_flows_as_they_are() {
+    let path = repo().join("deploy/kubernetes/flows.yaml");
+    let expected = flows_config_maps();
+    if std::env::var_os("FERRY_BLESS").is_some() {
+        std::fs::write(&path, &expected).unwrap();
+    }
+    let actual = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        actual == expected,
+        "deploy/kubernetes/flows.yaml is stale: run FERRY_BLESS=1 cargo test kubernetes"
+    );
+    // Each ConfigMap parses, and holds each file exactly.
+    for document in actual.split("\n---\n").skip(1) {
+        let map: serde_json::Value = serde_saphyr::from_str(document).unwrap();
+        let folder = if map["metadata"]["name"] == "ferry-flows" {
+            "flows"
+        } else {
+            "schemas"
+        };
+        for (file, content) in map["data"].as_object().unwrap() {
+            let on_disk = std::fs::read_to_string(repo().join(folder).join(file)).unwrap();
+            assert_eq!(content.as_str().unwrap(), on_disk, "{file}");
+        }
+    }
+    let manifests = std::fs::read_to_string(repo().join("deploy/kubernetes/ferry.yaml")).unwrap();
+    for document in manifests.split("\n---\n") {
+        let _: serde_json::Value = serde_saphyr::from_str(document).unwrap();
+    }
+    assert!(manifests.contains("path: /readyz") && manifests.contains("path: /healthz"));
+}
