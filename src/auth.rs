@@ -61,9 +61,9 @@ impl Auth {
     /// # Errors
     ///
     /// [`Denied`] when the caller may not pass.
-    pub fn check(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), Denied> {
+    pub fn check(&self, headers: &HeaderMap, body: &[u8]) -> Result<Option<WebhookId>, Denied> {
         match self {
-            Self::Open => Ok(()),
+            Self::Open => Ok(None),
             Self::ApiKey { header, keys } => {
                 let given = headers
                     .get(header)
@@ -74,13 +74,13 @@ impl Auth {
                     found | key.ct_eq(given)
                 });
                 if bool::from(matched) {
-                    Ok(())
+                    Ok(None)
                 } else {
                     Err(Denied::Unauthenticated)
                 }
             }
             Self::Signature(signature) => signature.check(headers, body),
-            Self::Jwt(jwt) => jwt.check(headers),
+            Self::Jwt(jwt) => jwt.check(headers).map(|()| None),
         }
     }
 
@@ -100,6 +100,17 @@ impl Auth {
             _ => None,
         }
     }
+}
+
+/// A Standard Webhooks id that passed its signature check. This process refuses it a second
+/// time on its own; the caller also takes it in the store ([`crate::store::Store::first_sight`]),
+/// so that a replay is refused by every process sharing the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookId {
+    /// The `webhook-id` header.
+    pub id: String,
+    /// When its signature stops being accepted anyway (unix milliseconds).
+    pub expires_at: i64,
 }
 
 /// An HMAC-SHA256 signature check.
@@ -125,7 +136,7 @@ enum SignatureForm {
 }
 
 impl Signature {
-    fn check(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), Denied> {
+    fn check(&self, headers: &HeaderMap, body: &[u8]) -> Result<Option<WebhookId>, Denied> {
         let text = |name: &str| {
             headers
                 .get(name)
@@ -146,7 +157,7 @@ impl Signature {
                     SignatureEncoding::Base64 => BASE64.decode(given.trim()).ok(),
                 }
                 .ok_or(Denied::Unauthenticated)?;
-                self.verify(&[body], &[given])
+                self.verify(&[body], &[given]).map(|()| None)
             }
             SignatureForm::Standard { tolerance, seen } => {
                 let id = text("webhook-id")?;
@@ -174,7 +185,10 @@ impl Signature {
                 if seen.insert(id.to_owned(), signed_at).is_some() {
                     return Err(Denied::Unauthenticated); // a replay
                 }
-                Ok(())
+                Ok(Some(WebhookId {
+                    id: id.to_owned(),
+                    expires_at: signed_at.saturating_add(window).saturating_mul(1000),
+                }))
             }
         }
     }
@@ -502,8 +516,8 @@ mod tests {
             headers.insert("x-api-key", key.parse().unwrap());
             auth.check(&headers, b"")
         };
-        assert_eq!(with("new-key"), Ok(()));
-        assert_eq!(with("old-key"), Ok(()));
+        assert_eq!(with("new-key"), Ok(None));
+        assert_eq!(with("old-key"), Ok(None));
         for wrong in ["", "new-ke", "new-key ", "NEW-KEY", "new-keyy"] {
             assert_eq!(with(wrong), Err(Denied::Unauthenticated), "{wrong:?}");
         }

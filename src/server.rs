@@ -371,7 +371,15 @@ async fn handle(
     }
     let bytes = read_body(&parts.headers, body, trigger.max_body).await?;
     if signed {
-        trigger.auth.check(&parts.headers, &bytes)?;
+        let webhook = trigger.auth.check(&parts.headers, &bytes)?;
+        // A replay sent to another process sharing the store is refused there too.
+        if let (Some(webhook), Some(store)) = (webhook, runtime.store())
+            && !store
+                .first_sight(&flow.name, &webhook.id, webhook.expires_at)
+                .await?
+        {
+            return Err(ServeError::Unauthorized);
+        }
     }
     let body = parse_json(&parts.headers, &bytes, trigger.max_depth)?;
     let mut meta = Meta::new(&flow.name);

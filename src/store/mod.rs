@@ -635,6 +635,21 @@ impl Store {
         on_backend!(self, b => b.prune(before).await)
     }
 
+    /// Takes webhook id `id` of `scope` (a flow) until `expires_at`: true the first time,
+    /// false for a replay, whichever process sharing the store saw it first.
+    ///
+    /// # Errors
+    ///
+    /// When the database fails.
+    pub async fn first_sight(
+        &self,
+        scope: &str,
+        id: &str,
+        expires_at: Millis,
+    ) -> Result<bool, StoreError> {
+        on_backend!(self, b => b.first_sight(scope, id, expires_at).await)
+    }
+
     /// Appends a message to embedded queue `queue`.
     ///
     /// # Errors

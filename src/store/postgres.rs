@@ -195,6 +195,15 @@ impl PgStore {
         transaction!(self, (1, 0), conn => sql::claim(conn, flow, target, limit, lease_until))
     }
 
+    pub(super) async fn first_sight(
+        &self,
+        scope: &str,
+        id: &str,
+        expires_at: Millis,
+    ) -> Result<bool, StoreError> {
+        transaction!(self, (1, 0), conn => sql::first_sight(conn, scope, id, expires_at))
+    }
+
     pub(super) async fn prune(&self, before: Millis) -> Result<u64, StoreError> {
         transaction!(self, (1, 0), conn => sql::prune(conn, before))
     }

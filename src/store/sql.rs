@@ -811,12 +811,36 @@ pub(super) async fn attempt_done(conn: &mut Conn, a: &AttemptRecord) -> Result<(
     Ok(())
 }
 
+/// Takes webhook id `id` in `scope` until `expires_at`; false when it was already taken.
+pub(super) async fn first_sight(
+    conn: &mut Conn,
+    scope: &str,
+    id: &str,
+    expires_at: Millis,
+) -> Result<bool, StoreError> {
+    let taken = sqlx::query(
+        "INSERT INTO webhook_ids (scope, id, expires_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+    )
+    .bind(scope)
+    .bind(id)
+    .bind(expires_at)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    Ok(taken == 1)
+}
+
 /// Deletes delivered messages, and correlation records with no message left, last changed
-/// before `before`; does nothing while another store prunes.
+/// before `before`, and webhook ids past their expiry; does nothing while another store
+/// prunes.
 pub(super) async fn prune(conn: &mut Conn, before: Millis) -> Result<u64, StoreError> {
     if !lock(conn, Lock::Pruning).await? {
         return Ok(0);
     }
+    sqlx::query("DELETE FROM webhook_ids WHERE expires_at < $1")
+        .bind(now_ms())
+        .execute(&mut *conn)
+        .await?;
     let pruned = sqlx::query("DELETE FROM messages WHERE status = 'delivered' AND updated_at < $1")
         .bind(before)
         .execute(&mut *conn)

@@ -36,6 +36,12 @@ enum Job {
         reply: Reply<Vec<Claimed>>,
     },
     Prune(Millis, Reply<u64>),
+    FirstSight {
+        scope: String,
+        id: String,
+        expires_at: Millis,
+        reply: Reply<bool>,
+    },
     Enqueue {
         queue: String,
         payload: String,
@@ -165,6 +171,22 @@ impl SqliteStore {
             target,
             limit,
             lease_until,
+            reply,
+        })
+        .await
+    }
+
+    pub(super) async fn first_sight(
+        &self,
+        scope: &str,
+        id: &str,
+        expires_at: Millis,
+    ) -> Result<bool, StoreError> {
+        let (scope, id) = (scope.to_owned(), id.to_owned());
+        self.submit(|reply| Job::FirstSight {
+            scope,
+            id,
+            expires_at,
             reply,
         })
         .await
@@ -372,6 +394,7 @@ fn fail(job: Job, error: &sqlx::Error) -> Finish {
             finisher(reply, Err(error()))
         }
         Job::ClaimQueue { reply, .. } => finisher(reply, Err(error())),
+        Job::FirstSight { reply, .. } => finisher(reply, Err(error())),
     }
 }
 
@@ -397,6 +420,12 @@ async fn run_job(conn: &mut SqliteConnection, job: Job) -> (Finish, bool) {
             sql::claim(conn, &flow, &target, limit, lease_until).await,
         ),
         Job::Prune(before, reply) => done(reply, sql::prune(conn, before).await),
+        Job::FirstSight {
+            scope,
+            id,
+            expires_at,
+            reply,
+        } => done(reply, sql::first_sight(conn, &scope, &id, expires_at).await),
         Job::Enqueue {
             queue,
             payload,

@@ -13,8 +13,8 @@ use tokio::task::JoinSet;
 
 use crate::cli::{spawn_on, terminate};
 use crate::util::{
-    Backend, Ferry, Partner, Proxy, TestStore, client, payload, post_json, repo, signed_post,
-    wait_for, wait_until_within,
+    Backend, Ferry, LAB_SECRET, Partner, Proxy, TestStore, client, payload, post_json, repo,
+    signed_post, wait_for, wait_until_within, webhook_headers,
 };
 
 /// How long a replica's claim holds in these tests.
@@ -194,12 +194,25 @@ async fn a_result_arriving_at_another_replica_reaches_the_right_request() {
     let mut result = payload("test-result.json");
     result["order_ref"] = json!("unknown-to-us");
     result["lab_order_id"] = json!("LAB-ELSEWHERE");
-    let (status, reply) = post_json(&format!("{url_b}/api/v1/lab-results"), &result).await;
-    assert_eq!(status, 202, "{reply}");
+    let body = serde_json::to_vec(&result).unwrap();
+    let headers = webhook_headers(LAB_SECRET, &body);
+    let deliver = |url: &str| {
+        let mut request = client()
+            .post(format!("{url}/api/v1/lab-results"))
+            .header("content-type", "application/json")
+            .body(body.clone());
+        for (name, value) in &headers {
+            request = request.header(*name, value);
+        }
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(deliver(&url_b).await, 202);
     wait_until_within("the portal has the results", 30, || {
         portal.accepted().len() == 1
     })
     .await;
+    // The same signed webhook again, at the other replica: a replay there too.
+    assert_eq!(deliver(&url_a).await, 401);
     assert_eq!(
         portal.accepted()[0].json()["request_id"],
         request_id.as_str()

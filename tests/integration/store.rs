@@ -74,7 +74,34 @@ on_both_stores!(
     a_claim_that_runs_out_is_taken_over_and_the_late_outcome_is_refused,
     embedded_queue_messages_are_claimed_retried_and_removed,
     a_replay_delivers_a_dead_letter_again,
+    a_webhook_id_is_taken_once,
 );
+
+async fn a_webhook_id_is_taken_once(backend: Backend) {
+    let test = TestStore::new(backend).await;
+    let store = test.open().await;
+    let until = now_ms() + 60_000;
+    assert!(store.first_sight("f", "msg_1", until).await.unwrap());
+    assert!(
+        !store.first_sight("f", "msg_1", until).await.unwrap(),
+        "a replay"
+    );
+    assert!(
+        store.first_sight("g", "msg_1", until).await.unwrap(),
+        "another flow's"
+    );
+    // Expired ids go with pruning; the signature check refuses their replays anyway.
+    assert!(
+        store
+            .first_sight("f", "msg_old", now_ms() - 1)
+            .await
+            .unwrap()
+    );
+    store.prune(0).await.unwrap();
+    assert!(store.first_sight("f", "msg_old", until).await.unwrap());
+    assert!(!store.first_sight("f", "msg_1", until).await.unwrap());
+    store.close().await;
+}
 
 async fn accept_claim_deliver_and_trace(backend: Backend) {
     let test = TestStore::new(backend).await;
