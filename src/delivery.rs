@@ -296,7 +296,7 @@ impl Worker {
         }
         let record = AttemptRecord {
             outbox_id: entry.outbox_id,
-            message_id: entry.message_id,
+            message_id: entry.message_id.clone(),
             target: target.name().to_owned(),
             attempt: number,
             outcome,
@@ -306,9 +306,16 @@ impl Worker {
             correlation,
             lease_until: entry.lease_until,
         };
-        if let Err(error) = self.store.record_attempt(record).await {
+        match self.store.record_attempt(record).await {
+            Ok(()) => {}
+            Err(crate::store::StoreError::LeaseLost) => tracing::warn!(
+                flow = %flow.name, target = %target.name(), message_id = %entry.message_id,
+                "this attempt outlasted its claim and another worker took the delivery over: its outcome counts"
+            ),
             // The lease runs out and the entry is attempted again: at least once, never lost.
-            tracing::error!(flow = %flow.name, %error, "recording a delivery attempt failed");
+            Err(error) => {
+                tracing::error!(flow = %flow.name, %error, "recording a delivery attempt failed");
+            }
         }
     }
 }

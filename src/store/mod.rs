@@ -2,9 +2,11 @@
 //! message's timeline.
 //!
 //! [`Store`] is the one interface flows and delivery use; the backend behind it is chosen by
-//! URL. SQLite (a file, or `sqlite::memory:`) is the embedded default. Writes from concurrent
-//! requests share transactions (group commit), so durability costs one sync per batch, not
-//! one per request.
+//! URL, and both backends run the same queries (`sql.rs`). SQLite (a file, or
+//! `sqlite::memory:`) is the embedded default: one process, whose concurrent writes share
+//! transactions (group commit), so durability costs one sync per batch, not one per request.
+//! PostgreSQL (`postgres://…`) is shared by any number of processes, which split the work
+//! between them through row locks and leases.
 
 mod postgres;
 mod sqlite;
@@ -494,11 +496,6 @@ impl Store {
             backend,
             lease: options.lease,
         })
-    }
-
-    /// How long claims hold.
-    pub fn lease(&self) -> Duration {
-        self.lease
     }
 
     /// Until when a claim made now holds.
