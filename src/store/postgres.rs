@@ -9,7 +9,7 @@
 
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sqlx::Postgres;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
@@ -43,6 +43,9 @@ type Row = sqlx::postgres::PgRow;
 /// The advisory lock pruning holds (two-key form: apart from the one-key locks on
 /// correlation keys).
 const PRUNING: (i32, i32) = (0x6665_7272, 1); // "ferr", 1
+
+/// How long opening waits for a database that does not answer yet.
+const START_WAIT: Duration = Duration::from_secs(30);
 
 /// How often a transaction that lost a deadlock or a serialization conflict is run again.
 const RETRIES: u32 = 5;
@@ -132,15 +135,31 @@ pub(super) struct PgStore {
 
 impl PgStore {
     /// Connects with at most `connections` connections and migrates. Migrations hold
-    /// PostgreSQL's advisory lock, so replicas starting together migrate once.
+    /// PostgreSQL's advisory lock, so replicas starting together migrate once. A database
+    /// that does not answer yet (starting beside ferry, say) is waited for, up to
+    /// [`START_WAIT`], trying again less and less often.
     pub(super) async fn open(url: &str, connections: u32) -> Result<Self, StoreError> {
         let options =
             PgConnectOptions::from_str(url).map_err(|_| StoreError::Url(url.to_owned()))?;
         let pool = PgPoolOptions::new()
             .max_connections(connections.max(2))
             .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options)
-            .await?;
+            .connect_lazy_with(options);
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match pool.acquire().await {
+                Ok(_) => break,
+                Err(error @ (sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut))
+                    if started.elapsed() + pause < START_WAIT =>
+                {
+                    tracing::warn!(%error, ?pause, "the PostgreSQL store does not answer yet");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
         sqlx::migrate!("migrations/postgres").run(&pool).await?;
         Ok(Self {
             pool,

@@ -234,6 +234,24 @@ async fn a_result_arriving_at_another_replica_reaches_the_right_request() {
 }
 
 #[tokio::test]
+async fn a_store_opened_before_its_database_answers_waits_for_it() {
+    let store = TestStore::new(Backend::Postgres).await;
+    let mut proxy = Proxy::start("127.0.0.1:5432").await;
+    proxy.cut();
+    let url = store.url.replace(":5432/", &format!(":{}/", proxy.port));
+    let opening = tokio::spawn(async move { ferry::store::Store::open(&url).await });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!opening.is_finished(), "still waiting for the database");
+    proxy.restore().await;
+    let opened = opening
+        .await
+        .unwrap()
+        .expect("opened once the database answered");
+    opened.writable().await.unwrap();
+    opened.close().await;
+}
+
+#[tokio::test]
 async fn a_database_that_goes_away_is_not_ready_and_is_used_again_when_back() {
     let store = TestStore::new(Backend::Postgres).await;
     let mut proxy = Proxy::start("127.0.0.1:5432").await;
