@@ -339,6 +339,45 @@ async fn postgres_replicas_claim_each_entry_once_between_them() {
 }
 
 #[tokio::test]
+async fn postgres_replicas_take_each_queue_message_once_between_them() {
+    let test = TestStore::new(Backend::Postgres).await;
+    let stores = replicas(&test, 3).await;
+    for i in 0..200 {
+        stores[i % 3]
+            .enqueue("q", format!("{{\"n\":{i}}}"), BTreeMap::new())
+            .await
+            .unwrap();
+    }
+    let mut consumers = JoinSet::new();
+    for store in stores.clone() {
+        consumers.spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let items = store.claim_queue("q", 5).await.unwrap();
+                if items.is_empty() {
+                    return mine;
+                }
+                for item in items {
+                    store.finish_queue(item.id, None).await.unwrap();
+                    mine.push(item.payload);
+                }
+            }
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(mine) = consumers.join_next().await {
+        all.extend(mine.unwrap());
+    }
+    let unique: BTreeSet<&String> = all.iter().collect();
+    assert_eq!(
+        (all.len(), unique.len()),
+        (200, 200),
+        "each message consumed once"
+    );
+    assert_eq!(stores[0].queue_depth("q").await.unwrap(), 0);
+}
+
+#[tokio::test]
 async fn postgres_replicas_share_idempotency_and_correlation() {
     let test = TestStore::new(Backend::Postgres).await;
     let stores = replicas(&test, 2).await;
