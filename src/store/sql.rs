@@ -1,7 +1,8 @@
 //! The SQL both backends run. Each backend compiles this module for its own database
 //! (`#[path]`), naming it `Db`, `Conn` and `Row`, itself `This` (with a `reader` and a
-//! `snapshot` to read through), and provides [`lock`](super::lock): what the one SQLite
-//! writer gets by running alone, PostgreSQL gets from row and advisory locks.
+//! `snapshot` to read through), and provides [`lock`](super::lock) and the `skip_locked!`
+//! suffix of claims: what the one SQLite writer gets by running alone, PostgreSQL gets from
+//! row and advisory locks.
 
 use serde_json::Value;
 use sqlx::Row as _;
