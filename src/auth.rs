@@ -56,6 +56,14 @@ pub enum Auth {
 }
 
 impl Auth {
+    /// Lets a webhook id [`Auth::check`] took be taken again: its message was not handled,
+    /// and its sender will try again with the same id.
+    pub fn forget(&self, webhook: &WebhookId) {
+        if let Self::Signature(signature) = self {
+            signature.forget(webhook);
+        }
+    }
+
     /// Checks a request's credentials; `body` is the raw body the signature covers.
     ///
     /// # Errors
@@ -190,6 +198,14 @@ impl Signature {
                     expires_at: signed_at.saturating_add(window).saturating_mul(1000),
                 }))
             }
+        }
+    }
+
+    fn forget(&self, webhook: &WebhookId) {
+        if let SignatureForm::Standard { seen, .. } = &self.form {
+            seen.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&webhook.id);
         }
     }
 

@@ -370,18 +370,53 @@ async fn handle(
         trigger.auth.check(&parts.headers, &[])?;
     }
     let bytes = read_body(&parts.headers, body, trigger.max_body).await?;
-    if signed {
-        let webhook = trigger.auth.check(&parts.headers, &bytes)?;
-        // A replay sent to another process sharing the store is refused there too.
-        if let (Some(webhook), Some(store)) = (webhook, runtime.store())
-            && !store
-                .first_sight(&flow.name, &webhook.id, webhook.expires_at)
-                .await?
+    let webhook = if signed {
+        trigger.auth.check(&parts.headers, &bytes)?
+    } else {
+        None
+    };
+    let Some(webhook) = webhook else {
+        return answer(runtime, flow, trigger, &parts, params, &bytes).await;
+    };
+    // A replay sent to another process sharing the store is refused there too.
+    let first = match runtime.store() {
+        Some(store) => store
+            .first_sight(&flow.name, &webhook.id, webhook.expires_at)
+            .await
+            .inspect_err(|_| trigger.auth.forget(&webhook))?,
+        None => true,
+    };
+    if !first {
+        return Err(ServeError::Unauthorized);
+    }
+    let answered = answer(runtime, flow, trigger, &parts, params, &bytes).await;
+    let failed = match &answered {
+        Ok(response) => response.status().is_server_error(),
+        Err(error) => error.status().is_server_error(),
+    };
+    if failed {
+        // Nothing was handled and the sender will try again with the same webhook id (the
+        // Standard Webhooks way): that retry is no replay, so let it in.
+        trigger.auth.forget(&webhook);
+        if let Some(store) = runtime.store()
+            && let Err(error) = store.forget_sight(&flow.name, &webhook.id).await
         {
-            return Err(ServeError::Unauthorized);
+            tracing::warn!(flow = %flow.name, %error, "a failed webhook's id stays taken until it expires");
         }
     }
-    let body = parse_json(&parts.headers, &bytes, trigger.max_depth)?;
+    answered
+}
+
+/// Runs an authenticated request's body through its flow and answers.
+async fn answer(
+    runtime: &Runtime,
+    flow: &Flow,
+    trigger: &crate::flow::HttpTrigger,
+    parts: &axum::http::request::Parts,
+    params: BTreeMap<String, String>,
+    bytes: &[u8],
+) -> Result<Response, ServeError> {
+    let body = parse_json(&parts.headers, bytes, trigger.max_depth)?;
     let mut meta = Meta::new(&flow.name);
     meta.method = parts.method.to_string();
     meta.path = parts.uri.path().to_owned();

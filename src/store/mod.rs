@@ -647,6 +647,16 @@ impl Store {
         on_backend!(self, b => b.first_sight(scope, id, expires_at).await)
     }
 
+    /// Lets webhook id `id` of `scope` be taken again: its message was not handled, and its
+    /// sender will try again with the same id.
+    ///
+    /// # Errors
+    ///
+    /// When the database fails.
+    pub async fn forget_sight(&self, scope: &str, id: &str) -> Result<(), StoreError> {
+        on_backend!(self, b => b.forget_sight(scope, id).await)
+    }
+
     /// Appends a message to embedded queue `queue`.
     ///
     /// # Errors

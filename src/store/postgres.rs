@@ -223,6 +223,10 @@ impl PgStore {
         transaction!(self, (1, 0), conn => sql::first_sight(conn, scope, id, expires_at))
     }
 
+    pub(super) async fn forget_sight(&self, scope: &str, id: &str) -> Result<(), StoreError> {
+        transaction!(self, (1, 0), conn => sql::forget_sight(conn, scope, id))
+    }
+
     pub(super) async fn prune(&self, before: Millis) -> Result<u64, StoreError> {
         transaction!(self, (1, 0), conn => sql::prune(conn, before))
     }

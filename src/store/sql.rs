@@ -831,6 +831,16 @@ pub(super) async fn first_sight(
     Ok(taken == 1)
 }
 
+/// Lets webhook id `id` in `scope` be taken again.
+pub(super) async fn forget_sight(conn: &mut Conn, scope: &str, id: &str) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM webhook_ids WHERE scope = $1 AND id = $2")
+        .bind(scope)
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 /// Deletes delivered messages, and correlation records with no message left, last changed
 /// before `before`, and webhook ids past their expiry; does nothing while another store
 /// prunes.

@@ -42,6 +42,11 @@ enum Job {
         expires_at: Millis,
         reply: Reply<bool>,
     },
+    ForgetSight {
+        scope: String,
+        id: String,
+        reply: Reply<()>,
+    },
     Enqueue {
         queue: String,
         payload: String,
@@ -190,6 +195,12 @@ impl SqliteStore {
             reply,
         })
         .await
+    }
+
+    pub(super) async fn forget_sight(&self, scope: &str, id: &str) -> Result<(), StoreError> {
+        let (scope, id) = (scope.to_owned(), id.to_owned());
+        self.submit(|reply| Job::ForgetSight { scope, id, reply })
+            .await
     }
 
     pub(super) async fn prune(&self, before: Millis) -> Result<u64, StoreError> {
@@ -390,9 +401,10 @@ fn fail(job: Job, error: &sqlx::Error) -> Finish {
         Job::Attempt(_, reply) | Job::Correlate(_, reply) => finisher(reply, Err(error())),
         Job::Claim { reply, .. } => finisher(reply, Err(error())),
         Job::Prune(_, reply) => finisher(reply, Err(error())),
-        Job::Enqueue { reply, .. } | Job::FinishQueue { reply, .. } | Job::Probe(reply) => {
-            finisher(reply, Err(error()))
-        }
+        Job::Enqueue { reply, .. }
+        | Job::FinishQueue { reply, .. }
+        | Job::ForgetSight { reply, .. }
+        | Job::Probe(reply) => finisher(reply, Err(error())),
         Job::ClaimQueue { reply, .. } => finisher(reply, Err(error())),
         Job::FirstSight { reply, .. } => finisher(reply, Err(error())),
     }
@@ -426,6 +438,9 @@ async fn run_job(conn: &mut SqliteConnection, job: Job) -> (Finish, bool) {
             expires_at,
             reply,
         } => done(reply, sql::first_sight(conn, &scope, &id, expires_at).await),
+        Job::ForgetSight { scope, id, reply } => {
+            done(reply, sql::forget_sight(conn, &scope, &id).await)
+        }
         Job::Enqueue {
             queue,
             payload,

@@ -621,3 +621,34 @@ async fn the_result_callbacks_example_takes_rs256_tokens_from_its_partner() {
     let (status, _) = subscribe("e30.e30.".into(), "https://a.partner.example/x").await;
     assert_eq!(status, 401);
 }
+
+#[tokio::test]
+async fn a_webhook_that_failed_on_our_side_may_come_again_with_its_id() {
+    let partner = Partner::start(503, json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let flow = format!(
+        "name: hook\ntrigger:\n  http:\n    method: POST\n    path: /hook\n    auth:\n      \
+         webhook_signature:\n        from_env: [LAB_WEBHOOK_SECRET]\ntargets:\n  partner:\n    \
+         http:\n      url: {}/in\ndelivery:\n  mode: sync\n",
+        partner.url
+    );
+    std::fs::write(dir.path().join("hook.yaml"), flow).unwrap();
+    let ferry = Ferry::start(dir.path(), &[]).await;
+    let body = br#"{"n": 1}"#.to_vec();
+    let headers = webhook_headers(LAB_SECRET, &body);
+    let send = || {
+        let mut request = reqwest::Client::new()
+            .post(format!("{}/hook", ferry.url))
+            .header("content-type", "application/json")
+            .body(body.clone());
+        for (name, value) in &headers {
+            request = request.header(*name, value);
+        }
+        status_of(request)
+    };
+    // The partner fails, so ferry answers 502 and the sender tries again with the same id.
+    assert_eq!(send().await, 502);
+    partner.set_reply(200, json!({"ok": true}));
+    assert_eq!(send().await, 200, "a retry after our failure is no replay");
+    assert_eq!(send().await, 401, "once handled, the same id is a replay");
+}
