@@ -95,6 +95,15 @@ impl Delivery {
             for index in 0..flow.targets().len() {
                 let wake = Arc::new(Notify::new());
                 let name = flow.targets()[index].name().to_owned();
+                if let Some(timeout) = flow.targets()[index].timeout()
+                    && timeout >= store.lease()
+                {
+                    // An attempt may outlast its claim; another worker would then send it too.
+                    tracing::warn!(
+                        flow = %flow.name, target = %name, ?timeout, lease = ?store.lease(),
+                        "the target's timeout is not shorter than the lease: raise --lease above it"
+                    );
+                }
                 wakers.insert((flow.name.clone(), name), Arc::clone(&wake));
                 let worker = Worker {
                     store: store.clone(),

@@ -498,6 +498,11 @@ impl Store {
         })
     }
 
+    /// How long claims hold.
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
     /// Until when a claim made now holds.
     fn lease_until(&self) -> Millis {
         now_ms().saturating_add(i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX))

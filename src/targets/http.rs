@@ -129,6 +129,11 @@ impl HttpTarget {
         })
     }
 
+    /// How long an attempt may take, response included.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     pub(crate) fn name(&self) -> &str {
         &self.name
     }

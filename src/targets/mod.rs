@@ -121,6 +121,14 @@ impl Target {
         }
     }
 
+    /// How long one attempt may take, where the target bounds it (HTTP calls).
+    pub fn timeout(&self) -> Option<Duration> {
+        match self {
+            Self::Http(t) => Some(t.timeout()),
+            Self::Queue(_) | Self::Flow(_) => None,
+        }
+    }
+
     /// The target's name.
     pub fn name(&self) -> &str {
         match self {

@@ -771,3 +771,30 @@ async fn traces_are_exported_over_otlp_in_the_callers_trace() {
         "the message and its delivery continue the caller's trace ({spans})"
     );
 }
+
+#[tokio::test]
+async fn serve_warns_when_a_target_may_outlast_its_claim() {
+    let lab = Partner::start(201, json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    // The shipped lab target waits up to 30 s for an answer: a 5 s lease is too short.
+    let (mut child, _) = spawn_with(
+        dir.path(),
+        &["--lease", "5s"],
+        &[("LAB_URL", &lab.url)],
+        Stdio::piped(),
+    );
+    let stderr = child.stderr.take().unwrap();
+    let logs = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    terminate(child).await;
+    let logs = logs.join().unwrap();
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("not shorter than the lease") && l.contains("portal-to-lab")),
+        "{logs:#?}"
+    );
+}
