@@ -61,6 +61,17 @@ pub(crate) fn spawn_on(
     (child, url.to_owned())
 }
 
+/// Collects the lines `child` writes to its (piped) stderr until it exits.
+fn stderr_lines(child: &mut Child) -> std::thread::JoinHandle<Vec<String>> {
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect()
+    })
+}
+
 /// Runs an operator command against the ferry at `url`.
 fn operate(url: &str, args: &[&str]) -> (i32, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_ferry"))
@@ -448,13 +459,7 @@ async fn metrics_count_a_scripted_run_exactly_and_logs_are_json() {
         ),
     ];
     let (mut child, url) = spawn_with(dir.path(), &["--log-format", "json"], &env, Stdio::piped());
-    let stderr = child.stderr.take().unwrap();
-    let logs = std::thread::spawn(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<_>>()
-    });
+    let logs = stderr_lines(&mut child);
 
     let mut request_id = String::new();
     for n in 0..3 {
@@ -627,13 +632,7 @@ async fn json_logs_follow_one_correlation_id_both_ways() {
         ("RUST_LOG", "warn,ferry=debug"),
     ];
     let (mut child, url) = spawn_with(dir.path(), &["--log-format", "json"], &env, Stdio::piped());
-    let stderr = child.stderr.take().unwrap();
-    let logs = std::thread::spawn(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<_>>()
-    });
+    let logs = stderr_lines(&mut child);
 
     let response = crate::util::client()
         .post(format!("{url}/api/v1/test-requests"))
@@ -783,13 +782,7 @@ async fn serve_warns_when_a_target_may_outlast_its_claim() {
         &[("LAB_URL", &lab.url)],
         Stdio::piped(),
     );
-    let stderr = child.stderr.take().unwrap();
-    let logs = std::thread::spawn(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<_>>()
-    });
+    let logs = stderr_lines(&mut child);
     terminate(child).await;
     let logs = logs.join().unwrap();
     assert!(
