@@ -748,14 +748,12 @@ impl Store {
 enum Lock<'a> {
     /// A message's row: its status depends on all its deliveries.
     Message(&'a str),
-    /// A correlation record's row: its data is read, merged and written back.
-    Record(i64),
-    /// A correlation key, whether or not a record has it yet.
-    Key {
-        /// The key's namespace.
+    /// Correlation keys, whether or not a record has them yet.
+    Keys {
+        /// The keys' namespace.
         context: &'a str,
-        /// The key.
-        key: &'a str,
+        /// The keys.
+        keys: &'a [&'a str],
     },
     /// Pruning: one store at a time; the others skip their turn.
     Pruning,

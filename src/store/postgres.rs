@@ -27,6 +27,13 @@ macro_rules! skip_locked {
     };
 }
 
+/// What a read of a row about to be changed adds: the row stays locked until the change.
+macro_rules! for_update {
+    () => {
+        " FOR UPDATE"
+    };
+}
+
 /// The SQL both backends share, compiled for PostgreSQL.
 #[path = "sql.rs"]
 #[allow(
@@ -59,18 +66,16 @@ async fn lock(conn: &mut Conn, lock: Lock<'_>) -> Result<bool, StoreError> {
                 .execute(&mut *conn)
                 .await?;
         }
-        Lock::Record(id) => {
-            sqlx::query("SELECT 1 FROM correlations WHERE id = $1 FOR UPDATE")
-                .bind(id)
-                .execute(&mut *conn)
-                .await?;
-        }
-        Lock::Key { context, key } => {
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || $2, 0))")
-                .bind(context)
-                .bind(key)
-                .execute(&mut *conn)
-                .await?;
+        Lock::Keys { context, keys } => {
+            // In one order, whoever asks: two saves of overlapping keys cannot deadlock.
+            sqlx::query(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || k, 0))
+                 FROM (SELECT DISTINCT unnest($2::text[]) AS k ORDER BY 1) AS sorted",
+            )
+            .bind(context)
+            .bind(keys)
+            .execute(&mut *conn)
+            .await?;
         }
         Lock::Pruning => {
             return Ok(

@@ -1,7 +1,7 @@
 //! The SQL both backends run. Each backend compiles this module for its own database
 //! (`#[path]`), naming it `Db`, `Conn` and `Row`, itself `This` (with a `reader` and a
 //! `snapshot` to read through), and provides [`lock`](super::lock) and the `skip_locked!`
-//! suffix of claims: what the one SQLite writer gets by running alone, PostgreSQL gets from
+//! and `for_update!` suffixes of claims and locked reads: what the one SQLite writer gets by running alone, PostgreSQL gets from
 //! row and advisory locks.
 
 use serde_json::Value;
@@ -508,51 +508,61 @@ async fn correlate(
     message_id: Option<&str>,
 ) -> Result<i64, StoreError> {
     let now = now_ms();
-    let (id, context, keys, patch, state) = match write {
+    let (id, created, context, keys, patch, state) = match write {
         CorrelationWrite::Save {
             context,
             keys,
             data,
             state,
         } => {
-            let keys: Vec<&String> = keys.iter().filter(|k| !k.is_empty()).collect();
+            let keys: Vec<&str> = keys
+                .iter()
+                .map(String::as_str)
+                .filter(|k| !k.is_empty())
+                .collect();
             let Some(main) = keys.first().copied() else {
                 return Err(StoreError::Corrupt(
                     "a correlation record needs a key".into(),
                 ));
             };
             // Two saves of one key at once must find one record, not make two.
-            for key in &keys {
-                lock(conn, Lock::Key { context, key }).await?;
-            }
+            lock(
+                conn,
+                Lock::Keys {
+                    context,
+                    keys: &keys,
+                },
+            )
+            .await?;
             let mut existing = None;
             for key in &keys {
                 existing = sqlx::query_scalar(
                     "SELECT correlation_id FROM correlation_keys WHERE context = $1 AND key = $2",
                 )
                 .bind(context)
-                .bind(key.as_str())
+                .bind(key)
                 .fetch_optional(&mut *conn)
                 .await?;
                 if existing.is_some() {
                     break;
                 }
             }
-            let id = match existing {
-                Some(id) => id,
+            let (id, created) = match existing {
+                Some(id) => (id, false),
                 None => {
-                    sqlx::query_scalar(
+                    let id = sqlx::query_scalar(
                         "INSERT INTO correlations (context, key, data, created_at, updated_at)
                          VALUES ($1, $2, '{}', $3, $3) RETURNING id",
                     )
                     .bind(context)
-                    .bind(main.as_str())
+                    .bind(main)
                     .bind(now)
                     .fetch_one(&mut *conn)
-                    .await?
+                    .await?;
+                    (id, true)
                 }
             };
-            (id, context.clone(), keys, data, state)
+            (id, created, context.clone(), keys, data, state)
         }
         CorrelationWrite::Update {
             record_id,
@@ -565,17 +575,25 @@ async fn correlate(
                     .bind(record_id)
                     .fetch_one(&mut *conn)
                     .await?;
-            (*record_id, context, keys.iter().collect(), data, state)
+            let keys = keys.iter().map(String::as_str).collect();
+            (*record_id, false, context, keys, data, state)
         }
     };
     if !patch.is_null() {
-        // Merging reads, then writes: nobody else may merge in between.
-        lock(conn, Lock::Record(id)).await?;
-        let current: String = sqlx::query_scalar("SELECT data FROM correlations WHERE id = $1")
+        // A record made by this transaction is empty and seen by no one else; an older one
+        // is read with its row locked, so nobody merges between this read and the write.
+        let mut data = if created {
+            Value::Object(serde_json::Map::new())
+        } else {
+            let current: String = sqlx::query_scalar(concat!(
+                "SELECT data FROM correlations WHERE id = $1",
+                for_update!()
+            ))
             .bind(id)
             .fetch_one(&mut *conn)
             .await?;
-        let mut data: Value = parse(&current)?;
+            parse(&current)?
+        };
         merge(&mut data, patch);
         sqlx::query("UPDATE correlations SET data = $1, updated_at = $2 WHERE id = $3")
             .bind(data.to_string())
@@ -589,7 +607,7 @@ async fn correlate(
             "INSERT INTO correlation_keys (context, key, correlation_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
         )
         .bind(&context)
-        .bind(key.as_str())
+        .bind(key)
         .bind(id)
         .execute(&mut *conn)
         .await?;
@@ -602,11 +620,14 @@ async fn correlate(
             .bind(now)
             .execute(&mut *conn)
             .await?;
-        sqlx::query("UPDATE correlations SET updated_at = $1 WHERE id = $2")
-            .bind(now)
-            .bind(id)
-            .execute(&mut *conn)
-            .await?;
+        if patch.is_null() {
+            // (A merge above already marked the record changed.)
+            sqlx::query("UPDATE correlations SET updated_at = $1 WHERE id = $2")
+                .bind(now)
+                .bind(id)
+                .execute(&mut *conn)
+                .await?;
+        }
     }
     Ok(id)
 }

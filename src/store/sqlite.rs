@@ -295,6 +295,13 @@ macro_rules! skip_locked {
     };
 }
 
+/// What a read of a row about to be changed adds: nothing, the one writer runs alone.
+macro_rules! for_update {
+    () => {
+        ""
+    };
+}
+
 /// The SQL both backends share, compiled for SQLite.
 #[path = "sql.rs"]
 #[allow(
