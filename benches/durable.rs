@@ -18,10 +18,11 @@ use axum::Router;
 use ferry::compile::{ProjectPaths, load_project_with_env};
 use ferry::runtime::Runtime;
 use ferry::store::Store;
-use serde_json::{Value, json};
-use tokio::net::TcpListener;
+use serde_json::json;
 
-const KEY: &str = "bench-key";
+mod common;
+
+use common::{KEY, serve, submit, test_request};
 
 /// A metrics recorder that records into Prometheus while `on`, and nowhere otherwise.
 struct Toggle {
@@ -89,13 +90,6 @@ impl metrics::Recorder for Toggle {
     }
 }
 
-async fn serve(router: Router) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    url
-}
-
 struct Cell {
     requests: u64,
     elapsed: Duration,
@@ -117,14 +111,7 @@ impl Cell {
 
 async fn load(url: &str, clients: usize, seconds: u64, run: &str) -> Cell {
     let http = reqwest::Client::new();
-    let template: Value = serde_json::from_slice(
-        &std::fs::read(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/payloads/test-request.json"
-        ))
-        .unwrap(),
-    )
-    .unwrap();
+    let template = test_request();
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -141,15 +128,7 @@ async fn load(url: &str, clients: usize, seconds: u64, run: &str) -> Cell {
             while Instant::now() < deadline {
                 body["portal_ref"] = json!(format!("PR-{run}-{client}-{n}"));
                 let sent = Instant::now();
-                let response = http
-                    .post(&url)
-                    .header("x-api-key", KEY)
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(response.status(), 202);
-                let _ = response.bytes().await;
+                submit(&http, &url, &body).await;
                 latencies.push(sent.elapsed());
                 n += 1;
             }

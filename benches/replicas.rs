@@ -15,11 +15,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::Connection;
-use tokio::net::TcpListener;
 
-const KEY: &str = "bench-key";
+mod common;
+
+use common::{KEY, serve, submit, test_request};
+
 const CLIENTS: usize = 32;
 
 fn root() -> &'static std::path::Path {
@@ -39,10 +41,7 @@ async fn lab() -> (String, Arc<AtomicUsize>) {
             )
         }
     });
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    (url, orders)
+    (serve(router).await, orders)
 }
 
 /// `ferry serve` on `store`, delivering to `lab`; returns the process and its URL.
@@ -110,10 +109,7 @@ struct Cell {
 /// Sends `requests` Test Requests over `urls` and waits until the lab has them all.
 async fn load(urls: &[String], requests: usize, orders: &AtomicUsize, run: &str) -> Cell {
     let http = reqwest::Client::new();
-    let template: Value = serde_json::from_slice(
-        &std::fs::read(root().join("tests/fixtures/payloads/test-request.json")).unwrap(),
-    )
-    .unwrap();
+    let template = test_request();
     let next = Arc::new(AtomicUsize::new(0));
     let before = orders.load(Ordering::Relaxed);
     let started = Instant::now();
@@ -134,15 +130,7 @@ async fn load(urls: &[String], requests: usize, orders: &AtomicUsize, run: &str)
                 }
                 body["portal_ref"] = json!(format!("PR-{run}-{i}"));
                 let url = format!("{}/api/v1/test-requests", urls[i % urls.len()]);
-                let response = http
-                    .post(&url)
-                    .header("x-api-key", KEY)
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(response.status(), 202);
-                let _ = response.bytes().await;
+                submit(&http, &url, &body).await;
             }
         }));
     }
