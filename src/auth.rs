@@ -3,8 +3,6 @@
 //! Every check compares secrets in constant time and answers only "unauthenticated" (401)
 //! or "forbidden" (403), never which part was wrong.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderName};
@@ -56,14 +54,6 @@ pub enum Auth {
 }
 
 impl Auth {
-    /// Lets a webhook id [`Auth::check`] took be taken again: its message was not handled,
-    /// and its sender will try again with the same id.
-    pub fn forget(&self, webhook: &WebhookId) {
-        if let Self::Signature(signature) = self {
-            signature.forget(webhook);
-        }
-    }
-
     /// Checks a request's credentials; `body` is the raw body the signature covers.
     ///
     /// # Errors
@@ -110,9 +100,9 @@ impl Auth {
     }
 }
 
-/// A Standard Webhooks id that passed its signature check. This process refuses it a second
-/// time on its own; the caller also takes it in the store ([`crate::store::Store::first_sight`]),
-/// so that a replay is refused by every process sharing the store.
+/// A Standard Webhooks id that passed its signature check. The caller takes it in the store
+/// ([`crate::store::Store::first_sight`]): a replay is refused by every process sharing the
+/// store, and the id survives restarts and reloads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WebhookId {
     /// The `webhook-id` header.
@@ -130,11 +120,8 @@ pub struct Signature {
 
 #[derive(Debug)]
 enum SignatureForm {
-    /// Standard Webhooks, remembering the ids seen within the tolerance window.
-    Standard {
-        tolerance: Duration,
-        seen: Mutex<HashMap<String, i64>>,
-    },
+    /// Standard Webhooks, fresh within the tolerance window.
+    Standard { tolerance: Duration },
     /// One header over the body alone.
     Generic {
         header: HeaderName,
@@ -167,7 +154,7 @@ impl Signature {
                 .ok_or(Denied::Unauthenticated)?;
                 self.verify(&[body], &[given]).map(|()| None)
             }
-            SignatureForm::Standard { tolerance, seen } => {
+            SignatureForm::Standard { tolerance } => {
                 let id = text("webhook-id")?;
                 let timestamp = text("webhook-timestamp")?;
                 let signed_at: i64 = timestamp.parse().map_err(|_| Denied::Unauthenticated)?;
@@ -186,26 +173,11 @@ impl Signature {
                     &[id.as_bytes(), b".", timestamp.as_bytes(), b".", body],
                     &given,
                 )?;
-                let mut seen = seen
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                seen.retain(|_, at| (now - *at).abs() <= window);
-                if seen.insert(id.to_owned(), signed_at).is_some() {
-                    return Err(Denied::Unauthenticated); // a replay
-                }
                 Ok(Some(WebhookId {
                     id: id.to_owned(),
                     expires_at: signed_at.saturating_add(window).saturating_mul(1000),
                 }))
             }
-        }
-    }
-
-    fn forget(&self, webhook: &WebhookId) {
-        if let SignatureForm::Standard { seen, .. } = &self.form {
-            seen.lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .remove(&webhook.id);
         }
     }
 
@@ -368,7 +340,6 @@ pub(crate) fn compile(
                         Some(t) => ctx.duration(&t.value, t.referenced)?,
                         None => Duration::from_secs(300),
                     },
-                    seen: Mutex::new(HashMap::new()),
                 },
             };
             Some(Auth::Signature(Signature { secrets, form }))

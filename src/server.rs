@@ -378,15 +378,14 @@ async fn handle(
     let Some(webhook) = webhook else {
         return answer(runtime, flow, trigger, &parts, params, &bytes).await;
     };
-    // A replay sent to another process sharing the store is refused there too.
-    let first = match runtime.store() {
-        Some(store) => store
-            .first_sight(&flow.name, &webhook.id, webhook.expires_at)
-            .await
-            .inspect_err(|_| trigger.auth.forget(&webhook))?,
-        None => true,
-    };
-    if !first {
+    // Webhook ids are taken in the store, so a replay is refused by every process sharing it.
+    let store = runtime
+        .store()
+        .ok_or_else(|| ServeError::Internal("signed webhooks need a store".into()))?;
+    if !store
+        .first_sight(&flow.name, &webhook.id, webhook.expires_at)
+        .await?
+    {
         return Err(ServeError::Unauthorized);
     }
     let answered = answer(runtime, flow, trigger, &parts, params, &bytes).await;
@@ -394,15 +393,10 @@ async fn handle(
         Ok(response) => response.status().is_server_error(),
         Err(error) => error.status().is_server_error(),
     };
-    if failed {
-        // Nothing was handled and the sender will try again with the same webhook id (the
-        // Standard Webhooks way): that retry is no replay, so let it in.
-        trigger.auth.forget(&webhook);
-        if let Some(store) = runtime.store()
-            && let Err(error) = store.forget_sight(&flow.name, &webhook.id).await
-        {
-            tracing::warn!(flow = %flow.name, %error, "a failed webhook's id stays taken until it expires");
-        }
+    // Nothing was handled and the sender will try again with the same webhook id (the
+    // Standard Webhooks way): that retry is no replay, so let it in.
+    if failed && let Err(error) = store.forget_sight(&flow.name, &webhook.id).await {
+        tracing::warn!(flow = %flow.name, %error, "a failed webhook's id stays taken until it expires");
     }
     answered
 }
