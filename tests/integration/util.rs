@@ -648,7 +648,8 @@ impl TestStore {
             },
             Backend::Postgres => {
                 let schema = unique("ferry_test").replace(['-', '.'], "_");
-                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&postgres())
+                let server = postgres();
+                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&server)
                     .await
                     .unwrap();
                 sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
@@ -659,8 +660,7 @@ impl TestStore {
                 // find and end every one of them, whichever process opened it.
                 Self {
                     url: format!(
-                        "{}?application_name={schema}&options=-c%20search_path%3D{schema}",
-                        postgres()
+                        "{server}?application_name={schema}&options=-c%20search_path%3D{schema}"
                     ),
                     _dir: dir,
                     schema: Some(schema),
