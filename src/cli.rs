@@ -594,12 +594,13 @@ fn serve(
         }
         let gauges = tokio::spawn(publish_gauges(Arc::clone(&live), store.clone()));
         let pruner = tokio::spawn(prune_forever(store, retention));
+        let shutdown = shutdown_signal().context("listening for signals")?;
         // Tests and scripts read this line to find the port when listening on port 0.
         let scheme = if options.tls.is_some() { "https" } else { "http" };
         println!("ferry listening on {scheme}://{address}");
         let draining = Arc::clone(&live);
         let signal = async move {
-            shutdown_signal().await;
+            shutdown.await;
             // Load balancers stop sending before the drain ends.
             draining.runtime().mark_draining();
         };
@@ -683,27 +684,31 @@ async fn prune_forever(store: crate::store::Store, retention: Duration) {
     }
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending().await,
+/// Listens for Ctrl-C and SIGTERM from now on; the future resolves on the first of them.
+///
+/// The handlers are installed when this is called, not when the future is first polled, so a
+/// SIGTERM sent as soon as ferry says it is listening drains it instead of killing it.
+#[cfg(unix)]
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {},
+            _ = terminate.recv() => {},
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
-    tracing::info!("shutting down: finishing requests in flight");
+        tracing::info!("shutting down: finishing requests in flight");
+    })
+}
+
+/// Resolves on Ctrl-C.
+#[cfg(not(unix))]
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down: finishing requests in flight");
+    })
 }
 
 /// Talks to a running ferry's admin API.

@@ -160,18 +160,20 @@ impl Live {
 pub fn spawn_triggers(live: &Arc<Live>, folders: &[PathBuf], watch: bool) {
     #[cfg(unix)]
     {
-        let live = Arc::clone(live);
-        tokio::spawn(async move {
-            let Ok(mut hangup) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            else {
-                return;
-            };
-            while hangup.recv().await.is_some() {
-                tracing::info!("SIGHUP: reloading the flows");
-                live.reload_and_log();
+        // Installed before this returns, so a SIGHUP right after start-up reloads rather than
+        // kills (the default action).
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(mut hangup) => {
+                let live = Arc::clone(live);
+                tokio::spawn(async move {
+                    while hangup.recv().await.is_some() {
+                        tracing::info!("SIGHUP: reloading the flows");
+                        live.reload_and_log();
+                    }
+                });
             }
-        });
+            Err(error) => tracing::warn!(%error, "SIGHUP does not reload the flows"),
+        }
     }
     if watch {
         let (changes, mut changed) = tokio::sync::mpsc::unbounded_channel();
