@@ -115,6 +115,18 @@ async fn serve_runs_the_shipped_flows_and_stops_on_sigterm() {
 }
 
 #[tokio::test]
+async fn serve_drains_on_a_sigterm_sent_as_soon_as_it_says_it_listens() {
+    // Supervisors may stop a replica the moment it has started: the handlers must already be
+    // in place when the listening line appears, or the signal's default action kills ferry.
+    let lab = Partner::start(201, json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    for _ in 0..5 {
+        let (child, _) = spawn_ferry(dir.path(), &lab);
+        terminate(child).await;
+    }
+}
+
+#[tokio::test]
 async fn a_killed_ferry_loses_nothing_it_accepted() {
     let lab = Partner::start(503, json!({})).await;
     let dir = tempfile::tempdir().unwrap();
