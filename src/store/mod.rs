@@ -673,6 +673,8 @@ impl Store {
         payload: String,
         headers: std::collections::BTreeMap<String, String>,
     ) -> Result<(), StoreError> {
+        let headers =
+            serde_json::to_string(&headers).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         on_backend!(self, b => b.enqueue(queue, payload, headers).await)
     }
 

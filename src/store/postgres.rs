@@ -240,10 +240,8 @@ impl PgStore {
         &self,
         queue: &str,
         payload: String,
-        headers: std::collections::BTreeMap<String, String>,
+        headers: String,
     ) -> Result<(), StoreError> {
-        let headers =
-            serde_json::to_string(&headers).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         transaction!(self, (1, 0), conn => sql::enqueue(conn, queue, &payload, &headers))
     }
 

@@ -1,8 +1,8 @@
 //! The SQL both backends run. Each backend compiles this module for its own database
 //! (`#[path]`), naming it `Db`, `Conn` and `Row`, itself `This` (with a `reader` and a
 //! `snapshot` to read through), and provides [`lock`](super::lock) and the `skip_locked!`
-//! and `for_update!` suffixes of claims and locked reads: what the one SQLite writer gets by running alone, PostgreSQL gets from
-//! row and advisory locks.
+//! and `for_update!` suffixes of claims and locked reads: what the one SQLite writer gets by
+//! running alone, PostgreSQL gets from row and advisory locks.
 
 use serde_json::Value;
 use sqlx::Row as _;
@@ -109,16 +109,29 @@ async fn find_correlation(
     context: &str,
     keys: &[String],
 ) -> Result<Option<Correlation>, StoreError> {
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    match record_with_key(conn, context, &keys).await? {
+        Some(id) => load_correlation(conn, id).await,
+        None => Ok(None),
+    }
+}
+
+/// The id of the record in `context` found by the first of `keys` that names one.
+async fn record_with_key(
+    conn: &mut Conn,
+    context: &str,
+    keys: &[&str],
+) -> Result<Option<i64>, StoreError> {
     for key in keys.iter().filter(|k| !k.is_empty()) {
-        let id: Option<i64> = sqlx::query_scalar(
+        let id = sqlx::query_scalar(
             "SELECT correlation_id FROM correlation_keys WHERE context = $1 AND key = $2",
         )
         .bind(context)
         .bind(key)
         .fetch_optional(&mut *conn)
         .await?;
-        if let Some(id) = id {
-            return load_correlation(conn, id).await;
+        if id.is_some() {
+            return Ok(id);
         }
     }
     Ok(None)
@@ -534,19 +547,7 @@ async fn correlate(
                 },
             )
             .await?;
-            let mut existing = None;
-            for key in &keys {
-                existing = sqlx::query_scalar(
-                    "SELECT correlation_id FROM correlation_keys WHERE context = $1 AND key = $2",
-                )
-                .bind(context)
-                .bind(key)
-                .fetch_optional(&mut *conn)
-                .await?;
-                if existing.is_some() {
-                    break;
-                }
-            }
+            let existing = record_with_key(conn, context, &keys).await?;
             let (id, created) = match existing {
                 Some(id) => (id, false),
                 None => {

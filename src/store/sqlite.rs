@@ -211,10 +211,8 @@ impl SqliteStore {
         &self,
         queue: &str,
         payload: String,
-        headers: std::collections::BTreeMap<String, String>,
+        headers: String,
     ) -> Result<(), StoreError> {
-        let headers =
-            serde_json::to_string(&headers).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let queue = queue.to_owned();
         self.submit(|reply| Job::Enqueue {
             queue,

@@ -634,7 +634,8 @@ pub(crate) struct TestStore {
     pub(crate) url: String,
     /// Holds the SQLite file.
     _dir: tempfile::TempDir,
-    schema: Option<String>,
+    /// The PostgreSQL server and the schema this value drops.
+    schema: Option<(String, String)>,
 }
 
 impl TestStore {
@@ -663,7 +664,7 @@ impl TestStore {
                         "{server}?application_name={schema}&options=-c%20search_path%3D{schema}"
                     ),
                     _dir: dir,
-                    schema: Some(schema),
+                    schema: Some((server, schema)),
                 }
             }
         }
@@ -686,7 +687,7 @@ impl TestStore {
 
 impl Drop for TestStore {
     fn drop(&mut self) {
-        let Some(schema) = self.schema.take() else {
+        let Some((server, schema)) = self.schema.take() else {
             return;
         };
         // Drop runs outside async code: a thread of its own with a runtime of its own.
@@ -697,7 +698,7 @@ impl Drop for TestStore {
                 .unwrap()
                 .block_on(async {
                     let mut conn =
-                        <sqlx::PgConnection as sqlx::Connection>::connect(&postgres()).await?;
+                        <sqlx::PgConnection as sqlx::Connection>::connect(&server).await?;
                     // The test's own tasks are stopped while this runs: a transaction of
                     // theirs left open would hold the schema forever.
                     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
