@@ -115,13 +115,21 @@ async fn serve_runs_the_shipped_flows_and_stops_on_sigterm() {
 }
 
 #[tokio::test]
-async fn serve_drains_on_a_sigterm_sent_as_soon_as_it_says_it_listens() {
-    // Supervisors may stop a replica the moment it has started: the handlers must already be
-    // in place when the listening line appears, or the signal's default action kills ferry.
+async fn serve_handles_signals_sent_as_soon_as_it_says_it_listens() {
+    // Supervisors may reload or stop a replica the moment it has started: the handlers must
+    // already be in place when the listening line appears, or the signal's default action
+    // (for SIGHUP as for SIGTERM) kills ferry.
     let lab = Partner::start(201, json!({})).await;
     let dir = tempfile::tempdir().unwrap();
-    for _ in 0..5 {
+    for reload_first in [false, true, false, true, false, true] {
         let (child, _) = spawn_ferry(dir.path(), &lab);
+        if reload_first {
+            let sent = Command::new("kill")
+                .args(["-HUP", &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(sent.success());
+        }
         terminate(child).await;
     }
 }
