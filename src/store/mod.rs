@@ -26,14 +26,16 @@ pub fn now_ms() -> Millis {
     i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }
 
-/// Formats unix milliseconds as RFC 3339.
+/// Formats unix milliseconds as RFC 3339 in UTC, always with three decimals: stamps then
+/// sort as text in time order, which timelines rely on (trimmed decimals would put
+/// `…:52Z` after `…:52.001Z`, and `…:52.71Z` after `…:52.715Z`).
 pub fn rfc3339(ms: Millis) -> String {
+    const FORMAT: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
+        .and_then(|t| t.format(FORMAT).ok())
         .unwrap_or_default()
 }
 
@@ -771,5 +773,22 @@ pub(crate) fn merge(data: &mut Value, patch: &Value) {
         }
         (data, patch) if !patch.is_null() => *data = patch.clone(),
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339;
+
+    #[test]
+    fn stamps_sort_as_text_in_time_order() {
+        let at = 1_796_000_000_000; // a whole second
+        let stamps: Vec<String> = [0, 1, 9, 10, 99, 100, 710, 715, 999, 1000]
+            .iter()
+            .map(|ms| rfc3339(at + ms))
+            .collect();
+        assert_eq!(stamps[0], "2026-11-30T00:53:20.000Z");
+        assert_eq!(stamps[6], "2026-11-30T00:53:20.710Z");
+        assert!(stamps.windows(2).all(|w| w[0] < w[1]), "{stamps:#?}");
     }
 }
