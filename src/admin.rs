@@ -100,7 +100,10 @@ async fn show_message(
             }
             Ok(Json(message).into_response())
         }
-        None => Err(ServeError::NotFound(format!("message {id}"))),
+        None => Err(ServeError::Missing {
+            what: "message",
+            id,
+        }),
     }
 }
 
@@ -112,7 +115,10 @@ async fn replay_one(
         Ok(Some(reply)) => {
             Ok(Json(json!({"id": id, "replayed": true, "reply": reply})).into_response())
         }
-        Ok(None) => Err(ServeError::NotFound(format!("message {id}"))),
+        Ok(None) => Err(ServeError::Missing {
+            what: "message",
+            id,
+        }),
         Err(error) => {
             Ok(Json(json!({"id": id, "replayed": false, "error": error.body()})).into_response())
         }
@@ -161,8 +167,9 @@ async fn trace(
 ) -> Result<Response, ServeError> {
     match store(&runtime)?.trace(&key).await? {
         Some(trace) => Ok(Json(trace).into_response()),
-        None => Err(ServeError::NotFound(format!(
-            "nothing is known by \"{key}\""
-        ))),
+        None => Err(ServeError::Missing {
+            what: "journey known by",
+            id: key,
+        }),
     }
 }

@@ -225,12 +225,18 @@ pub fn webhook_headers(
 }
 
 /// The key a Standard Webhooks secret stands for: base64 after `whsec_`, else its bytes.
-pub fn webhook_key(secret: &str) -> Vec<u8> {
+///
+/// # Errors
+///
+/// When a `whsec_` secret is not base64 after its prefix (cut short or mangled on its way
+/// into the environment): taken as raw bytes, it would match no signature its issuer makes.
+/// The error does not quote the secret.
+pub fn webhook_key(secret: &str) -> Result<Vec<u8>, &'static str> {
     match secret.strip_prefix("whsec_") {
         Some(encoded) => BASE64
             .decode(encoded)
-            .unwrap_or_else(|_| secret.as_bytes().to_vec()),
-        None => secret.as_bytes().to_vec(),
+            .map_err(|_| "a secret starting with whsec_ must be base64 after the prefix"),
+        None => Ok(secret.as_bytes().to_vec()),
     }
 }
 
@@ -327,7 +333,7 @@ pub(crate) fn compile(
         AuthConfig::WebhookSignature(signature) => {
             let secrets = secrets(&signature.from_env, at, ctx)
                 .iter()
-                .map(|s| webhook_key(s))
+                .filter_map(|s| ctx.webhook_key(s, at))
                 .collect();
             let form = match &signature.header {
                 Some(name) => SignatureForm::Generic {
@@ -425,21 +431,61 @@ fn compile_jwt(
         let secret = ctx.secret(config.secret_from_env.as_ref()?);
         JwtKeys::One(DecodingKey::from_secret(secret.as_bytes()).ok()?)
     };
-    let mut validation = Validation::new(first);
-    validation.algorithms = algorithms;
-    validation.leeway = 30;
-    if let Some(issuer) = &config.issuer {
-        validation.set_issuer(&[issuer]);
-    }
-    match &config.audience {
-        Some(audience) => validation.set_audience(&[audience]),
-        None => validation.validate_aud = false,
-    }
+    let leeway = match &config.leeway {
+        Some(text) => {
+            let leeway = ctx.duration(&text.value, text.referenced)?;
+            if leeway > MAX_JWT_LEEWAY {
+                ctx.error(
+                    text.referenced,
+                    "a JWT leeway above 5m would accept stale tokens",
+                );
+                return None;
+            }
+            leeway
+        }
+        None => DEFAULT_JWT_LEEWAY,
+    };
     Some(Jwt {
-        validation,
+        validation: validation(algorithms, config, leeway),
         keys,
         require: config.require.clone().into_iter().collect(),
     })
+}
+
+/// How far clocks may disagree on `exp` and `nbf` unless a flow says otherwise.
+pub const DEFAULT_JWT_LEEWAY: Duration = Duration::from_secs(30);
+/// The most leeway a flow may give.
+const MAX_JWT_LEEWAY: Duration = Duration::from_secs(300);
+
+/// The strict rules every token meets: a signature by one of `algorithms`, `exp` present
+/// and not past, `nbf` (when present) not in the future, both within `leeway`; and `iss` and
+/// `aud` present and right whenever the flow names them. The library checks a configured
+/// issuer or audience only when the token carries the claim, so configured ones are made
+/// required here.
+fn validation(
+    algorithms: Vec<Algorithm>,
+    config: &crate::config::JwtConfig,
+    leeway: Duration,
+) -> Validation {
+    let mut validation = Validation::new(algorithms[0]);
+    validation.algorithms = algorithms;
+    validation.leeway = leeway.as_secs();
+    validation.validate_exp = true;
+    validation.validate_nbf = true;
+    let mut required = vec!["exp"];
+    if let Some(issuer) = &config.issuer {
+        validation.set_issuer(&[issuer]);
+        required.push("iss");
+    }
+    match &config.audience {
+        Some(audience) => {
+            validation.set_audience(&[audience]);
+            required.push("aud");
+        }
+        None => validation.validate_aud = false,
+    }
+    validation.set_required_spec_claims(&required);
+    validation
 }
 
 /// The values of the environment variables `names` that are set. None set is a warning
@@ -482,7 +528,7 @@ mod tests {
     #[test]
     fn signatures_match_the_standard_webhooks_reference() {
         // The example of the Standard Webhooks specification.
-        let key = webhook_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+        let key = webhook_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
         let signature = standard_signature(
             &key,
             "msg_p5jXN8AQM9LWM0D4loKWxJek",
@@ -490,6 +536,13 @@ mod tests {
             br#"{"test": 2432232314}"#,
         );
         assert_eq!(signature, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    }
+
+    #[test]
+    fn a_whsec_secret_that_is_not_base64_is_refused_without_quoting_it() {
+        let error = webhook_key("whsec_not*base64!").unwrap_err();
+        assert!(!error.contains("not*base64"), "{error}");
+        assert_eq!(webhook_key("plain-secret").unwrap(), b"plain-secret");
     }
 
     #[test]

@@ -123,6 +123,10 @@ pub enum Command {
         /// Most connections to a PostgreSQL store, per ferry process.
         #[arg(long, default_value_t = 10, env = "FERRY_STORE_CONNECTIONS")]
         store_connections: u32,
+        /// The longest a request waits for a PostgreSQL connection before it is answered 503
+        /// (while the database is away, say).
+        #[arg(long, default_value = "2s", env = "FERRY_STORE_WAIT", value_parser = humantime::parse_duration)]
+        store_wait: Duration,
         /// Reload the flows when a file in the flows or schemas folders changes (SIGHUP
         /// reloads them too, with or without this).
         #[arg(long)]
@@ -261,6 +265,9 @@ pub struct AdminArgs {
     /// The admin token ferry was started with.
     #[arg(long, env = "FERRY_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// How long to wait for the admin API to answer.
+    #[arg(long, default_value = "30s", env = "FERRY_ADMIN_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub admin_timeout: Duration,
 }
 
 /// Runs the command and returns the process exit code.
@@ -278,6 +285,7 @@ pub fn run(cli: Cli) -> ExitCode {
             store,
             lease,
             store_connections,
+            store_wait,
             watch,
             admin_listen,
             retention,
@@ -294,6 +302,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 crate::store::StoreOptions {
                     lease,
                     connections: store_connections,
+                    wait: store_wait,
                 },
                 retention,
                 watch,
@@ -369,13 +378,26 @@ fn check(paths: &ProjectPaths, format: Format) -> ExitCode {
     if flows.is_some() {
         ExitCode::SUCCESS
     } else {
+        failure_code(&diagnostics)
+    }
+}
+
+/// 2 when a folder or file could not be read (an I/O error, not a problem in a flow), else 1.
+fn failure_code(diagnostics: &[Diagnostic]) -> ExitCode {
+    if diagnostics
+        .iter()
+        .any(|d| d.severity == Severity::Error && d.code == "io")
+    {
+        ExitCode::from(2)
+    } else {
         ExitCode::from(1)
     }
 }
 
 fn test(paths: &ProjectPaths, format: TestFormat) -> anyhow::Result<ExitCode> {
-    let Some(project) = load_or_report(paths) else {
-        return Ok(ExitCode::from(1));
+    let project = match load_or_report(paths) {
+        Ok(project) => project,
+        Err(code) => return Ok(code),
     };
     let files = crate::testing::find_test_files(&paths.flows);
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -447,8 +469,9 @@ fn run_one(
     headers: &[String],
     live: bool,
 ) -> anyhow::Result<ExitCode> {
-    let Some(project) = load_or_report(paths) else {
-        return Ok(ExitCode::from(1));
+    let project = match load_or_report(paths) {
+        Ok(project) => project,
+        Err(code) => return Ok(code),
     };
     let Some(flow) = project.flow(name) else {
         let names: Vec<&str> = project.flows.iter().map(|f| f.name.as_str()).collect();
@@ -473,11 +496,12 @@ fn run_one(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Loads the project, or prints why it cannot be.
-fn load_or_report(paths: &ProjectPaths) -> Option<crate::compile::Project> {
-    load_project(paths)
-        .map_err(|diagnostics| print_diagnostics(&diagnostics))
-        .ok()
+/// Loads the project, or prints why it cannot be and returns the exit code that says so.
+fn load_or_report(paths: &ProjectPaths) -> Result<crate::compile::Project, ExitCode> {
+    load_project(paths).map_err(|diagnostics| {
+        print_diagnostics(&diagnostics);
+        failure_code(&diagnostics)
+    })
 }
 
 /// Prints diagnostics rustc-style on stderr, each with its source line, and a count.
@@ -515,6 +539,10 @@ pub struct GuardArgs {
     /// Longest a request may take, body included; beyond it ferry answers 408.
     #[arg(long, default_value = "30s", env = "FERRY_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
     request_timeout: Duration,
+    /// Longest a connection may take to send a request's head (from connecting, or after the
+    /// previous response); a connection that sends nothing in time is closed.
+    #[arg(long, default_value = "10s", env = "FERRY_HEADER_TIMEOUT", value_parser = humantime::parse_duration)]
+    header_timeout: Duration,
 }
 
 impl GuardArgs {
@@ -527,6 +555,7 @@ impl GuardArgs {
             tls,
             max_concurrency: self.max_concurrency.max(1),
             request_timeout: self.request_timeout,
+            header_timeout: self.header_timeout,
             ..crate::server::ServeOptions::default()
         })
     }
@@ -549,8 +578,9 @@ fn serve(
     guard: &GuardArgs,
 ) -> anyhow::Result<ExitCode> {
     let options = guard.options()?;
-    let Some(project) = load_or_report(paths) else {
-        return Ok(ExitCode::from(1));
+    let project = match load_or_report(paths) {
+        Ok(project) => project,
+        Err(code) => return Ok(code),
     };
     print_diagnostics(&project.warnings);
     if project.warnings.iter().any(|d| d.code == "secret-unset") {
@@ -735,12 +765,18 @@ impl AdminClient {
             .await
             .with_context(|| format!("calling {url}"))?;
         let status = response.status();
-        let body: Value = response.json().await.unwrap_or(Value::Null);
-        match status.as_u16() {
-            200..=299 => Ok(Some(body)),
-            404 => Ok(None),
-            401 => anyhow::bail!("the admin token was refused"),
-            _ => anyhow::bail!("{url} answered {status}: {body}"),
+        let body = response.json::<Value>().await;
+        match (status.as_u16(), body) {
+            (200..=299, Ok(body)) if body.is_object() => Ok(Some(body)),
+            // The admin API says it knows no such message; any other 404 means there is no
+            // admin API here, which must not read as "nothing found".
+            (404, Ok(body)) if body["details"][0]["missing"].is_string() => Ok(None),
+            (401, _) => anyhow::bail!("the admin token was refused"),
+            (200..=299 | 404, _) => anyhow::bail!(
+                "no ferry admin API at {}: check the URL (with --admin-listen, the admin API has its own address) and that ferry runs with FERRY_ADMIN_TOKEN set",
+                self.base
+            ),
+            (_, body) => anyhow::bail!("{url} answered {status}: {}", body.unwrap_or(Value::Null)),
         }
     }
 }
@@ -754,10 +790,15 @@ where
         .admin_token
         .clone()
         .context("set FERRY_ADMIN_TOKEN (or --admin-token) to the token ferry runs with")?;
+    let http = reqwest::Client::builder()
+        .timeout(admin.admin_timeout)
+        .connect_timeout(admin.admin_timeout.min(Duration::from_secs(5)))
+        .build()
+        .context("building the HTTP client")?;
     let client = AdminClient {
         base: admin.admin_url.clone(),
         token,
-        http: reqwest::Client::new(),
+        http,
     };
     tokio::runtime::Runtime::new()
         .context("starting the async runtime")?
@@ -768,13 +809,7 @@ async fn dlq(client: AdminClient, action: DlqAction) -> anyhow::Result<ExitCode>
     match action {
         DlqAction::List { flow } => {
             let path = match flow {
-                Some(flow) => format!(
-                    "/dead-letters?flow={}",
-                    percent_encoding::utf8_percent_encode(
-                        &flow,
-                        percent_encoding::NON_ALPHANUMERIC
-                    )
-                ),
+                Some(flow) => format!("/dead-letters?flow={}", encoded(&flow)),
                 None => "/dead-letters".to_owned(),
             };
             let body = client
@@ -796,7 +831,11 @@ async fn dlq(client: AdminClient, action: DlqAction) -> anyhow::Result<ExitCode>
             Ok(ExitCode::SUCCESS)
         }
         DlqAction::Show { id } => match client
-            .call(reqwest::Method::GET, &format!("/messages/{id}"), None)
+            .call(
+                reqwest::Method::GET,
+                &format!("/messages/{}", encoded(&id)),
+                None,
+            )
             .await?
         {
             Some(message) => {
@@ -838,10 +877,7 @@ async fn dlq(client: AdminClient, action: DlqAction) -> anyhow::Result<ExitCode>
 }
 
 async fn trace(client: AdminClient, key: String) -> anyhow::Result<ExitCode> {
-    let path = format!(
-        "/trace/{}",
-        percent_encoding::utf8_percent_encode(&key, percent_encoding::NON_ALPHANUMERIC)
-    );
+    let path = format!("/trace/{}", encoded(&key));
     let Some(trace) = client.call(reqwest::Method::GET, &path, None).await? else {
         eprintln!("nothing is known by \"{key}\"");
         return Ok(ExitCode::from(1));
@@ -880,6 +916,11 @@ async fn trace(client: AdminClient, key: String) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `text` as one path segment or query value: every byte but letters and digits escaped.
+fn encoded(text: &str) -> percent_encoding::PercentEncode<'_> {
+    percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC)
 }
 
 fn text(value: &Value) -> String {

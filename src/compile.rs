@@ -88,6 +88,17 @@ pub fn load_project_with_env(
     paths: &ProjectPaths,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Project, Vec<Diagnostic>> {
+    // Every value read from the environment, so no diagnostic shows one (they may be
+    // secrets, and CI runs `ferry check` with them set).
+    let read: std::cell::RefCell<Vec<(String, String)>> = std::cell::RefCell::default();
+    let recording = |name: &str| {
+        let value = env(name);
+        if let Some(value) = &value {
+            read.borrow_mut().push((name.to_owned(), value.clone()));
+        }
+        value
+    };
+    let env: &dyn Fn(&str) -> Option<String> = &recording;
     let mut loaded = Vec::new();
     let mut diagnostics = Vec::new();
     for folder in &paths.flows {
@@ -106,6 +117,7 @@ pub fn load_project_with_env(
     }
     check_calls(&loaded, &mut diagnostics);
     check_examples(&flows, &schemas, &mut diagnostics);
+    hide_environment(&mut diagnostics, read.take());
     diagnostic::sort(&mut diagnostics);
     if diagnostics.iter().any(|d| d.severity == Severity::Error) {
         return Err(diagnostics);
@@ -114,6 +126,27 @@ pub fn load_project_with_env(
         flows,
         warnings: diagnostics,
     })
+}
+
+/// Values shorter than this are left in diagnostics: too common to be secrets, and hiding
+/// every `1` or `on` would garble the messages.
+const HIDDEN_MIN_LEN: usize = 4;
+
+/// Shows each environment value that a diagnostic quotes as the `${NAME}` it came from.
+fn hide_environment(diagnostics: &mut [Diagnostic], mut read: Vec<(String, String)>) {
+    read.retain(|(_, value)| value.len() >= HIDDEN_MIN_LEN);
+    // Longest first, so a value that holds another is replaced whole.
+    read.sort_by_key(|(_, value)| std::cmp::Reverse(value.len()));
+    read.dedup();
+    for diagnostic in diagnostics {
+        for text in std::iter::once(&mut diagnostic.message).chain(diagnostic.hint.as_mut()) {
+            for (name, value) in &read {
+                if text.contains(value.as_str()) {
+                    *text = text.replace(value.as_str(), &format!("${{{name}}}"));
+                }
+            }
+        }
+    }
 }
 
 fn check_unique_names(flows: &[LoadedFlow], diagnostics: &mut Vec<Diagnostic>) {
@@ -417,6 +450,14 @@ impl Ctx<'_> {
         value.unwrap_or_default()
     }
 
+    /// The signing key a webhook secret stands for ([`crate::auth::webhook_key`]), reporting
+    /// a malformed one at `at`.
+    pub(crate) fn webhook_key(&mut self, secret: &str, at: Location) -> Option<Vec<u8>> {
+        crate::auth::webhook_key(secret)
+            .map_err(|reason| self.error_with(at, "secret-invalid", reason, None))
+            .ok()
+    }
+
     /// Parses a header name, reporting a problem at `at`.
     pub(crate) fn header_name(
         &mut self,
@@ -560,6 +601,26 @@ impl Ctx<'_> {
                 None
             }
         }
+    }
+
+    /// Compiles a header value's template; a fixed value must already be one a header can
+    /// hold.
+    pub(crate) fn header_template(
+        &mut self,
+        source: &str,
+        at: Location,
+    ) -> Option<crate::template::TextTemplate> {
+        let template = self.text_template(source, crate::template::Escape::Plain, at)?;
+        if let crate::template::TextTemplate::Literal(text) = &template
+            && axum::http::HeaderValue::from_str(text).is_err()
+        {
+            self.error(
+                at,
+                "a header value cannot hold line breaks or other control characters",
+            );
+            return None;
+        }
+        Some(template)
     }
 
     /// Warns about every read of `body` in `step` that the schema the body last passed

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::flow::Flow;
 use crate::message::Message;
 use crate::runtime::Runtime;
-use crate::store::{AttemptOutcome, AttemptRecord, Claimed, Store, now_ms};
+use crate::store::{AttemptOutcome, AttemptRecord, Claimed, Millis, Store, now_ms};
 use crate::targets::{Attempt, RetryAction};
 
 /// The longest a worker waits before claiming again after the store failed.
@@ -26,21 +26,30 @@ const IDLE_POLL: Duration = Duration::from_secs(5);
 /// The longest a target's `Retry-After` can push an attempt back.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
-/// How durable delivery retries.
+/// How durable delivery retries: until the target takes the message, within a budget of
+/// time (`for`), of attempts, or both (whichever ends first).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
-    /// Attempts before a dead letter.
-    pub attempts: u32,
+    /// Attempts before a dead letter; `None`: as many as the time budget allows.
+    pub attempts: Option<u32>,
+    /// How long after it was queued a delivery is still tried; `None`: until the attempts
+    /// run out.
+    pub budget: Option<Duration>,
     /// Backoff before the second attempt.
     pub initial: Duration,
     /// Longest backoff.
     pub max: Duration,
 }
 
+/// The time budget of a flow that sets none: long enough for a partner to be down over a
+/// weekend, with attempts every few minutes at most (the backoff cap) meanwhile.
+pub const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(72 * 3600);
+
 impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
-            attempts: 10,
+            attempts: None,
+            budget: Some(DEFAULT_RETRY_BUDGET),
             initial: Duration::from_millis(500),
             max: Duration::from_secs(300),
         }
@@ -52,14 +61,58 @@ impl RetryPolicy {
     /// `initial · 2^(attempt-1)`, capped at `max` ("full jitter"), but never less than the
     /// target asked for with `Retry-After`.
     pub fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
-        let exponent = attempt.saturating_sub(1).min(30);
-        let ceiling = self.initial.saturating_mul(1 << exponent).min(self.max);
-        let jittered = ceiling.mul_f64(fastrand::f64());
+        let jittered = self.ceiling(attempt).mul_f64(fastrand::f64());
         match retry_after {
             Some(asked) => jittered.max(asked.min(MAX_RETRY_AFTER)),
             None => jittered,
         }
     }
+
+    /// The longest wait after failed attempt number `attempt`.
+    fn ceiling(&self, attempt: u32) -> Duration {
+        let exponent = attempt.saturating_sub(1).min(30);
+        self.initial.saturating_mul(1 << exponent).min(self.max)
+    }
+
+    /// When to try again after failed attempt number `attempt`, made at `now`, of a
+    /// delivery queued at `queued_at`; `None` when the budget is spent (a dead letter). A
+    /// last attempt is made when the time budget ends, unless the target's `Retry-After`
+    /// asks for a later one.
+    pub fn next_attempt(
+        &self,
+        attempt: u32,
+        queued_at: Millis,
+        now: Millis,
+        retry_after: Option<Duration>,
+    ) -> Option<Millis> {
+        if self.attempts.is_some_and(|most| attempt >= most) {
+            return None;
+        }
+        let at = now.saturating_add(millis(self.backoff(attempt, retry_after)));
+        let Some(budget) = self.budget else {
+            return Some(at);
+        };
+        let deadline = queued_at.saturating_add(millis(budget));
+        if now >= deadline {
+            return None;
+        }
+        let asked = retry_after.map_or(now, |r| now.saturating_add(millis(r.min(MAX_RETRY_AFTER))));
+        Some(at.min(deadline).max(asked))
+    }
+
+    /// The longest a delivery may be retried for: the time budget, or the sum of the longest
+    /// backoffs of a count-only budget.
+    pub fn span(&self) -> Duration {
+        match (self.budget, self.attempts) {
+            (Some(budget), _) => budget,
+            (None, Some(attempts)) => (1..attempts).map(|a| self.ceiling(a)).sum(),
+            (None, None) => Duration::MAX,
+        }
+    }
+}
+
+fn millis(duration: Duration) -> Millis {
+    Millis::try_from(duration.as_millis()).unwrap_or(Millis::MAX)
 }
 
 /// Parses `Retry-After`: seconds, or an HTTP date.
@@ -259,17 +312,19 @@ impl Worker {
             attempt.await
         };
         in_flight.decrement(1.0);
+        if action == RetryAction::Done {
+            crate::fault::pass(crate::fault::Point::AfterTargetAnswer);
+        }
         metrics::histogram!("ferry_delivery_attempt_duration_seconds", &labels)
             .record(started.elapsed().as_secs_f64());
         drop(runtime);
-        let policy = flow.retry();
         let outcome = match action {
             RetryAction::Done => AttemptOutcome::Delivered,
-            RetryAction::Retry if number < policy.attempts => {
-                let wait = policy.backoff(number, retry_after);
-                AttemptOutcome::RetryAt(now_ms() + wait.as_millis() as i64)
-            }
-            RetryAction::Retry | RetryAction::Drop => AttemptOutcome::Dead,
+            RetryAction::Retry => flow
+                .retry()
+                .next_attempt(number, entry.queued_at, now_ms(), retry_after)
+                .map_or(AttemptOutcome::Dead, AttemptOutcome::RetryAt),
+            RetryAction::Drop => AttemptOutcome::Dead,
         };
         let correlation = match (outcome, entry.record_id) {
             (AttemptOutcome::Delivered, Some(record)) => {
@@ -334,9 +389,52 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_time_budget_keeps_retrying_until_it_ends_then_gives_up() {
+        let policy = RetryPolicy {
+            attempts: None,
+            budget: Some(Duration::from_secs(3600)),
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(300),
+        };
+        let queued = 1_000_000;
+        let hour = 3_600_000;
+        // Attempt 500, ten minutes in: still tried, at most five minutes later.
+        let next = policy
+            .next_attempt(500, queued, queued + 600_000, None)
+            .unwrap();
+        assert!(next <= queued + 600_000 + 300_000, "{next}");
+        // Close to the end: the last attempt is at the end, not after it.
+        let next = policy
+            .next_attempt(9, queued, queued + hour - 10, None)
+            .unwrap();
+        assert!(next <= queued + hour, "{next}");
+        // A Retry-After past the end is honoured with one more attempt.
+        let asked =
+            policy.next_attempt(9, queued, queued + hour - 10, Some(Duration::from_secs(60)));
+        assert_eq!(asked, Some(queued + hour - 10 + 60_000));
+        // At the end: a dead letter.
+        assert_eq!(policy.next_attempt(10, queued, queued + hour, None), None);
+        assert_eq!(policy.span(), Duration::from_secs(3600));
+        // A count budget ends at its count, whatever the time.
+        let counted = RetryPolicy {
+            attempts: Some(3),
+            budget: None,
+            ..policy
+        };
+        assert!(
+            counted
+                .next_attempt(2, queued, queued + 10 * hour, None)
+                .is_some()
+        );
+        assert_eq!(counted.next_attempt(3, queued, queued, None), None);
+        assert_eq!(counted.span(), Duration::from_millis(500 + 1000));
+    }
+
+    #[test]
     fn backoff_is_capped_exponential_with_full_jitter() {
         let policy = RetryPolicy {
-            attempts: 10,
+            attempts: Some(10),
+            budget: None,
             initial: Duration::from_millis(100),
             max: Duration::from_secs(1),
         };

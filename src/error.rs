@@ -10,6 +10,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::{Value, json};
 
+/// The most violations an error reply lists; `message` gives the total.
+pub const MAX_VIOLATIONS: usize = 100;
+
 /// One way a body breaks a schema.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Violation {
@@ -23,16 +26,18 @@ pub struct Violation {
 #[derive(Debug, thiserror::Error)]
 pub enum FlowError {
     /// The body breaks the schema of a `validate` step.
-    #[error("the body does not match the schema \"{schema}\"")]
+    #[error("the body does not match the schema \"{schema}\"{}", listed(violations.len(), *total))]
     Invalid {
         /// The schema file.
         schema: String,
-        /// Every violation found.
+        /// The violations found, at most [`MAX_VIOLATIONS`].
         violations: Vec<Violation>,
+        /// How many there are in all.
+        total: usize,
     },
     /// A step could not produce its output from this message, such as a template reading a
     /// field the message lacks.
-    #[error("{context}: {reason}")]
+    #[error("{context}: {}", crate::redact::error_text(reason))]
     Unprocessable {
         /// The step, as `step 2 (transform)`.
         context: String,
@@ -51,10 +56,10 @@ pub enum FlowError {
         keys: Vec<String>,
     },
     /// The store could not be reached.
-    #[error("store unavailable: {0}")]
+    #[error("store unavailable: {}", crate::redact::error_text(.0))]
     Unavailable(String),
     /// The target did not take the message.
-    #[error("target \"{target}\" failed: {reason}")]
+    #[error("target \"{target}\" failed: {}", crate::redact::error_text(reason))]
     Target {
         /// The target's name.
         target: String,
@@ -63,6 +68,15 @@ pub enum FlowError {
         /// What went wrong, for the log.
         reason: String,
     },
+}
+
+/// Says how many violations a reply leaves out, when it leaves some out.
+fn listed(shown: usize, total: usize) -> String {
+    if total > shown {
+        format!(" ({total} violations; the first {shown} are listed)")
+    } else {
+        String::new()
+    }
 }
 
 /// Why a request got an error reply. The single place that decides status codes.
@@ -90,6 +104,14 @@ pub enum ServeError {
     /// No flow serves the path.
     #[error("no flow serves {0}")]
     NotFound(String),
+    /// The admin API knows nothing by this id or key.
+    #[error("no {what} \"{id}\"")]
+    Missing {
+        /// What was asked for: `message`, or `journey`.
+        what: &'static str,
+        /// The id or key asked for.
+        id: String,
+    },
     /// A flow serves the path, but not with this method.
     #[error("method {0} is not allowed here")]
     MethodNotAllowed(String),
@@ -108,6 +130,10 @@ pub enum ServeError {
     /// Valid credentials that are not allowed here.
     #[error("not allowed")]
     Forbidden,
+    /// An idempotency key already used for a different request (another body, method or
+    /// path): nothing is done, and the first request's reply is not given to this one.
+    #[error("idempotency key \"{}\" was already used for a different request", crate::redact::error_text(.0))]
+    IdempotencyConflict(String),
     /// The client sent more than its rate limit allows.
     #[error("too many requests; try again later")]
     TooManyRequests {
@@ -136,12 +162,13 @@ impl ServeError {
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RefusedJson { .. } => StatusCode::BAD_REQUEST,
+            Self::IdempotencyConflict(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Forbidden => StatusCode::FORBIDDEN,
             Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::REQUEST_TIMEOUT,
-            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::NotFound(_) | Self::Missing { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Flow(
                 FlowError::Invalid { .. } | FlowError::Unprocessable { .. } | FlowError::NoRoute,
@@ -160,12 +187,13 @@ impl ServeError {
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::RefusedJson { .. } => "refused_json",
+            Self::IdempotencyConflict(_) => "idempotency_conflict",
             Self::Unauthorized => "unauthorized",
             Self::Forbidden => "forbidden",
             Self::TooManyRequests { .. } => "rate_limited",
             Self::Overloaded => "overloaded",
             Self::Timeout => "timeout",
-            Self::NotFound(_) => "not_found",
+            Self::NotFound(_) | Self::Missing { .. } => "not_found",
             Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::Flow(FlowError::Invalid { .. }) => "validation_failed",
             Self::Flow(FlowError::Unprocessable { .. }) => "unprocessable",
@@ -183,8 +211,11 @@ impl ServeError {
                 vec![json!({"line": line, "column": column})]
             }
             Self::PayloadTooLarge { limit } => vec![json!({"limit_bytes": limit})],
+            Self::Missing { what, id } => vec![json!({"missing": what, "id": id})],
             Self::RefusedJson { pointer, .. } => vec![json!({"pointer": pointer})],
-            Self::Flow(FlowError::Invalid { schema, violations }) => violations
+            Self::Flow(FlowError::Invalid {
+                schema, violations, ..
+            }) => violations
                 .iter()
                 .map(|v| json!({"pointer": v.pointer, "message": v.message, "schema": schema}))
                 .collect(),
@@ -217,6 +248,14 @@ impl From<crate::store::StoreError> for ServeError {
 }
 
 impl ServeError {
+    /// What the log says of the error: the reason a 5xx reply keeps to itself, redacted.
+    fn log_text(&self) -> String {
+        match self {
+            Self::Internal(detail) => crate::redact::error_text(detail),
+            other => other.to_string(),
+        }
+    }
+
     /// The JSON body of the reply.
     pub fn body(&self) -> Value {
         json!({"error": self.code(), "message": self.public_message(), "details": self.details()})
@@ -227,7 +266,7 @@ impl IntoResponse for ServeError {
     fn into_response(self) -> Response {
         let status = self.status();
         if status.is_server_error() && !matches!(self, Self::Overloaded) {
-            tracing::warn!(error = %self, code = self.code(), "request failed");
+            tracing::warn!(error = %self.log_text(), code = self.code(), "request failed");
         }
         let retry_after = match &self {
             Self::TooManyRequests { retry_after } => Some(retry_after.max(&1).to_string()),
@@ -241,5 +280,57 @@ impl IntoResponse for ServeError {
                 .insert(axum::http::header::RETRY_AFTER, seconds);
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::redact::MAX_ERROR_LEN;
+    use crate::targets::{Attempt, RetryAction};
+
+    #[test]
+    fn no_error_text_carries_a_url_secret_or_grows_without_bound() {
+        let url = "https://user:pw-SECRET@lab.example/hook?api_key=SECRET&ref=SECRET";
+        let reason = format!(
+            "error sending request for url ({url}): {}",
+            "x".repeat(100_000)
+        );
+        let errors: Vec<ServeError> = vec![
+            FlowError::Unprocessable {
+                context: "target \"lab\"".into(),
+                reason: reason.clone(),
+            }
+            .into(),
+            FlowError::Target {
+                target: "lab".into(),
+                status: None,
+                reason: reason.clone(),
+            }
+            .into(),
+            FlowError::Unavailable(reason.clone()).into(),
+            ServeError::Internal(reason.clone()),
+            ServeError::IdempotencyConflict(reason.clone()),
+        ];
+        for error in &errors {
+            for text in [
+                error.to_string(),
+                error.body().to_string(),
+                error.log_text(),
+            ] {
+                assert!(!text.contains("SECRET"), "{}: {text:.200}", error.code());
+                assert!(
+                    text.len() < 2 * MAX_ERROR_LEN,
+                    "{}: {} bytes",
+                    error.code(),
+                    text.len()
+                );
+            }
+        }
+        let attempt = Attempt::failed(RetryAction::Retry, None, &reason);
+        let stored = attempt.error.unwrap();
+        assert!(!stored.contains("SECRET"), "{stored:.200}");
+        assert!(stored.len() < 2 * MAX_ERROR_LEN);
+        assert!(stored.contains("api_key=[redacted]"), "{stored:.200}");
     }
 }

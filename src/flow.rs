@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use axum::http::{HeaderName, Method, StatusCode};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::compile::Ctx;
@@ -95,6 +95,8 @@ pub struct QueueTrigger {
     pub attempts: u32,
     /// First backoff; it doubles with each attempt.
     pub backoff: std::time::Duration,
+    /// Where a message's identity comes from, when not the publisher's key.
+    pub idempotency_key: Option<JsonPath>,
 }
 
 /// A compiled HTTP trigger.
@@ -317,9 +319,15 @@ impl Flow {
     }
 
     /// The submission's idempotency key: the trigger's JSONPath when the flow names one,
-    /// else the caller's `Idempotency-Key` header.
+    /// else the caller's `Idempotency-Key` header (which a queue consumer sets from the
+    /// publisher's key).
     pub fn idempotency_key(&self, message: &Message) -> Option<String> {
-        let value = match self.http_trigger().and_then(|t| t.idempotency_key.as_ref()) {
+        let path = match &self.trigger {
+            Trigger::Http(http) => http.idempotency_key.as_ref(),
+            Trigger::Queue(queue) => queue.idempotency_key.as_ref(),
+            Trigger::Called => None,
+        };
+        let value = match path {
             Some(path) => path.extract(message.root()),
             None => message.root()["meta"]["headers"]["idempotency-key"].clone(),
         };
@@ -331,20 +339,16 @@ impl Flow {
         }
     }
 
-    /// Refuses a message whose chosen target's destination comes from data it may not
-    /// choose (see [`crate::targets::HttpTarget::check_destination`]).
+    /// Refuses a message its chosen target could never be sent (see
+    /// [`crate::targets::HttpTarget::check_request`]).
     ///
     /// # Errors
     ///
     /// [`FlowError::Unprocessable`] saying why.
-    pub fn check_destination(
-        &self,
-        target: Option<usize>,
-        message: &Message,
-    ) -> Result<(), FlowError> {
+    pub fn check_request(&self, target: Option<usize>, message: &Message) -> Result<(), FlowError> {
         match target.map(|i| &self.targets[i]) {
             Some(crate::targets::Target::Http(http)) => {
-                http.check_destination(message, &self.templates)
+                http.check_request(message, &self.templates)
             }
             _ => Ok(()),
         }
@@ -500,12 +504,16 @@ impl Flow {
             .map_err(unprocessable)?;
         let mut headers = Vec::with_capacity(self.reply.headers.len());
         for (name, template) in &self.reply.headers {
-            headers.push((
-                name.clone(),
-                self.templates
-                    .render_text(template, message)
-                    .map_err(unprocessable)?,
-            ));
+            let value = self
+                .templates
+                .render_text(template, message)
+                .map_err(unprocessable)?;
+            if HeaderValue::from_str(&value).is_err() {
+                return Err(unprocessable(format!(
+                    "header {name} would hold characters a header cannot (a line break or another control character)"
+                )));
+            }
+            headers.push((name.clone(), value));
         }
         Ok(RenderedReply {
             status: self.reply.status,
@@ -540,11 +548,16 @@ fn compile_queue_trigger(
         Some(b) => ctx.duration(&b.value, b.referenced)?,
         None => std::time::Duration::from_secs(1),
     };
+    let idempotency_key = match &config.idempotency_key {
+        Some(path) => Some(ctx.message_path(&path.value, path.referenced)?),
+        None => None,
+    };
     Some(QueueTrigger {
         spec: spec?,
         prefetch: prefetch.max(1),
         attempts: attempts.max(1),
         backoff,
+        idempotency_key,
     })
 }
 
@@ -713,7 +726,15 @@ fn compile_delivery(
                 ctx.error(attempts.referenced, "attempts must be at least 1");
                 ok = false;
             }
-            policy.retry.attempts = attempts.value;
+            policy.retry.attempts = Some(attempts.value);
+            // Attempts alone are a count budget; with `for`, whichever ends first.
+            policy.retry.budget = None;
+        }
+        if let Some(text) = &retry.budget {
+            match ctx.duration(&text.value, text.referenced) {
+                Some(duration) => policy.retry.budget = Some(duration),
+                None => ok = false,
+            }
         }
         for (field, slot) in [
             (&retry.initial, &mut policy.retry.initial),
@@ -726,6 +747,9 @@ fn compile_delivery(
                 }
             }
         }
+        if let (Some(attempts), None, true) = (&retry.attempts, &retry.budget, ok) {
+            warn_short_budget(&policy.retry, attempts.referenced, ctx);
+        }
     }
     if let Some(concurrency) = &config.concurrency {
         if concurrency.value == 0 {
@@ -737,6 +761,26 @@ fn compile_delivery(
     policy.on_delivered = compile_outcome(config.on_delivered.as_ref(), ctx, &mut ok);
     policy.on_failed = compile_outcome(config.on_failed.as_ref(), ctx, &mut ok);
     ok.then_some(policy)
+}
+
+/// A count-only budget that ends within this after a partner goes down loses messages to
+/// dead letters over an ordinary outage.
+const SHORT_BUDGET: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Warns when a count-only retry budget runs out within [`SHORT_BUDGET`].
+fn warn_short_budget(retry: &RetryPolicy, at: serde_saphyr::Location, ctx: &mut Ctx<'_>) {
+    let span = retry.span();
+    if span < SHORT_BUDGET {
+        ctx.warn_with(
+            at,
+            "retry-budget",
+            format!(
+                "{} attempts end at most {} after the first failure: a partner down longer turns these messages into dead letters; give a time budget such as `for: 72h`",
+                retry.attempts.unwrap_or_default(),
+                humantime::format_duration(std::time::Duration::from_secs(span.as_secs().max(1)))
+            ),
+        );
+    }
 }
 
 fn compile_outcome(
@@ -791,7 +835,7 @@ fn compile_reply(config: Option<&crate::config::ReplyConfig>, ctx: &mut Ctx<'_>)
     for (name, value) in &config.headers {
         match HeaderName::from_bytes(name.as_bytes()) {
             Ok(header) => headers.extend(
-                ctx.text_template(&value.value, Escape::Plain, value.referenced)
+                ctx.header_template(&value.value, value.referenced)
                     .map(|t| (header, t)),
             ),
             Err(_) => ctx.error(value.referenced, format!("invalid header name \"{name}\"")),

@@ -15,7 +15,10 @@
 //! - [`template`], [`jsonpath`], [`schema`]: the compilers steps and targets share.
 //! - [`server`]: the HTTP server that runs flows' triggers; [`auth`] decides who may call
 //!   them and [`json`] reads their bodies strictly.
-//! - [`error`]: errors and their single mapping to HTTP replies.
+//! - [`error`]: errors and their single mapping to HTTP replies; [`redact`] keeps secrets
+//!   and unbounded values out of them.
+//! - [`store`]: the durable store; [`delivery`] drains its outbox, [`queue`] consumes and
+//!   publishes queues, [`fault`] lets tests stop ferry in the narrowest windows of both.
 //! - [`cli`]: the `ferry` command.
 
 pub mod admin;
@@ -27,6 +30,7 @@ pub mod delivery;
 pub mod demo;
 pub mod diagnostic;
 pub mod error;
+pub mod fault;
 pub mod flow;
 pub mod json;
 pub mod jsonpath;

@@ -15,7 +15,9 @@ use crate::flow::{Flow, Processed, RenderedReply};
 use crate::message::{Message, Meta};
 use crate::queue::consume::Consumers;
 use crate::queue::{Brokers, CORRELATION_ID, IDEMPOTENCY_KEY, MESSAGE_ID};
-use crate::store::{AcceptOutcome, Accepted, MessageStatus, NewEvent, Store, StoredReply, now_ms};
+use crate::store::{
+    AcceptOutcome, Accepted, MessageStatus, NewEvent, Prior, Store, StoredReply, now_ms,
+};
 use crate::targets::{Attempt, RetryAction, Target, classify_status};
 
 /// The flows with what they run on: the HTTP client, the store, brokers, the delivery
@@ -98,10 +100,11 @@ impl Runtime {
             _ => return self.handle_sync(flow, message).await,
         };
         let key = flow.idempotency_key(&message);
+        let fingerprint = key.as_ref().map(|_| message.fingerprint());
         if let Some(key) = &key
-            && let Some(reply) = store.reply_for(&flow.name, key).await?
+            && let Some(prior) = store.reply_for(&flow.name, key).await?
         {
-            return Ok(reply);
+            return repeat(prior, key, fingerprint.as_deref());
         }
         let inbound = message.body().clone();
         let meta = message.root()["meta"].clone();
@@ -109,11 +112,12 @@ impl Runtime {
         let steps = flow
             .run_steps(&mut message, Some(store))
             .await
-            .and_then(|p| flow.check_destination(p.target, &message).map(|()| p));
+            .and_then(|p| flow.check_request(p.target, &message).map(|()| p));
         let source = Source {
             inbound,
             meta,
             key,
+            fingerprint,
             received_at,
             replay: false,
         };
@@ -126,7 +130,7 @@ impl Runtime {
         mut message: Message,
     ) -> Result<StoredReply, ServeError> {
         let processed = flow.run_steps(&mut message, self.store.as_ref()).await?;
-        flow.check_destination(processed.target, &message)?;
+        flow.check_request(processed.target, &message)?;
         let mut called = None;
         if let Some(target) = processed.target.map(|i| &flow.targets()[i]) {
             if let Target::Flow(call) = target {
@@ -211,7 +215,13 @@ impl Runtime {
                 }
                 match self
                     .brokers
-                    .publish(self.store.as_ref(), &queue.spec, payload, headers)
+                    .publish(
+                        self.store.as_ref(),
+                        &queue.spec,
+                        payload,
+                        headers,
+                        flow.retry().span(),
+                    )
                     .await
                 {
                     Ok(()) => Attempt::done(None),
@@ -312,6 +322,7 @@ impl Runtime {
         } else {
             MessageStatus::Accepted
         };
+        let (key, fingerprint) = (source.key.clone(), source.fingerprint.clone());
         let accepted = Accepted {
             status,
             reply: reply.clone(),
@@ -329,7 +340,12 @@ impl Runtime {
                 }
                 Ok(reply)
             }
-            AcceptOutcome::Duplicate(original) => Ok(original),
+            // Another submission with the same key committed first.
+            AcceptOutcome::Duplicate(prior) => repeat(
+                prior,
+                key.as_deref().unwrap_or_default(),
+                fingerprint.as_deref(),
+            ),
         }
     }
 
@@ -347,6 +363,7 @@ impl Runtime {
             inbound,
             meta: meta_value,
             key: None,
+            fingerprint: None,
             received_at: now_ms(),
             replay: false,
         };
@@ -399,6 +416,7 @@ impl Runtime {
             inbound: source.inbound,
             meta: source.meta,
             key: None,
+            fingerprint: None,
             received_at: now_ms(),
             replay: true,
         };
@@ -433,8 +451,19 @@ struct Source {
     inbound: Value,
     meta: Value,
     key: Option<String>,
+    fingerprint: Option<String>,
     received_at: i64,
     replay: bool,
+}
+
+/// The answer to a submission under an idempotency key already taken: the first reply when
+/// it repeats the first request, a conflict when it is another request.
+fn repeat(prior: Prior, key: &str, fingerprint: Option<&str>) -> Result<StoredReply, ServeError> {
+    if prior.repeated_by(fingerprint) {
+        Ok(prior.reply)
+    } else {
+        Err(ServeError::IdempotencyConflict(key.to_owned()))
+    }
 }
 
 impl Source {
@@ -448,6 +477,7 @@ impl Source {
                 .unwrap_or_default()
                 .to_owned(),
             idempotency_key: self.key,
+            fingerprint: self.fingerprint,
             received_at: self.received_at,
             inbound: self.inbound,
             meta: self.meta,

@@ -339,8 +339,17 @@ impl Retrieve for LocalFiles {
 
 /// Every way `body` breaks `schema`, in document order.
 pub fn violations(schema: &Validator, body: &Value) -> Vec<Violation> {
-    schema
-        .iter_errors(body)
+    violations_up_to(schema, body, usize::MAX).0
+}
+
+/// The first `limit` ways `body` breaks `schema`, and how many there are in all. Only the
+/// ones kept are described, so a body that breaks a schema a hundred thousand times costs
+/// little more than counting.
+pub fn violations_up_to(schema: &Validator, body: &Value, limit: usize) -> (Vec<Violation>, usize) {
+    let mut errors = schema.iter_errors(body);
+    let kept: Vec<Violation> = errors
+        .by_ref()
+        .take(limit)
         .map(|error| {
             let mut pointer = error.instance_path().to_string();
             // A missing property is best pointed at where it should be.
@@ -350,12 +359,15 @@ pub fn violations(schema: &Validator, body: &Value) -> Vec<Violation> {
                 let escaped = name.replace('~', "~0").replace('/', "~1");
                 pointer = format!("{pointer}/{escaped}");
             }
+            // One violation can quote much of the body (every unexpected property, say).
             Violation {
                 pointer,
-                message: error.to_string(),
+                message: crate::redact::truncate(&error.to_string()),
             }
         })
-        .collect()
+        .collect();
+    let total = kept.len() + errors.count();
+    (kept, total)
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::{Body, to_bytes};
+use axum::body::Body;
 use axum::extract::{Path, Query, Request};
 use axum::http::{HeaderMap, Method, header};
 use axum::response::{IntoResponse, Response};
@@ -164,6 +164,11 @@ pub struct ServeOptions {
     pub max_headers: usize,
     /// Most bytes a request's head may take (beyond it, `431`).
     pub max_header_bytes: usize,
+    /// Longest a connection may take to send a request's head: from connecting (TLS
+    /// handshake included), or from the end of the previous response on a kept-alive
+    /// connection. A connection that sends nothing in that time is closed, so idle ones
+    /// cannot use up ferry's file descriptors.
+    pub header_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -174,6 +179,7 @@ impl Default for ServeOptions {
             request_timeout: Duration::from_secs(30),
             max_headers: 64,
             max_header_bytes: 64 * 1024,
+            header_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -184,6 +190,7 @@ impl std::fmt::Debug for ServeOptions {
             .field("tls", &self.tls.is_some())
             .field("max_concurrency", &self.max_concurrency)
             .field("request_timeout", &self.request_timeout)
+            .field("header_timeout", &self.header_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -261,7 +268,7 @@ pub async fn run(
         .max_headers(options.max_headers)
         .max_buf_size(options.max_header_bytes.max(8192))
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(options.request_timeout);
+        .header_read_timeout(options.header_timeout);
     builder
         .http2()
         .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX));
@@ -294,12 +301,18 @@ pub async fn run(
         let builder = Arc::clone(&builder);
         let watcher = graceful.watcher();
         let tls = tls.clone();
-        let handshake_timeout = options.request_timeout;
+        let header_timeout = options.header_timeout;
         tokio::spawn(async move {
+            // Telling HTTP/1 from HTTP/2 waits for the first bytes with no timeout of its own:
+            // a client that connects and sends nothing would hold its connection forever.
+            let first = tokio::time::timeout(header_timeout, stream.peek(&mut [0; 1])).await;
+            if !matches!(first, Ok(Ok(1..))) {
+                return;
+            }
             let served = match tls {
                 Some(acceptor) => {
                     let Ok(Ok(stream)) =
-                        tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
+                        tokio::time::timeout(header_timeout, acceptor.accept(stream)).await
                     else {
                         return; // a failed or stalled handshake: nothing to answer
                     };
@@ -366,8 +379,9 @@ async fn handle(
     }
     // Header credentials are checked before the body is read; a signature covers the body.
     let signed = matches!(trigger.auth, crate::auth::Auth::Signature(_));
-    if !signed {
-        trigger.auth.check(&parts.headers, &[])?;
+    if !signed && let Err(denied) = trigger.auth.check(&parts.headers, &[]) {
+        linger(&parts.headers, body);
+        return Err(denied.into());
     }
     let bytes = read_body(&parts.headers, body, trigger.max_body).await?;
     let webhook = if signed {
@@ -465,33 +479,72 @@ pub(crate) fn respond(reply: crate::store::StoredReply) -> Result<Response, Serv
     Ok(response)
 }
 
-/// Reads a body of at most `limit` bytes.
+/// Reads a body of at most `limit` bytes. A body declared or found larger is refused with
+/// 413 while the client may still be sending it: see [`linger`].
 async fn read_body(
     headers: &HeaderMap,
     body: Body,
     limit: u64,
 ) -> Result<bytes::Bytes, ServeError> {
+    use http_body_util::BodyExt as _;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|length| length > limit) {
+        linger(headers, body);
         return Err(ServeError::PayloadTooLarge { limit });
     }
-    to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX))
-        .await
-        .map_err(|error| {
-            let too_large = std::error::Error::source(&error)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if too_large {
-                ServeError::PayloadTooLarge { limit }
-            } else {
-                ServeError::MalformedJson {
-                    reason: format!("the body could not be read: {error}"),
-                    line: 0,
-                    column: 0,
+    let mut body = body;
+    let mut read = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|error| ServeError::MalformedJson {
+            reason: format!("the body could not be read: {error}"),
+            line: 0,
+            column: 0,
+        })?;
+        if let Ok(data) = frame.into_data() {
+            if (read.len() + data.len()) as u64 > limit {
+                linger(headers, body);
+                return Err(ServeError::PayloadTooLarge { limit });
+            }
+            read.extend_from_slice(&data);
+        }
+    }
+    Ok(read.freeze())
+}
+
+/// The most of an unwanted body ferry reads after answering early, and for how long.
+const LINGER_BYTES: usize = 16 * 1024 * 1024;
+const LINGER_TIME: Duration = Duration::from_secs(5);
+
+/// After an early reply (413, 401) to a request whose body is still coming, reads and drops
+/// the rest of it for a while, as a lingering close does. A client that writes its whole body
+/// before it reads (many HTTP libraries do) then reads the reply; closed at once, the
+/// connection would be reset under it, and it would see a network error it may retry
+/// forever. Bounded by [`LINGER_BYTES`] and [`LINGER_TIME`]; then the connection closes.
+/// A client that sent `Expect: 100-continue` is waiting for leave to send: it gets the reply
+/// instead and sends nothing, so there is nothing to read.
+fn linger(headers: &HeaderMap, body: Body) {
+    use http_body_util::BodyExt as _;
+    let expects = headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut body = body;
+        let mut read = 0;
+        let drain = async {
+            while let Some(Ok(frame)) = body.frame().await {
+                read += frame.data_ref().map_or(0, bytes::Buf::remaining);
+                if read > LINGER_BYTES {
+                    break;
                 }
             }
-        })
+        };
+        let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+    });
 }
 
 /// Parses a JSON body strictly; an empty body is `null`.

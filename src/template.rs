@@ -71,7 +71,13 @@ impl Escape {
                 quoted[1..quoted.len() - 1].to_owned()
             }
             Self::Csv => {
-                if value.contains([',', '"', '\n', '\r']) {
+                // A cell that starts like a formula runs when a spreadsheet opens the file
+                // (OWASP "CSV injection"): a leading `'` makes it text. Numbers stay numbers.
+                let formula = value.starts_with(['=', '+', '-', '@', '\t', '\r'])
+                    && value.parse::<f64>().is_err();
+                if formula {
+                    format!("\"'{}\"", value.replace('"', "\"\""))
+                } else if value.contains([',', '"', '\n', '\r']) {
                     format!("\"{}\"", value.replace('"', "\"\""))
                 } else {
                     value.to_owned()
@@ -492,6 +498,33 @@ mod tests {
                 templates.render_text(&template, &message).unwrap(),
                 expected,
                 "{escape:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn csv_cells_that_start_like_formulas_become_text() {
+        let mut templates = Templates::new();
+        let template = templates.compile_text("{{body.v}}", Escape::Csv).unwrap();
+        let cases = [
+            (
+                "=HYPERLINK(\"http://x\")",
+                "\"'=HYPERLINK(\"\"http://x\"\")\"",
+            ),
+            ("+1+cmd|' /C calc'!A0", "\"'+1+cmd|' /C calc'!A0\""),
+            ("-2+3", "\"'-2+3\""),
+            ("@SUM(A1)", "\"'@SUM(A1)\""),
+            ("\t=1", "\"'\t=1\""),
+            ("-7.25", "-7.25"),
+            ("+3", "+3"),
+            ("a=b", "a=b"),
+        ];
+        for (value, expected) in cases {
+            let message = Message::new(json!({ "v": value }), &Meta::new("f"));
+            assert_eq!(
+                templates.render_text(&template, &message).unwrap(),
+                expected,
+                "{value:?}"
             );
         }
     }

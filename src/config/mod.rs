@@ -140,6 +140,13 @@ pub struct QueueTriggerConfig {
     #[serde(default)]
     #[schemars(with = "Option<String>")]
     pub backoff: Option<Spanned<String>>,
+    /// JSONPath over the message whose value identifies it, such as `$.body.result_id`: a
+    /// message delivered again is then handled once even when its publisher gave it no id.
+    /// Without it, the publisher's `ferry-idempotency-key` header or message id does this, and
+    /// a message with neither is handled each time it is delivered.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub idempotency_key: Option<Spanned<String>>,
 }
 
 /// An HTTP endpoint served by `ferry serve`.
@@ -339,11 +346,18 @@ pub enum DeliveryMode {
     Sync,
 }
 
-/// Retries of durable delivery: capped exponential backoff with full jitter.
+/// Retries of durable delivery: capped exponential backoff with full jitter, within a budget
+/// of time, of attempts, or both (whichever ends first). Without either, `for: 72h`.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetryConfig {
-    /// Attempts before the message becomes a dead letter (default 10).
+    /// How long after it was accepted a message is still tried, such as `72h` (default
+    /// 72h when `attempts` is not given either). A last attempt is made when it ends.
+    #[serde(default, rename = "for")]
+    #[schemars(with = "Option<String>")]
+    pub budget: Option<Spanned<String>>,
+    /// Attempts before the message becomes a dead letter (default: as many as `for`
+    /// allows).
     #[serde(default)]
     #[schemars(with = "Option<u32>")]
     pub attempts: Option<Spanned<u32>>,

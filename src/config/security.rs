@@ -94,12 +94,18 @@ pub struct JwtConfig {
     #[serde(default)]
     #[schemars(with = "Option<String>")]
     pub secret_from_env: Option<Spanned<String>>,
-    /// Required `iss`.
+    /// Required `iss`: a token without it, or with another, is refused.
     #[serde(default)]
     pub issuer: Option<String>,
-    /// Required `aud` (one of the token's audiences).
+    /// Required `aud` (one of the token's audiences): a token without it, or for another
+    /// audience, is refused.
     #[serde(default)]
     pub audience: Option<String>,
+    /// How far clocks may disagree when `exp` and `nbf` are checked, such as `30s`
+    /// (default 30s, at most 5m).
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub leeway: Option<Spanned<String>>,
     /// Claims a valid token must also carry to be allowed (else 403): `scope: lab:write`.
     /// A space-separated claim (such as `scope`) matches when it holds the word.
     #[serde(default)]

@@ -7,6 +7,7 @@
 //! reconnected to with backoff; until then nothing is acknowledged, so nothing is lost.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -28,6 +29,8 @@ const POLL: Duration = Duration::from_millis(50);
 /// How long JetStream waits for an ack before delivering a message again: what a consumer
 /// killed mid-batch costs. Messages that take longer are kept by progress acks.
 const NATS_ACK_WAIT: Duration = Duration::from_secs(10);
+/// The wait before reconnecting to a broker after a connection that worked was lost.
+const FIRST_RECONNECT: Duration = Duration::from_millis(200);
 /// The longest wait before reconnecting to a broker.
 const MAX_RECONNECT: Duration = Duration::from_secs(30);
 
@@ -60,6 +63,7 @@ impl Consumers {
                     runtime: Arc::downgrade(runtime),
                     flow: Arc::clone(flow),
                     stop: stop.clone(),
+                    connected: AtomicBool::new(false),
                 };
                 tasks.spawn(consumer.run());
             }
@@ -88,6 +92,9 @@ struct Consumer {
     runtime: Weak<Runtime>,
     flow: Arc<Flow>,
     stop: CancellationToken,
+    /// Set once the broker took the consumer: the connection that follows a good one is
+    /// tried again at once, not after the backoff of earlier outages.
+    connected: AtomicBool,
 }
 
 impl Consumer {
@@ -99,7 +106,7 @@ impl Consumer {
 
     async fn run(self) {
         let spec = self.trigger().spec.clone();
-        let mut wait = Duration::from_millis(200);
+        let mut wait = FIRST_RECONNECT;
         loop {
             let result = match spec.driver {
                 QueueDriver::Embedded => self.embedded(&spec).await,
@@ -108,6 +115,10 @@ impl Consumer {
             };
             if self.stop.is_cancelled() {
                 break;
+            }
+            // A new outage starts the backoff over: each one is waited out on its own terms.
+            if self.connected.swap(false, Ordering::Relaxed) {
+                wait = FIRST_RECONNECT;
             }
             if let Err(error) = result {
                 if let Some(runtime) = self.runtime.upgrade() {
@@ -120,6 +131,14 @@ impl Consumer {
                 () = tokio::time::sleep(wait) => {}
             }
             wait = (wait * 2).min(MAX_RECONNECT);
+        }
+    }
+
+    /// Records that the broker took the consumer.
+    fn took(&self, spec: &QueueSpec) {
+        self.connected.store(true, Ordering::Relaxed);
+        if let Some(runtime) = self.runtime.upgrade() {
+            runtime.brokers().mark(&spec.url, true);
         }
     }
 
@@ -151,7 +170,10 @@ impl Consumer {
                     let settled = handle(&runtime, &flow, item.payload.as_bytes(), item.headers, item.attempts + 1).await;
                     let retry_at = match settled {
                         Settled::Retry(wait) => Some(now_ms() + wait.as_millis() as i64),
-                        Settled::Done | Settled::Dead => None,
+                        Settled::Done | Settled::Dead => {
+                            crate::fault::pass(crate::fault::Point::BeforeQueueAck);
+                            None
+                        }
                     };
                     if let Err(error) = store.finish_queue(item.id, retry_at).await {
                         // Left in flight: its lease runs out and it is delivered again.
@@ -187,9 +209,7 @@ impl Consumer {
             )
             .await
             .map_err(|e| e.to_string())?;
-        if let Some(runtime) = self.runtime.upgrade() {
-            runtime.brokers().mark(&spec.url, true);
-        }
+        self.took(spec);
         // AMQP keeps no count of deliveries; ferry counts attempts per message while it runs.
         let attempts: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
         let mut handling = JoinSet::new();
@@ -204,23 +224,29 @@ impl Consumer {
                 Some(Err(error)) => break Err(error.to_string()),
                 None => break Err("the broker closed the consumer".into()),
             };
-            let headers = amqp::headers_of(&delivery.properties);
-            let key = headers
-                .get(IDEMPOTENCY_KEY)
-                .cloned()
-                .or_else(|| {
-                    delivery
-                        .properties
-                        .message_id()
-                        .as_ref()
-                        .map(|id| id.as_str().to_owned())
-                })
-                .unwrap_or_else(|| format!("amqp:{}", delivery.delivery_tag));
+            let mut headers = amqp::headers_of(&delivery.properties);
+            // Only the publisher's own id identifies a message: delivery tags start again at 1
+            // on every channel, so one taken as a key would make a new message a "duplicate"
+            // of an old one. Without an id, each delivery is handled as new (at least once).
+            let key = headers.get(IDEMPOTENCY_KEY).cloned().or_else(|| {
+                delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|id| id.as_str().to_owned())
+            });
+            if let Some(key) = &key {
+                headers
+                    .entry(IDEMPOTENCY_KEY.to_owned())
+                    .or_insert_with(|| key.clone());
+            }
+            // Attempts are counted by the id, or by the content of a message without one.
+            let counted = key.unwrap_or_else(|| content_key(&delivery.data));
             let attempt = {
                 let mut counts = attempts
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                let count = counts.entry(key.clone()).or_default();
+                let count = counts.entry(counted.clone()).or_default();
                 *count += 1;
                 *count
             };
@@ -231,13 +257,12 @@ impl Consumer {
             );
             handling.spawn(async move {
                 let Some(runtime) = runtime.upgrade() else { return };
-                let mut headers = headers;
-                headers.entry(IDEMPOTENCY_KEY.to_owned()).or_insert(key.clone());
                 let settled = handle(&runtime, &flow, &delivery.data, headers, attempt).await;
                 drop(runtime);
                 let outcome = match settled {
                     Settled::Done | Settled::Dead => {
-                        attempts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
+                        crate::fault::pass(crate::fault::Point::BeforeQueueAck);
+                        attempts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&counted);
                         delivery.ack(BasicAckOptions::default()).await
                     }
                     Settled::Retry(wait) => {
@@ -263,7 +288,7 @@ impl Consumer {
         use async_nats::jetstream::consumer::{AckPolicy, pull};
         let trigger = self.trigger();
         let context = nats::connect(&spec.url).await?;
-        let stream = nats::stream(&context, &spec.name).await?;
+        let stream = nats::stream(&context, &spec.name, None).await?;
         let durable = super::nats_consumer_name(&self.flow.name);
         let consumer: pull::Stream = stream
             .get_or_create_consumer(
@@ -286,9 +311,7 @@ impl Consumer {
             .messages()
             .await
             .map_err(|e| format!("nats consumer: {e}"))?;
-        if let Some(runtime) = self.runtime.upgrade() {
-            runtime.brokers().mark(&spec.url, true);
-        }
+        self.took(spec);
         let mut messages = consumer;
         let slots = Arc::new(Semaphore::new(usize::from(trigger.prefetch)));
         let mut handling = JoinSet::new();
@@ -312,8 +335,14 @@ impl Consumer {
                 let info = message.info().ok();
                 let attempt = info.as_ref().map_or(1, |i| u32::try_from(i.delivered).unwrap_or(1));
                 let mut headers = nats::headers_of(&message.message);
+                // Without the publisher's key, the stream's sequence number names the message
+                // across redeliveries; with the time it was stored, even a stream deleted and
+                // made again (which numbers from 1 again) cannot give an old key to a new one.
                 if let (false, Some(info)) = (headers.contains_key(IDEMPOTENCY_KEY), &info) {
-                    headers.insert(IDEMPOTENCY_KEY.to_owned(), format!("nats:{}:{}", info.stream, info.stream_sequence));
+                    headers.insert(
+                        IDEMPOTENCY_KEY.to_owned(),
+                        format!("nats:{}:{}:{}", info.stream, info.stream_sequence, info.published.unix_timestamp_nanos()),
+                    );
                 }
                 let handling = handle(&runtime, &flow, &message.message.payload, headers, attempt);
                 tokio::pin!(handling);
@@ -329,6 +358,9 @@ impl Consumer {
                     }
                 };
 
+                if !matches!(settled, Settled::Retry(_)) {
+                    crate::fault::pass(crate::fault::Point::BeforeQueueAck);
+                }
                 let outcome = match settled {
                     Settled::Done => message.double_ack().await,
                     Settled::Dead => message.ack_with(AckKind::Term).await,
@@ -343,6 +375,12 @@ impl Consumer {
         handling.abort_all();
         result
     }
+}
+
+/// A name for a message without an id, by its content, to count its attempts by.
+fn content_key(payload: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(payload)))
 }
 
 /// Runs one queue message through `flow` and decides what becomes of it.

@@ -95,7 +95,9 @@ pub struct Brokers {
 
 impl Brokers {
     /// Publishes `payload` with `headers` to `spec`'s queue; returns once the queue holds it
-    /// (the store committed it, the broker confirmed it).
+    /// (the store committed it, the broker confirmed it). `retried_for` is how long the
+    /// publisher may retry this message: a broker that drops duplicates by id keeps ids at
+    /// least that long.
     ///
     /// # Errors
     ///
@@ -106,6 +108,7 @@ impl Brokers {
         spec: &QueueSpec,
         payload: Vec<u8>,
         headers: BTreeMap<String, String>,
+        retried_for: std::time::Duration,
     ) -> Result<(), PublishError> {
         let result = match spec.driver {
             QueueDriver::Embedded => {
@@ -119,7 +122,11 @@ impl Brokers {
                     .map_err(|e| PublishError(e.to_string()));
             }
             QueueDriver::Amqp => self.amqp.publish(spec, payload, &headers).await,
-            QueueDriver::Nats => self.nats.publish(spec, payload, &headers).await,
+            QueueDriver::Nats => {
+                self.nats
+                    .publish(spec, payload, &headers, retried_for)
+                    .await
+            }
         };
         self.mark(&spec.url, result.is_ok());
         result

@@ -2,6 +2,7 @@
 //! stream (and deduplicated by `Nats-Msg-Id`), durable pull consumers with explicit acks.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, Context};
 use tokio::sync::Mutex;
@@ -26,19 +27,46 @@ pub(super) async fn connect(url: &str) -> Result<Context, String> {
     Ok(jetstream::new(client))
 }
 
-/// The stream that holds `subject`: named after it, created on first use.
+/// The shortest duplicate window a stream is given: JetStream's own default.
+const MIN_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// The longest: JetStream keeps every message id of the window in memory.
+const MAX_DUPLICATE_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The stream that holds `subject`: named after it, created on first use. A publisher names
+/// how long it may retry one message (`dedup`): the stream then drops a repeated
+/// `Nats-Msg-Id` for at least that long (within [`MIN_DUPLICATE_WINDOW`] and
+/// [`MAX_DUPLICATE_WINDOW`]), widening the window of a stream that has a shorter one, so a
+/// late retry of a publish that did land is not stored twice.
 pub(super) async fn stream(
     context: &Context,
     subject: &str,
+    dedup: Option<Duration>,
 ) -> Result<jetstream::stream::Stream, String> {
-    context
+    let failed = |e: &dyn std::fmt::Display| format!("nats stream for \"{subject}\": {e}");
+    let window = dedup.map(|d| d.clamp(MIN_DUPLICATE_WINDOW, MAX_DUPLICATE_WINDOW));
+    let stream = context
         .get_or_create_stream(jetstream::stream::Config {
             name: super::nats_stream_name(subject),
             subjects: vec![subject.to_owned()],
+            duplicate_window: window.unwrap_or(MIN_DUPLICATE_WINDOW),
             ..Default::default()
         })
         .await
-        .map_err(|e| format!("nats stream for \"{subject}\": {e}"))
+        .map_err(|e| failed(&e))?;
+    let config = &stream.cached_info().config;
+    if let Some(window) = window
+        && config.duplicate_window < window
+    {
+        let wider = jetstream::stream::Config {
+            duplicate_window: window,
+            ..config.clone()
+        };
+        context
+            .update_stream(&wider)
+            .await
+            .map_err(|e| failed(&e))?;
+    }
+    Ok(stream)
 }
 
 impl Publishers {
@@ -49,7 +77,9 @@ impl Publishers {
         consumer: &str,
     ) -> Result<super::Backlog, PublishError> {
         let context = connect(&spec.url).await.map_err(PublishError)?;
-        let stream = stream(&context, &spec.name).await.map_err(PublishError)?;
+        let stream = stream(&context, &spec.name, None)
+            .await
+            .map_err(PublishError)?;
         let info = stream
             .consumer_info(consumer)
             .await
@@ -65,6 +95,7 @@ impl Publishers {
         spec: &QueueSpec,
         payload: Vec<u8>,
         headers: &BTreeMap<String, String>,
+        dedup: Duration,
     ) -> Result<(), PublishError> {
         let mut contexts = self.contexts.lock().await;
         if !contexts.contains_key(&spec.url) {
@@ -73,7 +104,7 @@ impl Publishers {
         }
         let context = contexts[&spec.url].clone();
         drop(contexts);
-        let result = publish_on(&context, spec, payload, headers).await;
+        let result = publish_on(&context, spec, payload, headers, dedup).await;
         if result.is_err() {
             self.contexts.lock().await.remove(&spec.url);
         }
@@ -86,14 +117,18 @@ async fn publish_on(
     spec: &QueueSpec,
     payload: Vec<u8>,
     headers: &BTreeMap<String, String>,
+    dedup: Duration,
 ) -> Result<(), PublishError> {
-    stream(context, &spec.name).await.map_err(PublishError)?;
+    stream(context, &spec.name, Some(dedup))
+        .await
+        .map_err(PublishError)?;
     let mut map = async_nats::HeaderMap::new();
     for (name, value) in headers {
         map.insert(name.as_str(), value.as_str());
     }
     if let Some(key) = headers.get(super::IDEMPOTENCY_KEY) {
-        // The stream drops a second publish with the same id within its window.
+        // The stream drops a second publish with the same id within its window, which
+        // `stream` keeps as long as this publish may be retried.
         map.insert("Nats-Msg-Id", key.as_str());
     }
     context

@@ -37,9 +37,15 @@ impl Validate {
         if self.schema.is_valid(message.body()) {
             return Ok(());
         }
+        let (violations, total) = crate::schema::violations_up_to(
+            &self.schema,
+            message.body(),
+            crate::error::MAX_VIOLATIONS,
+        );
         Err(FlowError::Invalid {
             schema: self.name.clone(),
-            violations: crate::schema::violations(&self.schema, message.body()),
+            violations,
+            total,
         })
     }
 }

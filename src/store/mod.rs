@@ -79,6 +79,27 @@ pub struct StoredReply {
     pub body: Value,
 }
 
+/// The first submission under an idempotency key: its reply, and what identified it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prior {
+    /// The reply it got.
+    pub reply: StoredReply,
+    /// Its fingerprint ([`crate::message::Message::fingerprint`]); none for messages stored
+    /// before fingerprints were kept.
+    pub fingerprint: Option<String>,
+}
+
+impl Prior {
+    /// Whether a submission with `fingerprint` repeats this one (the same request sent
+    /// again) rather than reusing its key for another.
+    pub fn repeated_by(&self, fingerprint: Option<&str>) -> bool {
+        match (self.fingerprint.as_deref(), fingerprint) {
+            (Some(first), Some(again)) => first == again,
+            _ => true,
+        }
+    }
+}
+
 /// Where a stored message stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MessageStatus {
@@ -148,6 +169,8 @@ pub struct Accepted {
     pub correlation_id: String,
     /// The caller's idempotency key, if any.
     pub idempotency_key: Option<String>,
+    /// What identifies the request besides its key, to tell a repeat from a conflict.
+    pub fingerprint: Option<String>,
     /// When it was received.
     pub received_at: Millis,
     /// The body as received.
@@ -179,8 +202,8 @@ pub struct Accepted {
 pub enum AcceptOutcome {
     /// Stored.
     Stored,
-    /// The flow already has a message with this idempotency key: its reply.
-    Duplicate(StoredReply),
+    /// The flow already has a message with this idempotency key.
+    Duplicate(Prior),
 }
 
 /// A correlation record as flows and operators see it.
@@ -239,6 +262,8 @@ pub struct Claimed {
     pub message_id: String,
     /// Attempts made before this one.
     pub attempts: u32,
+    /// When the delivery was queued (accepted, or replayed): its retry budget runs from here.
+    pub queued_at: Millis,
     /// `{body, vars, meta}` after the steps.
     pub document: Value,
     /// Content type of a text body.
@@ -408,6 +433,9 @@ pub struct StoreOptions {
     pub lease: Duration,
     /// Most connections to a PostgreSQL store, per process.
     pub connections: u32,
+    /// The longest a request waits for a PostgreSQL connection: while the database is
+    /// away, callers get 503 after this, not after a pool's default.
+    pub wait: Duration,
 }
 
 impl Default for StoreOptions {
@@ -415,6 +443,7 @@ impl Default for StoreOptions {
         Self {
             lease: Duration::from_secs(60),
             connections: 10,
+            wait: Duration::from_secs(2),
         }
     }
 }
@@ -490,7 +519,9 @@ impl Store {
         let backend = if url.starts_with("sqlite:") {
             Backend::Sqlite(sqlite::SqliteStore::open(url).await?)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Backend::Postgres(postgres::PgStore::open(url, options.connections).await?)
+            Backend::Postgres(
+                postgres::PgStore::open(url, options.connections, options.wait).await?,
+            )
         } else {
             return Err(StoreError::Url(url.to_owned()));
         };
@@ -519,16 +550,12 @@ impl Store {
         on_backend!(self, b => b.accept(accepted).await)
     }
 
-    /// The reply stored for `flow`'s message with this idempotency key.
+    /// The first submission of `flow` under this idempotency key.
     ///
     /// # Errors
     ///
     /// When the database fails.
-    pub async fn reply_for(
-        &self,
-        flow: &str,
-        key: &str,
-    ) -> Result<Option<StoredReply>, StoreError> {
+    pub async fn reply_for(&self, flow: &str, key: &str) -> Result<Option<Prior>, StoreError> {
         on_backend!(self, b => b.reply_for(flow, key).await)
     }
 
@@ -726,12 +753,13 @@ impl Store {
         on_backend!(self, b => b.undelivered().await)
     }
 
-    /// Whether the store takes writes now: a commit that writes nothing, through the same
-    /// writer as every other write.
+    /// Whether the store takes writes now: a commit that writes the heartbeat row, through
+    /// the same writer as every other write.
     ///
     /// # Errors
     ///
-    /// When the database cannot be written (locked by another process, or a standby).
+    /// When the database cannot be written (locked by another process, a full disk, or a
+    /// standby).
     pub async fn writable(&self) -> Result<(), StoreError> {
         on_backend!(self, b => b.writable().await)
     }

@@ -143,12 +143,16 @@ impl PgStore {
     /// PostgreSQL's advisory lock, so replicas starting together migrate once. A database
     /// that does not answer yet (starting beside ferry, say) is waited for, up to
     /// [`START_WAIT`], trying again less and less often.
-    pub(super) async fn open(url: &str, connections: u32) -> Result<Self, StoreError> {
+    pub(super) async fn open(
+        url: &str,
+        connections: u32,
+        wait: Duration,
+    ) -> Result<Self, StoreError> {
         let options =
             PgConnectOptions::from_str(url).map_err(|_| StoreError::Url(url.to_owned()))?;
         let pool = PgPoolOptions::new()
             .max_connections(connections.max(2))
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(wait)
             .connect_lazy_with(options);
         let started = Instant::now();
         let mut pause = Duration::from_millis(100);
@@ -194,7 +198,7 @@ impl PgStore {
         if standby {
             return Err(StoreError::ReadOnly);
         }
-        Ok(())
+        transaction!(self, (0, 0), conn => sql::heartbeat(conn))
     }
 
     pub(super) async fn accept(&self, accepted: Accepted) -> Result<AcceptOutcome, StoreError> {

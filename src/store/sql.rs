@@ -10,7 +10,7 @@ use sqlx::Row as _;
 use super::{Conn, Db, Lock, Row, This, lock};
 use crate::store::{
     AcceptOutcome, Accepted, AttemptOutcome, AttemptRecord, Claimed, Correlation, CorrelationWrite,
-    Event, MessageDetail, MessageStatus, MessageSummary, Millis, OutboxEntry, QueueItem,
+    Event, MessageDetail, MessageStatus, MessageSummary, Millis, OutboxEntry, Prior, QueueItem,
     ReplaySource, StateChange, StoreError, StoredReply, Trace, merge, now_ms, rfc3339,
 };
 
@@ -21,7 +21,7 @@ impl This {
         &self,
         flow: &str,
         key: &str,
-    ) -> Result<Option<StoredReply>, StoreError> {
+    ) -> Result<Option<Prior>, StoreError> {
         reply_for(&mut *self.reader().await?, flow, key).await
     }
 
@@ -90,18 +90,34 @@ impl This {
     }
 }
 
-async fn reply_for(
-    conn: &mut Conn,
-    flow: &str,
-    key: &str,
-) -> Result<Option<StoredReply>, StoreError> {
-    let row = sqlx::query("SELECT reply FROM messages WHERE flow = $1 AND idempotency_key = $2")
-        .bind(flow)
-        .bind(key)
-        .fetch_optional(&mut *conn)
-        .await?;
-    row.map(|r| parse::<StoredReply>(&r.get::<String, _>(0)))
-        .transpose()
+async fn reply_for(conn: &mut Conn, flow: &str, key: &str) -> Result<Option<Prior>, StoreError> {
+    let row = sqlx::query(
+        "SELECT reply, fingerprint FROM messages WHERE flow = $1 AND idempotency_key = $2",
+    )
+    .bind(flow)
+    .bind(key)
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.map(|r| prior(&r)).transpose()
+}
+
+/// The first submission in a row of `reply, fingerprint`.
+fn prior(row: &Row) -> Result<Prior, StoreError> {
+    Ok(Prior {
+        reply: parse::<StoredReply>(&row.get::<String, _>(0))?,
+        fingerprint: row.get(1),
+    })
+}
+
+/// Writes the heartbeat: a commit that writes, as every accepted message does.
+pub(super) async fn heartbeat(conn: &mut Conn) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO heartbeat (id, at) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+    )
+    .bind(now_ms())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 async fn find_correlation(
@@ -414,15 +430,16 @@ pub(super) async fn accept(conn: &mut Conn, a: &Accepted) -> Result<AcceptOutcom
             .await?;
     } else {
         let inserted = sqlx::query(
-            "INSERT INTO messages (id, flow, correlation_id, idempotency_key, status, inbound, meta, document,
-                                   content_type, reply, error, received_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+            "INSERT INTO messages (id, flow, correlation_id, idempotency_key, fingerprint, status, inbound, meta,
+                                   document, content_type, reply, error, received_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
              ON CONFLICT DO NOTHING",
         )
         .bind(&a.id)
         .bind(&a.flow)
         .bind(&a.correlation_id)
         .bind(&a.idempotency_key)
+        .bind(&a.fingerprint)
         .bind(a.status.as_str())
         .bind(a.inbound.to_string())
         .bind(a.meta.to_string())
@@ -435,17 +452,17 @@ pub(super) async fn accept(conn: &mut Conn, a: &Accepted) -> Result<AcceptOutcom
         .execute(&mut *conn)
         .await?;
         if inserted.rows_affected() == 0 {
-            let original: Option<String> = sqlx::query_scalar(
-                "SELECT reply FROM messages WHERE (flow = $1 AND idempotency_key = $2) OR id = $3",
+            let original = sqlx::query(
+                "SELECT reply, fingerprint FROM messages
+                 WHERE (flow = $1 AND idempotency_key = $2) OR id = $3",
             )
             .bind(&a.flow)
             .bind(&a.idempotency_key)
             .bind(&a.id)
             .fetch_optional(&mut *conn)
-            .await?;
-            let original =
-                original.ok_or_else(|| StoreError::Corrupt("duplicate without original".into()))?;
-            return Ok(AcceptOutcome::Duplicate(parse(&original)?));
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("duplicate without original".into()))?;
+            return Ok(AcceptOutcome::Duplicate(prior(&original)?));
         }
     }
     let mut record = None;
@@ -648,7 +665,7 @@ pub(super) async fn claim(
                       AND ((state = 'pending' AND next_attempt_at <= $2) OR (state = 'in_flight' AND lease_until < $2))
                       ORDER BY next_attempt_at, id LIMIT $5",
         skip_locked!(),
-        ") RETURNING id, message_id, attempts"
+        ") RETURNING id, message_id, attempts, created_at"
     ))
         .bind(lease_until)
         .bind(now)
@@ -668,6 +685,7 @@ pub(super) async fn claim(
         claimed.push(Claimed {
             outbox_id: row.get("id"),
             attempts: u32::try_from(row.get::<i64, _>("attempts")).unwrap_or_default(),
+            queued_at: row.get("created_at"),
             document: parse(&message.get::<String, _>("document"))?,
             content_type: message.get("content_type"),
             record_id: message.get("record_id"),

@@ -64,7 +64,7 @@ enum Job {
         retry_at: Option<Millis>,
         reply: Reply<()>,
     },
-    /// Nothing to write: its commit shows the write lock can be taken.
+    /// The heartbeat: its commit shows the store takes writes now.
     Probe(Reply<()>),
 }
 
@@ -122,10 +122,14 @@ impl SqliteStore {
         .await?;
         let read = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(options.read_only(true))
+            .connect_with(options.clone().read_only(true))
             .await?;
         let stats = Arc::new(Counters::default());
         let (jobs, rx) = mpsc::channel(4096);
+        let writer = Writer {
+            conn: Some(writer),
+            options,
+        };
         let task = tokio::spawn(write_loop(writer, rx, Arc::clone(&stats)));
         Ok(Self {
             jobs,
@@ -318,13 +322,38 @@ async fn lock(_conn: &mut Conn, _lock: Lock<'_>) -> Result<bool, StoreError> {
     Ok(true)
 }
 
+/// The one writer connection, and how to open it again.
+struct Writer {
+    /// `None` after a failed commit until a new connection opens.
+    conn: Option<SqliteConnection>,
+    options: SqliteConnectOptions,
+}
+
+impl Writer {
+    /// The connection, opened again if the last commit failed.
+    async fn conn(&mut self) -> Result<&mut SqliteConnection, sqlx::Error> {
+        if self.conn.is_none() {
+            self.conn = Some(SqliteConnection::connect_with(&self.options).await?);
+            tracing::info!("store writer connection opened again");
+        }
+        Ok(self.conn.as_mut().expect("just opened"))
+    }
+
+    /// Drops a connection whose commit failed. SQLite may have rolled the transaction back
+    /// itself (a full disk, an I/O error) or not, and the driver's own idea of whether one is
+    /// open can disagree with it: a new connection starts clean, with nothing half-done.
+    async fn discard(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            let _ = conn.close().await;
+        }
+    }
+}
+
 /// Takes writes off the queue and commits them in batches: whatever queued up while the
-/// previous commit was syncing shares the next one.
-async fn write_loop(
-    mut conn: SqliteConnection,
-    mut jobs: mpsc::Receiver<Job>,
-    stats: Arc<Counters>,
-) {
+/// previous commit was syncing shares the next one. A failed commit fails its batch (each
+/// caller sees the error; nothing of the batch is stored) and the next batch starts on a new
+/// connection, so the store recovers as soon as the cause (a full disk, say) has passed.
+async fn write_loop(mut writer: Writer, mut jobs: mpsc::Receiver<Job>, stats: Arc<Counters>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let messages = batch
@@ -332,7 +361,13 @@ async fn write_loop(
             .filter(|j| matches!(j, Job::Accept(..)))
             .count();
         let started = std::time::Instant::now();
-        let committed = commit_batch(&mut conn, &mut batch).await;
+        let committed = match writer.conn().await {
+            Ok(conn) => commit_batch(conn, &mut batch).await,
+            Err(error) => Err((
+                batch.drain(..).map(|job| fail(job, &error)).collect(),
+                error,
+            )),
+        };
         metrics::histogram!("ferry_store_commit_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         match committed {
@@ -344,6 +379,7 @@ async fn write_loop(
             }
             Err((done, error)) => {
                 tracing::error!(%error, "store commit failed");
+                writer.discard().await;
                 let message = error.to_string();
                 for finish in done {
                     finish(Some(&message));
@@ -423,7 +459,7 @@ async fn run_job(conn: &mut SqliteConnection, job: Job) -> (Finish, bool) {
     }
     match job {
         Job::Accept(accepted, reply) => done(reply, sql::accept(conn, &accepted).await),
-        Job::Probe(reply) => done(reply, Ok(())),
+        Job::Probe(reply) => done(reply, sql::heartbeat(conn).await),
         Job::Attempt(attempt, reply) => done(reply, sql::attempt_done(conn, &attempt).await),
         Job::Correlate(writes, reply) => done(reply, sql::correlate_all(conn, &writes).await),
         Job::Claim {

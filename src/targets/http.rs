@@ -82,7 +82,14 @@ impl HttpTarget {
             }
             None => None,
         };
-        let signer = config.sign.as_ref().map(|sign| Signer::compile(sign, ctx));
+        let signer = match &config.sign {
+            Some(sign) => {
+                let signer = Signer::compile(sign, ctx);
+                ok &= signer.is_some();
+                signer
+            }
+            None => None,
+        };
         let client = outbound::client(config, guard.as_ref(), ctx);
         ok &= client.is_some();
         let mut headers = Vec::new();
@@ -92,7 +99,7 @@ impl HttpTarget {
                 ok = false;
                 continue;
             };
-            match ctx.text_template(&value.value, Escape::Plain, value.referenced) {
+            match ctx.header_template(&value.value, value.referenced) {
                 Some(template) => headers.push((header_name, template)),
                 None => ok = false,
             }
@@ -138,21 +145,42 @@ impl HttpTarget {
         &self.name
     }
 
-    /// Refuses a message whose data points this target somewhere `allow_hosts` does not
-    /// allow, before it is accepted. Targets with a fixed host have nothing to check.
+    /// Refuses, before it is accepted, a message this target could never send: its data
+    /// points the URL somewhere `allow_hosts` does not allow, or puts into the URL or a
+    /// header what they cannot hold (a line break, say). Only what the message fills in is
+    /// rendered; fixed parts were checked when the flow loaded.
     ///
     /// # Errors
     ///
     /// [`FlowError::Unprocessable`] saying why.
-    pub fn check_destination(
+    pub fn check_request(&self, message: &Message, templates: &Templates) -> Result<(), FlowError> {
+        if !matches!(self.url, TextTemplate::Literal(_)) {
+            self.url(message, templates)?;
+        }
+        for (name, template) in &self.headers {
+            if !matches!(template, TextTemplate::Literal(_)) {
+                self.header_value(name, template, message, templates)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Renders header `name` for `message`.
+    fn header_value(
         &self,
+        name: &HeaderName,
+        template: &TextTemplate,
         message: &Message,
         templates: &Templates,
-    ) -> Result<(), FlowError> {
-        match self.guard {
-            Some(_) => self.url(message, templates).map(drop),
-            None => Ok(()),
-        }
+    ) -> Result<HeaderValue, FlowError> {
+        let value = templates
+            .render_text(template, message)
+            .map_err(|reason| self.unprocessable(reason))?;
+        HeaderValue::from_str(&value).map_err(|_| {
+            self.unprocessable(format!(
+                "header {name} would hold characters a header cannot (a line break or another control character)"
+            ))
+        })
     }
 
     fn unprocessable(&self, reason: String) -> FlowError {
@@ -167,12 +195,22 @@ impl HttpTarget {
         let url = templates
             .render_text(&self.url, message)
             .map_err(|reason| self.unprocessable(reason))?;
+        // A URL parser drops tabs and line breaks silently: a value holding them is refused,
+        // not quietly changed.
+        if url.contains(|c: char| c.is_ascii_control()) {
+            return Err(self.unprocessable(
+                "the URL would hold characters a URL cannot (a line break or another control character)".into(),
+            ));
+        }
         let url = reqwest::Url::parse(&url)
             .map_err(|e| self.unprocessable(format!("invalid URL \"{url}\": {e}")))?;
         if let Some(guard) = &self.guard {
-            guard
-                .check(&url)
-                .map_err(|reason| self.unprocessable(format!("refused to call {url}: {reason}")))?;
+            guard.check(&url).map_err(|reason| {
+                self.unprocessable(format!(
+                    "refused to call {}: {reason}",
+                    crate::redact::url(&url)
+                ))
+            })?;
         }
         Ok(url)
     }
@@ -214,14 +252,7 @@ impl HttpTarget {
             headers.push((HeaderName::from_static("traceparent"), value));
         }
         for (name, template) in &self.headers {
-            let value = templates
-                .render_text(template, message)
-                .map_err(&unprocessable)?;
-            let value = HeaderValue::from_str(&value).map_err(|_| {
-                unprocessable(format!(
-                    "header {name} would hold characters a header cannot"
-                ))
-            })?;
+            let value = self.header_value(name, template, message, templates)?;
             headers.retain(|(n, _)| n != name);
             headers.push((name.clone(), value));
         }

@@ -163,12 +163,13 @@ impl Attempt {
         }
     }
 
-    /// A failed attempt.
-    pub fn failed(action: RetryAction, status: Option<u16>, error: impl Into<String>) -> Self {
+    /// A failed attempt. The error is kept as it may be logged and stored: URLs in it
+    /// redacted, its length bounded ([`crate::redact::error_text`]).
+    pub fn failed(action: RetryAction, status: Option<u16>, error: impl AsRef<str>) -> Self {
         Self {
             action,
             status,
-            error: Some(error.into()),
+            error: Some(crate::redact::error_text(error.as_ref())),
             retry_after: None,
         }
     }
@@ -232,14 +233,16 @@ impl HttpTarget {
                 retry_after,
                 body,
             }) => {
-                let excerpt = String::from_utf8_lossy(&body[..body.len().min(500)]).into_owned();
+                let excerpt = String::from_utf8_lossy(&body[..body.len().min(500)]);
                 Attempt {
-                    action,
-                    status: Some(status),
-                    error: Some(format!("answered {status}: {excerpt}")),
                     retry_after: retry_after
                         .as_deref()
                         .and_then(crate::delivery::parse_retry_after),
+                    ..Attempt::failed(
+                        action,
+                        Some(status),
+                        format!("answered {status}: {excerpt}"),
+                    )
                 }
             }
             Err(error) => Attempt::failed(action, None, error.to_string()),
@@ -267,7 +270,7 @@ pub async fn send(
         if error.is_timeout() {
             SendError::Timeout(request.timeout)
         } else {
-            SendError::Connect(error_chain(&error))
+            SendError::Connect(crate::redact::error_text(&error_chain(&error)))
         }
     };
     let response = builder.send().await.map_err(failed)?;

@@ -87,8 +87,16 @@ pub(crate) struct OAuth2 {
     client_id: String,
     client_secret: String,
     scope: Option<String>,
-    cached: tokio::sync::Mutex<Option<(HeaderValue, Instant)>>,
+    /// The token and until when it is used. Held only to read or replace it, never across
+    /// a fetch: deliveries with a good token never wait for a slow token endpoint.
+    cached: std::sync::Mutex<Option<(HeaderValue, Instant)>>,
+    /// One fetch at a time: deliveries that need a new token wait for it rather than each
+    /// fetching one.
+    fetching: tokio::sync::Mutex<()>,
 }
+
+/// How long a token endpoint may take to answer.
+const TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for OAuth2 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -116,32 +124,66 @@ impl OAuth2 {
             client_id: config.client_id.clone(),
             client_secret,
             scope: config.scope.clone(),
-            cached: tokio::sync::Mutex::new(None),
+            cached: std::sync::Mutex::new(None),
+            fetching: tokio::sync::Mutex::new(()),
         })
     }
 
+    /// The cached token, when there is one.
+    fn cached(&self) -> Option<(HeaderValue, Instant)> {
+        self.cached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The `Authorization` value to send; `fresh` when the target refused the cached token.
     async fn authorization(
         &self,
         client: &reqwest::Client,
         fresh: bool,
     ) -> Result<HeaderValue, String> {
-        // One fetch at a time: concurrent deliveries wait for it rather than each fetching.
-        let mut cached = self.cached.lock().await;
-        if let Some((value, until)) = cached.as_ref()
-            && !fresh
-            && Instant::now() < *until
-        {
-            return Ok(value.clone());
+        let before = self.cached();
+        let usable = |cached: &Option<(HeaderValue, Instant)>| {
+            cached
+                .as_ref()
+                .filter(|(_, until)| Instant::now() < *until)
+                .map(|(value, _)| value.clone())
+        };
+        if !fresh && let Some(value) = usable(&before) {
+            return Ok(value);
         }
+        let _fetching = self.fetching.lock().await;
+        // Another delivery may have fetched a new token while this one waited.
+        let now = self.cached();
+        let renewed = now.as_ref().map(|(v, _)| v) != before.as_ref().map(|(v, _)| v);
+        if (!fresh || renewed)
+            && let Some(value) = usable(&now)
+        {
+            return Ok(value);
+        }
+        let (value, until) = self.fetch(client).await?;
+        *self
+            .cached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((value.clone(), until));
+        Ok(value)
+    }
+
+    /// Asks the token endpoint for a token. The client authenticates with HTTP Basic, its id
+    /// and secret form-encoded first (RFC 6749 §2.3.1), so a `:` or `%` in them survives.
+    async fn fetch(&self, client: &reqwest::Client) -> Result<(HeaderValue, Instant), String> {
+        let encode =
+            |text: &str| form_urlencoded::byte_serialize(text.as_bytes()).collect::<String>();
         let mut form = vec![("grant_type", "client_credentials")];
         if let Some(scope) = &self.scope {
             form.push(("scope", scope));
         }
         let response = client
             .post(self.token_url.clone())
-            .basic_auth(&self.client_id, Some(&self.client_secret))
+            .basic_auth(encode(&self.client_id), Some(encode(&self.client_secret)))
             .form(&form)
-            .timeout(Duration::from_secs(30))
+            .timeout(TOKEN_TIMEOUT)
             .send()
             .await
             .map_err(|e| format!("fetching an OAuth token: {e}"))?;
@@ -166,8 +208,7 @@ impl OAuth2 {
             + lifetime
                 .saturating_sub(Duration::from_secs(60))
                 .max(lifetime / 2);
-        *cached = Some((value.clone(), until));
-        Ok(value)
+        Ok((value, until))
     }
 }
 
@@ -178,11 +219,10 @@ pub(crate) struct Signer {
 }
 
 impl Signer {
-    pub(crate) fn compile(config: &crate::config::SignConfig, ctx: &mut Ctx<'_>) -> Self {
+    pub(crate) fn compile(config: &crate::config::SignConfig, ctx: &mut Ctx<'_>) -> Option<Self> {
         let secret = ctx.secret(&config.secret_from_env);
-        Self {
-            key: crate::auth::webhook_key(&secret),
-        }
+        let key = ctx.webhook_key(&secret, config.secret_from_env.referenced)?;
+        Some(Self { key })
     }
 
     /// Adds `webhook-id` (the delivery's idempotency key, the same on every attempt),
@@ -272,33 +312,66 @@ pub(crate) fn host_guard(config: &HttpTargetConfig, ctx: &mut Ctx<'_>) -> Option
     })
 }
 
-/// Loopback, private, link-local, unique-local, carrier-grade NAT, unspecified, broadcast,
-/// documentation and multicast addresses: none is a partner on the internet.
+/// IPv4 ranges that are no partner on the internet: "this network", private, carrier-grade
+/// NAT, loopback, link-local, IETF protocol assignments, documentation, the 6to4 relay,
+/// benchmarking, multicast, reserved and broadcast (IANA's special-purpose registry).
+const NOT_PUBLIC_V4: [(u32, u32); 15] = [
+    (0x0000_0000, 8),  // 0.0.0.0/8
+    (0x0a00_0000, 8),  // 10.0.0.0/8
+    (0x6440_0000, 10), // 100.64.0.0/10
+    (0x7f00_0000, 8),  // 127.0.0.0/8
+    (0xa9fe_0000, 16), // 169.254.0.0/16
+    (0xac10_0000, 12), // 172.16.0.0/12
+    (0xc000_0000, 24), // 192.0.0.0/24
+    (0xc000_0200, 24), // 192.0.2.0/24
+    (0xc058_6300, 24), // 192.88.99.0/24
+    (0xc0a8_0000, 16), // 192.168.0.0/16
+    (0xc612_0000, 15), // 198.18.0.0/15
+    (0xc633_6400, 24), // 198.51.100.0/24
+    (0xcb00_7100, 24), // 203.0.113.0/24
+    (0xe000_0000, 4),  // 224.0.0.0/4
+    (0xf000_0000, 4),  // 240.0.0.0/4, with 255.255.255.255
+];
+
+/// IPv6 ranges that are no partner on the internet, or that lead to IPv4 addresses a guard
+/// would not see: unspecified, loopback and IPv4-compatible (`::/96`), IPv4-mapped, NAT64
+/// (well-known and local), discard, Teredo, ORCHID, documentation, 6to4, unique-local,
+/// link-local, site-local and multicast.
+const NOT_PUBLIC_V6: [(u128, u32); 15] = [
+    (0, 96),                                         // ::/96
+    (0xffff_0000_0000, 96),                          // ::ffff:0:0/96
+    (0x0064_ff9b_0000_0000_0000_0000_0000_0000, 96), // 64:ff9b::/96
+    (0x0064_ff9b_0001_0000_0000_0000_0000_0000, 48), // 64:ff9b:1::/48
+    (0x0100_0000_0000_0000_0000_0000_0000_0000, 64), // 100::/64
+    (0x2001_0000_0000_0000_0000_0000_0000_0000, 32), // 2001::/32 (Teredo)
+    (0x2001_0010_0000_0000_0000_0000_0000_0000, 28), // 2001:10::/28
+    (0x2001_0020_0000_0000_0000_0000_0000_0000, 28), // 2001:20::/28
+    (0x2001_0db8_0000_0000_0000_0000_0000_0000, 32), // 2001:db8::/32
+    (0x2002_0000_0000_0000_0000_0000_0000_0000, 16), // 2002::/16 (6to4)
+    (0x3fff_0000_0000_0000_0000_0000_0000_0000, 20), // 3fff::/20
+    (0xfc00_0000_0000_0000_0000_0000_0000_0000, 7),  // fc00::/7
+    (0xfe80_0000_0000_0000_0000_0000_0000_0000, 10), // fe80::/10
+    (0xfec0_0000_0000_0000_0000_0000_0000_0000, 10), // fec0::/10
+    (0xff00_0000_0000_0000_0000_0000_0000_0000, 8),  // ff00::/8
+];
+
+/// Whether `ip` is anything but a public unicast address on the internet (see
+/// [`NOT_PUBLIC_V4`] and [`NOT_PUBLIC_V6`]): private, loopback, link-local, reserved, or a
+/// translation prefix that could carry a private IPv4 address.
 pub fn is_private(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_documentation()
-                || v4.is_multicast()
-                || (a == 100 && (64..128).contains(&b))
-                || a == 0
+            let bits = u32::from(v4);
+            NOT_PUBLIC_V4
+                .iter()
+                .any(|(net, len)| bits >> (32 - len) == net >> (32 - len))
         }
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => is_private(IpAddr::V4(v4)),
-            None => {
-                let first = v6.segments()[0];
-                v6.is_loopback()
-                    || v6.is_unspecified()
-                    || v6.is_multicast()
-                    || (first & 0xfe00) == 0xfc00
-                    || (first & 0xffc0) == 0xfe80
-            }
-        },
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            NOT_PUBLIC_V6
+                .iter()
+                .any(|(net, len)| bits >> (128 - len) == net >> (128 - len))
+        }
     }
 }
 
@@ -387,10 +460,35 @@ mod tests {
             "fe80::1",
             "fd00::1",
             "::ffff:127.0.0.1",
+            "::127.0.0.1",
+            "64:ff9b::a00:1",
+            "64:ff9b:1::1",
+            "2002:7f00:1::1",
+            "2001:0:4136:e378::1",
+            "2001:db8::1",
+            "3fff::1",
+            "198.18.0.1",
+            "198.19.255.255",
+            "240.0.0.1",
+            "255.255.255.255",
+            "192.0.2.1",
+            "198.51.100.7",
+            "203.0.113.9",
+            "192.0.0.8",
+            "224.0.0.1",
+            "ff02::1",
+            "fec0::1",
         ] {
             assert!(is_private(private.parse().unwrap()), "{private}");
         }
-        for public in ["93.184.216.34", "8.8.8.8", "2606:4700::1111"] {
+        for public in [
+            "93.184.216.34",
+            "8.8.8.8",
+            "198.20.0.1",
+            "223.255.255.255",
+            "2606:4700::1111",
+            "2001:4860:4860::8888",
+        ] {
             assert!(!is_private(public.parse().unwrap()), "{public}");
         }
     }

@@ -100,14 +100,124 @@ fn the_shipped_flows_are_clean() {
 #[test]
 fn usage_errors_exit_2() {
     assert_eq!(ferry(&["frobnicate"]).status.code(), Some(2));
+    // A folder that cannot be read is an I/O error, not a problem in a flow.
     let missing = ferry(&["check", "no/such/folder"]);
-    assert_eq!(missing.status.code(), Some(1));
+    assert_eq!(missing.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&missing.stderr);
     assert!(
         stderr.starts_with("error[io]: cannot read flows folder"),
         "{stderr}"
     );
     assert!(stderr.contains("--> no/such/folder"), "{stderr}");
+}
+
+/// `ferry check` of the flows in `dir` (with the shipped schemas), with `args` and `env`.
+fn check_folder(
+    dir: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["check", "--schemas", "schemas"])
+        .args(args)
+        .arg(dir)
+        .current_dir(repo())
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn check_never_prints_a_value_from_the_environment() {
+    // A JSONPath and a URL built from variables, both broken: the errors quote them, and
+    // must show the variables, not their values (CI runs `check` with secrets set).
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("leaky.yaml"),
+        r#"name: leaky
+trigger:
+  http:
+    method: POST
+    path: /leaky
+    auth: none
+steps:
+  - set:
+      x: "$.body[${CHECK_SECRET_PATH}"
+targets:
+  partner:
+    http:
+      url: "ftp://${CHECK_SECRET_HOST}/x"
+"#,
+    )
+    .unwrap();
+    let env = [
+        ("CHECK_SECRET_PATH", "'sk-live-path-secret'"),
+        ("CHECK_SECRET_HOST", "host-secret-value.example"),
+    ];
+    let output = check_folder(dir.path(), &["--format", "text"], &env);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("${CHECK_SECRET_PATH}"), "{stderr}");
+    assert!(stderr.contains("${CHECK_SECRET_HOST}"), "{stderr}");
+    for secret in ["sk-live-path-secret", "host-secret-value"] {
+        assert!(!stderr.contains(secret), "{secret} shown:\n{stderr}");
+    }
+    let json = check_folder(dir.path(), &["--format", "json"], &env);
+    let stdout = String::from_utf8_lossy(&json.stdout);
+    assert!(stdout.contains("CHECK_SECRET_PATH"), "{stdout}");
+    assert!(!stdout.contains("sk-live-path-secret"), "{stdout}");
+}
+
+#[test]
+fn check_warns_of_a_retry_budget_that_ends_within_minutes_and_refuses_a_broken_whsec() {
+    let dir = tempfile::tempdir().unwrap();
+    let flow = |name: &str, retry: &str| {
+        format!(
+            r#"name: {name}
+trigger:
+  http:
+    method: POST
+    path: /{name}
+    auth:
+      webhook_signature:
+        from_env: [CHECK_WHSEC]
+targets:
+  partner:
+    http:
+      url: http://partner.example/x
+delivery:
+  retry: {retry}
+"#
+        )
+    };
+    std::fs::write(
+        dir.path().join("short.yaml"),
+        flow("short", "{ attempts: 12 }"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("long.yaml"),
+        flow("long", "{ attempts: 1000, for: 72h }"),
+    )
+    .unwrap();
+    let check = |secret: &str| check_folder(dir.path(), &[], &[("CHECK_WHSEC", secret)]);
+    let output = check("whsec_c2lnbmluZy1zZWNyZXQ=");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    // Twelve attempts of at most 500 ms, 1 s, 2 s, … capped at 5 min end within 18 minutes.
+    assert_eq!(
+        stderr.matches("warning[retry-budget]").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(stderr.contains("short.yaml"), "{stderr}");
+    assert!(stderr.contains("for: 72h"), "{stderr}");
+
+    let output = check("whsec_not*base64!");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("error[secret-invalid]"), "{stderr}");
+    assert!(!stderr.contains("not*base64"), "{stderr}");
 }
 
 #[test]

@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::util::{FAST_RETRY, Partner, SECRETS, payload, post_json, repo, wait_until};
 
-const TOKEN: &str = "cli-test-token";
+pub(crate) const TOKEN: &str = "cli-test-token";
 
 /// Starts `ferry serve` on an ephemeral port with the shipped flows and a store in `dir`.
 fn spawn_ferry(dir: &Path, lab: &Partner) -> (Child, String) {
@@ -62,7 +62,7 @@ pub(crate) fn spawn_on(
 }
 
 /// Collects the lines `child` writes to its (piped) stderr until it exits.
-fn stderr_lines(child: &mut Child) -> std::thread::JoinHandle<Vec<String>> {
+pub(crate) fn stderr_lines(child: &mut Child) -> std::thread::JoinHandle<Vec<String>> {
     let stderr = child.stderr.take().unwrap();
     std::thread::spawn(move || {
         BufReader::new(stderr)
@@ -245,7 +245,7 @@ async fn consumers_killed_mid_batch_lose_nothing() {
     const COUNT: u64 = 40;
     for n in 0..COUNT {
         let body = json!({"driver": "amqp", "n": n}).to_string();
-        crate::util::amqp_publish(&amqp_queue, body.as_bytes(), &format!("m-{n}")).await;
+        crate::util::amqp_publish(&amqp_queue, body.as_bytes(), Some(&format!("m-{n}"))).await;
         crate::util::nats_publish(
             &nats_queue,
             json!({"driver": "nats", "n": n}).to_string().as_bytes(),

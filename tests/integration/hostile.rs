@@ -353,19 +353,30 @@ async fn a_flood_of_hostile_inputs_leaves_ferry_answering() {
     let mut flood = tokio::task::JoinSet::new();
     for round in 0..10 {
         for row in &rows {
-            let (url, how, name) = (ferry.url.clone(), row.send.clone(), row.name);
-            flood.spawn(async move { (round, name, send(&url, &how).await.0) });
+            let (url, how, name, expected) =
+                (ferry.url.clone(), row.send.clone(), row.name, row.status);
+            flood.spawn(async move { (round, name, expected, send(&url, &how).await.0) });
         }
     }
     let mut answered = 0;
+    let mut replays = Vec::new();
     while let Some(outcome) = flood.join_next().await {
-        let (round, name, status) = outcome.unwrap();
-        assert!(
-            (400..600).contains(&status),
-            "round {round}, {name}: {status}"
-        );
+        let (round, name, expected, status) = outcome.unwrap();
         answered += 1;
+        // One webhook id sent twenty times at once: whichever comes first is handled, every
+        // other is a replay.
+        if name.starts_with("a replayed webhook") {
+            replays.push(status);
+            continue;
+        }
+        // Under the flood, each gets the answer it gets alone: no 5xx from ferry's own
+        // trouble stands in for the refusal the input deserves.
+        assert_eq!(status, expected, "round {round}, {name}");
     }
+    replays.sort_unstable();
+    let mut expected = vec![401; replays.len() - 1];
+    expected.push(422);
+    assert_eq!(replays, expected, "the replayed webhook");
     assert_eq!(answered, 10 * rows.len());
     let (status, reply) = crate::util::post_json(
         &format!("{}/api/v1/test-requests", ferry.url),

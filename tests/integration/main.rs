@@ -10,6 +10,9 @@
 //! - `queues`: embedded, RabbitMQ and NATS queues, and the examples built on them.
 //! - `check`: `ferry check` on broken flows reports every problem at its line and column.
 //! - `cli`: the `ferry` binary serving the shipped flows.
+//! - `faults`: brokers cut off, a full disk, silent connections, lost answers, ferry killed
+//!   in the narrowest windows: nothing lost, nothing done twice.
+//! - `leaks`: secrets and hostile values never leave by an error path.
 //! - `replicas`: several ferry processes sharing one PostgreSQL store.
 //! - `store`: the store's conformance suite, on SQLite and on PostgreSQL.
 
@@ -20,9 +23,11 @@ mod check;
 mod cli;
 mod delivery;
 mod errors;
+mod faults;
 mod features;
 mod hostile;
 mod injection;
+mod leaks;
 mod partners;
 mod queues;
 mod replicas;

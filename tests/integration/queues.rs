@@ -17,6 +17,12 @@ const TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 /// The queue fixture flows, with a fresh queue per driver, delivering to `sink`.
 async fn queue_flows(sink: &Partner) -> (Ferry, [String; 3]) {
     let names = [unique("embedded"), unique("amqp"), unique("nats")];
+    (queue_flows_on(sink, &names).await, names)
+}
+
+/// The queue fixture flows on the embedded queue, AMQP queue and NATS subject `names`,
+/// delivering to `sink`.
+pub(crate) async fn queue_flows_on(sink: &Partner, names: &[String; 3]) -> Ferry {
     let env = [
         ("EMBEDDED_QUEUE", names[0].as_str()),
         ("AMQP_QUEUE", names[1].as_str()),
@@ -25,10 +31,7 @@ async fn queue_flows(sink: &Partner) -> (Ferry, [String; 3]) {
         ("NATS_URL", nats()),
         ("SINK_URL", sink.url.as_str()),
     ];
-    (
-        Ferry::start(&repo().join("tests/fixtures/queues/flows"), &env).await,
-        names,
-    )
+    Ferry::start(&repo().join("tests/fixtures/queues/flows"), &env).await
 }
 
 #[tokio::test]
@@ -119,7 +122,7 @@ async fn a_failing_consumer_retries_then_dead_letters_and_poison_leaves_the_queu
         .enqueue(&names[0], "{not json".into(), Default::default())
         .await
         .unwrap();
-    amqp_publish(&names[1], b"{not json", "poison-1").await;
+    amqp_publish(&names[1], b"{not json", Some("poison-1")).await;
     nats_publish(&names[2], b"{not json").await;
     wait_for("six dead letters", || async {
         ferry.admin("/dead-letters").await.1["dead_letters"]
@@ -221,7 +224,7 @@ async fn lab_results_published_on_rabbitmq_reach_the_portal() {
 
     let mut result = payload("test-result.json");
     result["order_ref"] = json!(request_id);
-    amqp_publish(&queue, result.to_string().as_bytes(), "result-1").await;
+    amqp_publish(&queue, result.to_string().as_bytes(), Some("result-1")).await;
     wait_until("the portal has the results", || {
         portal.received().len() == 1
     })
@@ -239,7 +242,7 @@ async fn lab_results_published_on_rabbitmq_reach_the_portal() {
     amqp_publish(
         &queue,
         payload("test-result.json").to_string().as_bytes(),
-        "result-2",
+        Some("result-2"),
     )
     .await;
     wait_for("a dead letter", || async {
@@ -370,7 +373,7 @@ async fn queue_backlogs_are_read_from_the_store_and_each_broker() {
     // RabbitMQ: three messages ready in a queue no one consumes yet.
     let queue = unique("backlog-amqp");
     for n in 0..3 {
-        amqp_publish(&queue, b"{}", &format!("m{n}")).await;
+        amqp_publish(&queue, b"{}", Some(&format!("m{n}"))).await;
     }
     let amqp = spec(QueueDriver::Amqp, &queue, rabbitmq());
     assert_eq!(

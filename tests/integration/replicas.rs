@@ -115,15 +115,19 @@ async fn three_replicas_share_1000_requests_and_finish_the_work_of_a_killed_one(
             }
         });
     }
-    // Mid-run, with deliveries in flight: replica 0 dies without a word.
+    // Mid-run, with deliveries in flight: replica 0 dies without a word. The lab holds its
+    // answers a while first, so every replica surely has deliveries at the lab, unanswered,
+    // when it dies: the window this test is about.
     wait_until_within("the lab has 300 orders", 120, || {
         lab.received().len() >= 300
     })
     .await;
+    lab.set_delay(Duration::from_secs(1));
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let (mut killed, _) = replicas.0.remove(0);
     killed.kill().unwrap();
     killed.wait().unwrap();
-    let killed_at = Instant::now();
+    lab.set_delay(Duration::from_millis(20));
 
     let mut request_ids = BTreeSet::new();
     while let Some(ids) = clients.join_next().await {
@@ -135,23 +139,33 @@ async fn three_replicas_share_1000_requests_and_finish_the_work_of_a_killed_one(
         keys(&lab.received()) == expected
     })
     .await;
-    let finished_in = killed_at.elapsed();
 
-    let mut per_key: HashMap<String, usize> = HashMap::new();
-    for key in lab.received().iter().map(idempotency_key) {
-        *per_key.entry(key).or_default() += 1;
+    let mut per_key: HashMap<String, Vec<Instant>> = HashMap::new();
+    for received in lab.received() {
+        per_key
+            .entry(idempotency_key(&received))
+            .or_default()
+            .push(received.at);
     }
-    let repeated: Vec<_> = per_key.iter().filter(|(_, n)| **n > 1).collect();
-    // Only what the killed replica had in flight (at most its concurrency, 8) can reach the lab
-    // twice, with the same idempotency key, so the lab does it once.
+    let repeated: Vec<_> = per_key.iter().filter(|(_, at)| at.len() > 1).collect();
+    // What the killed replica had in flight (at most its concurrency, 8) reaches the lab
+    // twice, with the same idempotency key, so the lab does it once; and only once its claim
+    // has run out, not while it might still have been delivering.
     assert!(
-        repeated.len() <= 8 && repeated.iter().all(|(_, n)| **n == 2),
+        !repeated.is_empty(),
+        "the killed replica had nothing in flight: the test missed its window"
+    );
+    assert!(
+        repeated.len() <= 8 && repeated.iter().all(|(_, at)| at.len() == 2),
         "{repeated:?}"
     );
-    assert!(
-        finished_in >= Duration::from_millis(1500) || repeated.is_empty(),
-        "work in flight waited for its claim to run out ({finished_in:?})"
-    );
+    for (key, at) in &repeated {
+        let waited = at[1] - at[0];
+        assert!(
+            waited >= Duration::from_millis(1500),
+            "{key} was taken over after {waited:?}, before its claim ran out"
+        );
+    }
     let opened = store.open().await;
     wait_for("nothing is left to deliver", || async {
         opened.undelivered().await.unwrap() == 0
@@ -188,7 +202,22 @@ async fn a_result_arriving_at_another_replica_reaches_the_right_request() {
     let (status, reply) = post_json(&format!("{url_a}/api/v1/test-requests"), &request(1)).await;
     assert_eq!(status, 202, "{reply}");
     let request_id = reply["request_id"].as_str().unwrap().to_owned();
-    wait_until_within("the lab has the order", 30, || lab.accepted().len() == 1).await;
+    // The lab's order id is known once ferry has recorded the lab's answer, a moment after
+    // the lab has the order.
+    let status_url = format!("{url_a}/api/v1/test-requests/{request_id}");
+    wait_for("ferry recorded the lab's order id", || async {
+        let status: Value = client()
+            .get(&status_url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        status["status"] == "delivered_to_lab"
+    })
+    .await;
+    assert_eq!(lab.accepted().len(), 1);
 
     // The lab answers through replica B, by its own order id.
     let mut result = payload("test-result.json");

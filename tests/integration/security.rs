@@ -29,7 +29,7 @@ async fn security_flows(env: &[(&str, &str)], options: ferry::server::ServeOptio
         ("TOKEN_URL", "http://127.0.0.1:9/token"),
         ("PARTNER_TOKEN", "partner-token"),
         ("PARTNER_PASSWORD", "p@ss:word"),
-        ("OAUTH_SECRET", "oauth-secret"),
+        ("OAUTH_SECRET", "oauth:se cret%"),
         ("SIGNING_SECRET", "whsec_c2lnbmluZy1zZWNyZXQ="),
     ];
     all.retain(|(k, _)| !env.iter().any(|(n, _)| n == k));
@@ -207,6 +207,37 @@ async fn bearer_tokens_are_checked_and_scoped() {
     elsewhere["aud"] = json!("another-service");
     assert_eq!(send(jwt(&elsewhere, JWT_SECRET, None)).await, 401);
     assert_eq!(send(jwt(&valid, "a-guessed-secret", None)).await, 401);
+    // Every claim the flow configures is required: missing is refused like wrong.
+    for (claim, wrong) in [
+        ("iss", json!("https://another-idp.example")),
+        ("aud", json!("another-service")),
+        ("exp", json!(now() - 3600)),
+    ] {
+        let mut missing = valid.clone();
+        missing.as_object_mut().unwrap().remove(claim);
+        assert_eq!(
+            send(jwt(&missing, JWT_SECRET, None)).await,
+            401,
+            "no {claim}"
+        );
+        let mut other = valid.clone();
+        other[claim] = wrong;
+        assert_eq!(
+            send(jwt(&other, JWT_SECRET, None)).await,
+            401,
+            "wrong {claim}"
+        );
+    }
+    // Not before: an hour ahead is refused; within the 30 s leeway, or past, it passes.
+    for (nbf, status) in [(now() + 3600, 401), (now() + 10, 200), (now() - 60, 200)] {
+        let mut early = valid.clone();
+        early["nbf"] = json!(nbf);
+        assert_eq!(
+            send(jwt(&early, JWT_SECRET, None)).await,
+            status,
+            "nbf {nbf}"
+        );
+    }
     // `alg: none`: an unsigned token claiming everything.
     let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
     let unsigned = format!(
@@ -338,6 +369,12 @@ async fn targets_present_credentials_and_sign_what_they_send() {
     assert_eq!(received[2].headers["authorization"], "Bearer token-1");
     assert_eq!(received[3].headers["authorization"], "Bearer token-1");
     assert_eq!(tokens.received().len(), 1, "the token is cached");
+    // RFC 6749 §2.3.1: id and secret are form-encoded before Basic authentication.
+    let client = base64::engine::general_purpose::STANDARD.encode("ferry:oauth%3Ase+cret%25");
+    assert_eq!(
+        tokens.received()[0].headers["authorization"],
+        format!("Basic {client}").as_str()
+    );
     let token_request = String::from_utf8_lossy(&tokens.received()[0].body).into_owned();
     assert!(
         token_request.contains("grant_type=client_credentials"),
@@ -347,7 +384,7 @@ async fn targets_present_credentials_and_sign_what_they_send() {
     // The partner can verify ferry's signature with the shared secret.
     let signed = &received[0];
     let header = |name: &str| signed.headers[name].to_str().unwrap().to_owned();
-    let key = ferry::auth::webhook_key("whsec_c2lnbmluZy1zZWNyZXQ=");
+    let key = ferry::auth::webhook_key("whsec_c2lnbmluZy1zZWNyZXQ=").unwrap();
     let timestamp: i64 = header("webhook-timestamp").parse().unwrap();
     assert_eq!(
         header("webhook-signature"),

@@ -19,6 +19,7 @@ fn accepted(id: &str, key: Option<&str>) -> Accepted {
         flow: "f".into(),
         correlation_id: id.into(),
         idempotency_key: key.map(Into::into),
+        fingerprint: key.map(|k| format!("fingerprint-of-{k}")),
         received_at: now_ms(),
         inbound: json!({"a": 1}),
         meta: json!({"id": id}),
@@ -110,13 +111,15 @@ async fn accept_claim_deliver_and_trace(backend: Backend) {
         store.accept(accepted("m1", Some("k1"))).await.unwrap(),
         AcceptOutcome::Stored
     );
-    // The same idempotency key gives the original reply.
+    // The same idempotency key gives the original reply, with what identified the request.
     let again = store.accept(accepted("m2", Some("k1"))).await.unwrap();
-    assert!(matches!(again, AcceptOutcome::Duplicate(r) if r.body == json!({"id": "m1"})));
-    assert_eq!(
-        store.reply_for("f", "k1").await.unwrap().unwrap().body,
-        json!({"id": "m1"})
-    );
+    assert!(matches!(&again, AcceptOutcome::Duplicate(p) if p.reply.body == json!({"id": "m1"})));
+    let prior = store.reply_for("f", "k1").await.unwrap().unwrap();
+    assert_eq!(prior.reply.body, json!({"id": "m1"}));
+    assert_eq!(prior.fingerprint.as_deref(), Some("fingerprint-of-k1"));
+    assert!(prior.repeated_by(Some("fingerprint-of-k1")));
+    assert!(!prior.repeated_by(Some("another")));
+    store.writable().await.unwrap();
     assert_eq!(store.undelivered().await.unwrap(), 1);
     assert!(store.oldest_undelivered().await.unwrap().is_some());
 
