@@ -281,8 +281,9 @@ fn write_all_then_read(address: &str, head: &str, body_len: usize) -> String {
     let mut left = body_len;
     while left > 0 {
         let n = left.min(chunk.len());
-        if stream.write_all(&chunk[..n]).is_err() {
-            break; // the reply may already be waiting
+        // Such a client stops at a failed write, before reading anything.
+        if let Err(error) = stream.write_all(&chunk[..n]) {
+            return format!("network error while writing: {error}");
         }
         left -= n;
     }
