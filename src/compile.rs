@@ -205,18 +205,6 @@ fn check_endpoints(flows: &[LoadedFlow], diagnostics: &mut Vec<Diagnostic>) {
     }
 }
 
-/// The `{{path}}` lookups in a structural template, each at the template's location.
-fn lookups(tree: &serde_json::Value, at: Location, reads: &mut Vec<(Vec<String>, Location)>) {
-    match tree {
-        serde_json::Value::String(source) => {
-            reads.extend(crate::template::lookup_segments(source).map(|s| (s, at)))
-        }
-        serde_json::Value::Array(items) => items.iter().for_each(|i| lookups(i, at, reads)),
-        serde_json::Value::Object(map) => map.values().for_each(|v| lookups(v, at, reads)),
-        _ => {}
-    }
-}
-
 /// Runs each example of a flow's input schema through its steps: an example the flow's own
 /// steps refuse (a transform whose output breaks the next schema, say) is a mistake found
 /// without traffic.
@@ -397,6 +385,9 @@ pub(crate) struct Ctx<'a> {
     pub(crate) targets: Vec<String>,
     /// Where secrets named by environment variable come from.
     pub(crate) env: &'a dyn Fn(&str) -> Option<String>,
+    /// The schema the body last passed (a `validate` step) where the part being compiled
+    /// reads it: what templates read of `body` is checked against it.
+    pub(crate) body_schema: Option<String>,
 }
 
 impl Ctx<'_> {
@@ -565,29 +556,39 @@ impl Ctx<'_> {
         }
     }
 
-    /// Compiles a structural template, reporting each bad leaf at `at` with its pointer.
+    /// Compiles a structural template, reporting each bad node at `at` with its pointer,
+    /// and what it reads of a body the schema does not declare.
     pub(crate) fn json_template(
         &mut self,
         tree: &serde_json::Value,
         at: Location,
     ) -> Option<crate::template::JsonTemplate> {
         match self.templates.compile_json(tree) {
-            Ok(template) => Some(template),
+            Ok(template) => {
+                self.check_reads(template.reads(), at);
+                Some(template)
+            }
             Err(errors) => {
-                for (pointer, message) in errors {
+                for crate::template::TemplateError { pointer, error } in errors {
                     let place = if pointer.is_empty() {
                         String::new()
                     } else {
                         format!("at {pointer}: ")
                     };
-                    self.error_with(at, "template", format!("{place}{message}"), None);
+                    self.error_with(
+                        at,
+                        "template",
+                        format!("{place}{}", error.message),
+                        error.hint,
+                    );
                 }
                 None
             }
         }
     }
 
-    /// Compiles a text template, reporting a problem at `at`.
+    /// Compiles a text template, reporting a problem at `at`, and what it reads of a body
+    /// the schema does not declare.
     pub(crate) fn text_template(
         &mut self,
         source: &str,
@@ -595,9 +596,12 @@ impl Ctx<'_> {
         at: Location,
     ) -> Option<crate::template::TextTemplate> {
         match self.templates.compile_text(source, escape) {
-            Ok(template) => Some(template),
-            Err(message) => {
-                self.error_with(at, "template", message, None);
+            Ok(template) => {
+                self.check_reads(template.reads(), at);
+                Some(template)
+            }
+            Err(error) => {
+                self.error_with(at, "template", error.message, error.hint);
                 None
             }
         }
@@ -623,73 +627,80 @@ impl Ctx<'_> {
         Some(template)
     }
 
-    /// Warns about every read of `body` in `step` that the schema the body last passed
-    /// (`schema`) does not declare: most likely a misspelt field.
-    pub(crate) fn check_reads(
-        &mut self,
-        step: &crate::config::StepConfig,
-        schema: Option<&str>,
-        at: Location,
-    ) {
+    /// Checks what the JSONPaths of `step` (in `set` and `route`) read of the body.
+    pub(crate) fn check_paths(&mut self, step: &crate::config::StepConfig) {
         use crate::config::StepConfig;
-        let Some(schema) = schema else { return };
-        let mut reads: Vec<(Vec<String>, Location)> = Vec::new();
         let path_of = |source: &str| {
             crate::jsonpath::JsonPath::parse(source)
                 .ok()
                 .and_then(|p| p.segments())
         };
+        let mut paths: Vec<(Vec<String>, Location)> = Vec::new();
         match step {
-            StepConfig::Set(vars) => {
-                reads.extend(
-                    vars.values()
-                        .filter_map(|p| path_of(&p.value).map(|s| (s, p.referenced))),
-                );
-            }
+            StepConfig::Set(vars) => paths.extend(
+                vars.values()
+                    .filter_map(|p| path_of(&p.value).map(|s| (s, p.referenced))),
+            ),
             StepConfig::Route(rules) => {
-                for rule in rules {
-                    if let Some(when) = &rule.when {
-                        reads.extend(path_of(&when.path.value).map(|s| (s, when.path.referenced)));
+                for when in rules.iter().filter_map(|r| r.when.as_ref()) {
+                    if let Some(path) = &when.path {
+                        paths.extend(path_of(&path.value).map(|s| (s, path.referenced)));
                     }
                 }
             }
-            StepConfig::Transform(transform) => {
-                if let Some(body) = &transform.body {
-                    lookups(&body.value, body.referenced, &mut reads);
-                }
-            }
-            StepConfig::Correlate(correlate) => {
-                for key in correlate.save.iter().chain(correlate.find.iter()).flatten() {
-                    lookups(
-                        &serde_json::Value::String(key.value.clone()),
-                        key.referenced,
-                        &mut reads,
-                    );
-                }
-                if let Some(data) = &correlate.data {
-                    lookups(&data.value, data.referenced, &mut reads);
-                }
-            }
-            StepConfig::Validate(_) => {}
+            _ => {}
         }
-        for (segments, location) in reads {
-            let Some(("body", path)) = segments
+        for (path, at) in paths {
+            self.check_reads(
+                vec![crate::template::Read {
+                    path,
+                    iterated: false,
+                }],
+                at,
+            );
+        }
+    }
+
+    /// Warns about every read of `body` that the schema the body last passed does not
+    /// declare (most likely a misspelt field), and errs where a `$each` iterates over what
+    /// the schema says is not an array.
+    pub(crate) fn check_reads(&mut self, reads: Vec<crate::template::Read>, at: Location) {
+        let Some(schema) = self.body_schema.clone() else {
+            return;
+        };
+        for read in reads {
+            let Some(("body", path)) = read
+                .path
                 .split_first()
                 .map(|(root, rest)| (root.as_str(), rest))
             else {
                 continue;
             };
+            let shown = format!("body.{}", path.join(".")).replace(".0.", "[].");
+            if read.iterated
+                && let Some(kind) = self.schemas.kind(&schema, path)
+                && kind != "array"
+            {
+                self.error_with(
+                    at,
+                    "template",
+                    format!("`$each` goes over `{shown}`, which {schema} says is {kind}, not an array"),
+                    Some("give `$each` an array; to make one of a single value, write `$value` without `$each`".into()),
+                );
+                continue;
+            }
             if let crate::schema::Declared::No {
                 at: parent,
                 field,
                 known,
-            } = self.schemas.declares(schema, path)
+            } = self.schemas.declares(&schema, path)
             {
-                let read = format!("body.{}", path.join("."));
                 let owner = if parent.is_empty() {
                     "the body".to_owned()
                 } else {
                     format!("body.{parent}")
+                        .replace(".0.", "[].")
+                        .replace(".0", "[]")
                 };
                 let hint =
                     match crate::diagnostic::closest(&field, known.iter().map(String::as_str)) {
@@ -700,10 +711,10 @@ impl Ctx<'_> {
                         None => format!("{owner} declares: {}", known.join(", ")),
                     };
                 let mut d = self
-                    .diagnostic(format!("reads `{read}`, which {schema} does not declare"))
+                    .diagnostic(format!("reads `{shown}`, which {schema} does not declare"))
                     .with_code("undeclared-field")
                     .with_hint(hint)
-                    .at_location(if location.line() > 0 { location } else { at });
+                    .at_location(if at.line() > 0 { at } else { self.at });
                 d.severity = Severity::Warning;
                 self.diagnostics.push(d);
             }

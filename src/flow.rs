@@ -147,7 +147,15 @@ impl Flow {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Option<Self> {
         let config = &loaded.config;
-        let mut templates = Templates::new();
+        let tables = config
+            .tables
+            .iter()
+            .map(|(name, entries)| crate::template::Table {
+                name: name.clone(),
+                entries: entries.clone(),
+            })
+            .collect();
+        let mut templates = Templates::with_tables(tables);
         let errors_before = diagnostics
             .iter()
             .filter(|d| d.severity == crate::diagnostic::Severity::Error)
@@ -162,6 +170,7 @@ impl Flow {
             diagnostics,
             targets: config.targets.keys().cloned().collect(),
             env,
+            body_schema: None,
         };
         let trigger = compile_trigger(config.trigger.as_ref(), &mut ctx);
 
@@ -198,7 +207,9 @@ impl Flow {
         for (index, step) in config.steps.iter().enumerate() {
             ctx.part = format!("step {} ({})", index + 1, step.value.kind());
             ctx.at = step.referenced;
-            ctx.check_reads(&step.value, body_schema.as_deref(), step.referenced);
+            // What the step reads of the body is checked against the schema it last passed.
+            ctx.body_schema = body_schema.clone();
+            ctx.check_paths(&step.value);
             match &step.value {
                 crate::config::StepConfig::Validate(v) => {
                     body_schema = Some(v.schema.value.clone())
@@ -227,6 +238,8 @@ impl Flow {
         }
         let default_target = (config.targets.len() == 1 && !routed).then_some(0);
 
+        // The reply and delivery outcomes read the body as the steps left it.
+        ctx.body_schema = body_schema;
         ctx.part = "delivery".into();
         let delivery = compile_delivery(config.delivery.as_ref(), &mut ctx);
 

@@ -59,6 +59,16 @@ pub struct Schemas {
     raw: HashMap<String, Value>,
 }
 
+/// Where following a path through a schema ends.
+enum Walk<'a> {
+    /// At this node of this file.
+    Found(&'a Value, String),
+    /// At a level the schema leaves open.
+    Open,
+    /// At a field it does not declare.
+    Undeclared(Declared),
+}
+
 /// Whether a schema declares the field a path reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Declared {
@@ -102,41 +112,64 @@ impl Schemas {
 
     /// Whether schema `name` (already compiled) declares the field that `path` (names and
     /// indices under the body) reads. Schemas that leave a level open (no `properties`, or
-    /// combinators ferry does not follow) declare everything under it.
+    /// combinators ferry does not follow) declare everything under it. A name read from an
+    /// array is read from its items.
     pub fn declares(&self, name: &str, path: &[String]) -> Declared {
+        match self.walk(name, path) {
+            Walk::Undeclared(declared) => declared,
+            Walk::Found(..) | Walk::Open => Declared::Yes,
+        }
+    }
+
+    /// The `type` schema `name` declares for what `path` reads, when it declares one.
+    pub fn kind(&self, name: &str, path: &[String]) -> Option<String> {
+        let Walk::Found(node, file) = self.walk(name, path) else {
+            return None;
+        };
+        let (node, _) = self.resolve(node, &file)?;
+        node.get("type").and_then(Value::as_str).map(str::to_owned)
+    }
+
+    fn walk<'a>(&'a self, name: &str, path: &[String]) -> Walk<'a> {
         let Some(root) = self.raw.get(name) else {
-            return Declared::Yes;
+            return Walk::Open;
         };
         let mut node = root;
         let mut file = name.to_owned();
         for (depth, segment) in path.iter().enumerate() {
             let Some((resolved, in_file)) = self.resolve(node, &file) else {
-                return Declared::Yes;
+                return Walk::Open;
             };
             node = resolved;
             file = in_file;
-            if let Some(items) = node.get("items")
-                && segment.parse::<usize>().is_ok()
-            {
-                node = items;
-                continue;
+            if let Some(items) = node.get("items") {
+                if segment.parse::<usize>().is_ok() {
+                    node = items;
+                    continue;
+                }
+                // A name on an array reads every item's field.
+                let Some((resolved, in_file)) = self.resolve(items, &file) else {
+                    return Walk::Open;
+                };
+                node = resolved;
+                file = in_file;
             }
             let Some(Value::Object(properties)) = node.get("properties") else {
-                return Declared::Yes;
+                return Walk::Open;
             };
             match properties.get(segment) {
                 Some(next) => node = next,
-                None if node.get("patternProperties").is_some() => return Declared::Yes,
+                None if node.get("patternProperties").is_some() => return Walk::Open,
                 None => {
-                    return Declared::No {
+                    return Walk::Undeclared(Declared::No {
                         at: path[..depth].join("."),
                         field: segment.clone(),
                         known: properties.keys().cloned().collect(),
-                    };
+                    });
                 }
             }
         }
-        Declared::Yes
+        Walk::Found(node, file)
     }
 
     /// Keeps the files `schema` (the file `name`) refers to, so [`Schemas::declares`] can

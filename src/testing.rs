@@ -23,6 +23,7 @@ use crate::jsonpath::JsonPath;
 use crate::message::{Message, Meta};
 use crate::store::Store;
 use crate::targets::{RetryAction, Target, TargetResponse, classify_status};
+use crate::template::helpers::same;
 
 /// A test file.
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -136,9 +137,12 @@ pub struct JsonExpect {
     /// HTTP status of a reply.
     #[serde(default)]
     pub status: Option<u16>,
-    /// The body, exactly.
+    /// The body, exactly (numbers by value: `-5` equals `-5.0`).
     #[serde(default)]
     pub json_equals: Option<Value>,
+    /// The body, exactly as the JSON file at this path (relative to the test file) holds it.
+    #[serde(default)]
+    pub json_equals_file: Option<String>,
     /// The body contains this: every field given, recursively; arrays element by element.
     #[serde(default)]
     pub json_contains: Option<Value>,
@@ -311,8 +315,10 @@ async fn run_case(
     };
 
     let mut failures = Vec::new();
+    let base = file.parent().unwrap_or(Path::new("."));
     if let Some(expected) = &case.expect.reply {
         check_json(
+            base,
             "reply",
             expected,
             reply.0,
@@ -324,6 +330,7 @@ async fn run_case(
     for (target, expected) in &case.expect.targets {
         match outputs.get(target) {
             Some(got) => check_json(
+                base,
                 &format!("target \"{target}\""),
                 expected,
                 0,
@@ -439,6 +446,7 @@ fn deliver(
 }
 
 fn check_json(
+    base: &Path,
     what: &str,
     expected: &JsonExpect,
     status: u16,
@@ -452,12 +460,27 @@ fn check_json(
             pretty(actual)
         ));
     }
-    if let Some(want) = &expected.json_equals
-        && want != actual
+    let from_file = expected.json_equals_file.as_ref().map(|name| {
+        let path = base.join(name);
+        std::fs::read_to_string(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|text| serde_json::from_str::<Value>(&text).map_err(|e| e.to_string()))
+            .map_err(|e| format!("{what}: json_equals_file {}: {e}", path.display()))
+    });
+    let wanted = match from_file {
+        Some(Err(error)) => {
+            failures.push(error);
+            None
+        }
+        Some(Ok(value)) => Some(value),
+        None => expected.json_equals.clone(),
+    };
+    if let Some(want) = wanted
+        && !same(&want, actual)
     {
         failures.push(format!(
             "{what}: body differs\n--- expected\n{}\n--- actual\n{}",
-            pretty(want),
+            pretty(&want),
             pretty(actual)
         ));
     }
@@ -474,7 +497,7 @@ fn check_json(
         match JsonPath::parse(path) {
             Ok(compiled) => {
                 let got = compiled.extract(actual);
-                if &got != want {
+                if !same(&got, want) {
                     failures.push(format!("{what}: {path} is {got}, expected {want}"));
                 }
             }
@@ -625,7 +648,7 @@ pub fn contains(actual: &Value, expected: &Value) -> bool {
                     .zip(expected)
                     .all(|(got, want)| contains(got, want))
         }
-        _ => actual == expected,
+        _ => same(actual, expected),
     }
 }
 

@@ -80,6 +80,10 @@ pub struct FlowConfig {
     /// The answer sent to the caller once the message has been handled.
     #[serde(default)]
     pub reply: Option<ReplyConfig>,
+    /// Lookup tables templates read with `{{table "NAME" KEY DEFAULT}}`: each maps keys
+    /// (a partner's codes, say) to values, such as `priority: {routine: R, urgent: S}`.
+    #[serde(default)]
+    pub tables: BTreeMap<String, serde_json::Map<String, Value>>,
     /// Fields holding personal or secret data, as JSON pointers into the body such as
     /// `/customer/email`: their values are redacted in logs, errors, timelines and the
     /// admin API (targets still receive them).
@@ -260,16 +264,23 @@ pub struct RouteRuleConfig {
     pub flow: Option<Spanned<String>>,
 }
 
-/// A condition on the message: a JSONPath and what its result must be.
+/// A condition on the message: a JSONPath and what its result must be, or a `test`
+/// expression.
 ///
-/// With neither `equals` nor `in`, the condition holds when the path selects anything
+/// With neither `equals` nor `in`, a path condition holds when the path selects anything
 /// (`exists: true`) or nothing (`exists: false`).
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConditionConfig {
     /// JSONPath over the message (`$.body…`, `$.vars…`, `$.meta…`).
-    #[schemars(with = "String")]
-    pub path: Spanned<String>,
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub path: Option<Spanned<String>>,
+    /// Instead of `path`: one `{{expression}}` that holds when its value is truthy, such as
+    /// `"{{in (upper body.lab) 'NORTH' 'NORTHWIND'}}"`.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub test: Option<Spanned<String>>,
     /// Holds when the selected value equals this value.
     #[serde(default)]
     pub equals: Option<Value>,

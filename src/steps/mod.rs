@@ -86,7 +86,7 @@ impl Step {
                     })
             }
             Self::Route(step) => {
-                state.target = Some(step.choose(message)?);
+                state.target = Some(step.choose(message, templates)?);
                 Ok(())
             }
             Self::Correlate(step) => step.apply(message, templates, state, store, label).await,

@@ -7,6 +7,7 @@ use crate::config::{ConditionConfig, RouteRuleConfig};
 use crate::error::FlowError;
 use crate::jsonpath::JsonPath;
 use crate::message::Message;
+use crate::template::{JsonTemplate, Templates};
 
 /// A compiled `route` step.
 #[derive(Debug)]
@@ -16,13 +17,15 @@ pub struct Route {
 
 /// A condition on the message.
 #[derive(Debug)]
-pub(crate) struct Condition {
-    path: JsonPath,
-    test: Test,
+pub(crate) enum Condition {
+    /// What a JSONPath selects, tested.
+    Path { path: JsonPath, test: Test },
+    /// An expression's value, truthy or not.
+    Expr(JsonTemplate),
 }
 
 #[derive(Debug)]
-enum Test {
+pub(crate) enum Test {
     Exists(bool),
     OneOf(Vec<Value>),
 }
@@ -101,39 +104,104 @@ impl Route {
     }
 
     /// The index of the target the message goes to.
-    pub(crate) fn choose(&self, message: &Message) -> Result<usize, FlowError> {
-        self.rules
-            .iter()
-            .find(|(condition, _)| condition.as_ref().is_none_or(|c| c.holds(message.root())))
-            .map(|(_, target)| *target)
-            .ok_or(FlowError::NoRoute)
+    pub(crate) fn choose(
+        &self,
+        message: &Message,
+        templates: &Templates,
+    ) -> Result<usize, FlowError> {
+        for (condition, target) in &self.rules {
+            let holds = match condition {
+                None => true,
+                Some(condition) => condition.holds(message, templates)?,
+            };
+            if holds {
+                return Ok(*target);
+            }
+        }
+        Err(FlowError::NoRoute)
     }
 }
 
 impl Condition {
     fn compile(config: &ConditionConfig, ctx: &mut Ctx<'_>) -> Option<Self> {
-        let path = ctx.message_path(&config.path.value, config.path.referenced)?;
+        let at = config
+            .path
+            .as_ref()
+            .or(config.test.as_ref())
+            .map_or(ctx.at, |s| s.referenced);
+        let path = match (&config.path, &config.test) {
+            (Some(path), None) => path,
+            (None, Some(test)) => {
+                if config.equals.is_some() || config.one_of.is_some() || config.exists.is_some() {
+                    ctx.error(at, "a `test` condition stands alone: write the comparison in it, such as `{{eq body.lab 'north'}}`");
+                    return None;
+                }
+                let template = ctx.json_template(&Value::String(test.value.clone()), at)?;
+                if !matches!(template, JsonTemplate::Expr(..)) {
+                    ctx.error(
+                        at,
+                        format!("`test` takes one `{{{{…}}}}`, not \"{}\"", test.value),
+                    );
+                    return None;
+                }
+                return Some(Self::Expr(template));
+            }
+            _ => {
+                ctx.error(
+                    at,
+                    "a condition has a `path` or a `test`, not both or neither",
+                );
+                return None;
+            }
+        };
+        let json_path = ctx.message_path(&path.value, path.referenced)?;
         let test = match (&config.equals, &config.one_of, config.exists) {
             (Some(value), None, None) => Test::OneOf(vec![value.clone()]),
             (None, Some(values), None) => Test::OneOf(values.clone()),
             (None, None, exists) => Test::Exists(exists.unwrap_or(true)),
             _ => {
                 ctx.error(
-                    config.path.referenced,
+                    path.referenced,
                     "a condition takes one of `equals`, `in` or `exists`",
                 );
                 return None;
             }
         };
-        Some(Self { path, test })
+        Some(Self::Path {
+            path: json_path,
+            test,
+        })
     }
 
-    /// Whether the condition holds for the message document `root`.
-    pub(crate) fn holds(&self, root: &Value) -> bool {
-        let selected = self.path.select(root);
-        match &self.test {
-            Test::Exists(exists) => selected.is_empty() != *exists,
-            Test::OneOf(values) => selected.iter().any(|v| values.contains(v)),
+    /// Whether the condition holds for `message`.
+    ///
+    /// # Errors
+    ///
+    /// What a `test` expression's helper refused.
+    pub(crate) fn holds(
+        &self,
+        message: &Message,
+        templates: &Templates,
+    ) -> Result<bool, FlowError> {
+        match self {
+            Self::Path { path, test } => {
+                let selected = path.select(message.root());
+                Ok(match test {
+                    Test::Exists(exists) => selected.is_empty() != *exists,
+                    Test::OneOf(values) => selected
+                        .iter()
+                        .any(|v| values.iter().any(|w| crate::template::helpers::same(v, w))),
+                })
+            }
+            Self::Expr(template) => {
+                let value = templates.render_json(template, message).map_err(|reason| {
+                    FlowError::Unprocessable {
+                        context: "route".into(),
+                        reason,
+                    }
+                })?;
+                Ok(crate::template::helpers::truthy(Some(&value)))
+            }
         }
     }
 }
