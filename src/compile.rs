@@ -569,18 +569,23 @@ impl Ctx<'_> {
                 Some(template)
             }
             Err(errors) => {
+                // Each mistake at the line of its own key, found in the file's text.
+                let text = std::fs::read_to_string(self.file).unwrap_or_default();
                 for crate::template::TemplateError { pointer, error } in errors {
                     let place = if pointer.is_empty() {
                         String::new()
                     } else {
                         format!("at {pointer}: ")
                     };
-                    self.error_with(
-                        at,
-                        "template",
-                        format!("{place}{}", error.message),
-                        error.hint,
-                    );
+                    let (line, column) =
+                        crate::diagnostic::locate(&text, at.line(), at.column(), &pointer)
+                            .unwrap_or((at.line(), at.column()));
+                    let mut d = self
+                        .diagnostic(format!("{place}{}", error.message))
+                        .with_code("template")
+                        .at(line, column);
+                    d.hint = error.hint;
+                    self.diagnostics.push(d);
                 }
                 None
             }
@@ -655,6 +660,7 @@ impl Ctx<'_> {
                 vec![crate::template::Read {
                     path,
                     iterated: false,
+                    pointer: String::new(),
                 }],
                 at,
             );
@@ -668,7 +674,17 @@ impl Ctx<'_> {
         let Some(schema) = self.body_schema.clone() else {
             return;
         };
+        let text = if reads.iter().any(|r| !r.pointer.is_empty()) {
+            std::fs::read_to_string(self.file).unwrap_or_default()
+        } else {
+            String::new()
+        };
         for read in reads {
+            // Each read at the line of its own key, when the file's text shows it.
+            let (line, column) =
+                crate::diagnostic::locate(&text, at.line(), at.column(), &read.pointer)
+                    .filter(|_| !read.pointer.is_empty())
+                    .unwrap_or((at.line(), at.column()));
             let Some(("body", path)) = read
                 .path
                 .split_first()
@@ -681,12 +697,12 @@ impl Ctx<'_> {
                 && let Some(kind) = self.schemas.kind(&schema, path)
                 && kind != "array"
             {
-                self.error_with(
-                    at,
-                    "template",
-                    format!("`$each` goes over `{shown}`, which {schema} says is {kind}, not an array"),
-                    Some("give `$each` an array; to make one of a single value, write `$value` without `$each`".into()),
-                );
+                let d = self
+                    .diagnostic(format!("`$each` goes over `{shown}`, which {schema} says is {kind}, not an array"))
+                    .with_code("template")
+                    .with_hint("give `$each` an array; to make one of a single value, write `$value` without `$each`")
+                    .at(line, column);
+                self.diagnostics.push(d);
                 continue;
             }
             if let crate::schema::Declared::No {
@@ -714,7 +730,7 @@ impl Ctx<'_> {
                     .diagnostic(format!("reads `{shown}`, which {schema} does not declare"))
                     .with_code("undeclared-field")
                     .with_hint(hint)
-                    .at_location(if at.line() > 0 { at } else { self.at });
+                    .at(line, column);
                 d.severity = Severity::Warning;
                 self.diagnostics.push(d);
             }

@@ -192,6 +192,55 @@ pub fn sort(diagnostics: &mut Vec<Diagnostic>) {
     diagnostics.dedup();
 }
 
+/// Where, in a flow file's `text`, the node at JSON `pointer` inside the YAML value that
+/// starts at `line:column` is written: each key of the pointer is looked for from where its
+/// parent was found on, in block style (`key:` on a line of its own) or flow style
+/// (`{key: …}`). Array positions keep their parent's place. `None` when a key is not found
+/// (a value written in another way), so the caller keeps the value's own place.
+pub fn locate(text: &str, line: u64, column: u64, pointer: &str) -> Option<(u64, u64)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut at = (
+        usize::try_from(line).ok()?.checked_sub(1)?,
+        usize::try_from(column).ok()?.saturating_sub(1),
+    );
+    for segment in pointer.split('/').skip(1) {
+        let key = segment.replace("~1", "/").replace("~0", "~");
+        if key.parse::<usize>().is_ok() {
+            continue;
+        }
+        at = find_key(&lines, at, &key)?;
+    }
+    Some((at.0 as u64 + 1, at.1 as u64 + 1))
+}
+
+/// The first place at or after `from` where `key` is written as a YAML key.
+fn find_key(lines: &[&str], from: (usize, usize), key: &str) -> Option<(usize, usize)> {
+    let forms = [key.to_owned(), format!("\"{key}\""), format!("'{key}'")];
+    for (index, line) in lines.iter().enumerate().skip(from.0) {
+        let start = if index == from.0 {
+            from.1.min(line.len())
+        } else {
+            0
+        };
+        for form in &forms {
+            let mut search = start;
+            while let Some(found) = line.get(search..).and_then(|rest| rest.find(form.as_str())) {
+                let begin = search + found;
+                let end = begin + form.len();
+                let before = line[..begin].chars().next_back();
+                let after = line[end..].trim_start();
+                let starts =
+                    before.is_none_or(|c| c.is_whitespace() || c == '{' || c == ',' || c == '-');
+                if starts && after.starts_with(':') {
+                    return Some((index, begin));
+                }
+                search = end;
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,5 +289,14 @@ mod tests {
     fn renders_without_position() {
         let d = Diagnostic::error(Path::new("flows"), "no flow files found");
         assert_eq!(d.to_string(), "flows: error: no flow files found");
+    }
+
+    #[test]
+    fn pointers_are_found_in_block_and_flow_style() {
+        let text = "steps:\n  - transform:\n      body:\n        a: \"{{x}}\"\n        e:\n          $each: x\n          id: \"{{y}}\"\n        f: { $eachh: x }\n";
+        assert_eq!(super::locate(text, 3, 7, "/a"), Some((4, 9)));
+        assert_eq!(super::locate(text, 3, 7, "/e/id"), Some((7, 11)));
+        assert_eq!(super::locate(text, 3, 7, "/f/$eachh"), Some((8, 14)));
+        assert_eq!(super::locate(text, 3, 7, "/nowhere"), None);
     }
 }

@@ -231,6 +231,8 @@ pub struct Read {
     pub path: Vec<String>,
     /// Whether a `$each` iterates over it (so it must be an array).
     pub iterated: bool,
+    /// Where in the template it is read (a JSON pointer; empty for a text template).
+    pub pointer: String,
 }
 
 /// The keys a `$each` object may have besides the item's own.
@@ -835,59 +837,79 @@ impl JsonTemplate {
     /// Every field of the message the template reads (items of `$each` as `…/0/…`).
     pub fn reads(&self) -> Vec<Read> {
         let mut out = Vec::new();
-        self.collect_reads(&mut Vec::new(), &mut out);
+        self.collect_reads("", &mut Vec::new(), &mut out);
         out
     }
 
     /// `sources[d]`: where the items of the `$each` at depth `d` come from, when a plain path.
-    fn collect_reads(&self, sources: &mut Vec<Option<Vec<String>>>, out: &mut Vec<Read>) {
-        let exprs = |expr: &Expr, sources: &[Option<Vec<String>>], out: &mut Vec<Read>| {
-            let mut paths = Vec::new();
-            expr.paths(&mut paths);
-            out.extend(
-                paths
-                    .iter()
-                    .filter_map(|p| absolute(p, sources))
-                    .map(|path| Read {
-                        path,
-                        iterated: false,
-                    }),
-            );
-        };
+    fn collect_reads(
+        &self,
+        pointer: &str,
+        sources: &mut Vec<Option<Vec<String>>>,
+        out: &mut Vec<Read>,
+    ) {
         match self {
             Self::Literal(_) => {}
-            Self::Expr(expr, _) => exprs(expr, sources, out),
-            Self::Text(text) => text.collect_reads(sources, out),
-            Self::Array(items) => items.iter().for_each(|i| i.collect_reads(sources, out)),
-            Self::Object(fields) => fields
-                .iter()
-                .for_each(|f| f.value.collect_reads(sources, out)),
+            Self::Expr(expr, _) => expr_reads(expr, pointer, sources, out),
+            Self::Text(text) => text.collect_reads(pointer, sources, out),
+            Self::Array(items) => {
+                for (index, item) in items.iter().enumerate() {
+                    item.collect_reads(&format!("{pointer}/{index}"), sources, out);
+                }
+            }
+            Self::Object(fields) => {
+                for field in fields {
+                    let key = field.key.replace('~', "~0").replace('/', "~1");
+                    field
+                        .value
+                        .collect_reads(&format!("{pointer}/{key}"), sources, out);
+                }
+            }
             Self::If(branch) => {
-                exprs(&branch.condition, sources, out);
-                branch.then.collect_reads(sources, out);
+                expr_reads(&branch.condition, &format!("{pointer}/$if"), sources, out);
+                branch
+                    .then
+                    .collect_reads(&format!("{pointer}/$then"), sources, out);
                 if let Some(otherwise) = &branch.otherwise {
-                    otherwise.collect_reads(sources, out);
+                    otherwise.collect_reads(&format!("{pointer}/$else"), sources, out);
                 }
             }
             Self::Each(each) => {
+                let at = format!("{pointer}/$each");
                 let source = each.source.as_path().and_then(|p| absolute(p, sources));
-                if let Some(path) = &source {
-                    out.push(Read {
+                match &source {
+                    Some(path) => out.push(Read {
                         path: path.clone(),
                         iterated: true,
-                    });
-                } else {
-                    exprs(&each.source, sources, out);
+                        pointer: at,
+                    }),
+                    None => expr_reads(&each.source, &at, sources, out),
                 }
                 sources.push(source);
                 if let Some(filter) = &each.filter {
-                    exprs(filter, sources, out);
+                    expr_reads(filter, &format!("{pointer}/$where"), sources, out);
                 }
-                each.item.collect_reads(sources, out);
+                each.item.collect_reads(pointer, sources, out);
                 sources.pop();
             }
         }
     }
+}
+
+/// The reads of one expression at `pointer`.
+fn expr_reads(expr: &Expr, pointer: &str, sources: &[Option<Vec<String>>], out: &mut Vec<Read>) {
+    let mut paths = Vec::new();
+    expr.paths(&mut paths);
+    out.extend(
+        paths
+            .iter()
+            .filter_map(|p| absolute(p, sources))
+            .map(|path| Read {
+                path,
+                iterated: false,
+                pointer: pointer.to_owned(),
+            }),
+    );
 }
 
 impl TextTemplate {
@@ -903,27 +925,17 @@ impl TextTemplate {
     /// Handlebars block syntax is not looked into).
     pub fn reads(&self) -> Vec<Read> {
         let mut out = Vec::new();
-        self.collect_reads(&[], &mut out);
+        self.collect_reads("", &[], &mut out);
         out
     }
 
-    fn collect_reads(&self, sources: &[Option<Vec<String>>], out: &mut Vec<Read>) {
+    fn collect_reads(&self, pointer: &str, sources: &[Option<Vec<String>>], out: &mut Vec<Read>) {
         if let Self::Parts { parts, .. } = self {
-            let mut paths = Vec::new();
             for part in parts {
                 if let Part::Expr(expr, _) = part {
-                    expr.paths(&mut paths);
+                    expr_reads(expr, pointer, sources, out);
                 }
             }
-            out.extend(
-                paths
-                    .iter()
-                    .filter_map(|p| absolute(p, sources))
-                    .map(|path| Read {
-                        path,
-                        iterated: false,
-                    }),
-            );
         }
     }
 }

@@ -221,6 +221,57 @@ delivery:
 }
 
 #[test]
+fn template_mistakes_are_reported_at_their_own_line_with_what_to_write() {
+    let output = ferry(&["check", "tests/fixtures/check/templates/flows"]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for (line, message, help) in [
+        (11, "unknown helper `uper`", "did you mean `upper`?"),
+        (
+            12,
+            "`upper` takes 1 argument(s), not 2",
+            "write `{{upper TEXT}}`",
+        ),
+        (
+            13,
+            "no table \"priorty\" in this flow",
+            "did you mean \"priority\"?",
+        ),
+        (17, "reads `smaple`", "did you mean `sample`?"),
+        (18, "`$eachh` is not a construct", "did you mean `$each`?"),
+        (19, "\"Mars/Base\" is not a time zone", "datetime"),
+    ] {
+        let at = format!("--> tests/fixtures/check/templates/flows/mistakes.yaml:{line}:");
+        let block = stderr
+            .split("\n\n")
+            .find(|b| b.contains(&at))
+            .unwrap_or_else(|| panic!("nothing at line {line}:\n{stderr}"));
+        assert!(block.contains(message), "line {line}: {block}");
+        assert!(block.contains(help), "line {line}: {block}");
+    }
+    for (line, message) in [
+        (
+            10,
+            "`$each` goes over `body.ref`, which order.schema.json says is string, not an array",
+        ),
+        (
+            15,
+            "reads `body.samples[].sampel_id`, which order.schema.json does not declare",
+        ),
+        (16, "reads `body.reff`"),
+        (16, "reads `body.samples.matrx`"),
+    ] {
+        let at = format!("--> tests/fixtures/check/templates/flows/reads.yaml:{line}:");
+        assert!(
+            stderr
+                .split("\n\n")
+                .any(|b| b.contains(&at) && b.contains(message)),
+            "{message} at line {line}:\n{stderr}"
+        );
+    }
+}
+
+#[test]
 fn every_shipped_flow_and_example_matches_the_flow_schema() {
     let schema: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(repo().join("schemas/flow.schema.json")).unwrap(),
