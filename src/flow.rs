@@ -427,19 +427,26 @@ impl Flow {
         watch: &mut (dyn FnMut(&str, &Message) + Send),
     ) -> Result<Processed, FlowError> {
         let mut state = StepState::default();
-        for (label, step) in &self.steps {
+        for (index, (label, step)) in self.steps.iter().enumerate() {
             let started = std::time::Instant::now();
             if let Err(mut error) = step
                 .apply(message, &self.templates, &mut state, store, label)
                 .await
             {
-                if let FlowError::Invalid { violations, .. } = &mut error
-                    && !self.sensitive.is_empty()
-                {
-                    for violation in violations {
-                        violation.message =
-                            self.sensitive.scrub(message.body(), &violation.message);
+                match &mut error {
+                    FlowError::Invalid { violations, .. } if !self.sensitive.is_empty() => {
+                        for violation in violations {
+                            violation.message =
+                                self.sensitive.scrub(message.body(), &violation.message);
+                        }
                     }
+                    // Where the step is written, so the integrator goes straight to it.
+                    FlowError::Unprocessable { context, .. } => {
+                        if let Some(at) = self.step_locations.get(index) {
+                            context.push_str(&format!(" at line {}", at.line()));
+                        }
+                    }
+                    _ => {}
                 }
                 return Err(error);
             }

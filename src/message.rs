@@ -171,6 +171,13 @@ impl Message {
         self.content_type = None;
     }
 
+    /// Changes the body in place.
+    pub fn update_body(&mut self, change: impl FnOnce(&mut Value)) {
+        if let Some(body) = self.root_mut().get_mut("body") {
+            change(body);
+        }
+    }
+
     /// Replaces the body with text of the given content type.
     pub fn set_text_body(&mut self, text: String, content_type: &str) {
         self.slot("body", Value::String(text));

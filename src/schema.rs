@@ -59,6 +59,44 @@ pub struct Schemas {
     raw: HashMap<String, Value>,
 }
 
+/// The defaults a schema declares, ready to fill into bodies: compiled once with the
+/// schema, so a message only walks what it has.
+#[derive(Debug, Clone, Default)]
+pub struct Defaults {
+    /// Each property with a default, or with defaults inside it.
+    fields: Vec<(String, Option<Value>, Defaults)>,
+    /// The defaults inside each item of an array.
+    items: Option<Box<Defaults>>,
+}
+
+impl Defaults {
+    fn is_empty(&self) -> bool {
+        self.fields.is_empty() && self.items.is_none()
+    }
+
+    /// Fills in what `value` lacks.
+    pub fn apply(&self, value: &mut Value) {
+        match value {
+            Value::Object(map) => {
+                for (key, default, inner) in &self.fields {
+                    if let (false, Some(default)) = (map.contains_key(key), default) {
+                        map.insert(key.clone(), default.clone());
+                    }
+                    if let Some(child) = map.get_mut(key) {
+                        inner.apply(child);
+                    }
+                }
+            }
+            Value::Array(items) => {
+                if let Some(inner) = &self.items {
+                    items.iter_mut().for_each(|item| inner.apply(item));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Where following a path through a schema ends.
 enum Walk<'a> {
     /// At this node of this file.
@@ -170,6 +208,52 @@ impl Schemas {
             }
         }
         Walk::Found(node, file)
+    }
+
+    /// The defaults schema `name` (already compiled) declares, as a plan to fill them in:
+    /// each property's `default`, and the defaults inside objects and array items, through
+    /// `$ref`s and `allOf`. `None` when it declares none.
+    pub fn defaults(&self, name: &str) -> Option<Defaults> {
+        let root = self.raw.get(name)?;
+        let plan = self.defaults_of(root, name, 0);
+        (!plan.is_empty()).then_some(plan)
+    }
+
+    fn defaults_of(&self, node: &Value, file: &str, depth: usize) -> Defaults {
+        let mut plan = Defaults::default();
+        let Some((node, file)) = self.resolve(node, file).filter(|_| depth < 32) else {
+            return plan;
+        };
+        if let Some(Value::Object(properties)) = node.get("properties") {
+            for (key, property) in properties {
+                let value = self
+                    .resolve(property, &file)
+                    .and_then(|(p, _)| p.get("default").cloned());
+                let inner = self.defaults_of(property, &file, depth + 1);
+                if value.is_some() || !inner.is_empty() {
+                    plan.fields.push((key.clone(), value, inner));
+                }
+            }
+        }
+        if let Some(items) = node.get("items") {
+            let inner = self.defaults_of(items, &file, depth + 1);
+            if !inner.is_empty() {
+                plan.items = Some(Box::new(inner));
+            }
+        }
+        for part in node
+            .get("allOf")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let inner = self.defaults_of(part, &file, depth + 1);
+            plan.fields.extend(inner.fields);
+            if plan.items.is_none() {
+                plan.items = inner.items;
+            }
+        }
+        plan
     }
 
     /// Keeps the files `schema` (the file `name`) refers to, so [`Schemas::declares`] can

@@ -224,6 +224,10 @@ pub struct ValidateConfig {
     /// Schema file, relative to the schemas folder (by default `schemas/` beside `flows/`).
     #[schemars(with = "String")]
     pub schema: Spanned<String>,
+    /// Fill in the `default` the schema declares for each property the body lacks, before
+    /// checking it, so later steps read it (default false).
+    #[serde(default)]
+    pub defaults: bool,
 }
 
 /// `transform`: replaces the body with a rendered template, either a JSON tree or text.

@@ -92,8 +92,7 @@ impl Transform {
             } => {
                 let text = templates.render_text(template, message)?;
                 if *json {
-                    let body = serde_json::from_str(&text)
-                        .map_err(|e| format!("the text template did not render valid JSON: {e}"))?;
+                    let body = serde_json::from_str(&text).map_err(|e| invalid_json(&text, &e))?;
                     message.set_body(body);
                 } else {
                     message.set_text_body(text, content_type);
@@ -101,5 +100,43 @@ impl Transform {
             }
         }
         Ok(())
+    }
+}
+
+/// Says where rendered text stopped being JSON, and shows the text around that place.
+fn invalid_json(text: &str, error: &serde_json::Error) -> String {
+    let line = text
+        .lines()
+        .nth(error.line().saturating_sub(1))
+        .unwrap_or_default();
+    let column = error.column().saturating_sub(1).min(line.len());
+    let mut start = column.saturating_sub(40);
+    while !line.is_char_boundary(start) {
+        start -= 1;
+    }
+    let mut end = (column + 40).min(line.len());
+    while !line.is_char_boundary(end) {
+        end += 1;
+    }
+    let caret = " ".repeat(line[start..column.max(start)].chars().count());
+    format!(
+        "the text template did not render valid JSON: {error}\n  {}\n  {caret}^",
+        &line[start..end]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn invalid_json_is_shown_around_the_place() {
+        let text = "{\"a\": 1, \"b\": [1, 2,], \"c\": 3}";
+        let error = serde_json::from_str::<serde_json::Value>(text).unwrap_err();
+        let shown = super::invalid_json(text, &error);
+        assert!(shown.contains("[1, 2,]"), "{shown}");
+        assert!(shown.ends_with('^'), "{shown}");
+        assert!(
+            shown.starts_with("the text template did not render valid JSON: "),
+            "{shown}"
+        );
     }
 }

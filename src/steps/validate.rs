@@ -9,21 +9,38 @@ use crate::compile::Ctx;
 use crate::config::ValidateConfig;
 use crate::error::FlowError;
 use crate::message::Message;
+use crate::schema::Defaults;
 
 /// A compiled `validate` step.
 #[derive(Debug)]
 pub struct Validate {
     name: String,
     schema: Arc<Validator>,
+    /// The schema's defaults, when the step fills them in.
+    defaults: Option<Defaults>,
 }
 
 impl Validate {
     pub(crate) fn compile(config: &ValidateConfig, ctx: &mut Ctx<'_>) -> Option<Self> {
         let name = &config.schema;
         let schema = ctx.schema(&name.value, name.referenced)?;
+        let defaults = if config.defaults {
+            let defaults = ctx.schemas.defaults(&name.value);
+            if defaults.is_none() {
+                ctx.warn_with(
+                    name.referenced,
+                    "schema",
+                    format!("`defaults: true`, but {} declares no defaults", name.value),
+                );
+            }
+            defaults
+        } else {
+            None
+        };
         Some(Self {
             name: name.value.clone(),
             schema,
+            defaults,
         })
     }
 
@@ -32,7 +49,10 @@ impl Validate {
         &self.name
     }
 
-    pub(crate) fn apply(&self, message: &Message) -> Result<(), FlowError> {
+    pub(crate) fn apply(&self, message: &mut Message) -> Result<(), FlowError> {
+        if let Some(defaults) = &self.defaults {
+            message.update_body(|body| defaults.apply(body));
+        }
         // The fast check first: valid messages, the common case, skip collecting errors.
         if self.schema.is_valid(message.body()) {
             return Ok(());

@@ -8,6 +8,8 @@ use serde_json::json;
 use crate::round_trip::wait_for_state;
 use crate::util::{FAST_RETRY, Ferry, Partner, payload, post_json, repo, wait_until};
 
+const NORTHWIND_KEY: &str = "northwind-test-key";
+
 const ROUTE_LINE: &str =
     "      - { when: { path: $.body.lab, equals: northwind }, flow: northwind-order }\n";
 
@@ -42,6 +44,7 @@ async fn serve_with_second_lab(
         ("LAB_URL", lab.url.as_str()),
         ("NORTHWIND_URL", northwind.url.as_str()),
         ("PORTAL_URL", portal.url.as_str()),
+        ("NORTHWIND_API_KEY", NORTHWIND_KEY),
     ];
     env.extend(FAST_RETRY);
     let flows = [dir.join("flows"), repo().join("examples/second-lab/flows")];
@@ -101,7 +104,8 @@ async fn a_second_lab_takes_the_requests_routed_to_it_and_only_those() {
         let submission = got.json();
         assert_eq!(submission["submission"]["reference"], id.as_str());
         assert_eq!(submission["submission"]["account"], "C-1001");
-        assert_eq!(submission["analyses"][1]["code"], "PB-ICPMS");
+        assert_eq!(submission["analyses"][1]["analysis"], "PB-ICPMS");
+        assert_eq!(submission["specimens"][0]["matrix"], "WATER");
     }
     for got in lab.received() {
         assert_eq!(got.path, "/orders");
@@ -141,4 +145,54 @@ async fn a_second_lab_that_is_down_is_retried_like_the_first() {
     northwind.set_reply(201, json!({"submission_id": "NW-1"}));
     wait_for_state(&ferry, &id, "delivered_to_lab").await;
     assert!(lab.received().is_empty());
+}
+
+#[tokio::test]
+async fn a_second_labs_report_in_its_own_format_reaches_the_portal_in_the_portals() {
+    let dir = tempfile::tempdir().unwrap();
+    shipped_with_second_lab(dir.path());
+    let lab = Partner::start(201, json!({})).await;
+    let northwind = Partner::start(201, json!({"submission_id": "NW-9"})).await;
+    let portal = Partner::start(200, json!({})).await;
+    let ferry = serve_with_second_lab(dir.path(), &lab, &northwind, &portal).await;
+    let mut request = payload("test-request.json");
+    request["lab"] = json!("northwind");
+    let (_, reply) = post_json(&format!("{}/api/v1/test-requests", ferry.url), &request).await;
+    let id = reply["request_id"].as_str().unwrap().to_owned();
+    wait_for_state(&ferry, &id, "delivered_to_lab").await;
+
+    // Northwind reports by its own id, in its own shapes, to its own endpoint.
+    let report = json!({
+        "submission_id": "NW-9", "reference": "not-echoed", "state": "FINAL",
+        "finished": "2026-11-22T16:04:05+01:00",
+        "panels": [{"barcode": "S-1", "readings": [
+            {"analysis": "PH", "reading": "7.20", "units": "pH", "flag": "N"},
+            {"analysis": "PB-ICPMS", "reading": "<0.5", "units": "ug/L", "flag": ""}
+        ]}]
+    });
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/v1/northwind/reports", ferry.url))
+        .header("x-northwind-key", NORTHWIND_KEY)
+        .json(&report)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    wait_until("the portal has the results", || {
+        portal.accepted().len() == 1
+    })
+    .await;
+    let result = portal.accepted()[0].json();
+    assert_eq!(result["request_id"], id.as_str());
+    assert_eq!(result["lab_order_id"], "NW-9");
+    assert_eq!(result["status"], "completed");
+    assert_eq!(result["completed_at"], "2026-11-22T15:04:05Z");
+    assert_eq!(
+        result["results"],
+        json!([
+            {"sample_id": "S-1", "code": "PH", "value": 7.2, "unit": "pH", "flag": "normal"},
+            {"sample_id": "S-1", "code": "PB-ICPMS", "value": "<0.5", "unit": "ug/L"}
+        ])
+    );
+    wait_for_state(&ferry, &id, "delivered_to_portal").await;
 }
