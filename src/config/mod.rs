@@ -52,6 +52,54 @@ fn allow_variables_in_numbers(schema: &mut Value) {
     }
 }
 
+/// The shape of a structural template, for editors: YAML shaped like the output, whose
+/// strings may hold `{{expressions}}`, with `$each` and `$if` objects (see the README's
+/// transform reference). Only the flow format's JSON Schema uses it; flows are read as values.
+pub struct StructuralTemplate;
+
+impl JsonSchema for StructuralTemplate {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "StructuralTemplate".into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let this = generator.subschema_for::<Self>();
+        let expression = |what: &str| serde_json::json!({"type": "string", "pattern": "^\\{\\{.*\\}\\}$", "description": what});
+        schemars::json_schema!({
+            "description": "A structural template: YAML shaped like the output. A string that is one `{{expression}}` keeps its value's JSON type; other strings with `{{…}}` are text. `$each` builds an array item by item, `$if` chooses a subtree, and a key ending in `?` is left out when its value is missing, null or \"\".",
+            "anyOf": [
+                {"type": ["string", "number", "integer", "boolean", "null"]},
+                {"type": "array", "items": this},
+                {
+                    "type": "object",
+                    "description": "An array built from an array: the other keys (or `$value`) are what each item becomes.",
+                    "required": ["$each"],
+                    "properties": {
+                        "$each": expression("One `{{…}}` naming the array, such as `{{body.samples}}`."),
+                        "$as": {"type": "string", "description": "The name each item is read by (default `item`)."},
+                        "$where": expression("Keeps the items for which this `{{…}}` is truthy."),
+                        "$flatten": {"type": "boolean", "description": "Joins items that are arrays into one array."},
+                        "$value": this
+                    },
+                    "additionalProperties": this
+                },
+                {
+                    "type": "object",
+                    "description": "One subtree or another.",
+                    "required": ["$if", "$then"],
+                    "properties": {
+                        "$if": expression("One `{{…}}`: truthy chooses `$then`, else `$else`."),
+                        "$then": this,
+                        "$else": this
+                    },
+                    "additionalProperties": false
+                },
+                {"type": "object", "additionalProperties": this}
+            ]
+        })
+    }
+}
+
 /// One flow file: a trigger, the steps a message goes through, where it goes, and the reply.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -237,7 +285,7 @@ pub struct TransformConfig {
     /// Structural template: a YAML tree whose string leaves are Handlebars templates.
     /// A leaf that is exactly one `{{path}}` keeps the JSON type of what it reads.
     #[serde(default)]
-    #[schemars(with = "Option<Value>")]
+    #[schemars(with = "Option<StructuralTemplate>")]
     pub body: Option<Spanned<Value>>,
     /// Text template for non-JSON bodies; every value is escaped for `content_type`.
     #[serde(default)]
@@ -320,7 +368,7 @@ pub struct CorrelateConfig {
     pub into: Option<String>,
     /// Structural template of fields merged into the record's data.
     #[serde(default)]
-    #[schemars(with = "Option<Value>")]
+    #[schemars(with = "Option<StructuralTemplate>")]
     pub data: Option<Spanned<Value>>,
     /// Lifecycle state to record, such as `accepted`.
     #[serde(default)]
@@ -401,7 +449,7 @@ pub struct OutcomeConfig {
     pub keys: Vec<Spanned<String>>,
     /// Structural template of fields merged into the record's data.
     #[serde(default)]
-    #[schemars(with = "Option<Value>")]
+    #[schemars(with = "Option<StructuralTemplate>")]
     pub data: Option<Spanned<Value>>,
 }
 
@@ -495,7 +543,7 @@ pub struct ReplyConfig {
     pub headers: BTreeMap<String, Spanned<String>>,
     /// Structural template of the response body, like `transform.body`.
     #[serde(default)]
-    #[schemars(with = "Option<Value>")]
+    #[schemars(with = "Option<StructuralTemplate>")]
     pub body: Option<Spanned<Value>>,
 }
 

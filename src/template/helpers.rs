@@ -209,7 +209,7 @@ pub static HELPERS: &[Helper] = &[
     ),
     helper!(
         "length",
-        "TEXT|ARRAY|OBJECT",
+        "VALUE",
         "characters of a text, items of an array, keys of an object (0 when missing)",
         1,
         Some(1),
@@ -898,5 +898,25 @@ mod tests {
                 .unwrap_err()
                 .contains("\"yesterday\" is not a date-time")
         );
+    }
+
+    #[test]
+    fn the_readme_lists_every_helper_as_it_is() {
+        let readme = include_str!("../../README.md");
+        for helper in HELPERS {
+            let row = format!(
+                "| `{} {}` | {} |",
+                helper.name, helper.signature, helper.doc
+            );
+            assert!(
+                readme.contains(&row),
+                "the README lacks, or words otherwise:\n{row}"
+            );
+        }
+        let listed = readme
+            .lines()
+            .filter(|l| l.starts_with("| `") && l.contains("` | "))
+            .count();
+        assert!(listed >= HELPERS.len());
     }
 }

@@ -1080,6 +1080,70 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// The same holds for items that `$each` builds: a value stays data, whatever it holds.
+        #[test]
+        fn any_string_round_trips_through_each(value in proptest::prelude::any::<String>()) {
+            let mut templates = Templates::new();
+            let template = templates
+                .compile_json(&json!({"items": {"$each": "{{body.list}}", "$as": "x", "alone": "{{x.v}}", "in_text": "<{{x.v}}>", "upper_kept": "{{concat x.v}}"}}))
+                .unwrap();
+            let message = Message::new(json!({"list": [{"v": value}]}), &Meta::new("f"));
+            let out = templates.render_json(&template, &message).unwrap();
+            let item = &out["items"][0];
+            proptest::prop_assert_eq!(&item["alone"], &json!(value));
+            proptest::prop_assert_eq!(&item["in_text"], &json!(format!("<{value}>")));
+            proptest::prop_assert_eq!(&item["upper_kept"], &json!(value));
+            proptest::prop_assert_eq!(item.as_object().unwrap().len(), 3);
+            proptest::prop_assert_eq!(out["items"].as_array().unwrap().len(), 1);
+        }
+    }
+
+    #[test]
+    fn constructs_leave_out_what_is_absent_and_escape_dollar_keys() {
+        let mut templates = Templates::new();
+        let template = templates
+            .compile_json(&json!({
+                "a?": "{{body.missing}}",
+                "b?": "{{body.empty}}",
+                "c?": "{{body.zero}}",
+                "$$schema": "https://example/s",
+                "q??": 1,
+                "list": ["x", {"$if": "{{body.zero}}", "$then": "never"}, {"$if": "{{body.n}}", "$then": "{{body.n}}"}],
+                "deep": {"$each": "{{body.rows}}", "$as": "r", "$flatten": true,
+                         "$value": {"$each": "{{r.cells}}", "$as": "c", "$value": "{{concat r.name ':' c}}"}}
+            }))
+            .unwrap();
+        let message = Message::new(
+            json!({"empty": "", "zero": 0, "n": 2, "rows": [{"name": "A", "cells": [1, 2]}, {"name": "B", "cells": []}]}),
+            &Meta::new("f"),
+        );
+        let out = templates.render_json(&template, &message).unwrap();
+        assert_eq!(
+            out,
+            json!({"c": 0, "$schema": "https://example/s", "q?": 1, "list": ["x", 2], "deep": ["A:1", "A:2"]})
+        );
+    }
+
+    #[test]
+    fn block_text_templates_have_the_same_helpers_and_missing_fields_compare_false() {
+        let mut templates = Templates::new();
+        let template = templates
+            .compile_text(
+                "{{#each body.tests}}{{upper code}}{{#if (eq priority 'urgent')}}!{{/if}};{{/each}}",
+                Escape::Csv,
+            )
+            .unwrap();
+        let message = Message::new(
+            json!({"tests": [{"code": "ph"}, {"code": "pb", "priority": "urgent"}]}),
+            &Meta::new("f"),
+        );
+        assert_eq!(
+            templates.render_text(&template, &message).unwrap(),
+            "PH;PB!;"
+        );
+    }
+
     #[test]
     fn lone_lookups_keep_their_type_and_text_leaves_become_strings() {
         let mut templates = Templates::new();

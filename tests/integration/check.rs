@@ -284,6 +284,7 @@ fn every_shipped_flow_and_example_matches_the_flow_schema() {
         "examples/lab-results-amqp/flows",
         "examples/second-lab/flows",
         "examples/layered/flows",
+        "examples/mapping-cases/flows",
     ] {
         for entry in std::fs::read_dir(repo().join(folder)).unwrap() {
             let path = entry.unwrap().path();
@@ -317,6 +318,7 @@ fn ferry_test_passes_the_shipped_flows_and_examples() {
         "examples/lab-results-amqp/flows",
         "examples/second-lab/flows",
         "examples/layered/flows",
+        "examples/mapping-cases/flows",
     ]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(
@@ -326,13 +328,13 @@ fn ferry_test_passes_the_shipped_flows_and_examples() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(
-        stdout.contains("running 16 tests from 8 file(s)"),
+        stdout.contains("running 30 tests from 21 file(s)"),
         "{stdout}"
     );
     assert!(
         stdout
             .trim_end()
-            .ends_with("test result: ok. 16 passed; 0 failed"),
+            .ends_with("test result: ok. 30 passed; 0 failed"),
         "{stdout}"
     );
 }
