@@ -151,6 +151,8 @@ pub enum TextTemplate {
         name: String,
         /// The registry it lives in.
         escape: Escape,
+        /// What it reads of the message, found when it compiled.
+        reads: Vec<Read>,
     },
 }
 
@@ -326,7 +328,11 @@ impl Templates {
                     hint: None,
                 }
             })?;
-        Ok(TextTemplate::Handlebars { name, escape })
+        Ok(TextTemplate::Handlebars {
+            name,
+            escape,
+            reads: handlebars_reads(source),
+        })
     }
 
     /// Splits text into its literal pieces and compiled `{{expressions}}`.
@@ -700,7 +706,7 @@ impl Templates {
                 }
                 Ok(out)
             }
-            TextTemplate::Handlebars { name, escape } => self.registries[escape]
+            TextTemplate::Handlebars { name, escape, .. } => self.registries[escape]
                 .render_with_context(name, message.context())
                 .map_err(|error| render_error(&error)),
         }
@@ -930,14 +936,129 @@ impl TextTemplate {
     }
 
     fn collect_reads(&self, pointer: &str, sources: &[Option<Vec<String>>], out: &mut Vec<Read>) {
-        if let Self::Parts { parts, .. } = self {
-            for part in parts {
-                if let Part::Expr(expr, _) = part {
-                    expr_reads(expr, pointer, sources, out);
+        match self {
+            Self::Parts { parts, .. } => {
+                for part in parts {
+                    if let Part::Expr(expr, _) = part {
+                        expr_reads(expr, pointer, sources, out);
+                    }
                 }
             }
+            Self::Handlebars { reads, .. } => out.extend(reads.iter().map(|r| Read {
+                pointer: pointer.to_owned(),
+                ..r.clone()
+            })),
+            Self::Literal(_) => {}
         }
     }
+}
+
+/// What a Handlebars template reads of the message, following `{{#each}}` and `{{#with}}`
+/// into their items (`{{#each body.tests}}{{code}}{{/each}}` reads `body.tests.0.code`).
+fn handlebars_reads(source: &str) -> Vec<Read> {
+    use handlebars::template::{Parameter, TemplateElement};
+    fn raw(path: &handlebars::Path) -> &str {
+        match path {
+            handlebars::Path::Relative((_, raw)) | handlebars::Path::Local((_, _, raw)) => raw,
+        }
+    }
+    fn path_of(raw: &str, context: &[Option<Vec<String>>]) -> Option<Vec<String>> {
+        if raw.starts_with('@') {
+            return None;
+        }
+        let mut depth = context.len().checked_sub(1)?;
+        let mut rest = raw;
+        while let Some(up) = rest.strip_prefix("../") {
+            depth = depth.checked_sub(1)?;
+            rest = up;
+        }
+        let rest = rest
+            .strip_prefix("this")
+            .map_or(rest, |r| r.trim_start_matches(['.', '/']));
+        let mut path = context[depth].clone()?;
+        if !rest.is_empty() {
+            path.extend(expr::segments(rest.trim_start_matches("./"))?);
+        }
+        Some(path)
+    }
+    fn param(
+        p: &Parameter,
+        context: &[Option<Vec<String>>],
+        out: &mut Vec<Read>,
+    ) -> Option<Vec<String>> {
+        match p {
+            Parameter::Path(path) => {
+                let found = path_of(raw(path), context)?;
+                out.push(Read {
+                    path: found.clone(),
+                    iterated: false,
+                    pointer: String::new(),
+                });
+                Some(found)
+            }
+            Parameter::Subexpression(sub) => {
+                for inner in sub.params().into_iter().flatten() {
+                    param(inner, context, out);
+                }
+                None
+            }
+            _ => None,
+        }
+    }
+    fn walk(
+        elements: &[TemplateElement],
+        context: &mut Vec<Option<Vec<String>>>,
+        out: &mut Vec<Read>,
+    ) {
+        for element in elements {
+            let (TemplateElement::Expression(t)
+            | TemplateElement::HtmlExpression(t)
+            | TemplateElement::HelperBlock(t)) = element
+            else {
+                continue;
+            };
+            let helper = match &t.name {
+                Parameter::Name(name) => Some(name.as_str()),
+                Parameter::Path(path) if !t.params.is_empty() || t.block => Some(raw(path)),
+                other => {
+                    param(other, context, out);
+                    None
+                }
+            };
+            let first = t.params.first().and_then(|p| param(p, context, out));
+            for rest in t.params.iter().skip(1) {
+                param(rest, context, out);
+            }
+            let inner = match (helper, first) {
+                (Some("each"), Some(mut list)) => {
+                    if let Some(read) = out.last_mut() {
+                        read.iterated = true;
+                    }
+                    list.push("0".to_owned());
+                    Some(list)
+                }
+                (Some("with"), Some(found)) => Some(found),
+                (Some("each" | "with"), None) => None,
+                _ => context.last().cloned().flatten(),
+            };
+            context.push(inner);
+            for block in [&t.template, &t.inverse].into_iter().flatten() {
+                walk(&block.elements, context, out);
+            }
+            context.pop();
+        }
+    }
+    let Ok(template) = handlebars::Template::compile(source) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    walk(&template.elements, &mut vec![Some(Vec::new())], &mut out);
+    out.retain(|r| {
+        r.path
+            .first()
+            .is_some_and(|root| ROOTS.contains(&root.as_str()))
+    });
+    out
 }
 
 /// A path from the message's root: item paths continue their `$each`'s source.

@@ -269,6 +269,15 @@ fn template_mistakes_are_reported_at_their_own_line_with_what_to_write() {
             "{message} at line {line}:\n{stderr}"
         );
     }
+    // Inside a Handlebars block of a text template too.
+    assert!(
+        stderr
+            .split("\n\n")
+            .any(|b| b.contains("text-reads.yaml:10:")
+                && b.contains("reads `body.samples[].sampel_id`")
+                && b.contains("did you mean `sample_id`?")),
+        "{stderr}"
+    );
 }
 
 #[test]
