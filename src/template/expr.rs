@@ -11,6 +11,7 @@
 use std::borrow::Cow;
 
 use serde_json::Value;
+use smallvec::SmallVec;
 
 use super::helpers::{self, Helper};
 
@@ -25,6 +26,9 @@ pub enum Expr {
     Data(Data),
     /// A helper applied to its arguments.
     Call(&'static Helper, Vec<Expr>),
+    /// `eq A B` (or `ne A B` when negated), compiled on its own: the comparison that joins
+    /// and filters run for every pair of items, evaluated without building an argument list.
+    Equal(Box<Expr>, Box<Expr>, bool),
 }
 
 /// What a path starts from.
@@ -271,6 +275,11 @@ impl Parser<'_, '_> {
             args.push(self.operand()?);
         }
         helper.check(&args, self.names)?;
+        if let ("eq" | "ne", [_, _]) = (helper.name, args.as_slice()) {
+            let mut args = args.into_iter();
+            let (a, b) = (args.next().expect("two"), args.next().expect("two"));
+            return Ok(Expr::Equal(Box::new(a), Box::new(b), helper.name == "ne"));
+        }
         Ok(Expr::Call(helper, args))
     }
 
@@ -408,12 +417,40 @@ impl Expr {
                 Ok(Some(Cow::Owned(value)))
             }
             Self::Call(helper, args) => {
-                let mut values = Vec::with_capacity(args.len());
+                let mut values: SmallVec<[Found<'a>; 4]> = SmallVec::with_capacity(args.len());
                 for arg in args {
                     values.push(arg.eval(scope, env)?);
                 }
                 helper.call(&values, env).map(|v| Some(Cow::Owned(v)))
             }
+            Self::Equal(a, b, negate) => {
+                let equal = match (a.borrowed(scope), b.borrowed(scope)) {
+                    // Paths and literals compare by reference, nothing copied.
+                    (Some(a), Some(b)) => a.zip(b).is_some_and(|(a, b)| super::helpers::same(a, b)),
+                    _ => {
+                        let (a, b) = (a.eval(scope, env)?, b.eval(scope, env)?);
+                        match (a.as_deref(), b.as_deref()) {
+                            (Some(a), Some(b)) => super::helpers::same(a, b),
+                            _ => false,
+                        }
+                    }
+                };
+                Ok(Some(Cow::Owned(Value::Bool(equal != *negate))))
+            }
+        }
+    }
+
+    /// For a path or a literal: what it reads, by reference (`Some(None)` when a path finds
+    /// nothing, or one that maps over an array); `None` for anything that must be computed.
+    fn borrowed<'a>(&'a self, scope: Scope<'a>) -> Option<Option<&'a Value>> {
+        match self {
+            Self::Literal(value) => Some(Some(value)),
+            Self::Path(path) => match path.find(scope) {
+                Some(Cow::Borrowed(value)) => Some(Some(value)),
+                None => Some(None),
+                Some(Cow::Owned(_)) => None,
+            },
+            _ => None,
         }
     }
 
@@ -422,6 +459,10 @@ impl Expr {
         match self {
             Self::Path(path) => out.push(path.clone()),
             Self::Call(_, args) => args.iter().for_each(|a| a.paths(out)),
+            Self::Equal(a, b, _) => {
+                a.paths(out);
+                b.paths(out);
+            }
             Self::Literal(_) | Self::Data(_) => {}
         }
     }
@@ -440,11 +481,22 @@ impl Path {
     /// item (arrays that gives are joined), as JSONata does: `body.samples.volume_ml` is
     /// every sample's volume.
     pub fn find<'a>(&self, scope: Scope<'a>) -> Found<'a> {
-        let start = match self.root {
+        let mut value = match self.root {
             Root::Message(name) => scope.root.get(name)?,
             Root::Item(depth) => scope.items.get(depth)?.value,
         };
-        follow(Cow::Borrowed(start), &self.segments)
+        // The common case walks objects by reference; an array read by name maps.
+        for (at, segment) in self.segments.iter().enumerate() {
+            value = match value {
+                Value::Object(map) => map.get(segment)?,
+                Value::Array(items) => match segment.parse::<usize>() {
+                    Ok(index) => items.get(index)?,
+                    Err(_) => return mapped(items, &self.segments[at..]),
+                },
+                _ => return None,
+            };
+        }
+        Some(Cow::Borrowed(value))
     }
 }
 

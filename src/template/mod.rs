@@ -806,26 +806,44 @@ impl Templates {
         };
         let mut bindings: Vec<Binding<'_>> = Vec::with_capacity(scope.items.len() + 1);
         bindings.extend_from_slice(scope.items);
-        let mut out = Vec::with_capacity(values.len());
-        for (index, value) in values.iter().enumerate() {
+        // `$where` first, so that @index, @position and @last count the items kept.
+        let kept: Vec<&Value> = match &each.filter {
+            None => values.iter().collect(),
+            Some(filter) => {
+                let mut kept = Vec::new();
+                for (index, value) in values.iter().enumerate() {
+                    bindings.truncate(scope.items.len());
+                    bindings.push(Binding {
+                        value,
+                        index,
+                        len: values.len(),
+                    });
+                    let inner = Scope {
+                        root: scope.root,
+                        items: &bindings,
+                    };
+                    let keep = filter
+                        .eval(inner, &self.env)
+                        .map_err(|e| format!("$where: {e}"))?;
+                    if helpers::truthy(keep.as_deref()) {
+                        kept.push(value);
+                    }
+                }
+                kept
+            }
+        };
+        let mut out = Vec::with_capacity(kept.len());
+        for (index, value) in kept.iter().enumerate() {
             bindings.truncate(scope.items.len());
             bindings.push(Binding {
                 value,
                 index,
-                len: values.len(),
+                len: kept.len(),
             });
             let inner = Scope {
                 root: scope.root,
                 items: &bindings,
             };
-            if let Some(filter) = &each.filter {
-                let keep = filter
-                    .eval(inner, &self.env)
-                    .map_err(|e| format!("$where: {e}"))?;
-                if !helpers::truthy(keep.as_deref()) {
-                    continue;
-                }
-            }
             let rendered = self
                 .render_node(&each.item, inner, message)
                 .map_err(|e| format!("$each item {index} ({}){}", each.name, nested(&e)))?;
