@@ -1265,6 +1265,23 @@ mod tests {
     }
 
     #[test]
+    fn expressions_work_in_urls_and_headers_with_their_escaping() {
+        let mut templates = Templates::new();
+        let message = Message::new(json!({"lab": "north west", "ref": "a/b"}), &Meta::new("f"));
+        let url = templates
+            .compile_text("https://lab.example/{{upper body.lab}}/{{body.ref}}", Escape::Url)
+            .unwrap();
+        assert_eq!(
+            templates.render_text(&url, &message).unwrap(),
+            "https://lab.example/NORTH%20WEST/a%2Fb"
+        );
+        let header = templates
+            .compile_text("{{concat (upper body.lab) '-' (length body.ref)}}", Escape::Plain)
+            .unwrap();
+        assert_eq!(templates.render_text(&header, &message).unwrap(), "NORTH WEST-3");
+    }
+
+    #[test]
     fn block_text_templates_have_the_same_helpers_and_missing_fields_compare_false() {
         let mut templates = Templates::new();
         let template = templates
