@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use ferry::compile::{ProjectPaths, load_project_with_env};
+use ferry::project::{ProjectPaths, load_with_env};
 use ferry::runtime::Runtime;
 use ferry::store::Store;
 use serde_json::json;
@@ -160,7 +160,7 @@ fn main() {
             "PORTAL_API_KEY" | "LAB_WEBHOOK_SECRET" => Some(KEY.to_owned()),
             _ => None,
         };
-        let project = load_project_with_env(&ProjectPaths::new(&root.join("flows"), None), &env).unwrap();
+        let project = load_with_env(&ProjectPaths::new(&root.join("flows"), None), &env).unwrap();
         let scratch = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         let stores = [
             ("durable (SQLite file, synced)", format!("sqlite://{}/bench.db", scratch.path().display())),
@@ -169,7 +169,7 @@ fn main() {
         let mut results = Vec::new();
         for (run, (name, url)) in stores.iter().enumerate() {
             let store = Store::open(url).await.unwrap();
-            let ferry = Runtime::start(&project, ferry::server::http_client().unwrap(), Some(store.clone()));
+            let ferry = Runtime::start(&project, ferry::targets::http_client().unwrap(), Some(store.clone()));
             let base = serve(ferry::server::router(&ferry, None)).await;
             let endpoint = format!("{base}/api/v1/test-requests");
             load(&endpoint, 4, 1, &format!("W{run}")).await;
@@ -207,7 +207,7 @@ fn main() {
                 .init();
         }
         let store = Store::open(&format!("sqlite://{}/observed.db", scratch.path().display())).await.unwrap();
-        let ferry = Runtime::start(&project, ferry::server::http_client().unwrap(), Some(store));
+        let ferry = Runtime::start(&project, ferry::targets::http_client().unwrap(), Some(store));
         let base = serve(ferry::server::router(&ferry, None)).await;
         let endpoint = format!("{base}/api/v1/test-requests");
         load(&endpoint, 4, 1, "OW").await;

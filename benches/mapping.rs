@@ -9,7 +9,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use ferry::compile::{ProjectPaths, load_project_with_env};
+use ferry::project::{ProjectPaths, load_with_env};
 use ferry::message::{Message, Meta};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -243,7 +243,7 @@ fn mapping(c: &mut Criterion) {
     std::fs::create_dir(dir.path().join("flows")).unwrap();
     std::fs::write(dir.path().join("flows/reshape.yaml"), FLOW).unwrap();
     let paths = ProjectPaths::new(&dir.path().join("flows"), None);
-    let project = load_project_with_env(&paths, &|_| None).expect("the flow loads");
+    let project = load_with_env(&paths, &|_| None).expect("the flow loads");
     let flow = project.flow("reshape").unwrap();
     let body = request(50);
     let runtime = tokio::runtime::Builder::new_current_thread()

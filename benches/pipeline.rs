@@ -9,14 +9,14 @@ use std::hint::black_box;
 use std::path::Path;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use ferry::compile::{ProjectPaths, load_project_with_env};
+use ferry::project::{ProjectPaths, load_with_env};
 use ferry::message::{Message, Meta};
 use serde_json::Value;
 
 fn portal_to_lab(c: &mut Criterion) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let paths = ProjectPaths::new(&root.join("flows"), None);
-    let project = load_project_with_env(&paths, &|_| None).expect("the shipped flows load");
+    let project = load_with_env(&paths, &|_| None).expect("the shipped flows load");
     let flow = project
         .flow("portal-to-lab")
         .expect("portal-to-lab is shipped");

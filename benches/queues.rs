@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use ferry::compile::{ProjectPaths, load_project_with_env};
+use ferry::project::{ProjectPaths, load_with_env};
 use ferry::runtime::Runtime;
 use ferry::store::Store;
 use serde_json::json;
@@ -127,12 +127,12 @@ fn main() {
                 }
             };
             let flows = root.join("tests/fixtures/queues/flows");
-            let mut project = load_project_with_env(&ProjectPaths::new(&flows, Some(&root.join("schemas"))), &env).unwrap();
+            let mut project = load_with_env(&ProjectPaths::new(&flows, Some(&root.join("schemas"))), &env).unwrap();
             // Only this driver's consumer runs.
             project.flows.retain(|f| f.name == format!("{driver}-consume"));
             received.store(0, Ordering::Relaxed);
             let started = Instant::now();
-            let ferry = Runtime::start(&project, ferry::server::http_client().unwrap(), Some(store));
+            let ferry = Runtime::start(&project, ferry::targets::http_client().unwrap(), Some(store));
             let deadline = started + Duration::from_secs(120);
             while received.load(Ordering::Relaxed) < count && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(5)).await;

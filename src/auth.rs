@@ -240,6 +240,18 @@ pub fn webhook_key(secret: &str) -> Result<Vec<u8>, &'static str> {
     }
 }
 
+/// The signing key a webhook secret stands for ([`webhook_key`]), reporting a malformed one
+/// at `at`; inbound checks and outbound signatures both read their secrets so.
+pub(crate) fn compile_webhook_key(
+    secret: &str,
+    at: serde_saphyr::Location,
+    ctx: &mut Ctx<'_>,
+) -> Option<Vec<u8>> {
+    webhook_key(secret)
+        .map_err(|reason| ctx.error_with(at, "secret-invalid", reason, None))
+        .ok()
+}
+
 /// A bearer JWT check.
 #[derive(Debug)]
 pub struct Jwt {
@@ -333,7 +345,7 @@ pub(crate) fn compile(
         AuthConfig::WebhookSignature(signature) => {
             let secrets = secrets(&signature.from_env, at, ctx)
                 .iter()
-                .filter_map(|s| ctx.webhook_key(s, at))
+                .filter_map(|s| compile_webhook_key(s, at, ctx))
                 .collect();
             let form = match &signature.header {
                 Some(name) => SignatureForm::Generic {

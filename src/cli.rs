@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 
-use crate::compile::{ProjectPaths, load_project};
+use crate::project::{ProjectPaths, load};
 use crate::diagnostic::{Diagnostic, Severity};
 
 /// ferry runs integration flows written in YAML.
@@ -358,7 +358,7 @@ pub fn run(cli: Cli) -> ExitCode {
 }
 
 fn check(paths: &ProjectPaths, format: Format) -> ExitCode {
-    let (diagnostics, flows) = match load_project(paths) {
+    let (diagnostics, flows) = match load(paths) {
         Ok(project) => (project.warnings, Some(project.flows.len())),
         Err(diagnostics) => (diagnostics, None),
     };
@@ -497,8 +497,8 @@ fn run_one(
 }
 
 /// Loads the project, or prints why it cannot be and returns the exit code that says so.
-fn load_or_report(paths: &ProjectPaths) -> Result<crate::compile::Project, ExitCode> {
-    load_project(paths).map_err(|diagnostics| {
+fn load_or_report(paths: &ProjectPaths) -> Result<crate::project::Project, ExitCode> {
+    load(paths).map_err(|diagnostics| {
         print_diagnostics(&diagnostics);
         failure_code(&diagnostics)
     })
@@ -595,7 +595,7 @@ fn serve(
         .filter(|t| !t.is_empty());
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
-        let client = crate::server::http_client().context("building the HTTP client")?;
+        let client = crate::targets::http_client().context("building the HTTP client")?;
         let store = crate::store::Store::open_with(store_url, store_options)
             .await
             .with_context(|| format!("opening the store {}", crate::queue::redact(store_url)))?;

@@ -16,7 +16,7 @@ use axum::http::StatusCode;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use crate::compile::{ProjectPaths, load_project_with_env};
+use crate::project::{ProjectPaths, load_with_env};
 use crate::runtime::Runtime;
 use crate::store::Store;
 
@@ -51,14 +51,14 @@ pub async fn run(paths: &ProjectPaths, delay: Duration) -> anyhow::Result<bool> 
             .map(|(_, v)| v.clone())
             .or_else(|| std::env::var(name).ok())
     };
-    let project = load_project_with_env(paths, &env).map_err(|diagnostics| {
+    let project = load_with_env(paths, &env).map_err(|diagnostics| {
         let text: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
         anyhow::anyhow!("the flows do not load:\n{}", text.join("\n"))
     })?;
     let scratch = tempfile::tempdir().context("creating a temporary store")?;
     let store_path: PathBuf = scratch.path().join("ferry.db");
     let store = Store::open(&format!("sqlite://{}", store_path.display())).await?;
-    let ferry = Runtime::start(&project, crate::server::http_client()?, Some(store.clone()));
+    let ferry = Runtime::start(&project, crate::targets::http_client()?, Some(store.clone()));
     let router = crate::server::router(&ferry, None);
     tokio::spawn(async move { axum::serve(ferry_listener, router).await });
 

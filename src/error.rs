@@ -241,11 +241,6 @@ impl ServeError {
     }
 }
 
-impl From<crate::store::StoreError> for ServeError {
-    fn from(error: crate::store::StoreError) -> Self {
-        Self::Flow(FlowError::Unavailable(error.to_string()))
-    }
-}
 
 impl ServeError {
     /// What the log says of the error: the reason a 5xx reply keeps to itself, redacted.

@@ -3,21 +3,17 @@
 use std::path::PathBuf;
 
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use crate::compile::Ctx;
-use crate::config::load::LoadedFlow;
-use crate::config::{DeliveryMode, OutcomeConfig, TriggerConfig};
-use crate::delivery::RetryPolicy;
-use crate::diagnostic::Diagnostic;
+use crate::config::DeliveryMode;
+use crate::retry::RetryPolicy;
 use crate::error::FlowError;
 use crate::jsonpath::JsonPath;
 use crate::message::Message;
-use crate::schema::Schemas;
 use crate::steps::{Step, StepState};
 use crate::store::{CorrelationWrite, Store};
 use crate::targets::{OutboundRequest, Target};
-use crate::template::{Escape, JsonTemplate, Templates, TextTemplate};
+use crate::template::{JsonTemplate, Templates, TextTemplate};
 
 /// Request bodies are capped at 1 MiB unless a trigger says otherwise.
 pub const DEFAULT_MAX_BODY: u64 = 1024 * 1024;
@@ -31,33 +27,33 @@ pub struct Flow {
     pub file: PathBuf,
     /// What starts it.
     pub trigger: Trigger,
-    steps: Vec<(String, Step)>,
+    pub(crate) steps: Vec<(String, Step)>,
     /// Where each step is written, for diagnostics found after compiling.
-    step_locations: Vec<serde_saphyr::Location>,
-    targets: Vec<Target>,
-    default_target: Option<usize>,
-    delivery: DeliveryPolicy,
-    reply: Reply,
-    templates: Templates,
-    sensitive: crate::redact::Sensitive,
+    pub(crate) step_locations: Vec<serde_saphyr::Location>,
+    pub(crate) targets: Vec<Target>,
+    pub(crate) default_target: Option<usize>,
+    pub(crate) delivery: DeliveryPolicy,
+    pub(crate) reply: Reply,
+    pub(crate) templates: Templates,
+    pub(crate) sensitive: crate::redact::Sensitive,
 }
 
 /// How a flow delivers.
 #[derive(Debug)]
-struct DeliveryPolicy {
-    mode: DeliveryMode,
-    retry: RetryPolicy,
-    concurrency: u32,
-    on_delivered: Option<Outcome>,
-    on_failed: Option<Outcome>,
+pub(crate) struct DeliveryPolicy {
+    pub(crate) mode: DeliveryMode,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) concurrency: u32,
+    pub(crate) on_delivered: Option<Outcome>,
+    pub(crate) on_failed: Option<Outcome>,
 }
 
 /// A correlation change after delivery, compiled.
 #[derive(Debug)]
-struct Outcome {
-    state: Option<String>,
-    keys: Vec<TextTemplate>,
-    data: Option<JsonTemplate>,
+pub(crate) struct Outcome {
+    pub(crate) state: Option<String>,
+    pub(crate) keys: Vec<TextTemplate>,
+    pub(crate) data: Option<JsonTemplate>,
 }
 
 /// What the steps decided for a message.
@@ -118,13 +114,14 @@ pub struct HttpTrigger {
     pub rate_limit: Option<RateLimit>,
 }
 
+/// A flow's reply, compiled.
 #[derive(Debug)]
-struct Reply {
+pub(crate) struct Reply {
     /// Whether the flow declares its reply (else a called flow's reply stands in).
-    declared: bool,
-    status: StatusCode,
-    headers: Vec<(HeaderName, TextTemplate)>,
-    body: JsonTemplate,
+    pub(crate) declared: bool,
+    pub(crate) status: StatusCode,
+    pub(crate) headers: Vec<(HeaderName, TextTemplate)>,
+    pub(crate) body: JsonTemplate,
 }
 
 /// The reply rendered for one message.
@@ -139,151 +136,6 @@ pub struct RenderedReply {
 }
 
 impl Flow {
-    /// Compiles a parsed flow, recording every problem in `diagnostics`.
-    pub(crate) fn compile(
-        loaded: &LoadedFlow,
-        schemas: &mut Schemas,
-        diagnostics: &mut Vec<Diagnostic>,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Option<Self> {
-        let config = &loaded.config;
-        let tables = config
-            .tables
-            .iter()
-            .map(|(name, entries)| crate::template::Table {
-                name: name.clone(),
-                entries: entries.clone(),
-            })
-            .collect();
-        let mut templates = Templates::with_tables(tables);
-        let errors_before = diagnostics
-            .iter()
-            .filter(|d| d.severity == crate::diagnostic::Severity::Error)
-            .count();
-        let mut ctx = Ctx {
-            file: &loaded.file,
-            flow: &config.name.value,
-            part: "trigger".into(),
-            at: config.name.referenced,
-            templates: &mut templates,
-            schemas,
-            diagnostics,
-            targets: config.targets.keys().cloned().collect(),
-            env,
-            body_schema: None,
-        };
-        let trigger = compile_trigger(config.trigger.as_ref(), &mut ctx);
-
-        let mut targets = Vec::new();
-        for (name, target) in &config.targets {
-            ctx.part = format!("target \"{name}\"");
-            targets.extend(Target::compile(name, target, &mut ctx));
-        }
-        // A route rule's `flow: NAME` is a flow target named after the flow.
-        for rule in config
-            .steps
-            .iter()
-            .filter_map(|s| match &s.value {
-                crate::config::StepConfig::Route(rules) => Some(rules),
-                _ => None,
-            })
-            .flatten()
-        {
-            if let Some(flow) = &rule.flow
-                && !ctx.targets.contains(&flow.value)
-            {
-                ctx.targets.push(flow.value.clone());
-                targets.push(Target::Flow(crate::targets::FlowTarget::new(
-                    &flow.value,
-                    &flow.value,
-                )));
-            }
-        }
-
-        let mut steps = Vec::new();
-        let mut step_locations = Vec::new();
-        // The schema the body last passed, for `ferry check` to see what the steps read.
-        let mut body_schema: Option<String> = None;
-        for (index, step) in config.steps.iter().enumerate() {
-            ctx.part = format!("step {} ({})", index + 1, step.value.kind());
-            ctx.at = step.referenced;
-            // What the step reads of the body is checked against the schema it last passed.
-            ctx.body_schema = body_schema.clone();
-            ctx.check_paths(&step.value);
-            match &step.value {
-                crate::config::StepConfig::Validate(v) => {
-                    body_schema = Some(v.schema.value.clone())
-                }
-                crate::config::StepConfig::Transform(_) => body_schema = None,
-                _ => {}
-            }
-            if let Some(compiled) = Step::compile(&step.value, &mut ctx) {
-                steps.push((ctx.part.clone(), compiled));
-                step_locations.push(step.referenced);
-            }
-        }
-        let routed = config
-            .steps
-            .iter()
-            .any(|s| matches!(s.value, crate::config::StepConfig::Route(_)));
-        if config.targets.len() > 1 && !routed {
-            ctx.part = "targets".into();
-            ctx.error(
-                config.name.referenced,
-                format!(
-                    "{} targets but no `route` step to choose between them",
-                    config.targets.len()
-                ),
-            );
-        }
-        let default_target = (config.targets.len() == 1 && !routed).then_some(0);
-
-        // The reply and delivery outcomes read the body as the steps left it.
-        ctx.body_schema = body_schema;
-        ctx.part = "delivery".into();
-        let delivery = compile_delivery(config.delivery.as_ref(), &mut ctx);
-
-        ctx.part = "reply".into();
-        let reply = compile_reply(config.reply.as_ref(), &mut ctx);
-
-        ctx.part = "sensitive".into();
-        for pointer in &config.sensitive {
-            if !pointer.value.starts_with('/') {
-                ctx.error(
-                    pointer.referenced,
-                    format!(
-                        "\"{}\" is not a JSON pointer into the body: write e.g. /customer/email",
-                        pointer.value
-                    ),
-                );
-            }
-        }
-        let sensitive = crate::redact::Sensitive::new(
-            config.sensitive.iter().map(|p| p.value.clone()).collect(),
-        );
-
-        let errors_after = ctx
-            .diagnostics
-            .iter()
-            .filter(|d| d.severity == crate::diagnostic::Severity::Error)
-            .count();
-        if errors_after > errors_before {
-            return None;
-        }
-        Some(Self {
-            name: config.name.value.clone(),
-            file: loaded.file.clone(),
-            trigger: trigger?,
-            steps,
-            step_locations,
-            targets,
-            default_target,
-            delivery: delivery?,
-            reply: reply?,
-            templates,
-            sensitive,
-        })
-    }
 
     /// The fields the flow marks sensitive.
     pub fn sensitive(&self) -> &crate::redact::Sensitive {
@@ -543,109 +395,6 @@ impl Flow {
     }
 }
 
-fn compile_trigger(config: Option<&TriggerConfig>, ctx: &mut Ctx<'_>) -> Option<Trigger> {
-    match config {
-        None => Some(Trigger::Called),
-        Some(TriggerConfig::Http(http)) => compile_http_trigger(http, ctx).map(Trigger::Http),
-        Some(TriggerConfig::Queue(queue)) => compile_queue_trigger(queue, ctx).map(Trigger::Queue),
-    }
-}
-
-fn compile_queue_trigger(
-    config: &crate::config::QueueTriggerConfig,
-    ctx: &mut Ctx<'_>,
-) -> Option<QueueTrigger> {
-    let spec = crate::targets::queue_spec(config.driver, &config.name, config.url.as_ref(), ctx);
-    let prefetch = config.prefetch.as_ref().map_or(16, |p| p.value);
-    let attempts = config.attempts.as_ref().map_or(5, |a| a.value);
-    if let Some(p) = config.prefetch.as_ref().filter(|p| p.value == 0) {
-        ctx.error(p.referenced, "prefetch must be at least 1");
-    }
-    if let Some(a) = config.attempts.as_ref().filter(|a| a.value == 0) {
-        ctx.error(a.referenced, "attempts must be at least 1");
-    }
-    let backoff = match &config.backoff {
-        Some(b) => ctx.duration(&b.value, b.referenced)?,
-        None => std::time::Duration::from_secs(1),
-    };
-    let idempotency_key = match &config.idempotency_key {
-        Some(path) => Some(ctx.message_path(&path.value, path.referenced)?),
-        None => None,
-    };
-    Some(QueueTrigger {
-        spec: spec?,
-        prefetch: prefetch.max(1),
-        attempts: attempts.max(1),
-        backoff,
-        idempotency_key,
-    })
-}
-
-fn compile_http_trigger(
-    http: &crate::config::HttpTriggerConfig,
-    ctx: &mut Ctx<'_>,
-) -> Option<HttpTrigger> {
-    let method = match Method::from_bytes(http.method.value.to_ascii_uppercase().as_bytes()) {
-        Ok(method) => Some(method),
-        Err(_) => {
-            ctx.error(
-                http.method.referenced,
-                format!("invalid HTTP method \"{}\"", http.method.value),
-            );
-            None
-        }
-    };
-    let path = &http.path.value;
-    if let Err(reason) = check_route_path(path) {
-        ctx.error(http.path.referenced, reason);
-    }
-    let max_body = match &http.max_body {
-        None => Some(DEFAULT_MAX_BODY),
-        Some(size) => match size.value.parse::<bytesize::ByteSize>() {
-            Ok(size) => Some(size.as_u64()),
-            Err(_) => {
-                ctx.error(
-                    size.referenced,
-                    format!("invalid size \"{}\"; write e.g. 64KiB or 1MiB", size.value),
-                );
-                None
-            }
-        },
-    };
-    let idempotency_key = match &http.idempotency_key {
-        Some(path) => Some(ctx.message_path(&path.value, path.referenced)?),
-        None => None,
-    };
-    let max_depth = match &http.max_depth {
-        Some(depth) if depth.value == 0 || depth.value > crate::json::MAX_MAX_DEPTH => {
-            ctx.error(
-                depth.referenced,
-                format!(
-                    "max_depth must be between 1 and {}",
-                    crate::json::MAX_MAX_DEPTH
-                ),
-            );
-            None
-        }
-        Some(depth) => Some(depth.value),
-        None => Some(crate::json::DEFAULT_MAX_DEPTH),
-    };
-    let rate_limit = match &http.rate_limit {
-        Some(limit) => Some(RateLimit::compile(limit, ctx)?),
-        None => None,
-    };
-    let auth = crate::auth::compile(http.auth.as_ref(), http.method.referenced, ctx);
-    Some(HttpTrigger {
-        method: method?,
-        path: path.clone(),
-        max_body: max_body?,
-        max_depth: max_depth?,
-        idempotency_key,
-        auth: auth?,
-        rate_limit,
-    })
-}
-
 /// A token bucket per client address.
 pub struct RateLimit {
     limiter: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
@@ -658,23 +407,11 @@ impl std::fmt::Debug for RateLimit {
 }
 
 impl RateLimit {
-    fn compile(config: &crate::config::RateLimitConfig, ctx: &mut Ctx<'_>) -> Option<Self> {
-        let per_second = std::num::NonZeroU32::new(config.per_second.value);
-        let burst = config
-            .burst
-            .as_ref()
-            .map_or(per_second, |b| std::num::NonZeroU32::new(b.value));
-        let (Some(per_second), Some(burst)) = (per_second, burst) else {
-            ctx.error(
-                config.per_second.referenced,
-                "a rate limit must be at least 1",
-            );
-            return None;
-        };
-        let quota = governor::Quota::per_second(per_second).allow_burst(burst);
-        Some(Self {
+    /// A bucket per client address with `quota`.
+    pub(crate) fn new(quota: governor::Quota) -> Self {
+        Self {
             limiter: governor::RateLimiter::keyed(quota),
-        })
+        }
     }
 
     /// Takes a token for `client`.
@@ -694,198 +431,3 @@ impl RateLimit {
     }
 }
 
-/// Paths start with `/`, and a `{name}` or `{*rest}` parameter fills a whole segment.
-fn check_route_path(path: &str) -> Result<(), String> {
-    if !path.starts_with('/') {
-        return Err(format!("path \"{path}\" must start with /"));
-    }
-    for segment in path.split('/').skip(1) {
-        if let Some(name) = segment.strip_prefix(':') {
-            return Err(format!(
-                "\"{segment}\": write path parameters as {{{name}}}"
-            ));
-        }
-        let braces = segment.contains(['{', '}']);
-        let name = segment
-            .strip_prefix("{*")
-            .or_else(|| segment.strip_prefix('{'))
-            .and_then(|s| s.strip_suffix('}'));
-        match name {
-            Some(name)
-                if !name.is_empty() && name.chars().all(|c| c.is_alphanumeric() || c == '_') => {}
-            _ if braces => {
-                return Err(format!(
-                    "\"{segment}\": a path parameter is a whole segment like {{id}}"
-                ));
-            }
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-fn compile_delivery(
-    config: Option<&crate::config::DeliveryConfig>,
-    ctx: &mut Ctx<'_>,
-) -> Option<DeliveryPolicy> {
-    let mut policy = DeliveryPolicy {
-        mode: DeliveryMode::Durable,
-        retry: RetryPolicy::default(),
-        concurrency: 8,
-        on_delivered: None,
-        on_failed: None,
-    };
-    let Some(config) = config else {
-        return Some(policy);
-    };
-    let mut ok = true;
-    policy.mode = config.mode.unwrap_or(DeliveryMode::Durable);
-    if let Some(retry) = &config.retry {
-        if let Some(attempts) = &retry.attempts {
-            if attempts.value == 0 {
-                ctx.error(attempts.referenced, "attempts must be at least 1");
-                ok = false;
-            }
-            policy.retry.attempts = Some(attempts.value);
-            // Attempts alone are a count budget; with `for`, whichever ends first.
-            policy.retry.budget = None;
-        }
-        if let Some(text) = &retry.budget {
-            match ctx.duration(&text.value, text.referenced) {
-                Some(duration) => policy.retry.budget = Some(duration),
-                None => ok = false,
-            }
-        }
-        for (field, slot) in [
-            (&retry.initial, &mut policy.retry.initial),
-            (&retry.max, &mut policy.retry.max),
-        ] {
-            if let Some(text) = field {
-                match ctx.duration(&text.value, text.referenced) {
-                    Some(duration) => *slot = duration,
-                    None => ok = false,
-                }
-            }
-        }
-        if let (Some(attempts), None, true) = (&retry.attempts, &retry.budget, ok) {
-            warn_short_budget(&policy.retry, attempts.referenced, ctx);
-        }
-    }
-    if let Some(concurrency) = &config.concurrency {
-        if concurrency.value == 0 {
-            ctx.error(concurrency.referenced, "concurrency must be at least 1");
-            ok = false;
-        }
-        policy.concurrency = concurrency.value;
-    }
-    policy.on_delivered = compile_outcome(config.on_delivered.as_ref(), ctx, &mut ok);
-    policy.on_failed = compile_outcome(config.on_failed.as_ref(), ctx, &mut ok);
-    ok.then_some(policy)
-}
-
-/// A count-only budget that ends within this after a partner goes down loses messages to
-/// dead letters over an ordinary outage.
-const SHORT_BUDGET: std::time::Duration = std::time::Duration::from_secs(3600);
-
-/// Warns when a count-only retry budget runs out within [`SHORT_BUDGET`].
-fn warn_short_budget(retry: &RetryPolicy, at: serde_saphyr::Location, ctx: &mut Ctx<'_>) {
-    let span = retry.span();
-    if span < SHORT_BUDGET {
-        ctx.warn_with(
-            at,
-            "retry-budget",
-            format!(
-                "{} attempts end at most {} after the first failure: a partner down longer turns these messages into dead letters; give a time budget such as `for: 72h`",
-                retry.attempts.unwrap_or_default(),
-                humantime::format_duration(std::time::Duration::from_secs(span.as_secs().max(1)))
-            ),
-        );
-    }
-}
-
-fn compile_outcome(
-    config: Option<&OutcomeConfig>,
-    ctx: &mut Ctx<'_>,
-    ok: &mut bool,
-) -> Option<Outcome> {
-    let config = config?;
-    let mut keys = Vec::new();
-    for key in &config.keys {
-        match ctx.text_template(&key.value, Escape::Plain, key.referenced) {
-            Some(template) => keys.push(template),
-            None => *ok = false,
-        }
-    }
-    let data = config.data.as_ref().and_then(|d| {
-        let compiled = ctx.json_template(&d.value, d.referenced);
-        *ok &= compiled.is_some();
-        compiled
-    });
-    Some(Outcome {
-        state: config.state.as_ref().map(|s| s.value.clone()),
-        keys,
-        data,
-    })
-}
-
-fn compile_reply(config: Option<&crate::config::ReplyConfig>, ctx: &mut Ctx<'_>) -> Option<Reply> {
-    let Some(config) = config else {
-        let body = ctx
-            .templates
-            .compile_json(&json!({"id": "{{meta.id}}"}))
-            .ok()?;
-        return Some(Reply {
-            declared: false,
-            status: StatusCode::OK,
-            headers: Vec::new(),
-            body,
-        });
-    };
-    let status = match &config.status {
-        None => Some(StatusCode::OK),
-        Some(s) => match StatusCode::from_u16(s.value) {
-            Ok(status) if (100..600).contains(&s.value) => Some(status),
-            _ => {
-                ctx.error(s.referenced, format!("invalid HTTP status {}", s.value));
-                None
-            }
-        },
-    };
-    let mut headers = Vec::new();
-    for (name, value) in &config.headers {
-        match HeaderName::from_bytes(name.as_bytes()) {
-            Ok(header) => headers.extend(
-                ctx.header_template(&value.value, value.referenced)
-                    .map(|t| (header, t)),
-            ),
-            Err(_) => ctx.error(value.referenced, format!("invalid header name \"{name}\"")),
-        }
-    }
-    let body = match &config.body {
-        Some(body) => ctx.json_template(&body.value, body.referenced),
-        None => Some(JsonTemplate::Literal(json!({}))),
-    };
-    Some(Reply {
-        declared: true,
-        status: status?,
-        headers,
-        body: body?,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn route_paths_use_braces_for_whole_segments() {
-        assert!(check_route_path("/orders/{id}/items/{*rest}").is_ok());
-        assert!(check_route_path("orders").is_err());
-        assert!(
-            check_route_path("/orders/:id")
-                .unwrap_err()
-                .contains("{id}")
-        );
-        assert!(check_route_path("/orders/x{id}").is_err());
-    }
-}

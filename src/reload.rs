@@ -15,7 +15,7 @@ use axum::Router;
 use axum::extract::Request;
 use tower::ServiceExt;
 
-use crate::compile::{ProjectPaths, load_project};
+use crate::project::{ProjectPaths, load};
 use crate::diagnostic::Diagnostic;
 use crate::runtime::Runtime;
 use crate::store::Store;
@@ -124,7 +124,7 @@ impl Live {
     ///
     /// The diagnostics of a set with errors, which is not served.
     pub fn reload(&self) -> Result<usize, Vec<Diagnostic>> {
-        let project = load_project(&self.paths)?;
+        let project = load(&self.paths)?;
         let runtime = Runtime::start(&project, self.client.clone(), Some(self.store.clone()));
         let served = Served::new(runtime, self.admin_token.as_deref(), self.split);
         let old = std::mem::replace(

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::compile::Project;
+use crate::project::Project;
 use crate::delivery::Delivery;
 use crate::error::{FlowError, ServeError};
 use crate::flow::{Flow, Processed, RenderedReply};

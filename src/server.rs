@@ -32,23 +32,6 @@ const HIDDEN_HEADERS: [&str; 5] = [
     "webhook-signature",
 ];
 
-/// The HTTP client targets share, so connections to partners are reused.
-///
-/// # Errors
-///
-/// When the TLS backend cannot be initialised.
-pub fn http_client() -> reqwest::Result<reqwest::Client> {
-    http_client_builder().build()
-}
-
-/// How every HTTP client of ferry starts: its user agent, and no redirects (a partner that
-/// redirects could send ferry, and the message, anywhere).
-pub fn http_client_builder() -> reqwest::ClientBuilder {
-    reqwest::Client::builder()
-        .user_agent(concat!("ferry/", env!("CARGO_PKG_VERSION")))
-        .redirect(reqwest::redirect::Policy::none())
-}
-
 /// Builds the router serving every flow of `runtime`, health and readiness, metrics, and the
 /// admin API under `/admin/v1` when `admin_token` is set.
 pub fn router(runtime: &Arc<Runtime>, admin_token: Option<&str>) -> Router {

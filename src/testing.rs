@@ -14,7 +14,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::compile::Project;
+use crate::project::Project;
 use crate::config::Spanned;
 use crate::diagnostic::Diagnostic;
 use crate::error::{FlowError, ServeError};
@@ -587,7 +587,7 @@ pub async fn trace(
         let mut outputs = BTreeMap::new();
         let delivered = match (target, live) {
             (Target::Http(http), true) => {
-                let client = crate::server::http_client().unwrap_or_default();
+                let client = crate::targets::http_client().unwrap_or_default();
                 let attempt = http.attempt(&mut message, flow.templates(), &client).await;
                 let _ = writeln!(
                     out,

@@ -3,7 +3,7 @@
 
 use std::sync::OnceLock;
 
-use ferry::compile::{ProjectPaths, load_project_with_env};
+use ferry::project::{ProjectPaths, load_with_env};
 use libfuzzer_sys::fuzz_target;
 
 fn project() -> &'static (tempfile::TempDir, ProjectPaths) {
@@ -25,5 +25,5 @@ fuzz_target!(|data: &[u8]| {
     let (dir, paths) = project();
     std::fs::write(dir.path().join("flows/fuzzed.yaml"), text).unwrap();
     let env = |name: &str| (name == "SET").then(|| "value".to_owned());
-    let _ = load_project_with_env(paths, &env);
+    let _ = load_with_env(paths, &env);
 });

@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use ferry::compile::{Project, ProjectPaths, load_project_with_env};
+use ferry::project::{Project, ProjectPaths, load_with_env};
 use ferry::message::{Message, Meta};
 use libfuzzer_sys::fuzz_target;
 
@@ -17,7 +17,7 @@ fn project() -> &'static Project {
             "PORTAL_API_KEY" | "LAB_WEBHOOK_SECRET" => Some("fuzz".to_owned()),
             _ => None,
         };
-        load_project_with_env(&paths, &env).expect("the shipped flows load")
+        load_with_env(&paths, &env).expect("the shipped flows load")
     })
 }
 

@@ -68,6 +68,13 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// A store that fails leaves the caller nothing accepted: `503 unavailable`.
+impl From<StoreError> for crate::error::ServeError {
+    fn from(error: StoreError) -> Self {
+        Self::Flow(crate::error::FlowError::Unavailable(error.to_string()))
+    }
+}
+
 /// The reply a caller got, kept so a repeated submission gets the same one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredReply {

@@ -27,6 +27,25 @@ use crate::message::Message;
 use crate::template::Templates;
 use outbound::Credentials;
 
+pub use crate::retry::{RetryAction, classify_status};
+
+/// The HTTP client targets share, so connections to partners are reused.
+///
+/// # Errors
+///
+/// When the TLS backend cannot be initialised.
+pub fn http_client() -> reqwest::Result<reqwest::Client> {
+    http_client_builder().build()
+}
+
+/// How every HTTP client of ferry starts: its user agent, and no redirects (a partner that
+/// redirects could send ferry, and the message, anywhere).
+pub fn http_client_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .user_agent(concat!("ferry/", env!("CARGO_PKG_VERSION")))
+        .redirect(reqwest::redirect::Policy::none())
+}
+
 /// A compiled target.
 #[derive(Debug)]
 #[allow(
@@ -81,33 +100,12 @@ pub enum SendError {
     Connect(String),
 }
 
-/// What to do after an attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RetryAction {
-    /// Delivered.
-    Done,
-    /// A passing failure: try again later.
-    Retry,
-    /// A permanent failure: retrying cannot help.
-    Drop,
-}
-
 /// Classifies an attempt: 2xx is done; no answer, 408, 429 and 5xx are worth retrying; any
 /// other status is permanent.
 pub fn classify(outcome: &Result<TargetResponse, SendError>) -> RetryAction {
     match outcome {
         Err(_) => RetryAction::Retry,
         Ok(response) => classify_status(response.status),
-    }
-}
-
-/// Classifies an answered status: 2xx is done; 408, 429 and 5xx are worth retrying; any
-/// other status is permanent. A called flow's reply status reads the same way.
-pub fn classify_status(status: u16) -> RetryAction {
-    match status {
-        200..=299 => RetryAction::Done,
-        408 | 429 | 500..=599 => RetryAction::Retry,
-        _ => RetryAction::Drop,
     }
 }
 
@@ -237,7 +235,7 @@ impl HttpTarget {
                 Attempt {
                     retry_after: retry_after
                         .as_deref()
-                        .and_then(crate::delivery::parse_retry_after),
+                        .and_then(crate::retry::parse_retry_after),
                     ..Attempt::failed(
                         action,
                         Some(status),

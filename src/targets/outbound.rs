@@ -221,7 +221,8 @@ pub(crate) struct Signer {
 impl Signer {
     pub(crate) fn compile(config: &crate::config::SignConfig, ctx: &mut Ctx<'_>) -> Option<Self> {
         let secret = ctx.secret(&config.secret_from_env);
-        let key = ctx.webhook_key(&secret, config.secret_from_env.referenced)?;
+        let key =
+            crate::auth::compile_webhook_key(&secret, config.secret_from_env.referenced, ctx)?;
         Some(Self { key })
     }
 
@@ -403,7 +404,7 @@ pub(crate) fn client(
     if config.tls.is_none() && guard.is_none_or(|g| g.allow_private) {
         return Some(None);
     }
-    let mut builder = crate::server::http_client_builder();
+    let mut builder = super::http_client_builder();
     if let Some(guard) = guard {
         builder = guard.client_builder(builder);
     }

@@ -8,7 +8,7 @@ use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use ferry::compile::{ProjectPaths, load_project_with_env};
+use ferry::project::{ProjectPaths, load_with_env};
 use ferry::runtime::Runtime;
 use ferry::server::ServeOptions;
 use ferry::store::Store;
@@ -277,10 +277,10 @@ impl Ferry {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-        let project = load_project_with_env(&ProjectPaths::many(flows, &[]), &lookup)
+        let project = load_with_env(&ProjectPaths::many(flows, &[]), &lookup)
             .unwrap_or_else(|d| panic!("flows do not load: {d:#?}"));
         let opened = store.open().await;
-        let client = ferry::server::http_client().unwrap();
+        let client = ferry::targets::http_client().unwrap();
         let runtime = Runtime::start(&project, client, Some(opened));
         let router = ferry::server::router(&runtime, Some(ADMIN_TOKEN));
         let (url, shutdown) = serve_ferry(router, options).await;
