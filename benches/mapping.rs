@@ -9,8 +9,8 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use ferry::project::{ProjectPaths, load_with_env};
 use ferry::message::{Message, Meta};
+use ferry::project::{ProjectPaths, load_with_env};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 

@@ -1,4 +1,4 @@
-//! What compiling a part of a flow has at hand: [`Ctx`], which every component's `compile`
+//! What compiling a part of a flow has at hand: `Ctx`, which every component's `compile`
 //! receives (steps, targets, triggers, auth) — where the part is written, where problems go,
 //! and the compilers parts share (schemas, templates, JSONPaths, durations, secrets).
 //!
@@ -398,4 +398,3 @@ fn stays_inside(path: &str) -> bool {
             )
         })
 }
-

@@ -5,19 +5,19 @@
 //! jitter (or the target's `Retry-After`), or dead. A slow or dead target only ever holds its
 //! own worker, never another target's.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::engine::Engine;
 use crate::flow::Flow;
 use crate::message::Message;
-use crate::runtime::Runtime;
+use crate::retry::RetryAction;
 use crate::store::{AttemptOutcome, AttemptRecord, Claimed, Store, now_ms};
-use crate::targets::{Attempt, RetryAction};
+use crate::targets::Attempt;
 
 /// The longest a worker waits before claiming again after the store failed.
 const MAX_STORE_BACKOFF: Duration = Duration::from_secs(30);
@@ -26,55 +26,44 @@ const IDLE_POLL: Duration = Duration::from_secs(5);
 /// The running delivery workers.
 #[derive(Debug)]
 pub struct Delivery {
-    wakers: HashMap<(String, String), Arc<Notify>>,
     stop: CancellationToken,
     workers: tokio::sync::Mutex<JoinSet<()>>,
 }
 
 impl Delivery {
-    /// Starts a worker for every target of every durable flow of `runtime`, which must have
-    /// a store.
-    pub fn start(runtime: &Arc<Runtime>) -> Self {
-        let store = runtime.store().expect("durable delivery needs a store");
+    /// Starts a worker for every target of every durable flow of `engine`, which must have a
+    /// store. Each waits on the engine's wake-up signal for its target.
+    pub fn start(engine: &Arc<Engine>) -> Self {
+        let store = engine.store().expect("durable delivery needs a store");
         let stop = CancellationToken::new();
-        let mut wakers = HashMap::new();
         let mut workers = JoinSet::new();
-        for flow in runtime.flows().iter().filter(|f| f.is_durable()) {
-            for index in 0..flow.targets().len() {
-                let wake = Arc::new(Notify::new());
-                let name = flow.targets()[index].name().to_owned();
-                if let Some(timeout) = flow.targets()[index].timeout()
+        for flow in engine.flows().iter().filter(|f| f.is_durable()) {
+            for (index, target) in flow.targets().iter().enumerate() {
+                if let Some(timeout) = target.timeout()
                     && timeout >= store.lease()
                 {
                     // An attempt may outlast its claim; another worker would then send it too.
                     tracing::warn!(
-                        flow = %flow.name, target = %name, ?timeout, lease = ?store.lease(),
+                        flow = %flow.name, target = %target.name(), ?timeout, lease = ?store.lease(),
                         "the target's timeout is not shorter than the lease: raise --lease above it"
                     );
                 }
-                wakers.insert((flow.name.clone(), name), Arc::clone(&wake));
                 let worker = Worker {
                     store: store.clone(),
-                    runtime: Arc::downgrade(runtime),
+                    engine: Arc::clone(engine),
                     flow: Arc::clone(flow),
                     target: index,
-                    wake,
+                    wake: engine
+                        .waker(&flow.name, target.name())
+                        .unwrap_or_else(|| Arc::new(Notify::new())),
                     stop: stop.clone(),
                 };
                 workers.spawn(worker.run());
             }
         }
         Self {
-            wakers,
             stop,
             workers: tokio::sync::Mutex::new(workers),
-        }
-    }
-
-    /// Tells `flow`'s worker for `target` that new entries are due.
-    pub fn wake(&self, flow: &str, target: &str) {
-        if let Some(wake) = self.wakers.get(&(flow.to_owned(), target.to_owned())) {
-            wake.notify_one();
         }
     }
 
@@ -97,7 +86,7 @@ impl Delivery {
 
 struct Worker {
     store: Store,
-    runtime: Weak<Runtime>,
+    engine: Arc<Engine>,
     flow: Arc<Flow>,
     target: usize,
     wake: Arc<Notify>,
@@ -175,106 +164,130 @@ impl Worker {
     }
 
     async fn attempt(&self, entry: Claimed) {
-        let flow = &self.flow;
-        let target = &flow.targets()[self.target];
-        let number = entry.attempts + 1;
-        let mut message = Message::from_document(entry.document, entry.content_type);
-        let started = Instant::now();
-        let Some(runtime) = self.runtime.upgrade() else {
-            return; // stopping: the lease runs out and the entry is due again at next start
+        deliver(&self.engine, &self.store, &self.flow, self.target, entry).await;
+    }
+}
+
+/// Delivers message `id` of `flow` now, as a worker would, and returns it as its attempt
+/// left it (with what the target's answer captured): for `ferry test` and `ferry run`, which
+/// run no workers. Other due entries it claims on the way stay claimed until their lease
+/// runs out, so a case delivers its own message and no other.
+pub async fn deliver_now(engine: &Engine, flow: &Flow, id: &str) -> Option<Message> {
+    let store = engine.store()?;
+    let mut delivered = None;
+    for (index, target) in flow.targets().iter().enumerate() {
+        let Ok(claimed) = store.claim(&flow.name, target.name(), 1000).await else {
+            continue;
         };
-        let labels = [
-            ("flow", flow.name.clone()),
-            ("target", target.name().to_owned()),
-        ];
-        let in_flight = metrics::gauge!("ferry_deliveries_in_flight", &labels);
-        in_flight.increment(1.0);
-        let Attempt {
-            action,
-            status,
-            error,
-            retry_after,
-        } = {
-            #[cfg(feature = "otlp")]
-            let span = crate::observe::otlp::span(
-                "ferry.delivery",
-                &flow.name,
-                message.root()["meta"]["headers"]["traceparent"].as_str(),
-            );
-            let attempt = runtime.attempt(flow, target, &mut message);
-            #[cfg(feature = "otlp")]
-            let attempt = tracing::Instrument::instrument(attempt, span);
-            attempt.await
-        };
-        in_flight.decrement(1.0);
-        if action == RetryAction::Done {
-            crate::fault::pass(crate::fault::Point::AfterTargetAnswer);
-        }
-        metrics::histogram!("ferry_delivery_attempt_duration_seconds", &labels)
-            .record(started.elapsed().as_secs_f64());
-        drop(runtime);
-        let outcome = match action {
-            RetryAction::Done => AttemptOutcome::Delivered,
-            RetryAction::Retry => flow
-                .retry()
-                .next_attempt(number, entry.queued_at, now_ms(), retry_after)
-                .map_or(AttemptOutcome::Dead, AttemptOutcome::RetryAt),
-            RetryAction::Drop => AttemptOutcome::Dead,
-        };
-        let correlation = match (outcome, entry.record_id) {
-            (AttemptOutcome::Delivered, Some(record)) => {
-                flow.after_delivery(true, record, &message)
-            }
-            (AttemptOutcome::Dead, Some(record)) => flow.after_delivery(false, record, &message),
-            _ => None,
-        };
-        let latency_ms = started.elapsed().as_millis() as u64;
-        let counted = match outcome {
-            AttemptOutcome::Delivered => "delivered",
-            AttemptOutcome::RetryAt(_) => "retried",
-            AttemptOutcome::Dead => "dead_lettered",
-        };
-        let labels = [
-            ("flow", flow.name.clone()),
-            ("target", target.name().to_owned()),
-            ("outcome", counted.to_owned()),
-        ];
-        metrics::counter!("ferry_deliveries_total", &labels).increment(1);
-        let correlation_id = message.root()["meta"]["correlation_id"]
-            .as_str()
-            .unwrap_or_default();
-        match outcome {
-            AttemptOutcome::Dead => tracing::warn!(
-                flow = %flow.name, target = %target.name(), message_id = %entry.message_id, correlation_id,
-                attempt = number, error = error.as_deref().unwrap_or_default(), "delivery failed for good: dead letter"
-            ),
-            _ => tracing::debug!(
-                flow = %flow.name, target = %target.name(), message_id = %entry.message_id, correlation_id,
-                attempt = number, ?status, ?outcome, "delivery attempt"
-            ),
-        }
-        let record = AttemptRecord {
-            outbox_id: entry.outbox_id,
-            message_id: entry.message_id.clone(),
-            target: target.name().to_owned(),
-            attempt: number,
-            outcome,
-            status,
-            error,
-            latency_ms,
-            correlation,
-            lease_until: entry.lease_until,
-        };
-        match self.store.record_attempt(record).await {
-            Ok(()) => {}
-            Err(crate::store::StoreError::LeaseLost) => tracing::warn!(
-                flow = %flow.name, target = %target.name(), message_id = %entry.message_id,
-                "this attempt outlasted its claim and another worker took the delivery over: its outcome counts"
-            ),
-            // The lease runs out and the entry is attempted again: at least once, never lost.
-            Err(error) => {
-                tracing::error!(flow = %flow.name, %error, "recording a delivery attempt failed");
-            }
+        for entry in claimed.into_iter().filter(|e| e.message_id == id) {
+            delivered = Some(deliver(engine, store, flow, index, entry).await);
         }
     }
+    delivered
+}
+
+/// One attempt of a claimed entry to target number `target` of `flow`, and its outcome
+/// recorded: delivered, retried later, or dead. Returns the message as the attempt left it.
+async fn deliver(
+    engine: &Engine,
+    store: &Store,
+    flow: &Flow,
+    target: usize,
+    entry: Claimed,
+) -> Message {
+    let target = &flow.targets()[target];
+    let number = entry.attempts + 1;
+    let mut message = Message::from_document(entry.document, entry.content_type);
+    let started = Instant::now();
+    let labels = [
+        ("flow", flow.name.clone()),
+        ("target", target.name().to_owned()),
+    ];
+    let in_flight = metrics::gauge!("ferry_deliveries_in_flight", &labels);
+    in_flight.increment(1.0);
+    let Attempt {
+        action,
+        status,
+        error,
+        retry_after,
+    } = {
+        #[cfg(feature = "otlp")]
+        let span = crate::observe::otlp::span(
+            "ferry.delivery",
+            &flow.name,
+            message.root()["meta"]["headers"]["traceparent"].as_str(),
+        );
+        let attempt = engine.attempt(flow, target, &mut message);
+        #[cfg(feature = "otlp")]
+        let attempt = tracing::Instrument::instrument(attempt, span);
+        attempt.await
+    };
+    in_flight.decrement(1.0);
+    if action == RetryAction::Done {
+        crate::fault::pass(crate::fault::Point::AfterTargetAnswer);
+    }
+    metrics::histogram!("ferry_delivery_attempt_duration_seconds", &labels)
+        .record(started.elapsed().as_secs_f64());
+    let outcome = match action {
+        RetryAction::Done => AttemptOutcome::Delivered,
+        RetryAction::Retry => flow
+            .retry()
+            .next_attempt(number, entry.queued_at, now_ms(), retry_after)
+            .map_or(AttemptOutcome::Dead, AttemptOutcome::RetryAt),
+        RetryAction::Drop => AttemptOutcome::Dead,
+    };
+    let correlation = match (outcome, entry.record_id) {
+        (AttemptOutcome::Delivered, Some(record)) => flow.after_delivery(true, record, &message),
+        (AttemptOutcome::Dead, Some(record)) => flow.after_delivery(false, record, &message),
+        _ => None,
+    };
+    let latency_ms = started.elapsed().as_millis() as u64;
+    let counted = match outcome {
+        AttemptOutcome::Delivered => "delivered",
+        AttemptOutcome::RetryAt(_) => "retried",
+        AttemptOutcome::Dead => "dead_lettered",
+    };
+    let labels = [
+        ("flow", flow.name.clone()),
+        ("target", target.name().to_owned()),
+        ("outcome", counted.to_owned()),
+    ];
+    metrics::counter!("ferry_deliveries_total", &labels).increment(1);
+    let correlation_id = message.root()["meta"]["correlation_id"]
+        .as_str()
+        .unwrap_or_default();
+    match outcome {
+        AttemptOutcome::Dead => tracing::warn!(
+            flow = %flow.name, target = %target.name(), message_id = %entry.message_id, correlation_id,
+            attempt = number, error = error.as_deref().unwrap_or_default(), "delivery failed for good: dead letter"
+        ),
+        _ => tracing::debug!(
+            flow = %flow.name, target = %target.name(), message_id = %entry.message_id, correlation_id,
+            attempt = number, ?status, ?outcome, "delivery attempt"
+        ),
+    }
+    let record = AttemptRecord {
+        outbox_id: entry.outbox_id,
+        message_id: entry.message_id.clone(),
+        target: target.name().to_owned(),
+        attempt: number,
+        outcome,
+        status,
+        error,
+        latency_ms,
+        correlation,
+        lease_until: entry.lease_until,
+    };
+    match store.record_attempt(record).await {
+        Ok(()) => {}
+        Err(crate::store::StoreError::LeaseLost) => tracing::warn!(
+            flow = %flow.name, target = %target.name(), message_id = %entry.message_id,
+            "this attempt outlasted its claim and another worker took the delivery over: its outcome counts"
+        ),
+        // The lease runs out and the entry is attempted again: at least once, never lost.
+        Err(error) => {
+            tracing::error!(flow = %flow.name, %error, "recording a delivery attempt failed");
+        }
+    }
+    message
 }

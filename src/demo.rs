@@ -58,7 +58,11 @@ pub async fn run(paths: &ProjectPaths, delay: Duration) -> anyhow::Result<bool> 
     let scratch = tempfile::tempdir().context("creating a temporary store")?;
     let store_path: PathBuf = scratch.path().join("ferry.db");
     let store = Store::open(&format!("sqlite://{}", store_path.display())).await?;
-    let ferry = Runtime::start(&project, crate::targets::http_client()?, Some(store.clone()));
+    let ferry = Runtime::start(
+        &project,
+        crate::targets::http_client()?,
+        Some(store.clone()),
+    );
     let router = crate::server::router(&ferry, None);
     tokio::spawn(async move { axum::serve(ferry_listener, router).await });
 

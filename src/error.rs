@@ -241,7 +241,6 @@ impl ServeError {
     }
 }
 
-
 impl ServeError {
     /// What the log says of the error: the reason a 5xx reply keeps to itself, redacted.
     fn log_text(&self) -> String {

@@ -6,10 +6,10 @@ use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
 use serde_json::Value;
 
 use crate::config::DeliveryMode;
-use crate::retry::RetryPolicy;
 use crate::error::FlowError;
 use crate::jsonpath::JsonPath;
 use crate::message::Message;
+use crate::retry::RetryPolicy;
 use crate::steps::{Step, StepState};
 use crate::store::{CorrelationWrite, Store};
 use crate::targets::{OutboundRequest, Target};
@@ -44,13 +44,13 @@ pub(crate) struct DeliveryPolicy {
     pub(crate) mode: DeliveryMode,
     pub(crate) retry: RetryPolicy,
     pub(crate) concurrency: u32,
-    pub(crate) on_delivered: Option<Outcome>,
-    pub(crate) on_failed: Option<Outcome>,
+    pub(crate) on_delivered: Option<AfterDelivery>,
+    pub(crate) on_failed: Option<AfterDelivery>,
 }
 
 /// A correlation change after delivery, compiled.
 #[derive(Debug)]
-pub(crate) struct Outcome {
+pub(crate) struct AfterDelivery {
     pub(crate) state: Option<String>,
     pub(crate) keys: Vec<TextTemplate>,
     pub(crate) data: Option<JsonTemplate>,
@@ -95,6 +95,20 @@ pub struct QueueTrigger {
     pub idempotency_key: Option<JsonPath>,
 }
 
+impl QueueTrigger {
+    /// How a message that keeps failing is retried: `attempts` times, after a backoff from
+    /// `backoff` doubling up to five minutes, with full jitter — the policy durable delivery
+    /// uses, with the trigger's count as its budget.
+    pub fn retry(&self) -> RetryPolicy {
+        RetryPolicy {
+            attempts: Some(self.attempts),
+            budget: None,
+            initial: self.backoff,
+            max: std::time::Duration::from_secs(300),
+        }
+    }
+}
+
 /// A compiled HTTP trigger.
 #[derive(Debug)]
 pub struct HttpTrigger {
@@ -135,8 +149,21 @@ pub struct RenderedReply {
     pub body: Value,
 }
 
-impl Flow {
+impl From<RenderedReply> for crate::store::StoredReply {
+    fn from(reply: RenderedReply) -> Self {
+        Self {
+            status: reply.status.as_u16(),
+            headers: reply
+                .headers
+                .into_iter()
+                .map(|(name, value)| (name.to_string(), value))
+                .collect(),
+            body: reply.body,
+        }
+    }
+}
 
+impl Flow {
     /// The fields the flow marks sensitive.
     pub fn sensitive(&self) -> &crate::redact::Sensitive {
         &self.sensitive
@@ -430,4 +457,3 @@ impl RateLimit {
         })
     }
 }
-

@@ -5,30 +5,43 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: the flow file format (serde types) and reading flow files.
-//! - [`compile`]: from flow files to a [`compile::Project`] of runnable flows, collecting
-//!   every [`diagnostic::Diagnostic`].
-//! - [`flow`]: a compiled flow and how it handles one message.
-//! - [`message`]: what moves through a flow (`body`, `vars`, `meta`).
-//! - [`steps`]: `validate`, `set`, `transform`, `route`.
-//! - [`targets`]: where messages go (`http`), and how outcomes are classified.
-//! - [`template`], [`jsonpath`], [`schema`]: the compilers steps and targets share.
-//! - [`server`]: the HTTP server that runs flows' triggers; [`auth`] decides who may call
-//!   them and [`json`] reads their bodies strictly.
-//! - [`error`]: errors and their single mapping to HTTP replies; [`redact`] keeps secrets
-//!   and unbounded values out of them.
-//! - [`store`]: the durable store; [`delivery`] drains its outbox, [`queue`] consumes and
-//!   publishes queues, [`fault`] lets tests stop ferry in the narrowest windows of both.
-//! - [`cli`]: the `ferry` command.
+//! Modules form layers: each uses its own layer and those below, never one above, and no
+//! modules use each other in a cycle (`tests/integration/layers.rs` keeps it so). From the
+//! bottom:
+//!
+//! 1. **Foundations.** [`message`]: what moves through a flow (`body`, `vars`, `meta`, and
+//!    the one constructor of `meta` per way in). [`diagnostic`]: a problem at a file's line
+//!    and column. [`redact`]: what must not leave by an error path. [`retry`]: retry budgets,
+//!    backoff and what an answer means. [`fault`]: the points where tests stop ferry.
+//!    [`observe`]: metrics and trace export.
+//! 2. **The flow format and the leaf compilers.** [`config`]: the flow file format (serde
+//!    types) and reading flow files. [`error`]: errors and their one mapping to HTTP replies.
+//!    [`jsonpath`], [`template`] (structural and text templates, expressions and helpers),
+//!    [`schema`] (JSON Schemas, their defaults and declared fields), [`json`] (strict bodies).
+//! 3. **[`compile`]**: what compiling any part of a flow has at hand (`compile::Ctx`).
+//! 4. **Components**, each compiling its own config: [`auth`] (who may call a trigger),
+//!    [`steps`] (`validate`, `set`, `transform`, `route`, `correlate`), [`targets`] (HTTP,
+//!    queue and flow targets, each making its own attempt, and their mocks), [`queue`]
+//!    (embedded, AMQP and NATS queues), [`store`] (the durable store on SQLite or PostgreSQL).
+//! 5. **[`flow`]**: a compiled flow, and what it does to one message.
+//! 6. **[`project`]**: the compiler of flows and projects, every problem at once.
+//! 7. **[`engine`]**: the message path every entry point goes through.
+//! 8. **Workers**: [`delivery`] drains the outbox; [`consume`] feeds queue messages in.
+//! 9. **[`runtime`]**: starts and stops the engine's workers together.
+//! 10. **What serves and tests it**: [`server`] (the HTTP server), [`admin`] (the admin
+//!     API), [`testing`] (`ferry test` and `ferry run`, on the engine with mocks), then
+//!     [`reload`] (swapping the flows being served), [`demo`] and, on top, [`cli`].
 
 pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod compile;
 pub mod config;
+pub mod consume;
 pub mod delivery;
 pub mod demo;
 pub mod diagnostic;
+pub mod engine;
 pub mod error;
 pub mod fault;
 pub mod flow;

@@ -55,17 +55,104 @@ impl Meta {
     }
 }
 
+/// Header carrying the id of the message a queue message was published from.
+pub const MESSAGE_ID: &str = "ferry-message-id";
+/// Header carrying the correlation id across a queue.
+pub const CORRELATION_ID: &str = "ferry-correlation-id";
+/// Header carrying the key a consumer drops duplicates by: `<message id>:<target>`.
+pub const IDEMPOTENCY_KEY: &str = "ferry-idempotency-key";
+
+/// Headers that carry credentials: they never reach `meta.headers`, so no template, timeline
+/// or log sees them (nor does the header a trigger's `auth` names).
+const HIDDEN_HEADERS: [&str; 5] = [
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "x-api-key",
+    "webhook-signature",
+];
+
+/// What an HTTP request (or a test's stand-in for one) brings to a message.
+#[derive(Debug, Default, Clone)]
+pub struct Request {
+    /// The method.
+    pub method: String,
+    /// The path, as requested.
+    pub path: String,
+    /// Path parameters.
+    pub params: BTreeMap<String, String>,
+    /// Query parameters.
+    pub query: BTreeMap<String, String>,
+    /// Headers, any case.
+    pub headers: Vec<(String, String)>,
+}
+
 impl Meta {
-    /// Takes the caller's `X-Correlation-Id` header (up to 128 characters) as the correlation
-    /// id, so one id follows a request across systems.
-    pub fn adopt_correlation_id(&mut self) {
-        if let Some(id) = self
+    /// A message of `flow` from an HTTP request. Header names are lowercased; credentials,
+    /// and `secret` (the header the trigger's auth reads), are left out; the caller's
+    /// `X-Correlation-Id` (up to 128 characters) becomes the correlation id, so one id
+    /// follows a request across systems.
+    pub fn for_http(flow: &str, request: Request, secret: Option<&str>) -> Self {
+        let mut meta = Self::new(flow);
+        meta.method = request.method;
+        meta.path = request.path;
+        meta.params = request.params;
+        meta.query = request.query;
+        for (name, value) in request.headers {
+            let name = name.to_ascii_lowercase();
+            let hidden = HIDDEN_HEADERS.contains(&name.as_str())
+                || secret.is_some_and(|s| s.eq_ignore_ascii_case(&name));
+            if !hidden {
+                meta.headers.insert(name, value);
+            }
+        }
+        if let Some(id) = meta
             .headers
             .get("x-correlation-id")
             .filter(|id| !id.is_empty() && id.len() <= 128)
         {
-            self.correlation_id = id.clone();
+            meta.correlation_id = id.clone();
         }
+        meta
+    }
+
+    /// A message of `flow` consumed from `queue` with `headers`: the publisher's correlation
+    /// id goes on, and its key ([`IDEMPOTENCY_KEY`]) is the message's idempotency key.
+    pub fn for_queue(flow: &str, queue: &str, headers: BTreeMap<String, String>) -> Self {
+        let mut meta = Self::new(flow);
+        meta.method = "QUEUE".into();
+        meta.path = queue.to_owned();
+        meta.headers = headers
+            .into_iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .collect();
+        if let Some(id) = meta.headers.get(CORRELATION_ID).filter(|id| !id.is_empty()) {
+            meta.correlation_id = id.clone();
+        }
+        if let Some(key) = meta.headers.get(IDEMPOTENCY_KEY).cloned() {
+            meta.headers.insert("idempotency-key".into(), key);
+        }
+        meta
+    }
+
+    /// A message of flow `callee`, called by `caller`'s flow: the same conversation (its
+    /// correlation id), and an idempotency key derived from the caller's id so a retried
+    /// call is recognised.
+    pub fn for_call(callee: &str, caller: &Message) -> Self {
+        let mut meta = Self::new(callee);
+        meta.method = "CALL".into();
+        meta.path = caller.root()["meta"]["flow"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if let Some(id) = caller.root()["meta"]["correlation_id"].as_str() {
+            meta.correlation_id = id.to_owned();
+        }
+        meta.headers.insert(
+            "idempotency-key".into(),
+            format!("{}:{callee}", caller.id()),
+        );
+        meta
     }
 }
 

@@ -15,8 +15,8 @@ use axum::Router;
 use axum::extract::Request;
 use tower::ServiceExt;
 
-use crate::project::{ProjectPaths, load};
 use crate::diagnostic::Diagnostic;
+use crate::project::{ProjectPaths, load};
 use crate::runtime::Runtime;
 use crate::store::Store;
 

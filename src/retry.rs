@@ -133,7 +133,6 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
     )
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,16 +22,6 @@ use crate::flow::Flow;
 use crate::message::{Message, Meta};
 use crate::runtime::Runtime;
 
-/// Headers that carry credentials never reach `meta.headers`, so no template or log sees them
-/// (nor does the header a trigger's `auth` names).
-const HIDDEN_HEADERS: [&str; 5] = [
-    "authorization",
-    "proxy-authorization",
-    "cookie",
-    "x-api-key",
-    "webhook-signature",
-];
-
 /// Builds the router serving every flow of `runtime`, health and readiness, metrics, and the
 /// admin API under `/admin/v1` when `admin_token` is set.
 pub fn router(runtime: &Arc<Runtime>, admin_token: Option<&str>) -> Router {
@@ -408,22 +398,24 @@ async fn answer(
     bytes: &[u8],
 ) -> Result<Response, ServeError> {
     let body = parse_json(&parts.headers, bytes, trigger.max_depth)?;
-    let mut meta = Meta::new(&flow.name);
-    meta.method = parts.method.to_string();
-    meta.path = parts.uri.path().to_owned();
-    meta.params = params;
-    meta.query = Query::<BTreeMap<String, String>>::try_from_uri(&parts.uri)
-        .map(|q| q.0)
-        .unwrap_or_default();
-    for (name, value) in &parts.headers {
-        let hidden =
-            HIDDEN_HEADERS.contains(&name.as_str()) || trigger.auth.secret_header() == Some(name);
-        if let (false, Ok(value)) = (hidden, value.to_str()) {
-            meta.headers
-                .insert(name.as_str().to_owned(), value.to_owned());
-        }
-    }
-    meta.adopt_correlation_id();
+    let request = crate::message::Request {
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_owned(),
+        params,
+        query: Query::<BTreeMap<String, String>>::try_from_uri(&parts.uri)
+            .map(|q| q.0)
+            .unwrap_or_default(),
+        headers: parts
+            .headers
+            .iter()
+            .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect(),
+    };
+    let secret = trigger
+        .auth
+        .secret_header()
+        .map(axum::http::HeaderName::as_str);
+    let meta = Meta::for_http(&flow.name, request, secret);
     let message = Message::new(body, &meta);
     let handled = runtime.handle(flow, message);
     #[cfg(feature = "otlp")]

@@ -9,20 +9,20 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bytes::Bytes;
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::project::Project;
 use crate::config::Spanned;
 use crate::diagnostic::Diagnostic;
-use crate::error::{FlowError, ServeError};
+use crate::engine::{Engine, Observe, Transport};
+use crate::error::ServeError;
 use crate::flow::{Flow, Trigger};
 use crate::jsonpath::JsonPath;
-use crate::message::{Message, Meta};
-use crate::store::Store;
-use crate::targets::{RetryAction, Target, TargetResponse, classify_status};
+use crate::message::{Message, Meta, Request};
+use crate::project::Project;
+use crate::store::{CorrelationWrite, Store, StoredReply};
+use crate::targets::{MockAnswer, Mocks, Target};
 use crate::template::helpers::same;
 
 /// A test file.
@@ -167,13 +167,6 @@ pub struct CaseResult {
     pub failures: Vec<String>,
 }
 
-/// What a target got in a case.
-#[derive(Debug, Clone)]
-struct Output {
-    headers: BTreeMap<String, String>,
-    body: Value,
-}
-
 /// Finds `*.test.yaml` files under `dirs`, recursively, in name order.
 pub fn find_test_files(dirs: &[PathBuf]) -> Vec<PathBuf> {
     fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
@@ -200,7 +193,8 @@ pub fn find_test_files(dirs: &[PathBuf]) -> Vec<PathBuf> {
     found
 }
 
-/// Runs every case of the test file at `file` against `project`.
+/// Runs every case of the test file at `file` against `project`: each message goes through
+/// the engine `serve` runs, with every target mocked and a scratch store.
 ///
 /// # Errors
 ///
@@ -231,9 +225,15 @@ pub async fn run_file(project: &Project, file: &Path) -> Result<Vec<CaseResult>,
         .correlate(given)
         .await
         .map_err(|e| Diagnostic::error(file, format!("given: {e}")))?;
+    let mocks = Arc::new(Mocks::default());
+    let engine = Engine::new(
+        project.flows.clone(),
+        Transport::Mocks(Arc::clone(&mocks)),
+        Some(store.clone()),
+    );
     let mut results = Vec::new();
     for case in &tests.tests {
-        let failures = match run_case(flow, &case.value, file, &store).await {
+        let failures = match run_case(&engine, &mocks, flow, &case.value, file).await {
             Ok(failures) => failures,
             Err(problem) => vec![problem],
         };
@@ -248,11 +248,131 @@ pub async fn run_file(project: &Project, file: &Path) -> Result<Vec<CaseResult>,
     Ok(results)
 }
 
+/// What the engine made of a message, seen by a test or `ferry run`: each step (for
+/// `ferry run`'s listing), the message after its steps, and the correlation changes.
+#[derive(Default)]
+struct Seen {
+    /// The listing `ferry run` prints, when it is for `ferry run`.
+    listing: Option<String>,
+    previous: Option<Value>,
+    vars: Value,
+    /// Whether the steps took the message.
+    processed: bool,
+}
+
+impl Observe for Seen {
+    fn step(&mut self, label: &str, message: &Message) {
+        use std::fmt::Write as _;
+        let Some(out) = &mut self.listing else { return };
+        let _ = writeln!(out, "\n== {label}");
+        let now = message.root();
+        let mut changed = false;
+        if let Some(previous) = &self.previous {
+            for part in ["body", "vars"] {
+                if now[part] != previous[part] {
+                    let _ = writeln!(out, "{part}:\n{}", pretty(&now[part]));
+                    changed = true;
+                }
+            }
+        }
+        if !changed {
+            out.push_str("ok, the message is unchanged\n");
+        }
+        self.previous = Some(now.clone());
+    }
+
+    fn processed(&mut self, message: &Message, correlation: &[CorrelationWrite]) {
+        use std::fmt::Write as _;
+        self.vars = message.root()["vars"].clone();
+        self.processed = true;
+        let Some(out) = &mut self.listing else { return };
+        for write in correlation {
+            let (what, keys, data, state) = match write {
+                CorrelationWrite::Save {
+                    context,
+                    keys,
+                    data,
+                    state,
+                } => (format!("save {context} under"), keys, data, state),
+                CorrelationWrite::Update {
+                    keys, data, state, ..
+                } => (
+                    "update the found record, adding".to_owned(),
+                    keys,
+                    data,
+                    state,
+                ),
+            };
+            let _ = writeln!(
+                out,
+                "\n== correlation: {what} {keys:?}, state {}\n{}",
+                state.as_deref().unwrap_or("-"),
+                pretty(data)
+            );
+        }
+    }
+}
+
+/// The message a case (or `ferry run`) sends `flow`, as its trigger would make it.
+fn message_for(flow: &Flow, input: &Input, body: Value) -> Message {
+    let headers = input.headers.clone();
+    let meta = match &flow.trigger {
+        Trigger::Queue(queue) => Meta::for_queue(&flow.name, &queue.spec.name, headers),
+        trigger => {
+            let (method, mut path, secret) = match trigger {
+                Trigger::Http(http) => (
+                    http.method.to_string(),
+                    http.path.clone(),
+                    http.auth.secret_header().map(|h| h.as_str().to_owned()),
+                ),
+                _ => ("CALL".to_owned(), String::new(), None),
+            };
+            for (name, value) in &input.params {
+                path = path.replace(&format!("{{{name}}}"), value);
+            }
+            let request = Request {
+                method,
+                path,
+                params: input.params.clone(),
+                query: input.query.clone(),
+                headers: headers.into_iter().collect(),
+            };
+            Meta::for_http(&flow.name, request, secret.as_deref())
+        }
+    };
+    Message::new(body, &meta)
+}
+
+/// What a caller is answered, as status and body.
+fn answered(reply: Result<StoredReply, ServeError>) -> (u16, Value) {
+    match reply {
+        Ok(reply) => (reply.status, reply.body),
+        Err(error) => (error.status().as_u16(), error.body()),
+    }
+}
+
+/// Handles `message` as `serve` would, then makes its durable deliveries at once. Returns
+/// the answer, and the message's vars after its steps and its target's captures.
+async fn run_message(
+    engine: &Engine,
+    flow: &Flow,
+    message: Message,
+    seen: &mut Seen,
+) -> (u16, Value) {
+    let id = message.id().to_owned();
+    let reply = answered(engine.handle_observed(flow, message, Some(seen)).await);
+    if let Some(delivered) = crate::delivery::deliver_now(engine, flow, &id).await {
+        seen.vars = delivered.root()["vars"].clone();
+    }
+    reply
+}
+
 async fn run_case(
-    flow: &Arc<Flow>,
+    engine: &Engine,
+    mocks: &Mocks,
+    flow: &Flow,
     case: &TestCase,
     file: &Path,
-    store: &Store,
 ) -> Result<Vec<String>, String> {
     let body = match (&case.input.body, &case.input.body_file) {
         (Some(body), None) => body.clone(),
@@ -265,54 +385,24 @@ async fn run_case(
         (None, None) => Value::Null,
         (Some(_), Some(_)) => return Err("input has both `body` and `body_file`".into()),
     };
-    let mut meta = Meta::new(&flow.name);
-    if let Trigger::Http(http) = &flow.trigger {
-        meta.method = http.method.to_string();
-        meta.path = http.path.clone();
-    }
-    meta.headers = case
-        .input
-        .headers
-        .iter()
-        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-        .collect();
-    meta.adopt_correlation_id();
-    meta.params = case.input.params.clone();
-    meta.query = case.input.query.clone();
-    let mut message = Message::new(body, &meta);
-
-    let mut outputs: BTreeMap<String, Output> = BTreeMap::new();
-    let reply = match flow.run_steps(&mut message, Some(store)).await {
-        Err(error) => refusal(error),
-        Ok(processed) => {
-            store
-                .correlate(processed.correlation)
-                .await
-                .map_err(|e| e.to_string())?;
-            let target = processed.target.map(|i| &flow.targets()[i]);
-            let mock = target.and_then(|t| case.mocks.get(t.name()));
-            let delivered = match target {
-                Some(target) => deliver(flow, target, mock, &mut message, &mut outputs),
-                None => Ok(()),
-            };
-            match delivered {
-                // A durable flow has replied before delivery: its reply stands whatever the target says.
-                Err(error) if !flow.is_durable() => refusal(error),
-                // A sync flow without a reply of its own answers what the flow it called answered.
-                Ok(())
-                    if matches!(target, Some(Target::Flow(_)))
-                        && !flow.declares_reply()
-                        && !flow.is_durable() =>
-                {
-                    mock.map_or((200, Value::Null), |m| (m.status, m.body.clone()))
-                }
-                _ => match flow.render_reply(&message) {
-                    Ok(reply) => (reply.status.as_u16(), reply.body),
-                    Err(error) => refusal(error),
-                },
-            }
-        }
-    };
+    mocks.answer(
+        case.mocks
+            .iter()
+            .map(|(name, mock)| {
+                let answer = MockAnswer {
+                    status: mock.status,
+                    body: mock.body.clone(),
+                    fail: mock.fail.clone(),
+                };
+                (name.clone(), answer)
+            })
+            .collect(),
+    );
+    mocks.take_received();
+    let mut seen = Seen::default();
+    let message = message_for(flow, &case.input, body);
+    let reply = run_message(engine, flow, message, &mut seen).await;
+    let outputs = mocks.take_received();
 
     let mut failures = Vec::new();
     let base = file.parent().unwrap_or(Path::new("."));
@@ -342,107 +432,20 @@ async fn run_case(
         }
     }
     for target in &case.expect.no_output_from {
-        if outputs.contains_key(target) {
+        if let Some(got) = outputs.get(target) {
             failures.push(format!(
                 "target \"{target}\" received {}, but should have received nothing",
-                outputs[target].body
+                got.body
             ));
         }
     }
     for (name, expected) in &case.expect.vars {
-        let actual = &message.root()["vars"][name];
+        let actual = &seen.vars[name];
         if !contains(actual, expected) {
             failures.push(format!("var \"{name}\" is {actual}, expected {expected}"));
         }
     }
     Ok(failures)
-}
-
-/// A message's metadata as the flow's trigger would give it, with these headers.
-fn meta_for(flow: &Flow, headers: &BTreeMap<String, String>) -> Meta {
-    let mut meta = Meta::new(&flow.name);
-    if let Trigger::Http(http) = &flow.trigger {
-        meta.method = http.method.to_string();
-        meta.path = http.path.clone();
-    }
-    meta.headers = headers
-        .iter()
-        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-        .collect();
-    meta.adopt_correlation_id();
-    meta
-}
-
-/// The status and body a caller gets for an error.
-fn refusal(error: FlowError) -> (u16, Value) {
-    let error = ServeError::Flow(error);
-    (error.status().as_u16(), error.body())
-}
-
-/// Records what `target` would receive and answers with its mock.
-fn deliver(
-    flow: &Flow,
-    target: &Target,
-    mock: Option<&Mock>,
-    message: &mut Message,
-    outputs: &mut BTreeMap<String, Output>,
-) -> Result<(), FlowError> {
-    let (headers, body) = match target {
-        Target::Http(http) => {
-            let request = flow.prepare(http, message)?;
-            let headers = request
-                .headers
-                .iter()
-                .map(|(n, v)| {
-                    (
-                        n.as_str().to_owned(),
-                        v.to_str().unwrap_or_default().to_owned(),
-                    )
-                })
-                .chain([
-                    ("x-ferry-url".to_owned(), request.url.to_string()),
-                    ("x-ferry-method".to_owned(), request.method.to_string()),
-                ])
-                .collect();
-            let body = serde_json::from_slice(&request.body).unwrap_or_else(|_| {
-                Value::String(String::from_utf8_lossy(&request.body).into_owned())
-            });
-            (headers, body)
-        }
-        Target::Queue(_) | Target::Flow(_) => (BTreeMap::new(), message.body().clone()),
-    };
-    outputs.insert(target.name().to_owned(), Output { headers, body });
-    let failed = |status: Option<u16>, reason: String| FlowError::Target {
-        target: target.name().to_owned(),
-        status,
-        reason,
-    };
-    let Some(mock) = mock else {
-        return Ok(());
-    };
-    if let Some(kind) = &mock.fail {
-        return Err(failed(None, format!("mocked {kind}")));
-    }
-    if classify_status(mock.status) != RetryAction::Done {
-        return Err(failed(
-            Some(mock.status),
-            format!("answered {}", mock.status),
-        ));
-    }
-    match target {
-        Target::Http(http) => {
-            let body = Bytes::from(mock.body.to_string());
-            let response = TargetResponse {
-                status: mock.status,
-                retry_after: None,
-                body,
-            };
-            http.capture(&response, message);
-        }
-        Target::Flow(_) => message.merge_vars(&mock.body),
-        Target::Queue(_) => {}
-    }
-    Ok(())
 }
 
 fn check_json(
@@ -515,121 +518,57 @@ fn check_json(
     }
 }
 
-/// Runs one message through `flow` step by step for `ferry run`, and describes each step's
-/// output, the request the target gets, and the reply. The target is mocked (answering `200`
-/// with an empty body) unless `live`, when an HTTP target is really called.
+/// Runs one message through `flow` for `ferry run`, and describes each step's output, the
+/// correlation changes, what the target gets, and the reply. It goes through the same engine
+/// as `serve`, on a scratch store; targets are mocked (answering `200 {}`) unless `live`,
+/// when they are really called.
 pub async fn trace(
+    project: &Project,
     flow: &Flow,
     body: Value,
     headers: &BTreeMap<String, String>,
     live: bool,
 ) -> String {
     use std::fmt::Write as _;
-    let mut out = String::new();
-    let meta = meta_for(flow, headers);
-    let mut message = Message::new(body, &meta);
-    let _ = writeln!(out, "== input\n{}", pretty(message.root()));
+    let input = Input {
+        headers: headers.clone(),
+        ..Input::default()
+    };
+    let message = message_for(flow, &input, body);
+    let mut seen = Seen {
+        listing: Some(format!("== input\n{}\n", pretty(message.root()))),
+        previous: Some(message.root().clone()),
+        ..Seen::default()
+    };
     let Ok(store) = Store::open("sqlite::memory:").await else {
-        return out + "cannot open a scratch store\n";
+        return seen.listing.unwrap_or_default() + "cannot open a scratch store\n";
     };
-    let mut previous = message.root().clone();
-    let mut watch = |label: &str, message: &Message| {
-        let _ = writeln!(out, "\n== {label}");
-        let now = message.root();
-        let mut changed = false;
-        for part in ["body", "vars"] {
-            if now[part] != previous[part] {
-                let _ = writeln!(out, "{part}:\n{}", pretty(&now[part]));
-                changed = true;
-            }
-        }
-        if !changed {
-            out.push_str("ok, the message is unchanged\n");
-        }
-        previous = now.clone();
+    let mocks = Arc::new(Mocks::default());
+    let transport = match (live, crate::targets::http_client()) {
+        (true, Ok(client)) => Transport::Network(client),
+        _ => Transport::Mocks(Arc::clone(&mocks)),
     };
-    let processed = flow
-        .run_steps_watched(&mut message, Some(&store), &mut watch)
-        .await;
-    let processed = match processed {
-        Ok(processed) => processed,
-        Err(error) => {
-            let (status, body) = refusal(error);
-            let _ = writeln!(out, "\n== refused: {status}\n{}", pretty(&body));
-            return out;
-        }
-    };
-    for write in &processed.correlation {
-        let (what, keys, data, state) = match write {
-            crate::store::CorrelationWrite::Save {
-                context,
-                keys,
-                data,
-                state,
-            } => (format!("save {context} under"), keys, data, state),
-            crate::store::CorrelationWrite::Update {
-                keys, data, state, ..
-            } => (
-                "update the found record, adding".to_owned(),
-                keys,
-                data,
-                state,
-            ),
+    let engine = Engine::new(project.flows.clone(), transport, Some(store.clone()));
+    let (status, reply) = run_message(&engine, flow, message, &mut seen).await;
+    let mut out = seen.listing.unwrap_or_default();
+    if !seen.processed {
+        let _ = writeln!(out, "\n== refused: {status}\n{}", pretty(&reply));
+        store.close().await;
+        return out;
+    }
+    for (name, received) in mocks.take_received() {
+        let kind = match flow.targets().iter().find(|t| t.name() == name) {
+            Some(Target::Http(_)) => "http",
+            Some(Target::Queue(_)) => "queue",
+            _ => "flow",
         };
-        let _ = writeln!(
-            out,
-            "\n== correlation: {what} {keys:?}, state {}\n{}",
-            state.as_deref().unwrap_or("-"),
-            pretty(data)
-        );
+        let _ = writeln!(out, "\n== target \"{name}\" ({kind}) would get (mocked)");
+        for (header, value) in &received.headers {
+            let _ = writeln!(out, "{header}: {value}");
+        }
+        let _ = writeln!(out, "{}", pretty(&received.body));
     }
-    if let Some(target) = processed.target.map(|i| &flow.targets()[i]) {
-        let mut outputs = BTreeMap::new();
-        let delivered = match (target, live) {
-            (Target::Http(http), true) => {
-                let client = crate::targets::http_client().unwrap_or_default();
-                let attempt = http.attempt(&mut message, flow.templates(), &client).await;
-                let _ = writeln!(
-                    out,
-                    "\n== target \"{}\" called: {:?} {:?} {}",
-                    target.name(),
-                    attempt.action,
-                    attempt.status,
-                    attempt.error.unwrap_or_default()
-                );
-                Ok(())
-            }
-            _ => deliver(flow, target, None, &mut message, &mut outputs),
-        };
-        for (name, output) in &outputs {
-            let kind = match target {
-                Target::Http(_) => "http",
-                Target::Queue(_) => "queue",
-                Target::Flow(_) => "flow",
-            };
-            let _ = writeln!(out, "\n== target \"{name}\" ({kind}) would get (mocked)");
-            for (header, value) in &output.headers {
-                let _ = writeln!(out, "{header}: {value}");
-            }
-            let _ = writeln!(out, "{}", pretty(&output.body));
-        }
-        if let Err(error) = delivered {
-            let _ = writeln!(out, "\n== delivery failed: {error}");
-        }
-    }
-    match flow.render_reply(&message) {
-        Ok(reply) => {
-            let _ = writeln!(
-                out,
-                "\n== reply {}\n{}",
-                reply.status.as_u16(),
-                pretty(&reply.body)
-            );
-        }
-        Err(error) => {
-            let _ = writeln!(out, "\n== reply failed: {error}");
-        }
-    }
+    let _ = writeln!(out, "\n== reply {status}\n{}", pretty(&reply));
     store.close().await;
     out
 }

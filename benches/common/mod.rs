@@ -1,27 +1,26 @@
 //! What the HTTP benchmarks share: the key their ferries accept, the Test Request they send,
-//! a server on a free loopback port, and one submission.
+//! a server on a free loopback port, and one submission. Fixtures and the server come from
+//! `tests/support`, which the integration tests use too.
 
 use axum::Router;
 use serde_json::Value;
-use tokio::net::TcpListener;
+
+#[path = "../../tests/support/mod.rs"]
+#[allow(dead_code, reason = "each benchmark uses part of what the tests share")]
+mod support;
 
 /// The portal API key (and lab webhook secret) the benchmarked ferries are given.
 pub(crate) const KEY: &str = "bench-key";
 
 /// The shipped example Test Request; senders give each copy its own `portal_ref`.
 pub(crate) fn test_request() -> Value {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/payloads/test-request.json"
-    );
-    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    support::payload("test-request.json")
 }
 
-/// Serves `router` on 127.0.0.1 and returns its URL.
+/// Serves `router` on 127.0.0.1 for as long as the benchmark runs, and returns its URL.
 pub(crate) async fn serve(router: Router) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let (url, stop) = support::serve(router).await;
+    std::mem::forget(stop);
     url
 }
 

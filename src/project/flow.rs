@@ -9,8 +9,8 @@ use crate::config::load::LoadedFlow;
 use crate::config::{DeliveryMode, OutcomeConfig, TriggerConfig};
 use crate::diagnostic::Diagnostic;
 use crate::flow::{
-    DEFAULT_MAX_BODY, DeliveryPolicy, Flow, HttpTrigger, Outcome, QueueTrigger, RateLimit, Reply,
-    Trigger,
+    AfterDelivery, DEFAULT_MAX_BODY, DeliveryPolicy, Flow, HttpTrigger, QueueTrigger, RateLimit,
+    Reply, Trigger,
 };
 use crate::retry::RetryPolicy;
 use crate::schema::Schemas;
@@ -90,9 +90,7 @@ pub(crate) fn compile(
         ctx.body_schema = body_schema.clone();
         ctx.check_paths(&step.value);
         match &step.value {
-            crate::config::StepConfig::Validate(v) => {
-                body_schema = Some(v.schema.value.clone())
-            }
+            crate::config::StepConfig::Validate(v) => body_schema = Some(v.schema.value.clone()),
             crate::config::StepConfig::Transform(_) => body_schema = None,
             _ => {}
         }
@@ -137,9 +135,8 @@ pub(crate) fn compile(
             );
         }
     }
-    let sensitive = crate::redact::Sensitive::new(
-        config.sensitive.iter().map(|p| p.value.clone()).collect(),
-    );
+    let sensitive =
+        crate::redact::Sensitive::new(config.sensitive.iter().map(|p| p.value.clone()).collect());
 
     let errors_after = ctx
         .diagnostics
@@ -380,7 +377,7 @@ fn compile_outcome(
     config: Option<&OutcomeConfig>,
     ctx: &mut Ctx<'_>,
     ok: &mut bool,
-) -> Option<Outcome> {
+) -> Option<AfterDelivery> {
     let config = config?;
     let mut keys = Vec::new();
     for key in &config.keys {
@@ -394,7 +391,7 @@ fn compile_outcome(
         *ok &= compiled.is_some();
         compiled
     });
-    Some(Outcome {
+    Some(AfterDelivery {
         state: config.state.as_ref().map(|s| s.value.clone()),
         keys,
         data,
@@ -447,7 +444,10 @@ fn compile_reply(config: Option<&crate::config::ReplyConfig>, ctx: &mut Ctx<'_>)
 }
 
 /// A trigger's `rate_limit`, compiled.
-fn compile_rate_limit(config: &crate::config::RateLimitConfig, ctx: &mut Ctx<'_>) -> Option<RateLimit> {
+fn compile_rate_limit(
+    config: &crate::config::RateLimitConfig,
+    ctx: &mut Ctx<'_>,
+) -> Option<RateLimit> {
     let per_second = std::num::NonZeroU32::new(config.per_second.value);
     let burst = config
         .burst
@@ -460,9 +460,10 @@ fn compile_rate_limit(config: &crate::config::RateLimitConfig, ctx: &mut Ctx<'_>
         );
         return None;
     };
-    Some(RateLimit::new(governor::Quota::per_second(per_second).allow_burst(burst)))
+    Some(RateLimit::new(
+        governor::Quota::per_second(per_second).allow_burst(burst),
+    ))
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -1,5 +1,5 @@
 //! Turns flow files into runnable flows, collecting every problem on the way: the project
-//! compiler ([`flow`] compiles one flow).
+//! compiler (`project::flow` compiles one flow).
 //!
 //! The phases run in order: parse ([`crate::config::load`]), structure (names resolve, no two
 //! flows claim one endpoint), and compile (schemas, templates, JSONPaths, URLs, durations).
@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-
 
 use crate::config::load::{LoadedFlow, load_dir};
 use crate::diagnostic::{self, Diagnostic, Severity};

@@ -18,7 +18,7 @@ pub(super) struct Publishers {
 
 /// Opens a channel on a new connection to `url`, giving up after 10 s (a peer that takes
 /// the TCP connection but never speaks AMQP must not hold a consumer forever).
-pub(super) async fn connect(url: &str) -> Result<(Connection, Channel), PublishError> {
+pub(crate) async fn connect(url: &str) -> Result<(Connection, Channel), PublishError> {
     let open = async {
         let connection = Connection::connect(url, ConnectionProperties::default()).await?;
         let channel = connection.create_channel().await?;
@@ -31,7 +31,7 @@ pub(super) async fn connect(url: &str) -> Result<(Connection, Channel), PublishE
 }
 
 /// Declares `queue` durable, so it and its persistent messages survive a broker restart.
-pub(super) async fn declare(channel: &Channel, queue: &str) -> Result<(), lapin::Error> {
+pub(crate) async fn declare(channel: &Channel, queue: &str) -> Result<(), lapin::Error> {
     channel
         .queue_declare(
             queue.into(),
@@ -147,7 +147,7 @@ impl From<lapin::Error> for PublishError {
 }
 
 /// Reads a delivery's headers as text.
-pub(super) fn headers_of(properties: &BasicProperties) -> BTreeMap<String, String> {
+pub(crate) fn headers_of(properties: &BasicProperties) -> BTreeMap<String, String> {
     let mut headers = BTreeMap::new();
     if let Some(table) = properties.headers() {
         for (name, value) in table {

@@ -7,9 +7,8 @@
 //! committed what it does with it; a message that fails for good ends among ferry's dead
 //! letters, never redelivered forever.
 
-mod amqp;
-pub mod consume;
-mod nats;
+pub(crate) mod amqp;
+pub(crate) mod nats;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -17,12 +16,7 @@ use std::sync::Mutex;
 use crate::config::QueueDriver;
 use crate::store::Store;
 
-/// Header carrying the id of the message that was published.
-pub const MESSAGE_ID: &str = "ferry-message-id";
-/// Header carrying the correlation id.
-pub const CORRELATION_ID: &str = "ferry-correlation-id";
-/// Header carrying the key a consumer drops duplicates by: `<message id>:<target>`.
-pub const IDEMPOTENCY_KEY: &str = "ferry-idempotency-key";
+pub use crate::message::{CORRELATION_ID, IDEMPOTENCY_KEY, MESSAGE_ID};
 
 /// `name` with every character NATS does not take in stream and consumer names replaced by
 /// `_`.

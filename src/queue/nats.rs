@@ -16,7 +16,7 @@ pub(super) struct Publishers {
 }
 
 /// Connects to the server at `url`.
-pub(super) async fn connect(url: &str) -> Result<Context, String> {
+pub(crate) async fn connect(url: &str) -> Result<Context, String> {
     let client = async_nats::ConnectOptions::new()
         .retry_on_initial_connect()
         .max_reconnects(Some(1))
@@ -37,7 +37,7 @@ const MAX_DUPLICATE_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
 /// `Nats-Msg-Id` for at least that long (within [`MIN_DUPLICATE_WINDOW`] and
 /// [`MAX_DUPLICATE_WINDOW`]), widening the window of a stream that has a shorter one, so a
 /// late retry of a publish that did land is not stored twice.
-pub(super) async fn stream(
+pub(crate) async fn stream(
     context: &Context,
     subject: &str,
     dedup: Option<Duration>,
@@ -141,7 +141,7 @@ async fn publish_on(
 }
 
 /// Reads a message's headers as text.
-pub(super) fn headers_of(message: &async_nats::Message) -> BTreeMap<String, String> {
+pub(crate) fn headers_of(message: &async_nats::Message) -> BTreeMap<String, String> {
     let mut headers = BTreeMap::new();
     if let Some(map) = &message.headers {
         for (name, values) in map.iter() {

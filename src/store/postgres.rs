@@ -42,7 +42,7 @@ macro_rules! for_update {
 )]
 mod sql;
 
-type This = PgStore;
+type DbStore = PgStore;
 type Db = Postgres;
 type Conn = PgConnection;
 type Row = sqlx::postgres::PgRow;

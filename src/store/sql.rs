@@ -1,5 +1,5 @@
 //! The SQL both backends run. Each backend compiles this module for its own database
-//! (`#[path]`), naming it `Db`, `Conn` and `Row`, itself `This` (with a `reader` and a
+//! (`#[path]`), naming it `Db`, `Conn` and `Row`, itself `DbStore` (with a `reader` and a
 //! `snapshot` to read through), and provides [`lock`](super::lock) and the `skip_locked!`
 //! and `for_update!` suffixes of claims and locked reads: what the one SQLite writer gets by
 //! running alone, PostgreSQL gets from row and advisory locks.
@@ -7,7 +7,7 @@
 use serde_json::Value;
 use sqlx::Row as _;
 
-use super::{Conn, Db, Lock, Row, This, lock};
+use super::{Conn, Db, DbStore, Lock, Row, lock};
 use crate::store::{
     AcceptOutcome, Accepted, AttemptOutcome, AttemptRecord, Claimed, Correlation, CorrelationWrite,
     Event, MessageDetail, MessageStatus, MessageSummary, Millis, OutboxEntry, Prior, QueueItem,
@@ -16,7 +16,7 @@ use crate::store::{
 
 /// The reads, the same calls on both backends: a single query on a pooled connection, several
 /// in one snapshot.
-impl This {
+impl DbStore {
     pub(in crate::store) async fn reply_for(
         &self,
         flow: &str,

@@ -312,7 +312,7 @@ macro_rules! for_update {
 )]
 mod sql;
 
-type This = SqliteStore;
+type DbStore = SqliteStore;
 type Db = Sqlite;
 type Conn = SqliteConnection;
 type Row = sqlx::sqlite::SqliteRow;

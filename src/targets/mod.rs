@@ -1,17 +1,20 @@
 //! Targets: where a flow delivers messages.
 //!
-//! Delivery is split in two so it can be made durable: [`Target::prepare`] renders the
-//! request from the message (pure, no I/O), and [`send`] performs it. A stored
-//! [`OutboundRequest`] can be sent again later, the same every time. [`classify`] decides
-//! what an outcome means for retries.
+//! Each kind makes its own attempt ([`Target::attempt`]) with what [`Reach`] gives it. An
+//! HTTP target renders its request from the message ([`HttpTarget::prepare`], no I/O) at
+//! every attempt — the outbox keeps the message, not the request — and [`send`]s it;
+//! [`classify`] decides what the answer means for retries. [`Mocks`] stand behind every
+//! target in `ferry test` and `ferry run`.
 
 mod flow;
 mod http;
+mod mock;
 mod outbound;
 mod queue;
 
 pub use flow::FlowTarget;
 pub use http::HttpTarget;
+pub use mock::{MockAnswer, Mocks, Received};
 pub use outbound::is_private;
 pub use queue::QueueTarget;
 pub(crate) use queue::queue_spec;
@@ -127,6 +130,21 @@ impl Target {
         }
     }
 
+    /// Makes one delivery attempt of `message`: each kind its own. On success, what the
+    /// target answered is captured into `message`'s vars.
+    pub async fn attempt(
+        &self,
+        message: &mut Message,
+        templates: &Templates,
+        reach: &Reach<'_>,
+    ) -> Attempt {
+        match self {
+            Self::Http(http) => http.attempt(message, templates, reach.client).await,
+            Self::Queue(queue) => queue.attempt(message, reach).await,
+            Self::Flow(call) => call.attempt(message, reach.calls).await,
+        }
+    }
+
     /// The target's name.
     pub fn name(&self) -> &str {
         match self {
@@ -135,6 +153,39 @@ impl Target {
             Self::Flow(t) => t.name(),
         }
     }
+}
+
+/// What targets reach through: the network's HTTP client, the brokers, the store (for
+/// embedded queues), and the message path (for flow calls).
+pub struct Reach<'a> {
+    /// The HTTP client targets share.
+    pub client: &'a reqwest::Client,
+    /// Broker connections.
+    pub brokers: &'a crate::queue::Brokers,
+    /// The store, for embedded queues.
+    pub store: Option<&'a crate::store::Store>,
+    /// The message path, for flow calls.
+    pub calls: &'a dyn Calls,
+    /// How long the flow retries a delivery: a broker that drops duplicates by id keeps ids
+    /// that long.
+    pub retried_for: Duration,
+}
+
+/// What a `flow` target calls: the message path, running a message through another flow.
+pub trait Calls: Send + Sync {
+    /// Runs a message made from `caller` through the flow named `flow`, and answers its reply.
+    fn call<'a>(
+        &'a self,
+        flow: &'a str,
+        caller: &'a Message,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<
+                    Output = Result<crate::store::StoredReply, crate::error::ServeError>,
+                > + Send
+                + 'a,
+        >,
+    >;
 }
 
 /// What one delivery attempt came to.

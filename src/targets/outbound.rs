@@ -357,7 +357,7 @@ const NOT_PUBLIC_V6: [(u128, u32); 15] = [
 ];
 
 /// Whether `ip` is anything but a public unicast address on the internet (see
-/// [`NOT_PUBLIC_V4`] and [`NOT_PUBLIC_V6`]): private, loopback, link-local, reserved, or a
+/// `NOT_PUBLIC_V4` and `NOT_PUBLIC_V6`): private, loopback, link-local, reserved, or a
 /// translation prefix that could carry a private IPv4 address.
 pub fn is_private(ip: IpAddr) -> bool {
     match ip {

@@ -1,7 +1,11 @@
 //! `queue` target: publishes the message to an embedded queue, RabbitMQ or NATS JetStream.
 
+use std::collections::BTreeMap;
+
+use super::{Attempt, Reach, RetryAction};
 use crate::compile::Ctx;
 use crate::config::{QueueDriver, QueueTargetConfig};
+use crate::message::{CORRELATION_ID, IDEMPOTENCY_KEY, MESSAGE_ID, Message};
 use crate::queue::QueueSpec;
 
 /// A compiled `queue` target.
@@ -27,6 +31,45 @@ impl QueueTarget {
 
     pub(crate) fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Publishes `message` with ferry's headers (its id, correlation id, and the key a
+    /// consumer drops duplicates by, the same on every attempt); done once the queue holds it.
+    pub(crate) async fn attempt(&self, message: &Message, reach: &Reach<'_>) -> Attempt {
+        let payload = match message.content_type() {
+            None => message.body().to_string().into_bytes(),
+            Some(_) => message
+                .body()
+                .as_str()
+                .unwrap_or_default()
+                .as_bytes()
+                .to_vec(),
+        };
+        let mut headers = BTreeMap::from([
+            (MESSAGE_ID.to_owned(), message.id().to_owned()),
+            (
+                CORRELATION_ID.to_owned(),
+                message.root()["meta"]["correlation_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            ),
+            (
+                IDEMPOTENCY_KEY.to_owned(),
+                format!("{}:{}", message.id(), self.name),
+            ),
+        ]);
+        if let Some(traceparent) = crate::message::child_traceparent(message) {
+            headers.insert("traceparent".to_owned(), traceparent);
+        }
+        match reach
+            .brokers
+            .publish(reach.store, &self.spec, payload, headers, reach.retried_for)
+            .await
+        {
+            Ok(()) => Attempt::done(None),
+            Err(error) => Attempt::failed(RetryAction::Retry, None, error.to_string()),
+        }
     }
 }
 

@@ -1269,16 +1269,25 @@ mod tests {
         let mut templates = Templates::new();
         let message = Message::new(json!({"lab": "north west", "ref": "a/b"}), &Meta::new("f"));
         let url = templates
-            .compile_text("https://lab.example/{{upper body.lab}}/{{body.ref}}", Escape::Url)
+            .compile_text(
+                "https://lab.example/{{upper body.lab}}/{{body.ref}}",
+                Escape::Url,
+            )
             .unwrap();
         assert_eq!(
             templates.render_text(&url, &message).unwrap(),
             "https://lab.example/NORTH%20WEST/a%2Fb"
         );
         let header = templates
-            .compile_text("{{concat (upper body.lab) '-' (length body.ref)}}", Escape::Plain)
+            .compile_text(
+                "{{concat (upper body.lab) '-' (length body.ref)}}",
+                Escape::Plain,
+            )
             .unwrap();
-        assert_eq!(templates.render_text(&header, &message).unwrap(), "NORTH WEST-3");
+        assert_eq!(
+            templates.render_text(&header, &message).unwrap(),
+            "NORTH WEST-3"
+        );
     }
 
     #[test]

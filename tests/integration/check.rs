@@ -337,13 +337,13 @@ fn ferry_test_passes_the_shipped_flows_and_examples() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(
-        stdout.contains("running 30 tests from 21 file(s)"),
+        stdout.contains("running 31 tests from 21 file(s)"),
         "{stdout}"
     );
     assert!(
         stdout
             .trim_end()
-            .ends_with("test result: ok. 30 passed; 0 failed"),
+            .ends_with("test result: ok. 31 passed; 0 failed"),
         "{stdout}"
     );
 }
@@ -404,6 +404,21 @@ fn ferry_test_reports_a_failure_at_its_line_with_the_difference() {
         xml.contains("<failure message=\"1 failed expectation(s)\">"),
         "{xml}"
     );
+}
+
+#[test]
+fn ferry_test_refuses_what_serve_refuses() {
+    // One path: the flow test goes through the same handling as `serve`, so a destination
+    // `serve` answers 422 for cannot pass as accepted.
+    let output = ferry(&["test", "tests/fixtures/one-path/flows"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("reply: status 422, expected 202"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("evil.example"), "{stdout}");
+    assert!(stdout.contains("is not in allow_hosts"), "{stdout}");
 }
 
 #[test]

@@ -8,9 +8,8 @@ use std::process::{Child, Command, Stdio};
 
 use serde_json::json;
 
-use crate::util::{FAST_RETRY, Partner, SECRETS, payload, post_json, repo, wait_until};
-
-pub(crate) const TOKEN: &str = "cli-test-token";
+use crate::util::process::{TOKEN, spawn_on, stderr_lines, terminate};
+use crate::util::{Partner, SECRETS, payload, post_json, repo, wait_until};
 
 /// Starts `ferry serve` on an ephemeral port with the shipped flows and a store in `dir`.
 fn spawn_ferry(dir: &Path, lab: &Partner) -> (Child, String) {
@@ -30,48 +29,6 @@ fn spawn_with(dir: &Path, args: &[&str], env: &[(&str, &str)], stderr: Stdio) ->
     spawn_on(&store, args, env, stderr)
 }
 
-/// Starts `ferry serve` on an ephemeral port on the store at `store`, with more `args`, `env`,
-/// and stderr going to `stderr`; returns the process and its URL.
-pub(crate) fn spawn_on(
-    store: &str,
-    args: &[&str],
-    env: &[(&str, &str)],
-    stderr: Stdio,
-) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--store", store])
-        .args(args)
-        .current_dir(repo())
-        .envs(env.iter().copied())
-        .env("FERRY_ADMIN_TOKEN", TOKEN)
-        .envs(FAST_RETRY)
-        .envs(SECRETS)
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("ferry listening on ")
-        .unwrap_or_else(|| panic!("unexpected: {line}"));
-    (child, url.to_owned())
-}
-
-/// Collects the lines `child` writes to its (piped) stderr until it exits.
-pub(crate) fn stderr_lines(child: &mut Child) -> std::thread::JoinHandle<Vec<String>> {
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .collect()
-    })
-}
-
 /// Runs an operator command against the ferry at `url`.
 fn operate(url: &str, args: &[&str]) -> (i32, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_ferry"))
@@ -83,20 +40,6 @@ fn operate(url: &str, args: &[&str]) -> (i32, String) {
     let text = String::from_utf8_lossy(&output.stdout).into_owned()
         + &String::from_utf8_lossy(&output.stderr);
     (output.status.code().unwrap_or(-1), text)
-}
-
-pub(crate) async fn terminate(child: Child) {
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let mut child = child;
-    let exit = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(exit.success(), "{exit:?}");
 }
 
 #[tokio::test]

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::cli::{spawn_on, terminate};
+use crate::util::process::{spawn_on, terminate};
 use crate::util::{
     Ferry, LAB_SECRET, PORTAL_KEY, Partner, Proxy, amqp_publish, nats, payload, post_json,
     rabbitmq, repo, signed_post, unique, wait_for, wait_until, wait_until_within, webhook_headers,

@@ -120,7 +120,9 @@ fn modules_import_only_their_own_layer_and_those_below_and_no_cycle() {
     let mut wrong = Vec::new();
     for (module, used) in &graph {
         let Some(own) = layers.get(module.as_str()) else {
-            wrong.push(format!("module `{module}` has no layer: add it to LAYERS and lib.rs's map"));
+            wrong.push(format!(
+                "module `{module}` has no layer: add it to LAYERS and lib.rs's map"
+            ));
             continue;
         };
         for name in used {
@@ -162,7 +164,11 @@ fn modules_import_only_their_own_layer_and_those_below_and_no_cycle() {
         visit(module, &graph, &mut Vec::new(), &mut done, &mut cycles);
     }
     wrong.extend(cycles.into_iter().map(|c| format!("cycle: {c}")));
-    assert!(wrong.is_empty(), "the module graph breaks its layers:\n{}", wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "the module graph breaks its layers:\n{}",
+        wrong.join("\n")
+    );
     // Every module of lib.rs is in the map.
     let lib = std::fs::read_to_string(repo().join("src/lib.rs")).unwrap();
     for (module, _) in LAYERS {

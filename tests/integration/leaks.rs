@@ -7,7 +7,7 @@ use std::process::Stdio;
 
 use serde_json::{Value, json};
 
-use crate::cli::{TOKEN, spawn_on, stderr_lines, terminate};
+use crate::util::process::{TOKEN, spawn_on, stderr_lines, terminate};
 use crate::util::{Ferry, Partner, repo, wait_for};
 
 const KEY: &str = "sk-live-9f8e7d6c5b4a3210";

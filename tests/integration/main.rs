@@ -12,6 +12,7 @@
 //! - `cli`: the `ferry` binary serving the shipped flows.
 //! - `faults`: brokers cut off, a full disk, silent connections, lost answers, ferry killed
 //!   in the narrowest windows: nothing lost, nothing done twice.
+//! - `layers`: the module graph of `src/` keeps its layers and has no cycle.
 //! - `leaks`: secrets and hostile values never leave by an error path.
 //! - `replicas`: several ferry processes sharing one PostgreSQL store.
 //! - `store`: the store's conformance suite, on SQLite and on PostgreSQL.
@@ -27,6 +28,7 @@ mod faults;
 mod features;
 mod hostile;
 mod injection;
+mod layers;
 mod leaks;
 mod partners;
 mod queues;

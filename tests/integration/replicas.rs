@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
-use crate::cli::{spawn_on, terminate};
+use crate::util::process::{spawn_on, terminate};
 use crate::util::{
     Backend, Ferry, LAB_SECRET, Partner, Proxy, TestStore, client, payload, post_json, repo,
     signed_post, wait_for, wait_until_within, webhook_headers,

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -17,11 +17,11 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::{CORRELATION_ID, IDEMPOTENCY_KEY, QueueSpec, amqp, nats};
 use crate::config::QueueDriver;
+use crate::engine::Engine;
 use crate::flow::{Flow, QueueTrigger};
-use crate::message::{Message, Meta};
-use crate::runtime::Runtime;
+use crate::message::{IDEMPOTENCY_KEY, Message, Meta};
+use crate::queue::{QueueSpec, amqp, nats};
 use crate::store::now_ms;
 
 /// How often an idle embedded consumer looks for messages.
@@ -53,14 +53,14 @@ pub struct Consumers {
 }
 
 impl Consumers {
-    /// Starts a consumer for every flow of `runtime` with a queue trigger.
-    pub fn start(runtime: &Arc<Runtime>) -> Self {
+    /// Starts a consumer for every flow of `engine` with a queue trigger.
+    pub fn start(engine: &Arc<Engine>) -> Self {
         let stop = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        for flow in runtime.flows() {
+        for flow in engine.flows() {
             if flow.queue_trigger().is_some() {
                 let consumer = Consumer {
-                    runtime: Arc::downgrade(runtime),
+                    engine: Arc::clone(engine),
                     flow: Arc::clone(flow),
                     stop: stop.clone(),
                     connected: AtomicBool::new(false),
@@ -89,7 +89,7 @@ impl Consumers {
 }
 
 struct Consumer {
-    runtime: Weak<Runtime>,
+    engine: Arc<Engine>,
     flow: Arc<Flow>,
     stop: CancellationToken,
     /// Set once the broker took the consumer: the connection that follows a good one is
@@ -121,9 +121,7 @@ impl Consumer {
                 wait = FIRST_RECONNECT;
             }
             if let Err(error) = result {
-                if let Some(runtime) = self.runtime.upgrade() {
-                    runtime.brokers().mark(&spec.url, false);
-                }
+                self.engine.brokers().mark(&spec.url, false);
                 tracing::warn!(flow = %self.flow.name, queue = %spec, %error, retry_in = ?wait, "consumer lost its queue");
             }
             tokio::select! {
@@ -137,18 +135,15 @@ impl Consumer {
     /// Records that the broker took the consumer.
     fn took(&self, spec: &QueueSpec) {
         self.connected.store(true, Ordering::Relaxed);
-        if let Some(runtime) = self.runtime.upgrade() {
-            runtime.brokers().mark(&spec.url, true);
-        }
+        self.engine.brokers().mark(&spec.url, true);
     }
 
     async fn embedded(&self, spec: &QueueSpec) -> Result<(), String> {
-        let runtime = self.runtime.upgrade().ok_or("stopped")?;
-        let store = runtime
+        let store = self
+            .engine
             .store()
             .ok_or("embedded queues need a store")?
             .clone();
-        drop(runtime);
         let prefetch = u32::from(self.trigger().prefetch);
         while !self.stop.is_cancelled() {
             let items = store
@@ -163,11 +158,13 @@ impl Consumer {
             }
             let mut handling = JoinSet::new();
             for item in items {
-                let (runtime, flow, store) =
-                    (self.runtime.clone(), Arc::clone(&self.flow), store.clone());
+                let (engine, flow, store) = (
+                    Arc::clone(&self.engine),
+                    Arc::clone(&self.flow),
+                    store.clone(),
+                );
                 handling.spawn(async move {
-                    let Some(runtime) = runtime.upgrade() else { return };
-                    let settled = handle(&runtime, &flow, item.payload.as_bytes(), item.headers, item.attempts + 1).await;
+                    let settled = handle(&engine, &flow, item.payload.as_bytes(), item.headers, item.attempts + 1).await;
                     let retry_at = match settled {
                         Settled::Retry(wait) => Some(now_ms() + wait.as_millis() as i64),
                         Settled::Done | Settled::Dead => {
@@ -250,15 +247,13 @@ impl Consumer {
                 *count += 1;
                 *count
             };
-            let (runtime, flow, attempts) = (
-                self.runtime.clone(),
+            let (engine, flow, attempts) = (
+                Arc::clone(&self.engine),
                 Arc::clone(&self.flow),
                 Arc::clone(&attempts),
             );
             handling.spawn(async move {
-                let Some(runtime) = runtime.upgrade() else { return };
-                let settled = handle(&runtime, &flow, &delivery.data, headers, attempt).await;
-                drop(runtime);
+                let settled = handle(&engine, &flow, &delivery.data, headers, attempt).await;
                 let outcome = match settled {
                     Settled::Done | Settled::Dead => {
                         crate::fault::pass(crate::fault::Point::BeforeQueueAck);
@@ -289,7 +284,7 @@ impl Consumer {
         let trigger = self.trigger();
         let context = nats::connect(&spec.url).await?;
         let stream = nats::stream(&context, &spec.name, None).await?;
-        let durable = super::nats_consumer_name(&self.flow.name);
+        let durable = crate::queue::nats_consumer_name(&self.flow.name);
         let consumer: pull::Stream = stream
             .get_or_create_consumer(
                 &durable,
@@ -329,9 +324,8 @@ impl Consumer {
             let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
                 break Ok(());
             };
-            let (runtime, flow) = (self.runtime.clone(), Arc::clone(&self.flow));
+            let (engine, flow) = (Arc::clone(&self.engine), Arc::clone(&self.flow));
             handling.spawn(async move {
-                let Some(runtime) = runtime.upgrade() else { return };
                 let info = message.info().ok();
                 let attempt = info.as_ref().map_or(1, |i| u32::try_from(i.delivered).unwrap_or(1));
                 let mut headers = nats::headers_of(&message.message);
@@ -344,7 +338,7 @@ impl Consumer {
                         format!("nats:{}:{}:{}", info.stream, info.stream_sequence, info.published.unix_timestamp_nanos()),
                     );
                 }
-                let handling = handle(&runtime, &flow, &message.message.payload, headers, attempt);
+                let handling = handle(&engine, &flow, &message.message.payload, headers, attempt);
                 tokio::pin!(handling);
                 let mut progress = tokio::time::interval(NATS_ACK_WAIT / 3);
                 progress.tick().await;
@@ -385,32 +379,19 @@ fn content_key(payload: &[u8]) -> String {
 
 /// Runs one queue message through `flow` and decides what becomes of it.
 pub async fn handle(
-    runtime: &Runtime,
+    engine: &Engine,
     flow: &Flow,
     payload: &[u8],
     headers: BTreeMap<String, String>,
     attempt: u32,
 ) -> Settled {
     let trigger = flow.queue_trigger().expect("queue-triggered flow");
-    let mut meta = Meta::new(&flow.name);
-    meta.method = "QUEUE".into();
-    meta.path = trigger.spec.name.clone();
-    if let Some(id) = headers.get(CORRELATION_ID).filter(|id| !id.is_empty()) {
-        meta.correlation_id = id.clone();
-    }
-    meta.headers = headers
-        .into_iter()
-        .map(|(k, v)| (k.to_ascii_lowercase(), v))
-        .collect();
-    // Redelivered duplicates are recognised by the publisher's key.
-    if let Some(key) = meta.headers.get(IDEMPOTENCY_KEY).cloned() {
-        meta.headers.insert("idempotency-key".into(), key);
-    }
+    let meta = Meta::for_queue(&flow.name, &trigger.spec.name, headers);
     let body = match serde_json::from_slice::<Value>(payload) {
         Ok(body) => body,
         Err(error) => {
             let inbound = Value::String(String::from_utf8_lossy(payload).into_owned());
-            runtime
+            engine
                 .dead_letter(
                     flow,
                     inbound,
@@ -421,14 +402,11 @@ pub async fn handle(
             return Settled::Dead;
         }
     };
-    match runtime
-        .handle(flow, Message::new(body.clone(), &meta))
-        .await
-    {
+    match engine.handle(flow, Message::new(body.clone(), &meta)).await {
         Ok(reply) if reply.status < 500 => Settled::Done,
         Ok(reply) => {
             retry_or_dead(
-                runtime,
+                engine,
                 flow,
                 body,
                 &meta,
@@ -445,18 +423,18 @@ pub async fn handle(
                     crate::error::ServeError::Flow(crate::error::FlowError::NotCorrelated { .. })
                 ))
             {
-                runtime
+                engine
                     .dead_letter(flow, body, &meta, error.to_string())
                     .await;
             }
             Settled::Dead
         }
-        Err(error) => retry_or_dead(runtime, flow, body, &meta, attempt, error.to_string()).await,
+        Err(error) => retry_or_dead(engine, flow, body, &meta, attempt, error.to_string()).await,
     }
 }
 
 async fn retry_or_dead(
-    runtime: &Runtime,
+    engine: &Engine,
     flow: &Flow,
     body: Value,
     meta: &Meta,
@@ -465,7 +443,7 @@ async fn retry_or_dead(
 ) -> Settled {
     let trigger = flow.queue_trigger().expect("queue-triggered flow");
     if attempt >= trigger.attempts {
-        runtime
+        engine
             .dead_letter(
                 flow,
                 body,
@@ -476,11 +454,5 @@ async fn retry_or_dead(
         return Settled::Dead;
     }
     tracing::debug!(flow = %flow.name, attempt, %error, "queue message will be retried");
-    let exponent = attempt.saturating_sub(1).min(16);
-    Settled::Retry(
-        trigger
-            .backoff
-            .saturating_mul(1 << exponent)
-            .min(Duration::from_secs(300)),
-    )
+    Settled::Retry(trigger.retry().backoff(attempt, None))
 }

@@ -1,0 +1,509 @@
+//! The message path: what happens to one message, however it came in — an HTTP request, a
+//! queue, a flow call, `ferry test`, `ferry run`, a replay. [`Engine::handle`] runs its steps,
+//! checks the request its target would get, then commits it for durable delivery (or
+//! delivers it synchronously), and answers the reply; [`Engine::attempt`] makes one delivery
+//! attempt to any target. `serve` and the test tools differ only in what stands behind the
+//! targets ([`Transport`]) and which store the engine has.
+//!
+//! The engine drives nothing by itself: the delivery workers and queue consumers that call
+//! it are started and stopped by their owner, [`crate::runtime::Runtime`]. It tells them when
+//! new deliveries are due through their wake-up signals ([`Engine::waker`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+use crate::error::{FlowError, ServeError};
+use crate::flow::{Flow, Processed};
+use crate::message::{Message, Meta};
+use crate::queue::Brokers;
+use crate::retry::RetryAction;
+use crate::store::{
+    AcceptOutcome, Accepted, CorrelationWrite, MessageStatus, NewEvent, Prior, Store, StoredReply,
+    now_ms,
+};
+use crate::targets::{Attempt, Calls, Mocks, Reach, Target};
+
+/// What stands behind the targets.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    /// The network: HTTP through this client, queues through the brokers.
+    Network(reqwest::Client),
+    /// Mocks (`ferry test`, `ferry run`): every target renders and records what it would
+    /// send, and answers as the mocks say.
+    Mocks(Arc<Mocks>),
+}
+
+/// Sees a message as the engine handles it (`ferry test`, `ferry run`): after each step, and
+/// once the steps are done with what they decided.
+pub trait Observe: Send {
+    /// After the step labelled `label`.
+    fn step(&mut self, _label: &str, _message: &Message) {}
+    /// After the steps and the check of the target's request, with the correlation changes
+    /// they make; and again after a synchronous delivery (with none).
+    fn processed(&mut self, _message: &Message, _correlation: &[CorrelationWrite]) {}
+}
+
+/// The flows and what they run on.
+#[derive(Debug)]
+pub struct Engine {
+    flows: Vec<Arc<Flow>>,
+    transport: Transport,
+    brokers: Brokers,
+    store: Option<Store>,
+    /// One per target of every durable flow: wakes its delivery worker.
+    wakers: HashMap<(String, String), Arc<Notify>>,
+    draining: AtomicBool,
+}
+
+impl Engine {
+    /// An engine for `flows` with targets behind `transport`. Without a store every flow
+    /// delivers synchronously.
+    pub fn new(flows: Vec<Arc<Flow>>, transport: Transport, store: Option<Store>) -> Self {
+        let wakers = flows
+            .iter()
+            .filter(|f| f.is_durable())
+            .flat_map(|f| {
+                f.targets().iter().map(|t| {
+                    (
+                        (f.name.clone(), t.name().to_owned()),
+                        Arc::new(Notify::new()),
+                    )
+                })
+            })
+            .collect();
+        Self {
+            flows,
+            transport,
+            brokers: Brokers::default(),
+            store,
+            wakers,
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// The flows.
+    pub fn flows(&self) -> &[Arc<Flow>] {
+        &self.flows
+    }
+
+    /// The flow named `name`.
+    pub fn flow(&self, name: &str) -> Option<&Arc<Flow>> {
+        self.flows.iter().find(|f| f.name == name)
+    }
+
+    /// The store, when there is one.
+    pub fn store(&self) -> Option<&Store> {
+        self.store.as_ref()
+    }
+
+    /// The broker connections.
+    pub fn brokers(&self) -> &Brokers {
+        &self.brokers
+    }
+
+    /// The signal that wakes the delivery of `flow`'s `target`.
+    pub fn waker(&self, flow: &str, target: &str) -> Option<Arc<Notify>> {
+        self.wakers
+            .get(&(flow.to_owned(), target.to_owned()))
+            .cloned()
+    }
+
+    /// Marks the engine as stopping, so readiness answers 503 while requests drain.
+    pub fn mark_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether it is stopping: it finishes what it holds and takes nothing new.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Handles one message of `flow` and returns the reply for the caller.
+    ///
+    /// # Errors
+    ///
+    /// A [`ServeError`] when a step refuses the message, a synchronous target fails, or the
+    /// store cannot commit it (then nothing was accepted).
+    pub async fn handle(&self, flow: &Flow, message: Message) -> Result<StoredReply, ServeError> {
+        self.handle_observed(flow, message, None).await
+    }
+
+    /// [`Engine::handle`], shown to `observe` on the way.
+    ///
+    /// # Errors
+    ///
+    /// As [`Engine::handle`].
+    pub async fn handle_observed(
+        &self,
+        flow: &Flow,
+        mut message: Message,
+        observe: Option<&mut (dyn Observe + 'static)>,
+    ) -> Result<StoredReply, ServeError> {
+        let store = match &self.store {
+            Some(store) if flow.is_durable() => store,
+            _ => return self.handle_sync(flow, message, observe).await,
+        };
+        let key = flow.idempotency_key(&message);
+        let fingerprint = key.as_ref().map(|_| message.fingerprint());
+        if let Some(key) = &key
+            && let Some(prior) = store.reply_for(&flow.name, key).await?
+        {
+            return repeat(prior, key, fingerprint.as_deref());
+        }
+        let source = Arrival {
+            inbound: message.body().clone(),
+            meta: message.root()["meta"].clone(),
+            key,
+            fingerprint,
+            received_at: now_ms(),
+            replay: false,
+        };
+        let steps = self.process(flow, &mut message, observe).await;
+        self.commit(flow, store, message, steps, source).await
+    }
+
+    /// Runs the steps and checks the request the chosen target would get.
+    async fn process(
+        &self,
+        flow: &Flow,
+        message: &mut Message,
+        observe: Option<&mut (dyn Observe + 'static)>,
+    ) -> Result<Processed, FlowError> {
+        let processed = match observe {
+            Some(observe) => {
+                let processed = flow
+                    .run_steps_watched(message, self.store.as_ref(), &mut |label, m| {
+                        observe.step(label, m);
+                    })
+                    .await?;
+                flow.check_request(processed.target, message)?;
+                observe.processed(message, &processed.correlation);
+                processed
+            }
+            None => {
+                let processed = flow.run_steps(message, self.store.as_ref()).await?;
+                flow.check_request(processed.target, message)?;
+                processed
+            }
+        };
+        Ok(processed)
+    }
+
+    async fn handle_sync(
+        &self,
+        flow: &Flow,
+        mut message: Message,
+        mut observe: Option<&mut (dyn Observe + 'static)>,
+    ) -> Result<StoredReply, ServeError> {
+        let processed = self
+            .process(flow, &mut message, observe.as_deref_mut())
+            .await?;
+        let target = processed.target.map(|i| &flow.targets()[i]);
+        let mut called = None;
+        match (target, &self.transport) {
+            // A called flow's refusal is the caller's, status and all.
+            (Some(Target::Flow(call)), Transport::Network(_)) => {
+                let reply = self.call(&call.flow, &message).await?;
+                message.merge_vars(&reply.body);
+                called = Some(reply);
+            }
+            (Some(target), _) => {
+                let attempt = self.attempt(flow, target, &mut message).await;
+                if attempt.action != RetryAction::Done {
+                    return Err(FlowError::Target {
+                        target: target.name().to_owned(),
+                        status: attempt.status,
+                        reason: attempt.error.unwrap_or_default(),
+                    }
+                    .into());
+                }
+                // A mocked flow call answers as the mock says, like the flow it stands for.
+                if let (Target::Flow(_), Transport::Mocks(mocks)) = (target, &self.transport) {
+                    let answer = mocks.answer_of(target.name());
+                    called = Some(StoredReply {
+                        status: answer.status,
+                        headers: Vec::new(),
+                        body: answer.body,
+                    });
+                }
+            }
+            (None, _) => {}
+        }
+        if let Some(observe) = observe {
+            observe.processed(&message, &[]);
+        }
+        if let (Some(store), false) = (&self.store, processed.correlation.is_empty()) {
+            store.correlate(processed.correlation).await?;
+        }
+        match called {
+            Some(reply) if !flow.declares_reply() => Ok(reply),
+            _ => Ok(flow.render_reply(&message)?.into()),
+        }
+    }
+
+    /// Runs `caller` through the flow named `name`, as a new message of the same
+    /// conversation ([`Meta::for_call`]).
+    async fn call(&self, name: &str, caller: &Message) -> Result<StoredReply, ServeError> {
+        let callee = self
+            .flow(name)
+            .ok_or_else(|| ServeError::Internal(format!("flow \"{name}\" is not loaded")))?;
+        let message = Message::new(caller.body().clone(), &Meta::for_call(&callee.name, caller));
+        Box::pin(self.handle(callee, message)).await
+    }
+
+    /// Makes one delivery attempt of `message` to `target` of `flow`; on success, what the
+    /// target answers is captured into `message`'s vars.
+    pub async fn attempt(&self, flow: &Flow, target: &Target, message: &mut Message) -> Attempt {
+        match &self.transport {
+            Transport::Mocks(mocks) => mocks.attempt(target, message, flow.templates()),
+            Transport::Network(client) => {
+                let reach = Reach {
+                    client,
+                    brokers: &self.brokers,
+                    store: self.store.as_ref(),
+                    calls: self,
+                    retried_for: flow.retry().span(),
+                };
+                target.attempt(message, flow.templates(), &reach).await
+            }
+        }
+    }
+
+    /// Commits a durable flow's message, or a dead letter when it could not be correlated.
+    async fn commit(
+        &self,
+        flow: &Flow,
+        store: &Store,
+        message: Message,
+        steps: Result<Processed, FlowError>,
+        source: Arrival,
+    ) -> Result<StoredReply, ServeError> {
+        let mut events = vec![NewEvent {
+            kind: if source.replay {
+                "replayed"
+            } else {
+                "received"
+            },
+            detail: json!({"flow": flow.name, "idempotency_key": source.key}),
+        }];
+        let processed = match steps {
+            Ok(processed) => processed,
+            Err(error @ FlowError::NotCorrelated { .. }) => {
+                // Valid, but it answers nothing known: keep it as a dead letter to replay once
+                // what it answers exists. Without its idempotency key, so a resend is new.
+                let reason = error.to_string();
+                let refusal = ServeError::Flow(error);
+                events.push(NewEvent {
+                    kind: "dead",
+                    detail: json!({"error": reason}),
+                });
+                let accepted = Accepted {
+                    status: MessageStatus::Dead,
+                    error: Some(reason),
+                    reply: StoredReply {
+                        status: refusal.status().as_u16(),
+                        headers: Vec::new(),
+                        body: refusal.body(),
+                    },
+                    events,
+                    idempotency_key: None,
+                    ..source.into_accepted(flow, &message)
+                };
+                store.accept(accepted).await?;
+                return Err(refusal);
+            }
+            Err(error) => return Err(error.into()),
+        };
+        let reply: StoredReply = flow.render_reply(&message)?.into();
+        events.extend(flow.step_labels().map(|label| NewEvent {
+            kind: "step",
+            detail: json!({"step": label}),
+        }));
+        let targets: Vec<String> = processed
+            .target
+            .map(|i| flow.targets()[i].name().to_owned())
+            .into_iter()
+            .collect();
+        for target in &targets {
+            events.push(NewEvent {
+                kind: "queued",
+                detail: json!({"target": target}),
+            });
+        }
+        let status = if targets.is_empty() {
+            MessageStatus::Delivered
+        } else {
+            MessageStatus::Accepted
+        };
+        let (key, fingerprint) = (source.key.clone(), source.fingerprint.clone());
+        let accepted = Accepted {
+            status,
+            reply: reply.clone(),
+            targets: targets.clone(),
+            correlation: processed.correlation,
+            events,
+            ..source.into_accepted(flow, &message)
+        };
+        match store.accept(accepted).await? {
+            AcceptOutcome::Stored => {
+                for target in &targets {
+                    if let Some(wake) = self.waker(&flow.name, target) {
+                        wake.notify_one();
+                    }
+                }
+                Ok(reply)
+            }
+            // Another submission with the same key committed first.
+            AcceptOutcome::Duplicate(prior) => repeat(
+                prior,
+                key.as_deref().unwrap_or_default(),
+                fingerprint.as_deref(),
+            ),
+        }
+    }
+
+    /// Keeps a message that `flow` could not handle among the dead letters, so an operator
+    /// sees it and can replay it.
+    pub async fn dead_letter(&self, flow: &Flow, inbound: Value, meta: &Meta, error: String) {
+        let error = crate::redact::error_text(&error);
+        tracing::warn!(flow = %flow.name, message_id = %meta.id, %error, "dead letter");
+        let Some(store) = &self.store else {
+            tracing::error!(flow = %flow.name, "no store to keep the dead letter in");
+            return;
+        };
+        let meta_value = serde_json::to_value(meta).unwrap_or(Value::Null);
+        let message = Message::from_parts(inbound.clone(), meta_value.clone());
+        let source = Arrival {
+            inbound,
+            meta: meta_value,
+            key: None,
+            fingerprint: None,
+            received_at: now_ms(),
+            replay: false,
+        };
+        let accepted = Accepted {
+            status: MessageStatus::Dead,
+            error: Some(error.clone()),
+            events: vec![
+                NewEvent {
+                    kind: "received",
+                    detail: json!({"flow": flow.name}),
+                },
+                NewEvent {
+                    kind: "dead",
+                    detail: json!({"error": error}),
+                },
+            ],
+            ..source.into_accepted(flow, &message)
+        };
+        if let Err(error) = store.accept(accepted).await {
+            tracing::error!(flow = %flow.name, %error, "keeping a dead letter failed");
+        }
+    }
+
+    /// Runs stored message `id` through its flow again, as the flow is now, keeping its id
+    /// so receivers see the same idempotency key. Returns `None` for an unknown id.
+    ///
+    /// # Errors
+    ///
+    /// A [`ServeError`] when there is no store, the flow is gone, or the flow refuses it.
+    pub async fn replay(&self, id: &str) -> Result<Option<StoredReply>, ServeError> {
+        let store = self
+            .store
+            .as_ref()
+            .ok_or_else(|| ServeError::Internal("replay needs a store".into()))?;
+        let Some(source) = store.replay_source(id).await? else {
+            return Ok(None);
+        };
+        let flow = self.flow(&source.flow).ok_or_else(|| {
+            ServeError::Internal(format!("flow \"{}\" is no longer loaded", source.flow))
+        })?;
+        if !flow.is_durable() {
+            return Err(ServeError::Internal(format!(
+                "flow \"{}\" does not deliver durably",
+                flow.name
+            )));
+        }
+        let mut message = Message::from_parts(source.inbound.clone(), source.meta.clone());
+        let steps = self.process(flow, &mut message, None).await;
+        let source = Arrival {
+            inbound: source.inbound,
+            meta: source.meta,
+            key: None,
+            fingerprint: None,
+            received_at: now_ms(),
+            replay: true,
+        };
+        self.commit(flow, store, message, steps, source)
+            .await
+            .map(Some)
+    }
+}
+
+impl Calls for Engine {
+    fn call<'a>(
+        &'a self,
+        flow: &'a str,
+        caller: &'a Message,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<StoredReply, ServeError>> + Send + 'a>,
+    > {
+        Box::pin(Engine::call(self, flow, caller))
+    }
+}
+
+/// A message as it arrived, for the store.
+struct Arrival {
+    inbound: Value,
+    meta: Value,
+    key: Option<String>,
+    fingerprint: Option<String>,
+    received_at: i64,
+    replay: bool,
+}
+
+impl Arrival {
+    fn into_accepted(self, flow: &Flow, message: &Message) -> Accepted {
+        let meta = &self.meta;
+        Accepted {
+            id: meta["id"].as_str().unwrap_or_default().to_owned(),
+            flow: flow.name.clone(),
+            correlation_id: meta["correlation_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            idempotency_key: self.key,
+            fingerprint: self.fingerprint,
+            received_at: self.received_at,
+            inbound: self.inbound,
+            meta: self.meta,
+            document: message.root().clone(),
+            content_type: message.content_type().map(str::to_owned),
+            status: MessageStatus::Accepted,
+            error: None,
+            reply: StoredReply {
+                status: 200,
+                headers: Vec::new(),
+                body: Value::Null,
+            },
+            targets: Vec::new(),
+            correlation: Vec::new(),
+            events: Vec::new(),
+            replay: self.replay,
+        }
+    }
+}
+
+/// The answer to a submission under an idempotency key already taken: the first reply when
+/// it repeats the first request, a conflict when it is another request.
+fn repeat(prior: Prior, key: &str, fingerprint: Option<&str>) -> Result<StoredReply, ServeError> {
+    if prior.repeated_by(fingerprint) {
+        Ok(prior.reply)
+    } else {
+        Err(ServeError::IdempotencyConflict(key.to_owned()))
+    }
+}
