@@ -398,3 +398,116 @@ fn stays_inside(path: &str) -> bool {
             )
         })
 }
+
+/// A bench for unit tests of one component: compiles its config from YAML with a [`Ctx`]
+/// of its own, and runs it on messages.
+#[cfg(test)]
+pub(crate) mod bench {
+    use serde::de::DeserializeOwned;
+    use serde_json::Value;
+
+    use super::Ctx;
+    use crate::diagnostic::{Diagnostic, Severity};
+    use crate::message::{Message, Meta};
+    use crate::schema::Schemas;
+    use crate::template::Templates;
+
+    /// A scratch project folder with schemas, target names and an environment.
+    pub(crate) struct Bench {
+        dir: tempfile::TempDir,
+        /// The templates components compiled into.
+        pub(crate) templates: Templates,
+        /// Everything the last compile reported, warnings included.
+        pub(crate) diagnostics: Vec<Diagnostic>,
+        targets: Vec<String>,
+        env: Vec<(String, String)>,
+    }
+
+    impl Bench {
+        pub(crate) fn new() -> Self {
+            Self {
+                dir: tempfile::tempdir().expect("a scratch folder"),
+                templates: Templates::new(),
+                diagnostics: Vec::new(),
+                targets: Vec::new(),
+                env: Vec::new(),
+            }
+        }
+
+        /// Adds `schemas/NAME`.
+        pub(crate) fn schema(self, name: &str, schema: &Value) -> Self {
+            let path = self.dir.path().join("schemas").join(name);
+            std::fs::create_dir_all(path.parent().expect("a folder")).expect("schemas folder");
+            std::fs::write(path, schema.to_string()).expect("a schema file");
+            self
+        }
+
+        /// The flow's targets, in order, for routes to name.
+        pub(crate) fn targets(mut self, names: &[&str]) -> Self {
+            self.targets = names.iter().map(|&n| n.to_owned()).collect();
+            self
+        }
+
+        /// An environment variable the flow reads.
+        pub(crate) fn env(mut self, name: &str, value: &str) -> Self {
+            self.env.push((name.to_owned(), value.to_owned()));
+            self
+        }
+
+        /// Compiles `yaml` as the config `compile` takes.
+        ///
+        /// # Errors
+        ///
+        /// The errors reported, one per line.
+        pub(crate) fn compile<C: DeserializeOwned, T>(
+            &mut self,
+            yaml: &str,
+            compile: impl FnOnce(&C, &mut Ctx<'_>) -> Option<T>,
+        ) -> Result<T, String> {
+            let config: C = serde_saphyr::from_str(yaml).map_err(|e| e.to_string())?;
+            let file = self.dir.path().join("flows").join("bench.yaml");
+            let mut schemas = Schemas::new(&[self.dir.path().join("schemas")]);
+            let env = self.env.clone();
+            let lookup =
+                move |name: &str| env.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+            self.diagnostics.clear();
+            let mut ctx = Ctx {
+                file: &file,
+                flow: "bench",
+                part: "bench".into(),
+                at: serde_saphyr::Location::UNKNOWN,
+                templates: &mut self.templates,
+                schemas: &mut schemas,
+                diagnostics: &mut self.diagnostics,
+                targets: self.targets.clone(),
+                env: &lookup,
+                body_schema: None,
+            };
+            let compiled = compile(&config, &mut ctx);
+            let errors: Vec<String> = self
+                .diagnostics
+                .iter()
+                .filter(|d| d.severity == Severity::Error)
+                .map(|d| d.message.clone())
+                .collect();
+            match compiled {
+                Some(compiled) if errors.is_empty() => Ok(compiled),
+                _ => Err(errors.join("\n")),
+            }
+        }
+
+        /// The warnings of the last compile, by code.
+        pub(crate) fn warnings(&self) -> Vec<&str> {
+            self.diagnostics
+                .iter()
+                .filter(|d| d.severity == Severity::Warning)
+                .map(|d| d.code)
+                .collect()
+        }
+    }
+
+    /// A message of flow `bench` with `body`, as an HTTP trigger would make it.
+    pub(crate) fn message(body: Value) -> Message {
+        Message::new(body, &Meta::new("bench"))
+    }
+}

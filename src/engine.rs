@@ -445,13 +445,7 @@ impl Engine {
 }
 
 impl Calls for Engine {
-    fn call<'a>(
-        &'a self,
-        flow: &'a str,
-        caller: &'a Message,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<StoredReply, ServeError>> + Send + 'a>,
-    > {
+    fn call<'a>(&'a self, flow: &'a str, caller: &'a Message) -> crate::targets::CallReply<'a> {
         Box::pin(Engine::call(self, flow, caller))
     }
 }

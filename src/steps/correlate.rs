@@ -136,3 +136,156 @@ impl Correlate {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::Correlate;
+    use crate::compile::bench::{Bench, message};
+    use crate::error::FlowError;
+    use crate::steps::StepState;
+    use crate::store::{CorrelationWrite, Store};
+
+    const SAVE: &str = r#"
+context: test-request
+save: ["{{body.ref}}", "{{body.lab_ref}}"]
+data: {patient: "{{body.patient}}"}
+state: sent
+"#;
+
+    const FIND: &str = r#"
+context: test-request
+find: ["{{body.lab_ref}}", "{{body.ref}}"]
+into: request
+state: resulted
+"#;
+
+    #[tokio::test]
+    async fn save_writes_with_the_message_and_find_reads_it_back() {
+        let mut bench = Bench::new();
+        let save = bench.compile(SAVE, Correlate::compile).unwrap();
+        let find = bench.compile(FIND, Correlate::compile).unwrap();
+        let store = Store::open("sqlite::memory:").await.unwrap();
+
+        let mut state = StepState::default();
+        let mut sent = message(json!({"ref": "R-1", "lab_ref": "", "patient": "P-9"}));
+        save.apply(
+            &mut sent,
+            &bench.templates,
+            &mut state,
+            Some(&store),
+            "step 1",
+        )
+        .await
+        .unwrap();
+        // The empty key is left out; nothing is written until the message is committed.
+        let [
+            CorrelationWrite::Save {
+                keys,
+                data,
+                state: s,
+                ..
+            },
+        ] = &state.correlation[..]
+        else {
+            panic!("{:?}", state.correlation);
+        };
+        assert_eq!(
+            (keys, data, s.as_deref()),
+            (
+                &vec!["R-1".to_owned()],
+                &json!({"patient": "P-9"}),
+                Some("sent")
+            )
+        );
+        let mut early = message(json!({"lab_ref": "", "ref": "R-1"}));
+        let not_yet = find
+            .apply(
+                &mut early,
+                &bench.templates,
+                &mut StepState::default(),
+                Some(&store),
+                "step 1",
+            )
+            .await;
+        assert!(
+            matches!(not_yet, Err(FlowError::NotCorrelated { .. })),
+            "{not_yet:?}"
+        );
+
+        store.correlate(state.correlation).await.unwrap();
+        let mut result = message(json!({"lab_ref": "L-7", "ref": "R-1"}));
+        let mut found = StepState::default();
+        find.apply(
+            &mut result,
+            &bench.templates,
+            &mut found,
+            Some(&store),
+            "step 1",
+        )
+        .await
+        .unwrap();
+        let record = &result.root()["vars"]["request"];
+        assert_eq!(record["key"], "R-1");
+        assert_eq!(record["data"], json!({"patient": "P-9"}));
+        assert_eq!(record["state"], "sent");
+        assert!(matches!(
+            &found.correlation[..],
+            [CorrelationWrite::Update { state: Some(s), .. }] if s == "resulted"
+        ));
+    }
+
+    #[tokio::test]
+    async fn save_needs_a_key_and_find_needs_a_store() {
+        let mut bench = Bench::new();
+        let save = bench.compile(SAVE, Correlate::compile).unwrap();
+        let find = bench.compile(FIND, Correlate::compile).unwrap();
+        let keyless = save
+            .apply(
+                &mut message(json!({"ref": "", "lab_ref": "", "patient": ""})),
+                &bench.templates,
+                &mut StepState::default(),
+                None,
+                "step 2",
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            keyless
+                .to_string()
+                .contains("every key template rendered empty"),
+            "{keyless}"
+        );
+        let storeless = find
+            .apply(
+                &mut message(json!({"ref": "R", "lab_ref": ""})),
+                &bench.templates,
+                &mut StepState::default(),
+                None,
+                "step 2",
+            )
+            .await;
+        assert!(
+            matches!(storeless, Err(FlowError::Unavailable(_))),
+            "{storeless:?}"
+        );
+    }
+
+    #[test]
+    fn a_step_saves_or_finds_by_at_least_one_key() {
+        let mut bench = Bench::new();
+        for (yaml, says) in [
+            ("context: c", "either `save` or `find`"),
+            (
+                "context: c\nsave: [a]\nfind: [b]",
+                "either `save` or `find`",
+            ),
+            ("context: c\nsave: []", "at least one key"),
+            ("context: c\nsave: [a]\ninto: x", "`into` goes with `find`"),
+        ] {
+            let error = bench.compile(yaml, Correlate::compile).unwrap_err();
+            assert!(error.contains(says), "{yaml}: {error}");
+        }
+    }
+}

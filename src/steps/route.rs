@@ -205,3 +205,99 @@ impl Condition {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::Route;
+    use crate::compile::bench::{Bench, message};
+    use crate::config::RouteRuleConfig;
+    use crate::error::FlowError;
+
+    fn compile(bench: &mut Bench, yaml: &str) -> Result<Route, String> {
+        bench.compile(yaml, |rules: &Vec<RouteRuleConfig>, ctx| {
+            Route::compile(rules, ctx)
+        })
+    }
+
+    #[test]
+    fn the_first_rule_that_holds_chooses_the_target() {
+        let mut bench = Bench::new().targets(&["north", "south", "fallback"]);
+        let route = compile(
+            &mut bench,
+            r#"
+- when: {path: $.body.lab, equals: north}
+  to: north
+- when: {test: "{{in (upper body.region) 'S' 'SOUTH'}}"}
+  to: south
+- when: {path: $.body.urgent, exists: true}
+  to: north
+- to: fallback
+"#,
+        )
+        .unwrap();
+        let choose = |body| route.choose(&message(body), &bench.templates).unwrap();
+        assert_eq!(choose(json!({"lab": "north", "region": "south"})), 0);
+        assert_eq!(choose(json!({"lab": "west", "region": "south"})), 1);
+        assert_eq!(choose(json!({"urgent": false})), 0);
+        assert_eq!(choose(json!({})), 2);
+    }
+
+    #[test]
+    fn no_rule_holding_is_no_route_and_numbers_compare_by_value() {
+        let mut bench = Bench::new().targets(&["a"]);
+        let route = compile(&mut bench, "- when: {path: $.body.n, in: [1, 2]}\n  to: a").unwrap();
+        assert_eq!(
+            route
+                .choose(&message(json!({"n": 2.0})), &bench.templates)
+                .unwrap(),
+            0
+        );
+        let missed = route.choose(&message(json!({"n": 3})), &bench.templates);
+        assert!(matches!(missed, Err(FlowError::NoRoute)), "{missed:?}");
+    }
+
+    #[test]
+    fn mistakes_are_reported_with_what_to_write() {
+        let mut bench = Bench::new().targets(&["north", "south"]);
+        let error = compile(&mut bench, "- to: nort").unwrap_err();
+        assert!(error.contains("unknown target \"nort\""), "{error}");
+        let hint = bench.diagnostics[0].hint.clone().unwrap();
+        assert!(hint.starts_with("did you mean `north`?"), "{hint}");
+
+        for (yaml, says) in [
+            (
+                "- when: {path: $.body.a}",
+                "needs `to: TARGET` or `flow: NAME`",
+            ),
+            ("- {to: north, flow: other}", "not both"),
+            (
+                "- when: {path: $.body.a, test: '{{body.a}}'}\n  to: north",
+                "not both or neither",
+            ),
+            (
+                "- when: {test: '{{body.a}}', equals: 1}\n  to: north",
+                "stands alone",
+            ),
+            (
+                "- when: {test: 'a {{body.a}}'}\n  to: north",
+                "takes one `{{…}}`",
+            ),
+            (
+                "- when: {path: $.body.a, equals: 1, exists: true}\n  to: north",
+                "one of `equals`, `in` or `exists`",
+            ),
+        ] {
+            let error = compile(&mut bench, yaml).unwrap_err();
+            assert!(error.contains(says), "{yaml}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_rule_after_a_catch_all_is_unreachable() {
+        let mut bench = Bench::new().targets(&["north", "south"]);
+        compile(&mut bench, "- to: north\n- to: south").unwrap();
+        assert_eq!(bench.warnings(), ["unreachable-route"]);
+    }
+}

@@ -39,3 +39,41 @@ impl Set {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::Set;
+    use crate::compile::bench::{Bench, message};
+
+    #[test]
+    fn a_singular_path_stores_its_value_and_any_other_an_array() {
+        let mut bench = Bench::new();
+        let set = bench
+            .compile(
+                "ref: $.body.ref\nmissing: $.body.nothing\ncodes: $.body.tests[*].code\nflow: $.meta.flow",
+                Set::compile,
+            )
+            .unwrap();
+        let mut message = message(json!({"ref": "R-1", "tests": [{"code": "A"}, {"code": "B"}]}));
+        set.apply(&mut message);
+        assert_eq!(
+            message.root()["vars"],
+            json!({"ref": "R-1", "missing": null, "codes": ["A", "B"], "flow": "bench"})
+        );
+    }
+
+    #[test]
+    fn paths_must_read_the_message() {
+        let mut bench = Bench::new();
+        let error = bench
+            .compile("a: $.elsewhere.x\nb: $.body[", Set::compile)
+            .unwrap_err();
+        assert!(
+            error.contains("must start with $.body, $.vars or $.meta"),
+            "{error}"
+        );
+        assert!(error.contains("invalid JSONPath \"$.body[\""), "{error}");
+    }
+}

@@ -127,6 +127,86 @@ fn invalid_json(text: &str, error: &serde_json::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
+    use super::Transform;
+    use crate::compile::bench::{Bench, message};
+
+    #[test]
+    fn a_body_template_keeps_types_and_reshapes_arrays() {
+        let mut bench = Bench::new();
+        let step = bench
+            .compile(
+                r#"
+body:
+  order: "{{body.ref}}"
+  count: "{{count body.tests}}"
+  lines:
+    $each: "{{body.tests}}"
+    code: "{{upper item.code}}"
+    line: "{{@position}}"
+"#,
+                Transform::compile,
+            )
+            .unwrap();
+        let mut message =
+            message(json!({"ref": "R-1", "tests": [{"code": "cbc"}, {"code": "lft"}]}));
+        step.apply(&mut message, &bench.templates).unwrap();
+        assert_eq!(
+            message.body(),
+            &json!({"order": "R-1", "count": 2, "lines": [
+                {"code": "CBC", "line": 1}, {"code": "LFT", "line": 2}
+            ]})
+        );
+        assert_eq!(message.content_type(), None);
+    }
+
+    #[test]
+    fn a_text_template_escapes_for_its_content_type() {
+        let mut bench = Bench::new();
+        let step = bench
+            .compile(
+                "text: \"<ref>{{body.ref}}</ref>\"\ncontent_type: application/xml",
+                Transform::compile,
+            )
+            .unwrap();
+        let mut message = message(json!({"ref": "a<b&c"}));
+        step.apply(&mut message, &bench.templates).unwrap();
+        assert_eq!(message.body(), &json!("<ref>a&lt;b&amp;c</ref>"));
+        assert_eq!(message.content_type(), Some("application/xml"));
+
+        let json_text = bench
+            .compile(
+                "text: '{\"ref\": \"{{body.ref}}\"}'\ncontent_type: application/json",
+                Transform::compile,
+            )
+            .unwrap();
+        let mut message = message_with_quote();
+        json_text.apply(&mut message, &bench.templates).unwrap();
+        assert_eq!(message.body(), &json!({"ref": "say \"hi\""}));
+    }
+
+    fn message_with_quote() -> crate::message::Message {
+        message(json!({"ref": "say \"hi\""}))
+    }
+
+    #[test]
+    fn a_transform_has_body_or_text() {
+        let mut bench = Bench::new();
+        for (yaml, says) in [
+            ("{}", "needs `body`"),
+            ("body: {a: 1}\ntext: x", "not both"),
+            (
+                "body: {a: 1}\ncontent_type: text/csv",
+                "`content_type` goes with `text`",
+            ),
+            ("text: x\ncontent_type: image/png", "image/png"),
+        ] {
+            let error = bench.compile(yaml, Transform::compile).unwrap_err();
+            assert!(error.contains(says), "{yaml}: {error}");
+        }
+    }
+
     #[test]
     fn invalid_json_is_shown_around_the_place() {
         let text = "{\"a\": 1, \"b\": [1, 2,], \"c\": 3}";

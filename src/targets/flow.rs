@@ -54,3 +54,76 @@ impl FlowTarget {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::FlowTarget;
+    use crate::compile::bench::message;
+    use crate::error::{FlowError, ServeError};
+    use crate::retry::RetryAction;
+    use crate::store::StoredReply;
+    use crate::targets::called::{Answer, Called};
+
+    fn reply(status: u16, body: serde_json::Value) -> Result<StoredReply, ServeError> {
+        Ok(StoredReply {
+            status,
+            headers: Vec::new(),
+            body,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_2xx_reply_is_done_and_its_fields_become_vars() {
+        let target = FlowTarget::new("lab", "northwind-order");
+        let calls = Called::answering(|| reply(202, json!({"lab_ref": "NW-1"})));
+        let mut message = message(json!({"ref": "R-1"}));
+        let attempt = target.attempt(&mut message, &calls).await;
+        assert_eq!(
+            (attempt.action, attempt.status),
+            (RetryAction::Done, Some(202))
+        );
+        assert_eq!(message.root()["vars"]["lab_ref"], "NW-1");
+        let calls = calls.calls.lock().unwrap();
+        assert_eq!(
+            *calls,
+            [("northwind-order".to_owned(), json!({"ref": "R-1"}))]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refusal_or_failure_is_classified_like_an_http_status() {
+        let target = FlowTarget::new("lab", "northwind-order");
+        let cases: [(Answer, RetryAction, u16); 4] = [
+            (
+                || reply(422, json!({"error": "invalid"})),
+                RetryAction::Drop,
+                422,
+            ),
+            (|| reply(503, json!({})), RetryAction::Retry, 503),
+            (
+                || {
+                    Err(ServeError::Flow(FlowError::Unavailable(
+                        "store down".into(),
+                    )))
+                },
+                RetryAction::Retry,
+                503,
+            ),
+            (
+                || Err(ServeError::Flow(FlowError::NoRoute)),
+                RetryAction::Drop,
+                422,
+            ),
+        ];
+        for (answer, action, status) in cases {
+            let attempt = target
+                .attempt(&mut message(json!({})), &Called::answering(answer))
+                .await;
+            assert_eq!((attempt.action, attempt.status), (action, Some(status)));
+            let error = attempt.error.unwrap();
+            assert!(error.starts_with("flow \"northwind-order\""), "{error}");
+        }
+    }
+}

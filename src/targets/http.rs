@@ -287,3 +287,243 @@ fn check_url(url: &str, at: serde_saphyr::Location, ctx: &mut Ctx<'_>) {
         Err(error) => ctx.error(at, format!("invalid URL \"{url}\": {error}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::HttpTarget;
+    use crate::compile::bench::{Bench, message};
+    use crate::config::HttpTargetConfig;
+    use crate::error::FlowError;
+    use crate::retry::RetryAction;
+
+    fn compile(bench: &mut Bench, yaml: &str) -> Result<HttpTarget, String> {
+        bench.compile(yaml, |config: &HttpTargetConfig, ctx| {
+            HttpTarget::compile("lab", config, ctx)
+        })
+    }
+
+    #[test]
+    fn the_request_is_rendered_from_the_message_with_values_escaped() {
+        let mut bench = Bench::new();
+        let target = compile(
+            &mut bench,
+            r#"
+url: "https://lab.example/orders/{{body.ref}}?from={{meta.flow}}"
+method: put
+headers:
+  x-priority: "{{body.priority}}"
+  idempotency-key: "{{body.ref}}"
+"#,
+        )
+        .unwrap();
+        let message = message(json!({"ref": "R 1/../x", "priority": "urgent"}));
+        let request = target.prepare(&message, &bench.templates).unwrap();
+        assert_eq!(request.method, "PUT");
+        assert_eq!(
+            request.url.as_str(),
+            "https://lab.example/orders/R%201%2F..%2Fx?from=bench"
+        );
+        let header = |name: &str| {
+            let found: Vec<_> = request.headers.iter().filter(|(n, _)| n == name).collect();
+            assert_eq!(found.len(), 1, "{name} once");
+            found[0].1.to_str().unwrap().to_owned()
+        };
+        assert_eq!(header("content-type"), "application/json");
+        assert_eq!(header("x-priority"), "urgent");
+        // A header the flow sets replaces ferry's own.
+        assert_eq!(header("idempotency-key"), "R 1/../x");
+        assert_eq!(request.timeout, Duration::from_secs(30));
+        let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
+        assert_eq!(&body, message.body());
+    }
+
+    #[test]
+    fn the_idempotency_key_is_the_same_on_every_attempt() {
+        let mut bench = Bench::new();
+        let target = compile(&mut bench, "url: https://lab.example/orders").unwrap();
+        let message = message(json!({}));
+        let key = |request: super::OutboundRequest| {
+            request
+                .headers
+                .into_iter()
+                .find(|(n, _)| n == "idempotency-key")
+                .map(|(_, v)| v.to_str().unwrap().to_owned())
+                .unwrap()
+        };
+        let first = key(target.prepare(&message, &bench.templates).unwrap());
+        assert_eq!(first, format!("{}:lab", message.id()));
+        assert_eq!(
+            key(target.prepare(&message, &bench.templates).unwrap()),
+            first
+        );
+    }
+
+    #[test]
+    fn a_host_from_the_message_must_be_allowed_before_the_message_is() {
+        let mut bench = Bench::new();
+        let error = compile(&mut bench, "url: \"{{body.callback_url}}\"").unwrap_err();
+        assert!(error.contains("allow_hosts"), "{error}");
+
+        let target = compile(
+            &mut bench,
+            "url: \"{{body.callback_url}}\"\nallow_hosts: [portal.example]",
+        )
+        .unwrap();
+        let allowed = message(json!({"callback_url": "https://portal.example/results"}));
+        target.check_request(&allowed, &bench.templates).unwrap();
+
+        let elsewhere = message(json!({"callback_url": "https://evil.example/x"}));
+        let refused = target.check_request(&elsewhere, &bench.templates);
+        let Err(FlowError::Unprocessable { context, reason }) = refused else {
+            panic!("{refused:?}");
+        };
+        assert_eq!(context, "target \"lab\"");
+        assert!(
+            reason.contains("\"evil.example\" is not in allow_hosts"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn line_breaks_never_reach_a_header_or_the_url() {
+        let mut bench = Bench::new();
+        let target = compile(
+            &mut bench,
+            "url: \"https://lab.example/{{body.path}}\"\nheaders: {x-ref: \"{{body.ref}}\"}",
+        )
+        .unwrap();
+        let split = message(json!({"path": "a", "ref": "R\r\nx-evil: 1"}));
+        let error = target.check_request(&split, &bench.templates).unwrap_err();
+        assert!(error.to_string().contains("header x-ref"), "{error}");
+
+        // Percent-encoded in the path; but a host from the message is taken as written.
+        let target = compile(
+            &mut bench,
+            "url: \"{{body.url}}\"\nallow_hosts: [lab.example]",
+        )
+        .unwrap();
+        let broken = message(json!({"url": "https://lab.example/a\nb"}));
+        let error = target.check_request(&broken, &bench.templates).unwrap_err();
+        assert!(error.to_string().contains("the URL would hold"), "{error}");
+    }
+
+    #[test]
+    fn fixed_parts_are_checked_when_the_flow_loads() {
+        let mut bench = Bench::new();
+        for (yaml, says) in [
+            (
+                "url: ftp://lab.example/x",
+                "scheme \"ftp\" is not http or https",
+            ),
+            (
+                "url: https://lab.example\nmethod: \"GE T\"",
+                "invalid HTTP method",
+            ),
+            (
+                "url: https://lab.example\ntimeout: soon",
+                "invalid duration \"soon\"",
+            ),
+            (
+                "url: https://lab.example\ncapture: {id: \"$.[\"}",
+                "invalid JSONPath",
+            ),
+            (
+                "url: https://lab.example\nheaders: {\"bad header\": x}",
+                "invalid header name",
+            ),
+        ] {
+            let error = compile(&mut bench, yaml).unwrap_err();
+            assert!(error.contains(says), "{yaml}: {error}");
+        }
+    }
+
+    /// A lab on loopback: `/ok` takes the order, `/busy` asks to wait, `/gone` refuses.
+    async fn lab() -> String {
+        use axum::http::{HeaderMap, StatusCode};
+        use axum::routing::post;
+        let app = axum::Router::new()
+            .route(
+                "/ok",
+                post(|headers: HeaderMap| async move {
+                    let text = |name: &str| headers[name].to_str().unwrap().to_owned();
+                    let (key, token) = (text("idempotency-key"), text("authorization"));
+                    axum::Json(json!({"lab_id": "L-7", "key": key, "token": token}))
+                }),
+            )
+            .route(
+                "/busy",
+                post(|| async {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        [("retry-after", "7")],
+                        "later",
+                    )
+                }),
+            )
+            .route(
+                "/gone",
+                post(|| async { (StatusCode::NOT_FOUND, "no such order") }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{address}")
+    }
+
+    #[tokio::test]
+    async fn an_attempt_is_classified_by_the_answer_and_captures_what_it_names() {
+        let lab = lab().await;
+        let client = crate::targets::http_client().unwrap();
+        let mut bench = Bench::new().env("LAB_TOKEN", "t0k3n");
+        let target = |bench: &mut Bench, path: &str| {
+            let yaml = format!(
+                "url: {lab}{path}\nauth: {{bearer: {{token_from_env: LAB_TOKEN}}}}\n\
+                 capture: {{lab_id: $.lab_id, key: $.key, token: $.token}}"
+            );
+            compile(bench, &yaml).unwrap()
+        };
+
+        let ok = target(&mut bench, "/ok");
+        let mut message = message(json!({"ref": "R-1"}));
+        let attempt = ok.attempt(&mut message, &bench.templates, &client).await;
+        assert_eq!(
+            (attempt.action, attempt.status),
+            (RetryAction::Done, Some(200))
+        );
+        let id = message.id().to_owned();
+        let vars = json!({"lab_id": "L-7", "key": format!("{id}:lab"), "token": "Bearer t0k3n"});
+        assert_eq!(message.root()["vars"], vars);
+
+        let busy = target(&mut bench, "/busy");
+        let attempt = busy.attempt(&mut message, &bench.templates, &client).await;
+        assert_eq!(
+            (attempt.action, attempt.status),
+            (RetryAction::Retry, Some(503))
+        );
+        assert_eq!(attempt.retry_after, Some(Duration::from_secs(7)));
+        assert_eq!(attempt.error.as_deref(), Some("answered 503: later"));
+
+        let gone = target(&mut bench, "/gone");
+        let attempt = gone.attempt(&mut message, &bench.templates, &client).await;
+        assert_eq!(
+            (attempt.action, attempt.status),
+            (RetryAction::Drop, Some(404))
+        );
+
+        // Nothing listens on a closed port: no answer is worth another try.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let nobody = compile(&mut bench, &format!("url: http://{closed}/x")).unwrap();
+        let attempt = nobody
+            .attempt(&mut message, &bench.templates, &client)
+            .await;
+        assert_eq!((attempt.action, attempt.status), (RetryAction::Retry, None));
+        assert!(attempt.error.is_some());
+    }
+}

@@ -134,3 +134,124 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use serde_json::json;
+
+    use super::{MockAnswer, Mocks};
+    use crate::compile::bench::{Bench, message};
+    use crate::config::HttpTargetConfig;
+    use crate::retry::RetryAction;
+    use crate::targets::{FlowTarget, HttpTarget, Target};
+
+    fn http(bench: &mut Bench, yaml: &str) -> Target {
+        let compiled = bench.compile(yaml, |config: &HttpTargetConfig, ctx| {
+            HttpTarget::compile("lab", config, ctx)
+        });
+        Target::Http(compiled.unwrap())
+    }
+
+    #[test]
+    fn a_mock_records_the_request_the_real_target_would_send_and_captures_its_answer() {
+        let mut bench = Bench::new();
+        let lab = http(
+            &mut bench,
+            "url: \"https://lab.example/orders/{{body.ref}}\"\ncapture: {lab_ref: $.id}",
+        );
+        let mocks = Mocks::default();
+        mocks.answer(BTreeMap::from([(
+            "lab".to_owned(),
+            MockAnswer {
+                status: 201,
+                body: json!({"id": "L-1"}),
+                fail: None,
+            },
+        )]));
+        let mut message = message(json!({"ref": "R 1"}));
+        let attempt = mocks.attempt(&lab, &mut message, &bench.templates);
+        assert_eq!(
+            (attempt.action, attempt.status),
+            (RetryAction::Done, Some(201))
+        );
+        assert_eq!(message.root()["vars"]["lab_ref"], "L-1");
+
+        let received = mocks.take_received().remove("lab").unwrap();
+        assert_eq!(received.body, json!({"ref": "R 1"}));
+        assert_eq!(
+            received.headers["x-ferry-url"],
+            "https://lab.example/orders/R%201"
+        );
+        assert_eq!(received.headers["x-ferry-method"], "POST");
+        assert_eq!(
+            received.headers["idempotency-key"],
+            format!("{}:lab", message.id())
+        );
+        assert!(mocks.take_received().is_empty(), "taken once");
+    }
+
+    #[test]
+    fn answers_are_classified_as_the_real_ones_would_be() {
+        let mut bench = Bench::new();
+        let lab = http(&mut bench, "url: https://lab.example/orders");
+        let portal = Target::Flow(FlowTarget::new("portal", "portal-results"));
+        let mocks = Mocks::default();
+        for (answer, action, status) in [
+            (
+                MockAnswer {
+                    status: 503,
+                    ..MockAnswer::default()
+                },
+                RetryAction::Retry,
+                Some(503),
+            ),
+            (
+                MockAnswer {
+                    status: 409,
+                    ..MockAnswer::default()
+                },
+                RetryAction::Drop,
+                Some(409),
+            ),
+            (
+                MockAnswer {
+                    fail: Some("timeout".into()),
+                    ..MockAnswer::default()
+                },
+                RetryAction::Retry,
+                None,
+            ),
+        ] {
+            for target in [&lab, &portal] {
+                mocks.answer(BTreeMap::from([(target.name().to_owned(), answer.clone())]));
+                let attempt = mocks.attempt(target, &mut message(json!({})), &bench.templates);
+                assert_eq!(
+                    (attempt.action, attempt.status),
+                    (action, status),
+                    "{answer:?}"
+                );
+            }
+        }
+        // Unnamed targets answer 200 {}; a flow's reply body becomes vars.
+        mocks.answer(BTreeMap::new());
+        let attempt = mocks.attempt(&portal, &mut message(json!({})), &bench.templates);
+        assert_eq!(attempt.status, Some(200));
+    }
+
+    #[test]
+    fn a_request_the_real_target_would_refuse_is_refused_for_good() {
+        let mut bench = Bench::new();
+        let callback = http(
+            &mut bench,
+            "url: \"{{body.callback_url}}\"\nallow_hosts: [portal.example]",
+        );
+        let mocks = Mocks::default();
+        let mut elsewhere = message(json!({"callback_url": "https://evil.example/x"}));
+        let attempt = mocks.attempt(&callback, &mut elsewhere, &bench.templates);
+        assert_eq!(attempt.action, RetryAction::Drop);
+        assert!(attempt.error.unwrap().contains("not in allow_hosts"));
+        assert!(mocks.take_received().is_empty(), "nothing was sent");
+    }
+}

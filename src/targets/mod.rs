@@ -174,19 +174,18 @@ pub struct Reach<'a> {
 /// What a `flow` target calls: the message path, running a message through another flow.
 pub trait Calls: Send + Sync {
     /// Runs a message made from `caller` through the flow named `flow`, and answers its reply.
-    fn call<'a>(
-        &'a self,
-        flow: &'a str,
-        caller: &'a Message,
-    ) -> std::pin::Pin<
-        Box<
-            dyn std::future::Future<
-                    Output = Result<crate::store::StoredReply, crate::error::ServeError>,
-                > + Send
-                + 'a,
-        >,
-    >;
+    fn call<'a>(&'a self, flow: &'a str, caller: &'a Message) -> CallReply<'a>;
 }
+
+/// The reply of a flow call, to be awaited.
+pub type CallReply<'a> = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<crate::store::StoredReply, crate::error::ServeError>,
+            > + Send
+            + 'a,
+    >,
+>;
 
 /// What one delivery attempt came to.
 #[derive(Debug, Clone)]
@@ -347,6 +346,45 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+/// A stand-in for the message path in unit tests of targets: every flow called answers
+/// the same, and the calls are recorded.
+#[cfg(test)]
+pub(crate) mod called {
+    use std::sync::Mutex;
+
+    use super::{CallReply, Calls};
+    use crate::error::ServeError;
+    use crate::message::Message;
+    use crate::store::StoredReply;
+
+    /// What a called flow answers.
+    pub(crate) type Answer = fn() -> Result<StoredReply, ServeError>;
+
+    /// Answers every call with `answer`; `calls` holds each flow called and the body it got.
+    pub(crate) struct Called {
+        pub(crate) answer: Answer,
+        pub(crate) calls: Mutex<Vec<(String, serde_json::Value)>>,
+    }
+
+    impl Called {
+        pub(crate) fn answering(answer: Answer) -> Self {
+            Self {
+                answer,
+                calls: Mutex::default(),
+            }
+        }
+    }
+
+    impl Calls for Called {
+        fn call<'a>(&'a self, flow: &'a str, caller: &'a Message) -> CallReply<'a> {
+            let mut calls = self.calls.lock().unwrap();
+            calls.push((flow.to_owned(), caller.body().clone()));
+            let answer = (self.answer)();
+            Box::pin(async move { answer })
+        }
+    }
 }
 
 #[cfg(test)]

@@ -125,3 +125,100 @@ pub(crate) fn queue_spec(
         url,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::QueueTarget;
+    use crate::compile::bench::{Bench, message};
+    use crate::config::QueueTargetConfig;
+    use crate::message::{IDEMPOTENCY_KEY, MESSAGE_ID};
+    use crate::queue::Brokers;
+    use crate::retry::RetryAction;
+    use crate::store::Store;
+    use crate::targets::Reach;
+    use crate::targets::called::Called;
+
+    fn compile(bench: &mut Bench, yaml: &str) -> Result<QueueTarget, String> {
+        bench.compile(yaml, |config: &QueueTargetConfig, ctx| {
+            QueueTarget::compile("results", config, ctx)
+        })
+    }
+
+    #[test]
+    fn a_queue_is_named_and_a_broker_queue_has_a_url_of_its_scheme() {
+        let mut bench = Bench::new();
+        for (yaml, says) in [
+            ("name: ' '", "a queue needs a name"),
+            ("name: q\nurl: amqp://localhost", "takes no `url`"),
+            ("name: q\ndriver: amqp", "a broker queue needs `url`"),
+            (
+                "name: q\ndriver: nats\nurl: amqp://localhost",
+                "write nats://host:port",
+            ),
+        ] {
+            let error = compile(&mut bench, yaml).unwrap_err();
+            assert!(error.contains(says), "{yaml}: {error}");
+        }
+        compile(
+            &mut bench,
+            "name: q\ndriver: amqp\nurl: amqps://broker:5671",
+        )
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_attempt_is_done_once_the_queue_holds_the_message_with_ferrys_headers() {
+        let mut bench = Bench::new();
+        let target = compile(&mut bench, "name: lab-results").unwrap();
+        let store = Store::open("sqlite::memory:").await.unwrap();
+        let reach = Reach {
+            client: &crate::targets::http_client().unwrap(),
+            brokers: &Brokers::default(),
+            store: Some(&store),
+            calls: &Called::answering(|| unreachable!("a queue calls no flow")),
+            retried_for: Duration::from_secs(60),
+        };
+        let message = message(json!({"ref": "R-1"}));
+        let attempt = target.attempt(&message, &reach).await;
+        assert_eq!(attempt.action, RetryAction::Done, "{:?}", attempt.error);
+
+        let held = store.claim_queue("lab-results", 10).await.unwrap();
+        assert_eq!(held.len(), 1);
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&held[0].payload).unwrap(),
+            json!({"ref": "R-1"})
+        );
+        assert_eq!(held[0].headers[MESSAGE_ID], message.id());
+        assert_eq!(
+            held[0].headers[IDEMPOTENCY_KEY],
+            format!("{}:results", message.id())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_broker_that_cannot_be_reached_is_worth_another_try() {
+        let mut bench = Bench::new();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let target = compile(
+            &mut bench,
+            &format!("name: lab-results\ndriver: amqp\nurl: amqp://{closed}"),
+        )
+        .unwrap();
+        let reach = Reach {
+            client: &crate::targets::http_client().unwrap(),
+            brokers: &Brokers::default(),
+            store: None,
+            calls: &Called::answering(|| unreachable!("a queue calls no flow")),
+            retried_for: Duration::from_secs(60),
+        };
+        let attempt = target.attempt(&message(json!({})), &reach).await;
+        assert_eq!((attempt.action, attempt.status), (RetryAction::Retry, None));
+    }
+}
