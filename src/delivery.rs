@@ -16,7 +16,7 @@ use crate::engine::Engine;
 use crate::flow::Flow;
 use crate::message::Message;
 use crate::retry::RetryAction;
-use crate::store::{AttemptOutcome, AttemptRecord, Claimed, Store, now_ms};
+use crate::store::{AfterAttempt, AttemptRecord, Claimed, Store, now_ms};
 use crate::targets::Attempt;
 
 /// The longest a worker waits before claiming again after the store failed.
@@ -229,23 +229,23 @@ async fn deliver(
     metrics::histogram!("ferry_delivery_attempt_duration_seconds", &labels)
         .record(started.elapsed().as_secs_f64());
     let outcome = match action {
-        RetryAction::Done => AttemptOutcome::Delivered,
+        RetryAction::Done => AfterAttempt::Delivered,
         RetryAction::Retry => flow
             .retry()
             .next_attempt(number, entry.queued_at, now_ms(), retry_after)
-            .map_or(AttemptOutcome::Dead, AttemptOutcome::RetryAt),
-        RetryAction::Drop => AttemptOutcome::Dead,
+            .map_or(AfterAttempt::Dead, AfterAttempt::RetryAt),
+        RetryAction::Drop => AfterAttempt::Dead,
     };
     let correlation = match (outcome, entry.record_id) {
-        (AttemptOutcome::Delivered, Some(record)) => flow.after_delivery(true, record, &message),
-        (AttemptOutcome::Dead, Some(record)) => flow.after_delivery(false, record, &message),
+        (AfterAttempt::Delivered, Some(record)) => flow.after_delivery(true, record, &message),
+        (AfterAttempt::Dead, Some(record)) => flow.after_delivery(false, record, &message),
         _ => None,
     };
     let latency_ms = started.elapsed().as_millis() as u64;
     let counted = match outcome {
-        AttemptOutcome::Delivered => "delivered",
-        AttemptOutcome::RetryAt(_) => "retried",
-        AttemptOutcome::Dead => "dead_lettered",
+        AfterAttempt::Delivered => "delivered",
+        AfterAttempt::RetryAt(_) => "retried",
+        AfterAttempt::Dead => "dead_lettered",
     };
     let labels = [
         ("flow", flow.name.clone()),
@@ -257,7 +257,7 @@ async fn deliver(
         .as_str()
         .unwrap_or_default();
     match outcome {
-        AttemptOutcome::Dead => tracing::warn!(
+        AfterAttempt::Dead => tracing::warn!(
             flow = %flow.name, target = %target.name(), message_id = %entry.message_id, correlation_id,
             attempt = number, error = error.as_deref().unwrap_or_default(), "delivery failed for good: dead letter"
         ),

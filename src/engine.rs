@@ -22,7 +22,7 @@ use crate::message::{Message, Meta};
 use crate::queue::Brokers;
 use crate::retry::RetryAction;
 use crate::store::{
-    AcceptOutcome, Accepted, CorrelationWrite, MessageStatus, NewEvent, Prior, Store, StoredReply,
+    Acceptance, Accepted, CorrelationWrite, MessageStatus, NewEvent, Prior, Store, StoredReply,
     now_ms,
 };
 use crate::targets::{Attempt, Calls, Mocks, Reach, Target};
@@ -349,7 +349,7 @@ impl Engine {
             ..source.into_accepted(flow, &message)
         };
         match store.accept(accepted).await? {
-            AcceptOutcome::Stored => {
+            Acceptance::Stored => {
                 for target in &targets {
                     if let Some(wake) = self.waker(&flow.name, target) {
                         wake.notify_one();
@@ -358,7 +358,7 @@ impl Engine {
                 Ok(reply)
             }
             // Another submission with the same key committed first.
-            AcceptOutcome::Duplicate(prior) => repeat(
+            Acceptance::Duplicate(prior) => repeat(
                 prior,
                 key.as_deref().unwrap_or_default(),
                 fingerprint.as_deref(),

@@ -393,10 +393,10 @@ pub struct DeliveryConfig {
     pub concurrency: Option<Spanned<u32>>,
     /// Changes to the message's correlation record once a target took it.
     #[serde(default)]
-    pub on_delivered: Option<OutcomeConfig>,
+    pub on_delivered: Option<AfterDeliveryConfig>,
     /// Changes to the message's correlation record once delivery failed for good.
     #[serde(default)]
-    pub on_failed: Option<OutcomeConfig>,
+    pub on_failed: Option<AfterDeliveryConfig>,
 }
 
 /// Delivery modes.
@@ -437,7 +437,7 @@ pub struct RetryConfig {
 /// A change to the correlation record of a message after delivery.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct OutcomeConfig {
+pub struct AfterDeliveryConfig {
     /// Lifecycle state to record, such as `delivered_to_lab`.
     #[serde(default)]
     #[schemars(with = "Option<String>")]

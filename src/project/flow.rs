@@ -6,7 +6,7 @@ use serde_json::json;
 
 use crate::compile::Ctx;
 use crate::config::load::LoadedFlow;
-use crate::config::{DeliveryMode, OutcomeConfig, TriggerConfig};
+use crate::config::{AfterDeliveryConfig, DeliveryMode, TriggerConfig};
 use crate::diagnostic::Diagnostic;
 use crate::flow::{
     AfterDelivery, DEFAULT_MAX_BODY, DeliveryPolicy, Flow, HttpTrigger, QueueTrigger, RateLimit,
@@ -374,7 +374,7 @@ fn warn_short_budget(retry: &RetryPolicy, at: serde_saphyr::Location, ctx: &mut 
 }
 
 fn compile_outcome(
-    config: Option<&OutcomeConfig>,
+    config: Option<&AfterDeliveryConfig>,
     ctx: &mut Ctx<'_>,
     ok: &mut bool,
 ) -> Option<AfterDelivery> {

@@ -204,9 +204,9 @@ pub struct Accepted {
     pub replay: bool,
 }
 
-/// What committing a message did.
+/// What accepting a message came to: stored, or found to repeat an earlier one.
 #[derive(Debug, Clone, PartialEq)]
-pub enum AcceptOutcome {
+pub enum Acceptance {
     /// Stored.
     Stored,
     /// The flow already has a message with this idempotency key.
@@ -281,9 +281,9 @@ pub struct Claimed {
     pub lease_until: Millis,
 }
 
-/// What an attempt decided.
+/// Where a delivery stands after an attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttemptOutcome {
+pub enum AfterAttempt {
     /// Delivered.
     Delivered,
     /// Try again at this time.
@@ -304,7 +304,7 @@ pub struct AttemptRecord {
     /// 1-based attempt number.
     pub attempt: u32,
     /// What happens next.
-    pub outcome: AttemptOutcome,
+    pub outcome: AfterAttempt,
     /// The target's status, when it answered.
     pub status: Option<u16>,
     /// What went wrong, when something did.
@@ -553,7 +553,7 @@ impl Store {
     /// # Errors
     ///
     /// When the database fails; nothing of the message is stored then.
-    pub async fn accept(&self, accepted: Accepted) -> Result<AcceptOutcome, StoreError> {
+    pub async fn accept(&self, accepted: Accepted) -> Result<Acceptance, StoreError> {
         on_backend!(self, b => b.accept(accepted).await)
     }
 

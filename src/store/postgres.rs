@@ -15,7 +15,7 @@ use sqlx::Postgres;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
 use super::{
-    AcceptOutcome, Accepted, AttemptRecord, Claimed, CommitStats, CorrelationWrite, Counters, Lock,
+    Acceptance, Accepted, AttemptRecord, Claimed, CommitStats, CorrelationWrite, Counters, Lock,
     Millis, QueueItem, StoreError,
 };
 
@@ -201,7 +201,7 @@ impl PgStore {
         transaction!(self, (0, 0), conn => sql::heartbeat(conn))
     }
 
-    pub(super) async fn accept(&self, accepted: Accepted) -> Result<AcceptOutcome, StoreError> {
+    pub(super) async fn accept(&self, accepted: Accepted) -> Result<Acceptance, StoreError> {
         transaction!(self, (1, 1), conn => sql::accept(conn, &accepted))
     }
 

@@ -9,7 +9,7 @@ use sqlx::Row as _;
 
 use super::{Conn, Db, DbStore, Lock, Row, lock};
 use crate::store::{
-    AcceptOutcome, Accepted, AttemptOutcome, AttemptRecord, Claimed, Correlation, CorrelationWrite,
+    Acceptance, Accepted, AfterAttempt, AttemptRecord, Claimed, Correlation, CorrelationWrite,
     Event, MessageDetail, MessageStatus, MessageSummary, Millis, OutboxEntry, Prior, QueueItem,
     ReplaySource, StateChange, StoreError, StoredReply, Trace, merge, now_ms, rfc3339,
 };
@@ -406,7 +406,7 @@ async fn load_correlation(conn: &mut Conn, id: i64) -> Result<Option<Correlation
 }
 
 /// Commits a message with its outbox entries, correlation changes and timeline.
-pub(super) async fn accept(conn: &mut Conn, a: &Accepted) -> Result<AcceptOutcome, StoreError> {
+pub(super) async fn accept(conn: &mut Conn, a: &Accepted) -> Result<Acceptance, StoreError> {
     let now = now_ms();
     let reply = serde_json::to_string(&a.reply).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     if a.replay {
@@ -462,7 +462,7 @@ pub(super) async fn accept(conn: &mut Conn, a: &Accepted) -> Result<AcceptOutcom
             .fetch_optional(&mut *conn)
             .await?
             .ok_or_else(|| StoreError::Corrupt("duplicate without original".into()))?;
-            return Ok(AcceptOutcome::Duplicate(prior(&original)?));
+            return Ok(Acceptance::Duplicate(prior(&original)?));
         }
     }
     let mut record = None;
@@ -500,7 +500,7 @@ pub(super) async fn accept(conn: &mut Conn, a: &Accepted) -> Result<AcceptOutcom
         });
         insert.build().execute(&mut *conn).await?;
     }
-    Ok(AcceptOutcome::Stored)
+    Ok(Acceptance::Stored)
 }
 
 async fn insert_event(
@@ -787,9 +787,9 @@ pub(super) async fn finish_queue(
 pub(super) async fn attempt_done(conn: &mut Conn, a: &AttemptRecord) -> Result<(), StoreError> {
     let now = now_ms();
     let (state, next) = match a.outcome {
-        AttemptOutcome::Delivered => ("delivered", now),
-        AttemptOutcome::RetryAt(at) => ("pending", at),
-        AttemptOutcome::Dead => ("dead", now),
+        AfterAttempt::Delivered => ("delivered", now),
+        AfterAttempt::RetryAt(at) => ("pending", at),
+        AfterAttempt::Dead => ("dead", now),
     };
     // The message's status depends on all its deliveries: one attempt at a time decides it.
     lock(conn, Lock::Message(&a.message_id)).await?;
@@ -813,7 +813,7 @@ pub(super) async fn attempt_done(conn: &mut Conn, a: &AttemptRecord) -> Result<(
         return Err(StoreError::LeaseLost);
     }
     match a.outcome {
-        AttemptOutcome::Delivered => {
+        AfterAttempt::Delivered => {
             sqlx::query(
                 "UPDATE messages SET status = 'delivered', updated_at = $1 WHERE id = $2
                  AND NOT EXISTS (SELECT 1 FROM outbox WHERE message_id = $2 AND state NOT IN ('delivered', 'replayed'))",
@@ -823,7 +823,7 @@ pub(super) async fn attempt_done(conn: &mut Conn, a: &AttemptRecord) -> Result<(
             .execute(&mut *conn)
             .await?;
         }
-        AttemptOutcome::Dead => {
+        AfterAttempt::Dead => {
             sqlx::query(
                 "UPDATE messages SET status = $1, error = $2, updated_at = $3 WHERE id = $4",
             )
@@ -834,12 +834,12 @@ pub(super) async fn attempt_done(conn: &mut Conn, a: &AttemptRecord) -> Result<(
             .execute(&mut *conn)
             .await?;
         }
-        AttemptOutcome::RetryAt(_) => {}
+        AfterAttempt::RetryAt(_) => {}
     }
     let outcome = match a.outcome {
-        AttemptOutcome::Delivered => "delivered".to_owned(),
-        AttemptOutcome::RetryAt(at) => format!("retry at {}", rfc3339(at)),
-        AttemptOutcome::Dead => "dead".to_owned(),
+        AfterAttempt::Delivered => "delivered".to_owned(),
+        AfterAttempt::RetryAt(at) => format!("retry at {}", rfc3339(at)),
+        AfterAttempt::Dead => "dead".to_owned(),
     };
     let detail = serde_json::json!({
         "target": a.target, "attempt": a.attempt, "status": a.status, "latency_ms": a.latency_ms,

@@ -14,7 +14,7 @@ use sqlx::{Connection, Sqlite};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::{
-    AcceptOutcome, Accepted, AttemptRecord, Claimed, CommitStats, CorrelationWrite, Counters, Lock,
+    Acceptance, Accepted, AttemptRecord, Claimed, CommitStats, CorrelationWrite, Counters, Lock,
     Millis, QueueItem, StoreError,
 };
 
@@ -25,7 +25,7 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 /// A write for the writer task.
 enum Job {
-    Accept(Box<Accepted>, Reply<AcceptOutcome>),
+    Accept(Box<Accepted>, Reply<Acceptance>),
     Attempt(Box<AttemptRecord>, Reply<()>),
     Correlate(Vec<CorrelationWrite>, Reply<()>),
     Claim {
@@ -153,7 +153,7 @@ impl SqliteStore {
         self.submit(Job::Probe).await
     }
 
-    pub(super) async fn accept(&self, accepted: Accepted) -> Result<AcceptOutcome, StoreError> {
+    pub(super) async fn accept(&self, accepted: Accepted) -> Result<Acceptance, StoreError> {
         self.submit(|reply| Job::Accept(Box::new(accepted), reply))
             .await
     }

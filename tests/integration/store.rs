@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use ferry::store::{
-    AcceptOutcome, Accepted, AttemptOutcome, AttemptRecord, Claimed, CorrelationWrite,
-    MessageStatus, NewEvent, Store, StoreError, StoreOptions, StoredReply, now_ms,
+    Acceptance, Accepted, AfterAttempt, AttemptRecord, Claimed, CorrelationWrite, MessageStatus,
+    NewEvent, Store, StoreError, StoreOptions, StoredReply, now_ms,
 };
 use serde_json::json;
 use tokio::task::JoinSet;
@@ -53,7 +53,7 @@ fn delivered(claimed: &Claimed, correlation: Option<CorrelationWrite>) -> Attemp
         message_id: claimed.message_id.clone(),
         target: "lab".into(),
         attempt: claimed.attempts + 1,
-        outcome: AttemptOutcome::Delivered,
+        outcome: AfterAttempt::Delivered,
         status: Some(201),
         error: None,
         latency_ms: 3,
@@ -109,11 +109,11 @@ async fn accept_claim_deliver_and_trace(backend: Backend) {
     let store = test.open().await;
     assert_eq!(
         store.accept(accepted("m1", Some("k1"))).await.unwrap(),
-        AcceptOutcome::Stored
+        Acceptance::Stored
     );
     // The same idempotency key gives the original reply, with what identified the request.
     let again = store.accept(accepted("m2", Some("k1"))).await.unwrap();
-    assert!(matches!(&again, AcceptOutcome::Duplicate(p) if p.reply.body == json!({"id": "m1"})));
+    assert!(matches!(&again, Acceptance::Duplicate(p) if p.reply.body == json!({"id": "m1"})));
     let prior = store.reply_for("f", "k1").await.unwrap().unwrap();
     assert_eq!(prior.reply.body, json!({"id": "m1"}));
     assert_eq!(prior.fingerprint.as_deref(), Some("fingerprint-of-k1"));
@@ -200,7 +200,7 @@ async fn a_claim_that_runs_out_is_taken_over_and_the_late_outcome_is_refused(bac
     let late = store.record_attempt(delivered(&first[0], None)).await;
     assert!(matches!(late, Err(StoreError::LeaseLost)), "{late:?}");
     let mut failed = delivered(&second[0], None);
-    failed.outcome = AttemptOutcome::Dead;
+    failed.outcome = AfterAttempt::Dead;
     failed.status = Some(400);
     store.record_attempt(failed).await.unwrap();
     let detail = store.message("m1").await.unwrap().unwrap();
@@ -253,7 +253,7 @@ async fn a_replay_delivers_a_dead_letter_again(backend: Backend) {
     store.accept(accepted("m1", Some("k1"))).await.unwrap();
     let claimed = store.claim("f", "lab", 1).await.unwrap();
     let mut dead = delivered(&claimed[0], None);
-    dead.outcome = AttemptOutcome::Dead;
+    dead.outcome = AfterAttempt::Dead;
     dead.error = Some("lab answered 422".into());
     store.record_attempt(dead).await.unwrap();
     let dead_letters = store.list_messages(None, Some("dead"), 10).await.unwrap();
@@ -397,7 +397,7 @@ async fn postgres_replicas_share_idempotency_and_correlation() {
     assert_eq!(
         outcomes
             .iter()
-            .filter(|o| **o == AcceptOutcome::Stored)
+            .filter(|o| **o == Acceptance::Stored)
             .count(),
         1,
         "{outcomes:?}"
