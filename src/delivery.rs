@@ -230,8 +230,8 @@ async fn deliver(
         .record(started.elapsed().as_secs_f64());
     let outcome = match action {
         RetryAction::Done => AfterAttempt::Delivered,
-        RetryAction::Retry => flow
-            .retry()
+        RetryAction::Retry => engine
+            .retry_policy(flow, target)
             .next_attempt(number, entry.queued_at, now_ms(), retry_after)
             .map_or(AfterAttempt::Dead, AfterAttempt::RetryAt),
         RetryAction::Drop => AfterAttempt::Dead,
@@ -256,14 +256,21 @@ async fn deliver(
     let correlation_id = message.root()["meta"]["correlation_id"]
         .as_str()
         .unwrap_or_default();
+    let error_text = error.as_deref().unwrap_or_default();
     match outcome {
+        AfterAttempt::Delivered => tracing::debug!(
+            flow = %flow.name, target = %target.name(), message_id = %entry.message_id, correlation_id,
+            attempt = number, ?status, "delivered"
+        ),
+        // Each failed attempt is one line an operator sees without raising the log level.
+        AfterAttempt::RetryAt(at) => tracing::info!(
+            flow = %flow.name, target = %target.name(), message_id = %entry.message_id, correlation_id,
+            attempt = number, status, error = error_text, next_attempt = %crate::store::rfc3339(at),
+            "delivery attempt failed; retrying"
+        ),
         AfterAttempt::Dead => tracing::warn!(
             flow = %flow.name, target = %target.name(), message_id = %entry.message_id, correlation_id,
-            attempt = number, error = error.as_deref().unwrap_or_default(), "delivery failed for good: dead letter"
-        ),
-        _ => tracing::debug!(
-            flow = %flow.name, target = %target.name(), message_id = %entry.message_id, correlation_id,
-            attempt = number, ?status, ?outcome, "delivery attempt"
+            attempt = number, status, error = error_text, "delivery failed for good: dead letter"
         ),
     }
     let record = AttemptRecord {

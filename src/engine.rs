@@ -207,7 +207,7 @@ impl Engine {
         match (target, &self.transport) {
             // A called flow's refusal is the caller's, status and all.
             (Some(Target::Flow(call)), Transport::Network(_)) => {
-                let reply = self.call(&call.flow, &message).await?;
+                let reply = self.hand_over(&call.flow, call.name(), &message).await?;
                 message.merge_vars(&reply.body);
                 called = Some(reply);
             }
@@ -245,14 +245,87 @@ impl Engine {
         }
     }
 
-    /// Runs `caller` through the flow named `name`, as a new message of the same
-    /// conversation ([`Meta::for_call`]).
-    async fn call(&self, name: &str, caller: &Message) -> Result<StoredReply, ServeError> {
-        let callee = self
-            .flow(name)
-            .ok_or_else(|| ServeError::Internal(format!("flow \"{name}\" is not loaded")))?;
-        let message = Message::new(caller.body().clone(), &Meta::for_call(&callee.name, caller));
+    /// Hands `caller` over to the flow named `name` (target `target` of a synchronous
+    /// flow): the called flow handles it as a message of its own ([`Meta::for_call`]), and a
+    /// durable one keeps it and answers that it did.
+    async fn hand_over(
+        &self,
+        name: &str,
+        target: &str,
+        caller: &Message,
+    ) -> Result<StoredReply, ServeError> {
+        let callee = self.called(name)?;
+        let meta = Meta::for_call(&callee.name, caller, target);
+        let message = Message::new(caller.body().clone(), &meta);
         Box::pin(self.handle(callee, message)).await
+    }
+
+    /// Delivers `caller` through the flow named `name` as target `target` of a durable
+    /// flow's delivery: the called flow's steps, then one attempt to each target they
+    /// choose, as part of the caller's attempt. The called flow keeps nothing of its own, so
+    /// the caller's delivery is done only when the called flow's target has the message;
+    /// what that target answered (status, `Retry-After`, retry or not) is the caller's
+    /// attempt. On success the called flow's reply fields become `caller`'s vars.
+    async fn deliver_through(&self, name: &str, target: &str, caller: &mut Message) -> Attempt {
+        let refused = |error: &ServeError| {
+            let status = error.status().as_u16();
+            Attempt::failed(
+                crate::retry::classify_status(status),
+                Some(status),
+                format!("flow \"{name}\": {error}"),
+            )
+        };
+        let callee = match self.called(name) {
+            Ok(callee) => callee,
+            Err(error) => return refused(&error),
+        };
+        let meta = Meta::for_call(&callee.name, caller, target);
+        let mut message = Message::new(caller.body().clone(), &meta);
+        let processed = match self.process(callee, &mut message, None).await {
+            Ok(processed) => processed,
+            Err(error) => return refused(&error.into()),
+        };
+        let mut last = Attempt::done(None);
+        if let Some(index) = processed.target {
+            let target = &callee.targets()[index];
+            last = Box::pin(self.attempt(callee, target, &mut message)).await;
+            if last.action != RetryAction::Done {
+                let error = last.error.take().unwrap_or_default();
+                last.error = Some(format!(
+                    "flow \"{name}\", target \"{}\": {error}",
+                    target.name()
+                ));
+                return last;
+            }
+        }
+        if let (Some(store), false) = (&self.store, processed.correlation.is_empty())
+            && let Err(error) = store.correlate(processed.correlation).await
+        {
+            return refused(&error.into());
+        }
+        match callee.render_reply(&message) {
+            Ok(reply) => caller.merge_vars(&reply.body),
+            Err(error) => return refused(&error.into()),
+        }
+        last
+    }
+
+    /// The flow a `flow` target names.
+    fn called(&self, name: &str) -> Result<&Arc<Flow>, ServeError> {
+        self.flow(name)
+            .ok_or_else(|| ServeError::Internal(format!("flow \"{name}\" is not loaded")))
+    }
+
+    /// How deliveries of `flow` to `target` are retried: by the called flow's own policy for
+    /// a `flow` target whose flow sets one (it knows its partner), else by `flow`'s.
+    pub fn retry_policy(&self, flow: &Flow, target: &Target) -> crate::retry::RetryPolicy {
+        match target {
+            Target::Flow(call) => self
+                .flow(&call.flow)
+                .filter(|callee| callee.declares_retry())
+                .map_or_else(|| flow.retry(), |callee| callee.retry()),
+            _ => flow.retry(),
+        }
     }
 
     /// Makes one delivery attempt of `message` to `target` of `flow`; on success, what the
@@ -445,8 +518,13 @@ impl Engine {
 }
 
 impl Calls for Engine {
-    fn call<'a>(&'a self, flow: &'a str, caller: &'a Message) -> crate::targets::CallReply<'a> {
-        Box::pin(Engine::call(self, flow, caller))
+    fn call<'a>(
+        &'a self,
+        flow: &'a str,
+        target: &'a str,
+        caller: &'a mut Message,
+    ) -> crate::targets::CallAttempt<'a> {
+        Box::pin(self.deliver_through(flow, target, caller))
     }
 }
 

@@ -43,6 +43,8 @@ pub struct Flow {
 pub(crate) struct DeliveryPolicy {
     pub(crate) mode: DeliveryMode,
     pub(crate) retry: RetryPolicy,
+    /// Whether the flow sets `retry` itself (else `retry` is the default).
+    pub(crate) retry_declared: bool,
     pub(crate) concurrency: u32,
     pub(crate) on_delivered: Option<AfterDelivery>,
     pub(crate) on_failed: Option<AfterDelivery>,
@@ -203,6 +205,11 @@ impl Flow {
     /// How durable delivery retries.
     pub fn retry(&self) -> RetryPolicy {
         self.delivery.retry
+    }
+
+    /// Whether the flow sets its own retry policy.
+    pub fn declares_retry(&self) -> bool {
+        self.delivery.retry_declared
     }
 
     /// How many deliveries to one target may run at once.

@@ -14,7 +14,8 @@ use serde_json::{Map, Value};
 /// What the trigger received, readable as `meta.*` in templates and `$.meta.*` in JSONPaths.
 #[derive(Debug, Clone, Serialize)]
 pub struct Meta {
-    /// The id ferry gives the message (a UUIDv7, time-ordered).
+    /// The id ferry gives the message: a UUIDv7 (time-ordered), or for a called message one
+    /// derived from its caller's ([`Meta::for_call`]).
     pub id: String,
     /// The caller's `X-Correlation-Id`, or the message id when absent.
     pub correlation_id: String,
@@ -135,26 +136,32 @@ impl Meta {
         meta
     }
 
-    /// A message of flow `callee`, called by `caller`'s flow: the same conversation (its
-    /// correlation id), and an idempotency key derived from the caller's id so a retried
-    /// call is recognised.
-    pub fn for_call(callee: &str, caller: &Message) -> Self {
+    /// A message of flow `callee`, called by `caller`'s flow through its target `target`:
+    /// the same conversation (its correlation id), and an id derived from the caller's id and
+    /// the target's name. Every attempt, restart and replay of the call makes the same id,
+    /// so the called flow's targets get the same `Idempotency-Key` each time, and a called
+    /// flow that keeps messages recognises a call it already took (its idempotency key).
+    pub fn for_call(callee: &str, caller: &Message, target: &str) -> Self {
         let mut meta = Self::new(callee);
+        let derived = format!("{}:{target}", caller.id());
+        meta.id = uuid::Uuid::new_v5(&CALL_NAMESPACE, derived.as_bytes()).to_string();
         meta.method = "CALL".into();
         meta.path = caller.root()["meta"]["flow"]
             .as_str()
             .unwrap_or_default()
             .to_owned();
-        if let Some(id) = caller.root()["meta"]["correlation_id"].as_str() {
-            meta.correlation_id = id.to_owned();
-        }
-        meta.headers.insert(
-            "idempotency-key".into(),
-            format!("{}:{callee}", caller.id()),
-        );
+        meta.correlation_id = match caller.root()["meta"]["correlation_id"].as_str() {
+            Some(id) => id.to_owned(),
+            None => meta.id.clone(),
+        };
+        meta.headers.insert("idempotency-key".into(), derived);
         meta
     }
 }
+
+/// The namespace of the ids of called messages (UUIDv5): any fixed value would do; this
+/// one is ferry's own.
+const CALL_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6a1f_1e6c_0f3a_4c1e_9b7d_5f0e_2d4c_8a31);
 
 /// The `traceparent` to send onwards: the trace of the message's own `traceparent` header
 /// (W3C Trace Context), with a new parent id for ferry's hop; `None` without a valid one.

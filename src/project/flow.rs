@@ -301,6 +301,7 @@ fn compile_delivery(
     let mut policy = DeliveryPolicy {
         mode: DeliveryMode::Durable,
         retry: RetryPolicy::default(),
+        retry_declared: false,
         concurrency: 8,
         on_delivered: None,
         on_failed: None,
@@ -311,6 +312,7 @@ fn compile_delivery(
     let mut ok = true;
     policy.mode = config.mode.unwrap_or(DeliveryMode::Durable);
     if let Some(retry) = &config.retry {
+        policy.retry_declared = true;
         if let Some(attempts) = &retry.attempts {
             if attempts.value == 0 {
                 ctx.error(attempts.referenced, "attempts must be at least 1");

@@ -171,21 +171,22 @@ pub struct Reach<'a> {
     pub retried_for: Duration,
 }
 
-/// What a `flow` target calls: the message path, running a message through another flow.
+/// What a `flow` target calls: the message path, delivering a message through another flow.
 pub trait Calls: Send + Sync {
-    /// Runs a message made from `caller` through the flow named `flow`, and answers its reply.
-    fn call<'a>(&'a self, flow: &'a str, caller: &'a Message) -> CallReply<'a>;
+    /// Delivers `caller` through the flow named `flow` as target `target` of the caller: one
+    /// attempt, answered as the called flow's own target answered it. On success the called
+    /// flow's reply fields become `caller`'s vars.
+    fn call<'a>(
+        &'a self,
+        flow: &'a str,
+        target: &'a str,
+        caller: &'a mut Message,
+    ) -> CallAttempt<'a>;
 }
 
-/// The reply of a flow call, to be awaited.
-pub type CallReply<'a> = std::pin::Pin<
-    Box<
-        dyn std::future::Future<
-                Output = Result<crate::store::StoredReply, crate::error::ServeError>,
-            > + Send
-            + 'a,
-    >,
->;
+/// A flow call's attempt, to be awaited.
+pub type CallAttempt<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Attempt> + Send + 'a>>;
 
 /// What one delivery attempt came to.
 #[derive(Debug, Clone)]
@@ -349,27 +350,23 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 }
 
 /// A stand-in for the message path in unit tests of targets: every flow called answers
-/// the same, and the calls are recorded.
+/// the same attempt, and the calls are recorded.
 #[cfg(test)]
 pub(crate) mod called {
     use std::sync::Mutex;
 
-    use super::{CallReply, Calls};
-    use crate::error::ServeError;
+    use super::{Attempt, CallAttempt, Calls};
     use crate::message::Message;
-    use crate::store::StoredReply;
 
-    /// What a called flow answers.
-    pub(crate) type Answer = fn() -> Result<StoredReply, ServeError>;
-
-    /// Answers every call with `answer`; `calls` holds each flow called and the body it got.
+    /// Answers every call with `answer`; `calls` holds each flow and target called, and the
+    /// body it got.
     pub(crate) struct Called {
-        pub(crate) answer: Answer,
-        pub(crate) calls: Mutex<Vec<(String, serde_json::Value)>>,
+        pub(crate) answer: Attempt,
+        pub(crate) calls: Mutex<Vec<(String, String, serde_json::Value)>>,
     }
 
     impl Called {
-        pub(crate) fn answering(answer: Answer) -> Self {
+        pub(crate) fn answering(answer: Attempt) -> Self {
             Self {
                 answer,
                 calls: Mutex::default(),
@@ -378,10 +375,15 @@ pub(crate) mod called {
     }
 
     impl Calls for Called {
-        fn call<'a>(&'a self, flow: &'a str, caller: &'a Message) -> CallReply<'a> {
+        fn call<'a>(
+            &'a self,
+            flow: &'a str,
+            target: &'a str,
+            caller: &'a mut Message,
+        ) -> CallAttempt<'a> {
             let mut calls = self.calls.lock().unwrap();
-            calls.push((flow.to_owned(), caller.body().clone()));
-            let answer = (self.answer)();
+            calls.push((flow.to_owned(), target.to_owned(), caller.body().clone()));
+            let answer = self.answer.clone();
             Box::pin(async move { answer })
         }
     }
