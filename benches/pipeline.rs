@@ -42,8 +42,7 @@ fn portal_to_lab(c: &mut Criterion) {
             let processed = runtime
                 .block_on(flow.run_steps(&mut message, None))
                 .unwrap();
-            let ferry::targets::Target::Http(target) = &flow.targets()[processed.target.unwrap()]
-            else {
+            let ferry::targets::Target::Http(target) = &flow.targets()[processed.targets[0]] else {
                 unreachable!("portal-to-lab delivers over HTTP")
             };
             let request = flow.prepare(target, &message).unwrap();

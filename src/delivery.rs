@@ -237,8 +237,10 @@ async fn deliver(
         RetryAction::Drop => AfterAttempt::Dead,
     };
     let correlation = match (outcome, entry.record_id) {
-        (AfterAttempt::Delivered, Some(record)) => flow.after_delivery(true, record, &message),
-        (AfterAttempt::Dead, Some(record)) => flow.after_delivery(false, record, &message),
+        (AfterAttempt::Delivered, Some(record)) => {
+            flow.after_delivery(target, true, record, &message)
+        }
+        (AfterAttempt::Dead, Some(record)) => flow.after_delivery(target, false, record, &message),
         _ => None,
     };
     let latency_ms = started.elapsed().as_millis() as u64;

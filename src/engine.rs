@@ -180,13 +180,13 @@ impl Engine {
                         observe.step(label, m);
                     })
                     .await?;
-                flow.check_request(processed.target, message)?;
+                flow.check_request(&processed.targets, message)?;
                 observe.processed(message, &processed.correlation);
                 processed
             }
             None => {
                 let processed = flow.run_steps(message, self.store.as_ref()).await?;
-                flow.check_request(processed.target, message)?;
+                flow.check_request(&processed.targets, message)?;
                 processed
             }
         };
@@ -202,36 +202,38 @@ impl Engine {
         let processed = self
             .process(flow, &mut message, observe.as_deref_mut())
             .await?;
-        let target = processed.target.map(|i| &flow.targets()[i]);
+        // Each target in turn; the first that fails fails the message.
         let mut called = None;
-        match (target, &self.transport) {
-            // A called flow's refusal is the caller's, status and all.
-            (Some(Target::Flow(call)), Transport::Network(_)) => {
-                let reply = self.hand_over(&call.flow, call.name(), &message).await?;
-                message.merge_vars(&reply.body);
-                called = Some(reply);
-            }
-            (Some(target), _) => {
-                let attempt = self.attempt(flow, target, &mut message).await;
-                if attempt.action != RetryAction::Done {
-                    return Err(FlowError::Target {
-                        target: target.name().to_owned(),
-                        status: attempt.status,
-                        reason: attempt.error.unwrap_or_default(),
+        for &index in &processed.targets {
+            let target = &flow.targets()[index];
+            match (target, &self.transport) {
+                // A called flow's refusal is the caller's, status and all.
+                (Target::Flow(call), Transport::Network(_)) => {
+                    let reply = self.hand_over(&call.flow, call.name(), &message).await?;
+                    message.merge_vars(&reply.body);
+                    called = Some(reply);
+                }
+                (target, _) => {
+                    let attempt = self.attempt(flow, target, &mut message).await;
+                    if attempt.action != RetryAction::Done {
+                        return Err(FlowError::Target {
+                            target: target.name().to_owned(),
+                            status: attempt.status,
+                            reason: attempt.error.unwrap_or_default(),
+                        }
+                        .into());
                     }
-                    .into());
-                }
-                // A mocked flow call answers as the mock says, like the flow it stands for.
-                if let (Target::Flow(_), Transport::Mocks(mocks)) = (target, &self.transport) {
-                    let answer = mocks.answer_of(target.name());
-                    called = Some(StoredReply {
-                        status: answer.status,
-                        headers: Vec::new(),
-                        body: answer.body,
-                    });
+                    // A mocked flow call answers as the mock says, like the flow it stands for.
+                    if let (Target::Flow(_), Transport::Mocks(mocks)) = (target, &self.transport) {
+                        let answer = mocks.answer_of(target.name());
+                        called = Some(StoredReply {
+                            status: answer.status,
+                            headers: Vec::new(),
+                            body: answer.body,
+                        });
+                    }
                 }
             }
-            (None, _) => {}
         }
         if let Some(observe) = observe {
             observe.processed(&message, &[]);
@@ -286,7 +288,7 @@ impl Engine {
             Err(error) => return refused(&error.into()),
         };
         let mut last = Attempt::done(None);
-        if let Some(index) = processed.target {
+        for &index in &processed.targets {
             let target = &callee.targets()[index];
             last = Box::pin(self.attempt(callee, target, &mut message)).await;
             if last.action != RetryAction::Done {
@@ -397,9 +399,9 @@ impl Engine {
             detail: json!({"step": label}),
         }));
         let targets: Vec<String> = processed
-            .target
-            .map(|i| flow.targets()[i].name().to_owned())
-            .into_iter()
+            .targets
+            .iter()
+            .map(|&i| flow.targets()[i].name().to_owned())
             .collect();
         for target in &targets {
             events.push(NewEvent {

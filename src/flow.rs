@@ -10,7 +10,7 @@ use crate::error::FlowError;
 use crate::jsonpath::JsonPath;
 use crate::message::Message;
 use crate::retry::RetryPolicy;
-use crate::steps::{Step, StepState};
+use crate::steps::{Route, Rule, Step, StepState};
 use crate::store::{CorrelationWrite, Store};
 use crate::targets::{OutboundRequest, Target};
 use crate::template::{JsonTemplate, Templates, TextTemplate};
@@ -32,6 +32,11 @@ pub struct Flow {
     pub(crate) step_locations: Vec<serde_saphyr::Location>,
     pub(crate) targets: Vec<Target>,
     pub(crate) default_target: Option<usize>,
+    /// Other flows' claims (`takes`) on its messages, when it has no `route` step to hold
+    /// them: tried after the steps, before the default target.
+    pub(crate) claims: Route,
+    /// Other flows subscribed to its messages (`subscribes`), each a rule for one target.
+    pub(crate) subscribers: Vec<Rule>,
     pub(crate) delivery: DeliveryPolicy,
     pub(crate) reply: Reply,
     pub(crate) templates: Templates,
@@ -61,8 +66,9 @@ pub(crate) struct AfterDelivery {
 /// What the steps decided for a message.
 #[derive(Debug, Default)]
 pub struct Processed {
-    /// The index of the target it goes to, if any.
-    pub target: Option<usize>,
+    /// The indices of the targets it goes to: the one (or the list) its route chose, and
+    /// every subscriber whose condition holds.
+    pub targets: Vec<usize>,
     /// Correlation changes to commit with it.
     pub correlation: Vec<CorrelationWrite>,
 }
@@ -244,22 +250,28 @@ impl Flow {
     /// # Errors
     ///
     /// [`FlowError::Unprocessable`] saying why.
-    pub fn check_request(&self, target: Option<usize>, message: &Message) -> Result<(), FlowError> {
-        match target.map(|i| &self.targets[i]) {
-            Some(crate::targets::Target::Http(http)) => {
-                http.check_request(message, &self.templates)
+    pub fn check_request(&self, targets: &[usize], message: &Message) -> Result<(), FlowError> {
+        for &index in targets {
+            if let Target::Http(http) = &self.targets[index] {
+                http.check_request(message, &self.templates)?;
             }
-            _ => Ok(()),
         }
+        Ok(())
     }
 
-    /// The correlation change `on_delivered` (or `on_failed`) makes to `record`.
+    /// The correlation change `on_delivered` (or `on_failed`) makes to `record` once
+    /// `target` has the message (or never will). None for a subscriber's target: the flow's
+    /// states are about its own targets.
     pub fn after_delivery(
         &self,
+        target: &Target,
         delivered: bool,
         record: i64,
         message: &Message,
     ) -> Option<CorrelationWrite> {
+        if matches!(target, Target::Flow(call) if call.subscribed) {
+            return None;
+        }
         let outcome = if delivered {
             &self.delivery.on_delivered
         } else {
@@ -340,8 +352,24 @@ impl Flow {
                 .record(started.elapsed().as_secs_f64());
             watch(label, message);
         }
+        let mut targets = match state.route {
+            Some(targets) => targets,
+            None => match self.claims.first_match(message, &self.templates)? {
+                Some(claimed) => claimed.to_vec(),
+                None => self.default_target.into_iter().collect(),
+            },
+        };
+        for subscriber in &self.subscribers {
+            let holds = match &subscriber.condition {
+                None => true,
+                Some(condition) => condition.holds(message, &self.templates)?,
+            };
+            if holds {
+                targets.extend(&subscriber.targets);
+            }
+        }
         Ok(Processed {
-            target: state.target.or(self.default_target),
+            targets,
             correlation: state.correlation,
         })
     }

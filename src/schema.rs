@@ -168,6 +168,37 @@ impl Schemas {
         node.get("type").and_then(Value::as_str).map(str::to_owned)
     }
 
+    /// Whether schema `name` (already compiled) lets `value` stand where `path` reads, by the
+    /// `const`, `enum` and `type` it declares there: `Some(false)` only when it surely does
+    /// not; `None` when the schema does not say.
+    pub fn admits(&self, name: &str, path: &[String], value: &Value) -> Option<bool> {
+        let Walk::Found(node, file) = self.walk(name, path) else {
+            return None;
+        };
+        let (node, _) = self.resolve(node, &file)?;
+        if let Some(constant) = node.get("const") {
+            return Some(constant == value);
+        }
+        if let Some(Value::Array(allowed)) = node.get("enum") {
+            return Some(allowed.contains(value));
+        }
+        let kinds: Vec<&str> = match node.get("type")? {
+            Value::String(kind) => vec![kind.as_str()],
+            Value::Array(kinds) => kinds.iter().filter_map(Value::as_str).collect(),
+            _ => return None,
+        };
+        let kind = match value {
+            Value::Null => "null",
+            Value::Bool(_) => "boolean",
+            Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+            Value::Number(_) => "number",
+            Value::String(_) => "string",
+            Value::Array(_) => "array",
+            Value::Object(_) => "object",
+        };
+        Some(kinds.contains(&kind) || (kind == "integer" && kinds.contains(&"number")))
+    }
+
     fn walk<'a>(&'a self, name: &str, path: &[String]) -> Walk<'a> {
         let Some(root) = self.raw.get(name) else {
             return Walk::Open;

@@ -122,6 +122,13 @@ pub struct FlowConfig {
     /// step chooses.
     #[serde(default)]
     pub targets: BTreeMap<String, TargetConfig>,
+    /// Shares of other flows' messages this flow takes in place of their own targets: how a
+    /// partner's folder joins a shipped flow without editing it.
+    #[serde(default)]
+    pub takes: Vec<TakesConfig>,
+    /// Other flows whose messages this flow receives too, besides their own targets.
+    #[serde(default)]
+    pub subscribes: Vec<SubscribesConfig>,
     /// How messages reach the targets: stored and retried (the default), or synchronously.
     #[serde(default)]
     pub delivery: Option<DeliveryConfig>,
@@ -305,15 +312,88 @@ pub struct RouteRuleConfig {
     /// Condition; a rule without one always matches (the default route).
     #[serde(default)]
     pub when: Option<ConditionConfig>,
-    /// Name of the target (a key of `targets`) this rule selects.
+    /// The target (a key of `targets`) this rule selects, or a list of targets that all
+    /// receive the message: `to: [portal, archive]`.
     #[serde(default)]
-    #[schemars(with = "Option<String>")]
-    pub to: Option<Spanned<String>>,
+    #[schemars(with = "Option<OneOrMany>")]
+    pub to: Option<Spanned<TargetNames>>,
     /// Name of a flow this rule hands the message to, as if it were a `flow:` target; so a
     /// partner is added with one line.
     #[serde(default)]
     #[schemars(with = "Option<String>")]
     pub flow: Option<Spanned<String>>,
+}
+
+/// One target name, or several: `to: lab` or `to: [portal, archive]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetNames(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for TargetNames {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Names;
+        impl<'de> serde::de::Visitor<'de> for Names {
+            type Value = TargetNames;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a target name or a list of target names")
+            }
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<TargetNames, E> {
+                Ok(TargetNames(vec![name.to_owned()]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<TargetNames, A::Error> {
+                let mut names = Vec::new();
+                while let Some(name) = seq.next_element::<String>()? {
+                    names.push(name);
+                }
+                if names.is_empty() {
+                    return Err(serde::de::Error::custom("list at least one target"));
+                }
+                Ok(TargetNames(names))
+            }
+        }
+        deserializer.deserialize_any(Names)
+    }
+}
+
+/// How the flow schema describes [`TargetNames`].
+#[derive(JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code, reason = "describes the YAML for editors; never built")]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `takes`: a share of another flow's messages that this flow delivers instead of that
+/// flow's own target, so a partner (another lab, say) joins by adding its own folder, with
+/// no edit to the flow it joins.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TakesConfig {
+    /// The flow whose messages it takes, such as `portal-to-lab`.
+    #[schemars(with = "String")]
+    pub from: Spanned<String>,
+    /// Which of them: a condition as in a `route` rule, read where that flow routes (at its
+    /// `route` step, or after its last step when it has none). Claims are tried before the
+    /// flow's own rules.
+    pub when: ConditionConfig,
+}
+
+/// `subscribes`: another flow's messages that this flow receives too, besides that flow's
+/// own targets (a billing system that gets every result, say). Each subscriber's deliveries
+/// are its own: own retries, own dead letters, and a slow one holds up no one else.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubscribesConfig {
+    /// The flow whose messages it receives, such as `lab-to-portal`.
+    #[schemars(with = "String")]
+    pub to: Spanned<String>,
+    /// Which of them (all when absent): a condition as in a `route` rule, read on the
+    /// message as that flow's steps leave it.
+    #[serde(default)]
+    pub when: Option<ConditionConfig>,
 }
 
 /// A condition on the message: a JSONPath and what its result must be, or a `test`

@@ -21,6 +21,7 @@ use crate::template::{Escape, JsonTemplate, Templates};
 /// Compiles a parsed flow, recording every problem in `diagnostics`.
 pub(crate) fn compile(
     loaded: &LoadedFlow,
+    links: &[super::links::Link<'_>],
     schemas: &mut Schemas,
     diagnostics: &mut Vec<Diagnostic>,
     env: &dyn Fn(&str) -> Option<String>,
@@ -83,6 +84,8 @@ pub(crate) fn compile(
     let mut step_locations = Vec::new();
     // The schema the body last passed, for `ferry check` to see what the steps read.
     let mut body_schema: Option<String> = None;
+    // Where the flow routes, for what other flows' claims read there.
+    let mut route_schema: Option<Option<String>> = None;
     for (index, step) in config.steps.iter().enumerate() {
         ctx.part = format!("step {} ({})", index + 1, step.value.kind());
         ctx.at = step.referenced;
@@ -92,6 +95,9 @@ pub(crate) fn compile(
         match &step.value {
             crate::config::StepConfig::Validate(v) => body_schema = Some(v.schema.value.clone()),
             crate::config::StepConfig::Transform(_) => body_schema = None,
+            crate::config::StepConfig::Route(_) => {
+                route_schema.get_or_insert(body_schema.clone());
+            }
             _ => {}
         }
         if let Some(compiled) = Step::compile(&step.value, &mut ctx) {
@@ -114,6 +120,30 @@ pub(crate) fn compile(
         );
     }
     let default_target = (config.targets.len() == 1 && !routed).then_some(0);
+
+    // Other flows' claims and subscriptions, checked against the body where they read it.
+    ctx.part = "links".into();
+    let route_schema = route_schema.unwrap_or_else(|| body_schema.clone());
+    let linked = super::links::compile(
+        links,
+        &mut targets,
+        route_schema.as_deref(),
+        body_schema.as_deref(),
+        &mut ctx,
+    );
+    let mut claims = crate::steps::Route::default();
+    let mut subscribers = Vec::new();
+    if let Some(linked) = linked {
+        subscribers = linked.subscribers;
+        let route = steps.iter_mut().find_map(|(_, step)| match step {
+            Step::Route(route) => Some(route),
+            _ => None,
+        });
+        match route {
+            Some(route) => route.claim(linked.claims),
+            None => claims.claim(linked.claims),
+        }
+    }
 
     // The reply and delivery outcomes read the body as the steps left it.
     ctx.body_schema = body_schema;
@@ -154,6 +184,8 @@ pub(crate) fn compile(
         step_locations,
         targets,
         default_target,
+        claims,
+        subscribers,
         delivery: delivery?,
         reply: reply?,
         templates,

@@ -15,6 +15,7 @@ use crate::flow::Flow;
 use crate::schema::Schemas;
 
 mod flow;
+mod links;
 
 /// Where a project's flows and schemas are.
 #[derive(Debug, Clone)]
@@ -109,13 +110,18 @@ pub fn load_with_env(
     let mut schemas = Schemas::new(&paths.schemas);
     check_unique_names(&loaded, &mut diagnostics);
     check_endpoints(&loaded, &mut diagnostics);
+    let links = links::collect(&loaded, &mut diagnostics);
     let mut flows = Vec::new();
     for flow in &loaded {
-        if let Some(compiled) = flow::compile(flow, &mut schemas, &mut diagnostics, env) {
+        let joined = links
+            .get(flow.config.name.value.as_str())
+            .map_or(&[][..], Vec::as_slice);
+        links::check_overlaps(flow, joined, &mut diagnostics);
+        if let Some(compiled) = flow::compile(flow, joined, &mut schemas, &mut diagnostics, env) {
             flows.push(Arc::new(compiled));
         }
     }
-    check_calls(&loaded, &mut diagnostics);
+    check_calls(&loaded, &links, &mut diagnostics);
     check_examples(&flows, &schemas, &mut diagnostics);
     hide_environment(&mut diagnostics, read.take());
     diagnostic::sort(&mut diagnostics);
@@ -291,8 +297,13 @@ fn calls(flow: &LoadedFlow) -> Vec<&crate::config::Spanned<String>> {
     targets.chain(routes.flatten()).collect()
 }
 
-/// Every `flow:` call names a flow, and no flow calls itself, however indirectly.
-fn check_calls(flows: &[LoadedFlow], diagnostics: &mut Vec<Diagnostic>) {
+/// Every `flow:` call names a flow, and no flow calls itself, however indirectly (through
+/// other flows' claims and subscriptions too).
+fn check_calls(
+    flows: &[LoadedFlow],
+    links: &HashMap<&str, Vec<links::Link<'_>>>,
+    diagnostics: &mut Vec<Diagnostic>,
+) {
     let names: Vec<&str> = flows.iter().map(|f| f.config.name.value.as_str()).collect();
     for flow in flows {
         for call in calls(flow) {
@@ -318,6 +329,7 @@ fn check_calls(flows: &[LoadedFlow], diagnostics: &mut Vec<Diagnostic>) {
     // Depth-first from each flow; a call back into the current path closes a cycle.
     fn cycle_from<'a>(
         flows: &'a [LoadedFlow],
+        links: &HashMap<&str, Vec<links::Link<'a>>>,
         name: &'a str,
         path: &mut Vec<&'a str>,
     ) -> Option<Vec<&'a str>> {
@@ -328,8 +340,18 @@ fn check_calls(flows: &[LoadedFlow], diagnostics: &mut Vec<Diagnostic>) {
         }
         let flow = flows.iter().find(|f| f.config.name.value == name)?;
         path.push(name);
-        for call in calls(flow) {
-            if let Some(cycle) = cycle_from(flows, &call.value, path) {
+        let linked = links
+            .get(name)
+            .into_iter()
+            .flatten()
+            .map(|l| l.partner.config.name.value.as_str());
+        let called: Vec<&str> = calls(flow)
+            .into_iter()
+            .map(|c| c.value.as_str())
+            .chain(linked)
+            .collect();
+        for call in called {
+            if let Some(cycle) = cycle_from(flows, links, call, path) {
                 return Some(cycle);
             }
         }
@@ -339,7 +361,7 @@ fn check_calls(flows: &[LoadedFlow], diagnostics: &mut Vec<Diagnostic>) {
     let mut reported: Vec<&str> = Vec::new();
     for flow in flows {
         let name = flow.config.name.value.as_str();
-        let Some(cycle) = cycle_from(flows, name, &mut Vec::new()) else {
+        let Some(cycle) = cycle_from(flows, links, name, &mut Vec::new()) else {
             continue;
         };
         if cycle[0] != name || cycle.iter().any(|n| reported.contains(n)) {

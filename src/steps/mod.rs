@@ -11,6 +11,7 @@ mod validate;
 
 pub use correlate::Correlate;
 pub use route::Route;
+pub(crate) use route::{Condition, Rule};
 pub use set::Set;
 pub use transform::Transform;
 pub use validate::Validate;
@@ -40,8 +41,8 @@ pub enum Step {
 /// What running a step may decide besides changing the message.
 #[derive(Debug, Default)]
 pub struct StepState {
-    /// The target chosen by a `route` step, as an index into the flow's targets.
-    pub target: Option<usize>,
+    /// The targets a `route` step chose, as indices into the flow's targets.
+    pub route: Option<Vec<usize>>,
     /// Correlation changes to commit with the message.
     pub correlation: Vec<CorrelationWrite>,
 }
@@ -86,7 +87,7 @@ impl Step {
                     })
             }
             Self::Route(step) => {
-                state.target = Some(step.choose(message, templates)?);
+                state.route = Some(step.choose(message, templates)?);
                 Ok(())
             }
             Self::Correlate(step) => step.apply(message, templates, state, store, label).await,

@@ -10,9 +10,16 @@ use crate::message::Message;
 use crate::template::{JsonTemplate, Templates};
 
 /// A compiled `route` step.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Route {
-    rules: Vec<(Option<Condition>, usize)>,
+    rules: Vec<Rule>,
+}
+
+/// A condition and the targets (indices into the flow's targets) it sends a message to.
+#[derive(Debug)]
+pub(crate) struct Rule {
+    pub(crate) condition: Option<Condition>,
+    pub(crate) targets: Vec<usize>,
 }
 
 /// A condition on the message.
@@ -36,8 +43,9 @@ impl Route {
         let mut ok = true;
         let mut catch_all: Option<u64> = None;
         for rule in config {
-            let to = match (&rule.to, &rule.flow) {
-                (Some(to), None) | (None, Some(to)) => to,
+            let (names, at) = match (&rule.to, &rule.flow) {
+                (Some(to), None) => (to.value.0.clone(), to.referenced),
+                (None, Some(flow)) => (vec![flow.value.clone()], flow.referenced),
                 (Some(to), Some(_)) => {
                     ctx.error(
                         to.referenced,
@@ -57,31 +65,24 @@ impl Route {
             };
             if let Some(earlier) = catch_all {
                 ctx.warn_with(
-                    to.referenced,
+                    at,
                     "unreachable-route",
                     format!("this rule can never match: the rule at line {earlier} has no `when` and matches first"),
                 );
             }
-            let target = ctx.targets.iter().position(|t| *t == to.value);
-            if target.is_none() {
-                let hint = match crate::diagnostic::closest(
-                    &to.value,
-                    ctx.targets.iter().map(String::as_str),
-                ) {
-                    Some(best) => format!(
-                        "did you mean `{best}`? known targets: {}",
-                        ctx.targets.join(", ")
-                    ),
-                    None if ctx.targets.is_empty() => "the flow declares no targets".to_owned(),
-                    None => format!("known targets: {}", ctx.targets.join(", ")),
-                };
-                ctx.error_with(
-                    to.referenced,
-                    "unknown-target",
-                    format!("unknown target \"{}\"", to.value),
-                    Some(hint),
-                );
-                ok = false;
+            let mut targets = Vec::with_capacity(names.len());
+            for name in &names {
+                match ctx.targets.iter().position(|t| t == name) {
+                    Some(index) if targets.contains(&index) => {
+                        ctx.error(at, format!("target \"{name}\" is listed twice"));
+                        ok = false;
+                    }
+                    Some(index) => targets.push(index),
+                    None => {
+                        unknown_target(name, at, ctx);
+                        ok = false;
+                    }
+                }
             }
             let condition = match &rule.when {
                 Some(when) => match Condition::compile(when, ctx) {
@@ -92,38 +93,75 @@ impl Route {
                     }
                 },
                 None => {
-                    catch_all.get_or_insert(to.referenced.line());
+                    catch_all.get_or_insert(at.line());
                     None
                 }
             };
-            if let Some(target) = target {
-                rules.push((condition, target));
-            }
+            rules.push(Rule { condition, targets });
         }
         ok.then_some(Self { rules })
     }
 
-    /// The index of the target the message goes to.
-    pub(crate) fn choose(
+    /// Puts `claims` (other flows' `takes`) before the step's own rules.
+    pub(crate) fn claim(&mut self, claims: Vec<Rule>) {
+        self.rules.splice(0..0, claims);
+    }
+
+    /// The targets of the first rule that holds for the message, if one does.
+    ///
+    /// # Errors
+    ///
+    /// What a `test` expression's helper refused.
+    pub(crate) fn first_match(
         &self,
         message: &Message,
         templates: &Templates,
-    ) -> Result<usize, FlowError> {
-        for (condition, target) in &self.rules {
-            let holds = match condition {
+    ) -> Result<Option<&[usize]>, FlowError> {
+        for rule in &self.rules {
+            let holds = match &rule.condition {
                 None => true,
                 Some(condition) => condition.holds(message, templates)?,
             };
             if holds {
-                return Ok(*target);
+                return Ok(Some(&rule.targets));
             }
         }
-        Err(FlowError::NoRoute)
+        Ok(None)
+    }
+
+    /// The targets the message goes to.
+    pub(crate) fn choose(
+        &self,
+        message: &Message,
+        templates: &Templates,
+    ) -> Result<Vec<usize>, FlowError> {
+        match self.first_match(message, templates)? {
+            Some(targets) => Ok(targets.to_vec()),
+            None => Err(FlowError::NoRoute),
+        }
     }
 }
 
+/// Reports a rule's unknown target, with the nearest known name.
+fn unknown_target(name: &str, at: serde_saphyr::Location, ctx: &mut Ctx<'_>) {
+    let hint = match crate::diagnostic::closest(name, ctx.targets.iter().map(String::as_str)) {
+        Some(best) => format!(
+            "did you mean `{best}`? known targets: {}",
+            ctx.targets.join(", ")
+        ),
+        None if ctx.targets.is_empty() => "the flow declares no targets".to_owned(),
+        None => format!("known targets: {}", ctx.targets.join(", ")),
+    };
+    ctx.error_with(
+        at,
+        "unknown-target",
+        format!("unknown target \"{name}\""),
+        Some(hint),
+    );
+}
+
 impl Condition {
-    fn compile(config: &ConditionConfig, ctx: &mut Ctx<'_>) -> Option<Self> {
+    pub(crate) fn compile(config: &ConditionConfig, ctx: &mut Ctx<'_>) -> Option<Self> {
         let at = config
             .path
             .as_ref()
@@ -238,10 +276,10 @@ mod tests {
         )
         .unwrap();
         let choose = |body| route.choose(&message(body), &bench.templates).unwrap();
-        assert_eq!(choose(json!({"lab": "north", "region": "south"})), 0);
-        assert_eq!(choose(json!({"lab": "west", "region": "south"})), 1);
-        assert_eq!(choose(json!({"urgent": false})), 0);
-        assert_eq!(choose(json!({})), 2);
+        assert_eq!(choose(json!({"lab": "north", "region": "south"})), [0]);
+        assert_eq!(choose(json!({"lab": "west", "region": "south"})), [1]);
+        assert_eq!(choose(json!({"urgent": false})), [0]);
+        assert_eq!(choose(json!({})), [2]);
     }
 
     #[test]
@@ -252,7 +290,7 @@ mod tests {
             route
                 .choose(&message(json!({"n": 2.0})), &bench.templates)
                 .unwrap(),
-            0
+            [0]
         );
         let missed = route.choose(&message(json!({"n": 3})), &bench.templates);
         assert!(matches!(missed, Err(FlowError::NoRoute)), "{missed:?}");
@@ -292,6 +330,43 @@ mod tests {
             let error = compile(&mut bench, yaml).unwrap_err();
             assert!(error.contains(says), "{yaml}: {error}");
         }
+    }
+
+    #[test]
+    fn a_rule_may_send_the_message_to_several_targets() {
+        let mut bench = Bench::new().targets(&["portal", "archive", "audit"]);
+        let route = compile(
+            &mut bench,
+            "- when: {path: $.body.final, equals: true}\n  to: [portal, archive]\n- to: audit",
+        )
+        .unwrap();
+        let chosen = route
+            .choose(&message(json!({"final": true})), &bench.templates)
+            .unwrap();
+        assert_eq!(chosen, [0, 1]);
+        let error = compile(&mut bench, "- to: [portal, portal]").unwrap_err();
+        assert!(error.contains("listed twice"), "{error}");
+        let error = compile(&mut bench, "- to: []").unwrap_err();
+        assert!(error.contains("at least one target"), "{error}");
+    }
+
+    #[test]
+    fn claims_are_tried_before_the_steps_own_rules() {
+        let mut bench = Bench::new().targets(&["lab", "helix"]);
+        let mut route = compile(&mut bench, "- to: lab").unwrap();
+        let claim = bench
+            .compile(
+                "{path: $.body.lab, equals: helix}",
+                |c: &crate::config::ConditionConfig, ctx| super::Condition::compile(c, ctx),
+            )
+            .unwrap();
+        route.claim(vec![super::Rule {
+            condition: Some(claim),
+            targets: vec![1],
+        }]);
+        let choose = |body| route.choose(&message(body), &bench.templates).unwrap();
+        assert_eq!(choose(json!({"lab": "helix"})), [1]);
+        assert_eq!(choose(json!({"lab": "north"})), [0]);
     }
 
     #[test]

@@ -477,9 +477,13 @@ pub(super) async fn accept(conn: &mut Conn, a: &Accepted) -> Result<Acceptance, 
             .await?;
     }
     for target in &a.targets {
+        // A replay sends again only to the targets that do not have the message and are not
+        // about to: a subscriber that failed is no reason to send the others a second copy.
         sqlx::query(
             "INSERT INTO outbox (message_id, flow, target, state, attempts, next_attempt_at, created_at, updated_at)
-             VALUES ($1, $2, $3, 'pending', 0, $4, $4, $4)",
+             SELECT $1, $2, $3, 'pending', 0, $4, $4, $4
+             WHERE NOT EXISTS (SELECT 1 FROM outbox WHERE message_id = $1 AND target = $3
+                               AND state IN ('delivered', 'pending', 'in_flight'))",
         )
         .bind(&a.id)
         .bind(&a.flow)

@@ -16,6 +16,10 @@ pub struct FlowTarget {
     name: String,
     /// The flow it calls.
     pub flow: String,
+    /// Whether the called flow subscribed to these messages (`subscribes`), rather than
+    /// being a target of the flow's own: the flow's `on_delivered` and `on_failed` are not
+    /// about it.
+    pub subscribed: bool,
 }
 
 impl FlowTarget {
@@ -23,6 +27,15 @@ impl FlowTarget {
         Self {
             name: name.to_owned(),
             flow: flow.to_owned(),
+            subscribed: false,
+        }
+    }
+
+    /// The target of a flow that subscribed: named after it.
+    pub(crate) fn subscription(flow: &str) -> Self {
+        Self {
+            subscribed: true,
+            ..Self::new(flow, flow)
         }
     }
 

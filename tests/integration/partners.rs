@@ -1,45 +1,20 @@
-//! A partner added by YAML alone: the second lab of `examples/second-lab` takes the Test
-//! Requests routed to it, in its own format, with one line added to the shipped flows.
+//! Partners added by YAML alone, each in a folder of its own served beside the shipped
+//! flows: the second lab of `examples/second-lab` takes the Test Requests meant for it, and
+//! a partner reached through a flow keeps every delivery guarantee of ferry's own targets.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
 
-use serde_json::json;
+use serde_json::{Value, json};
 
-use crate::round_trip::wait_for_state;
+use crate::round_trip::{status_of, wait_for_state};
+use crate::util::process::{spawn_on, terminate};
 use crate::util::{FAST_RETRY, Ferry, Partner, payload, post_json, repo, wait_until};
 
 const NORTHWIND_KEY: &str = "northwind-test-key";
 
-const ROUTE_LINE: &str =
-    "      - { when: { path: $.body.lab, equals: northwind }, flow: northwind-order }\n";
-
-/// Copies the shipped flows and schemas into `dir`, adding the one routing line.
-fn shipped_with_second_lab(dir: &Path) -> usize {
-    for folder in ["flows", "schemas"] {
-        std::fs::create_dir(dir.join(folder)).unwrap();
-        for entry in std::fs::read_dir(repo().join(folder)).unwrap() {
-            let path = entry.unwrap().path();
-            std::fs::copy(&path, dir.join(folder).join(path.file_name().unwrap())).unwrap();
-        }
-    }
-    let file = dir.join("flows/portal-to-lab.yaml");
-    let original = std::fs::read_to_string(&file).unwrap();
-    let patched = original.replacen(
-        "      - to: lab\n",
-        &format!("{ROUTE_LINE}      - to: lab\n"),
-        1,
-    );
-    std::fs::write(&file, &patched).unwrap();
-    patched.lines().count() - original.lines().count()
-}
-
-/// The patched shipped flows in `dir` with the second lab's folder, delivering to the mocks.
-async fn serve_with_second_lab(
-    dir: &Path,
-    lab: &Partner,
-    northwind: &Partner,
-    portal: &Partner,
-) -> Ferry {
+/// The shipped flows and the second lab's folder, delivering to the mocks.
+async fn serve_with_second_lab(lab: &Partner, northwind: &Partner, portal: &Partner) -> Ferry {
     let mut env = vec![
         ("LAB_URL", lab.url.as_str()),
         ("NORTHWIND_URL", northwind.url.as_str()),
@@ -47,23 +22,19 @@ async fn serve_with_second_lab(
         ("NORTHWIND_API_KEY", NORTHWIND_KEY),
     ];
     env.extend(FAST_RETRY);
-    let flows = [dir.join("flows"), repo().join("examples/second-lab/flows")];
+    let flows = [
+        repo().join("flows"),
+        repo().join("examples/second-lab/flows"),
+    ];
     Ferry::start_many(&flows, &env).await
 }
 
 #[tokio::test]
-async fn a_second_lab_takes_the_requests_routed_to_it_and_only_those() {
-    let dir = tempfile::tempdir().unwrap();
-    assert_eq!(
-        shipped_with_second_lab(dir.path()),
-        1,
-        "the shipped flows change by one line"
-    );
-
+async fn a_second_lab_takes_the_requests_meant_for_it_and_only_those() {
     let lab = Partner::start(201, json!({"lab_order_id": "LAB-MAIN"})).await;
     let northwind = Partner::start(201, json!({"submission_id": "NW-77"})).await;
     let portal = Partner::start(200, json!({})).await;
-    let ferry = serve_with_second_lab(dir.path(), &lab, &northwind, &portal).await;
+    let ferry = serve_with_second_lab(&lab, &northwind, &portal).await;
 
     let mut ids = Vec::new();
     for (i, partner) in [
@@ -128,12 +99,10 @@ async fn a_second_lab_takes_the_requests_routed_to_it_and_only_those() {
 
 #[tokio::test]
 async fn a_second_lab_that_is_down_is_retried_like_the_first() {
-    let dir = tempfile::tempdir().unwrap();
-    shipped_with_second_lab(dir.path());
     let lab = Partner::start(201, json!({})).await;
     let northwind = Partner::start(503, json!({"error": "maintenance"})).await;
     let portal = Partner::start(200, json!({})).await;
-    let ferry = serve_with_second_lab(dir.path(), &lab, &northwind, &portal).await;
+    let ferry = serve_with_second_lab(&lab, &northwind, &portal).await;
     let mut request = payload("test-request.json");
     request["lab"] = json!("northwind");
     let (_, reply) = post_json(&format!("{}/api/v1/test-requests", ferry.url), &request).await;
@@ -149,12 +118,10 @@ async fn a_second_lab_that_is_down_is_retried_like_the_first() {
 
 #[tokio::test]
 async fn a_second_labs_report_in_its_own_format_reaches_the_portal_in_the_portals() {
-    let dir = tempfile::tempdir().unwrap();
-    shipped_with_second_lab(dir.path());
     let lab = Partner::start(201, json!({})).await;
     let northwind = Partner::start(201, json!({"submission_id": "NW-9"})).await;
     let portal = Partner::start(200, json!({})).await;
-    let ferry = serve_with_second_lab(dir.path(), &lab, &northwind, &portal).await;
+    let ferry = serve_with_second_lab(&lab, &northwind, &portal).await;
     let mut request = payload("test-request.json");
     request["lab"] = json!("northwind");
     let (_, reply) = post_json(&format!("{}/api/v1/test-requests", ferry.url), &request).await;
@@ -195,4 +162,233 @@ async fn a_second_labs_report_in_its_own_format_reaches_the_portal_in_the_portal
         ])
     );
     wait_for_state(&ferry, &id, "delivered_to_portal").await;
+}
+
+#[tokio::test]
+async fn the_route_line_of_old_still_hands_a_partner_its_requests() {
+    // A project that keeps its partners in its own copy of the shipped flows.
+    let dir = tempfile::tempdir().unwrap();
+    for folder in ["flows", "schemas"] {
+        std::fs::create_dir(dir.path().join(folder)).unwrap();
+        for entry in std::fs::read_dir(repo().join(folder)).unwrap() {
+            let path = entry.unwrap().path();
+            let to = dir.path().join(folder).join(path.file_name().unwrap());
+            std::fs::copy(&path, to).unwrap();
+        }
+    }
+    let file = dir.path().join("flows/portal-to-lab.yaml");
+    let shipped = std::fs::read_to_string(&file).unwrap();
+    let line = "      - { when: { path: $.body.lab, equals: helix }, flow: helix-order }\n";
+    let patched = shipped.replacen("      - to: lab\n", &format!("{line}      - to: lab\n"), 1);
+    std::fs::write(&file, patched).unwrap();
+    std::fs::write(
+        dir.path().join("flows/helix-order.yaml"),
+        "name: helix-order\ntargets:\n  helix:\n    http: {url: \"${HELIX_URL}/orders\"}\n",
+    )
+    .unwrap();
+    let (lab, helix) = (
+        Partner::start(201, json!({})).await,
+        Partner::start(201, json!({})).await,
+    );
+    let env = [
+        ("LAB_URL", lab.url.as_str()),
+        ("HELIX_URL", helix.url.as_str()),
+    ];
+    let ferry = Ferry::start(&dir.path().join("flows"), &env).await;
+    let mut request = payload("test-request.json");
+    request["lab"] = json!("helix");
+    let (_, reply) = post_json(&format!("{}/api/v1/test-requests", ferry.url), &request).await;
+    wait_for_state(
+        &ferry,
+        reply["request_id"].as_str().unwrap(),
+        "delivered_to_lab",
+    )
+    .await;
+    assert_eq!((helix.accepted().len(), lab.received().len()), (1, 0));
+}
+
+/// A partner folder holding one lab, Helix, whose flow takes portal-to-lab's requests for
+/// it and delivers them with `mode` (`sync` or `durable`).
+fn helix_folder(mode: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("flows")).unwrap();
+    let flow = format!(
+        r#"name: helix-order
+takes:
+  - from: portal-to-lab
+    when: {{ path: $.body.lab, equals: helix }}
+steps:
+  - transform:
+      body: {{ reference: "{{{{body.order_ref}}}}", tests: "{{{{count body.tests}}}}" }}
+targets:
+  helix:
+    http:
+      url: ${{HELIX_URL}}/orders
+      timeout: ${{HELIX_TIMEOUT:-10s}}
+      capture: {{ lab_order_id: $.id }}
+delivery:
+  mode: {mode}
+  retry: {{ initial: 50ms, max: 100ms, for: 1m }}
+reply:
+  body: {{ lab_order_id: "{{{{vars.lab_order_id}}}}" }}
+"#
+    );
+    std::fs::write(dir.path().join("flows/helix-order.yaml"), flow).unwrap();
+    dir
+}
+
+/// The shipped flows with Helix's folder, in this process.
+async fn serve_with_helix(
+    folder: &Path,
+    lab: &Partner,
+    helix: &Partner,
+    env: &[(&str, &str)],
+) -> Ferry {
+    let mut env = env.to_vec();
+    env.extend([
+        ("LAB_URL", lab.url.as_str()),
+        ("HELIX_URL", helix.url.as_str()),
+    ]);
+    env.extend(FAST_RETRY);
+    let flows: [PathBuf; 2] = [repo().join("flows"), folder.join("flows")];
+    Ferry::start_many(&flows, &env).await
+}
+
+/// Sends a Test Request for Helix and returns ferry's id for it.
+async fn request_for_helix(url: &str) -> String {
+    let mut request = payload("test-request.json");
+    request["lab"] = json!("helix");
+    let (status, reply) = post_json(&format!("{url}/api/v1/test-requests"), &request).await;
+    assert_eq!(status, 202, "{reply}");
+    reply["request_id"].as_str().unwrap().to_owned()
+}
+
+/// The `Idempotency-Key` of each request `partner` received.
+fn keys(partner: &Partner) -> Vec<String> {
+    partner
+        .received()
+        .iter()
+        .map(|r| r.headers["idempotency-key"].to_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_partner_flows_retry_after_key_and_answer_reach_the_delivery_unchanged() {
+    for mode in ["sync", "durable"] {
+        let folder = helix_folder(mode);
+        let lab = Partner::start(201, json!({})).await;
+        let helix = Partner::start(201, json!({"id": "HX-1"})).await;
+        helix.answer_once_with_header(429, json!({"error": "slow down"}), ("retry-after", "1"));
+        helix.answer_once(503, json!({"error": "maintenance"}));
+        let ferry = serve_with_helix(folder.path(), &lab, &helix, &[]).await;
+        let id = request_for_helix(&ferry.url).await;
+
+        wait_until("helix answered 429", || helix.received().len() == 1).await;
+        // Not delivered while the partner has not taken it.
+        let (_, state) = status_of(&ferry, &id).await;
+        assert_eq!(state["status"], "accepted", "{mode}: {state}");
+
+        let state = wait_for_state(&ferry, &id, "delivered_to_lab").await;
+        assert_eq!(state["lab_order_id"], "HX-1", "{mode}");
+        let received = helix.received();
+        assert_eq!(received.len(), 3, "{mode}");
+        let waited = received[1].at - received[0].at;
+        assert!(
+            waited >= std::time::Duration::from_millis(950),
+            "{mode}: Retry-After: 1 honoured, waited {waited:?}"
+        );
+        let keys = keys(&helix);
+        assert!(
+            keys.iter().all(|k| *k == keys[0]),
+            "{mode}: one key for every attempt: {keys:?}"
+        );
+        assert_eq!(
+            received[2].json(),
+            json!({"reference": id, "tests": 2}),
+            "{mode}"
+        );
+        assert!(lab.received().is_empty(), "{mode}");
+
+        // The timeline says what the partner answered, attempt by attempt.
+        let (_, detail) = ferry.admin(&format!("/messages/{id}")).await;
+        let statuses: Vec<&Value> = detail["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == "attempt")
+            .map(|e| &e["detail"]["status"])
+            .collect();
+        assert_eq!(
+            statuses,
+            [&json!(429), &json!(503), &json!(201)],
+            "{mode}: {detail}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_partner_whose_answer_is_lost_gets_the_order_again_under_the_same_key() {
+    for mode in ["sync", "durable"] {
+        let folder = helix_folder(mode);
+        let lab = Partner::start(201, json!({})).await;
+        let helix = Partner::start(201, json!({"id": "HX-2"})).await;
+        // It takes the order, and answers after ferry has stopped waiting.
+        helix.set_delay(std::time::Duration::from_millis(1500));
+        let ferry =
+            serve_with_helix(folder.path(), &lab, &helix, &[("HELIX_TIMEOUT", "500ms")]).await;
+        let id = request_for_helix(&ferry.url).await;
+        wait_until("helix took the order", || helix.received().len() == 1).await;
+        helix.set_delay(std::time::Duration::ZERO);
+        wait_for_state(&ferry, &id, "delivered_to_lab").await;
+        let keys = keys(&helix);
+        assert!(
+            keys.len() >= 2 && keys.iter().all(|k| *k == keys[0]),
+            "{mode}: {keys:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn ferry_dying_between_a_partner_flows_answer_and_its_commit_sends_again_with_the_same_key() {
+    for mode in ["sync", "durable"] {
+        let folder = helix_folder(mode);
+        let helix = Partner::start(201, json!({"id": "HX-3"})).await;
+        let store_dir = tempfile::tempdir().unwrap();
+        let store = format!("sqlite://{}/ferry.db", store_dir.path().display());
+        let partner_flows = folder.path().join("flows").display().to_string();
+        let args = ["--flows", "flows", "--flows", &partner_flows];
+        let env = [
+            ("HELIX_URL", helix.url.as_str()),
+            ("LAB_URL", "http://127.0.0.1:9"),
+        ];
+        let mut armed = env.to_vec();
+        armed.push(("FERRY_FAULT", "after-target-answer"));
+        let (mut child, url) = spawn_on(&store, &args, &armed, Stdio::null());
+        let id = request_for_helix(&url).await;
+        let exit = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            !exit.success(),
+            "{mode}: the fault point was not reached: {exit:?}"
+        );
+        assert_eq!(helix.accepted().len(), 1, "{mode}");
+
+        let (child, url) = spawn_on(&store, &args, &env, Stdio::null());
+        wait_until("the order is sent again", || helix.accepted().len() == 2).await;
+        let keys = keys(&helix);
+        assert_eq!(keys[0], keys[1], "{mode}");
+        let status: Value = crate::util::client()
+            .get(format!("{url}/api/v1/test-requests/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(status["status"], "delivered_to_lab", "{mode}: {status}");
+        assert_eq!(status["lab_order_id"], "HX-3", "{mode}: {status}");
+        terminate(child).await;
+    }
 }

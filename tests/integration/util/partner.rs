@@ -87,6 +87,16 @@ impl Partner {
             .push_back((status, body, Vec::new()));
     }
 
+    /// Answers the next request with `status`, `body` and `header`, then as before.
+    pub(crate) fn answer_once_with_header(&self, status: u16, body: Value, header: (&str, &str)) {
+        let header = (header.0.to_owned(), header.1.to_owned());
+        self.state
+            .next
+            .lock()
+            .unwrap()
+            .push_back((status, body, vec![header]));
+    }
+
     /// Makes the partner take `delay` to answer each request.
     pub(crate) fn set_delay(&self, delay: std::time::Duration) {
         *self.state.delay.lock().unwrap() = delay;
