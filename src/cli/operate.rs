@@ -169,6 +169,19 @@ pub(super) async fn trace(client: AdminClient, key: String) -> anyhow::Result<Ex
             text(&message["status"])
         );
     }
+    for recipient in trace["correlation"]["recipients"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        println!(
+            "  to {} (from {})  {}  after {} attempt(s)",
+            text(&recipient["target"]),
+            text(&recipient["flow"]),
+            text(&recipient["state"]),
+            text(&recipient["attempts"])
+        );
+    }
     println!();
     for event in trace["timeline"].as_array().into_iter().flatten() {
         let id = text(&event["message_id"]);

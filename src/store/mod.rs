@@ -233,6 +233,24 @@ pub struct Correlation {
     pub history: Vec<StateChange>,
     /// When it was created (RFC 3339).
     pub created_at: String,
+    /// Every target its messages went to, and whether each has them.
+    pub recipients: Vec<Recipient>,
+}
+
+/// One target of a message that belongs to a correlation record: who was to receive it,
+/// and how far that got.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Recipient {
+    /// The flow the message was accepted by.
+    pub flow: String,
+    /// The target: one of the flow's own, or a partner flow that takes or subscribes.
+    pub target: String,
+    /// `pending`, `in_flight`, `delivered` or `dead`.
+    pub state: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// When the state was last changed (RFC 3339).
+    pub updated_at: String,
 }
 
 /// One lifecycle state of a correlation record.
@@ -256,6 +274,7 @@ impl Correlation {
             "state": self.state,
             "history": self.history,
             "created_at": self.created_at,
+            "recipients": self.recipients,
         })
     }
 }

@@ -11,7 +11,7 @@ use super::{Conn, Db, DbStore, Lock, Row, lock};
 use crate::store::{
     Acceptance, Accepted, AfterAttempt, AttemptRecord, Claimed, Correlation, CorrelationWrite,
     Event, MessageDetail, MessageStatus, MessageSummary, Millis, OutboxEntry, Prior, QueueItem,
-    ReplaySource, StateChange, StoreError, StoredReply, Trace, merge, now_ms, rfc3339,
+    Recipient, ReplaySource, StateChange, StoreError, StoredReply, Trace, merge, now_ms, rfc3339,
 };
 
 /// The reads, the same calls on both backends: a single query on a pooled connection, several
@@ -393,8 +393,27 @@ async fn load_correlation(conn: &mut Conn, id: i64) -> Result<Option<Correlation
     .iter()
     .map(|r| StateChange { state: r.get("state"), at: rfc3339(r.get("at")), message_id: r.get("message_id") })
     .collect();
+    // The deliveries of its messages; a replayed one is superseded by the entry it made.
+    let recipients = sqlx::query(
+        "SELECT m.flow, o.target, o.state, o.attempts, o.updated_at
+         FROM messages m JOIN outbox o ON o.message_id = m.id
+         WHERE m.record_id = $1 AND o.state <> 'replayed' ORDER BY o.id",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?
+    .iter()
+    .map(|r| Recipient {
+        flow: r.get("flow"),
+        target: r.get("target"),
+        state: r.get("state"),
+        attempts: u32::try_from(r.get::<i64, _>("attempts")).unwrap_or(u32::MAX),
+        updated_at: rfc3339(r.get("updated_at")),
+    })
+    .collect();
     Ok(Some(Correlation {
         id,
+        recipients,
         context: row.get("context"),
         key: row.get("key"),
         keys,

@@ -392,3 +392,188 @@ async fn ferry_dying_between_a_partner_flows_answer_and_its_commit_sends_again_w
         terminate(child).await;
     }
 }
+
+/// The shipped flows and the billing folder, delivering to the mocks.
+async fn serve_with_billing(lab: &Partner, portal: &Partner, billing: &Partner) -> Ferry {
+    let mut env = vec![
+        ("LAB_URL", lab.url.as_str()),
+        ("PORTAL_URL", portal.url.as_str()),
+        ("BILLING_URL", billing.url.as_str()),
+        ("BILLING_RETRY_INITIAL", "20ms"),
+        ("BILLING_RETRY_MAX", "100ms"),
+    ];
+    env.extend(FAST_RETRY);
+    let flows = [repo().join("flows"), repo().join("examples/billing/flows")];
+    Ferry::start_many(&flows, &env).await
+}
+
+/// Sends a Test Request, waits until the lab has it, and sends its results with `status`.
+async fn request_and_results(ferry: &Ferry, portal_ref: &str, status: &str) -> String {
+    let mut request = payload("test-request.json");
+    request["portal_ref"] = json!(portal_ref);
+    let (_, reply) = post_json(&format!("{}/api/v1/test-requests", ferry.url), &request).await;
+    let id = reply["request_id"].as_str().unwrap().to_owned();
+    wait_for_state(ferry, &id, "delivered_to_lab").await;
+    let mut result = payload("test-result.json");
+    result["order_ref"] = json!(id);
+    result["status"] = json!(status);
+    let (code, reply) = post_json(&format!("{}/api/v1/lab-results", ferry.url), &result).await;
+    assert_eq!(code, 202, "{reply}");
+    id
+}
+
+/// What the status endpoint says of each recipient: `(flow, target, state)`.
+async fn recipients(ferry: &Ferry, id: &str) -> Vec<(String, String, String)> {
+    let (_, status) = status_of(ferry, id).await;
+    status["recipients"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no recipients in {status}"))
+        .iter()
+        .map(|r| {
+            let field = |name: &str| r[name].as_str().unwrap().to_owned();
+            (field("flow"), field("target"), field("state"))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_subscriber_gets_its_own_deliveries_and_holds_up_no_one() {
+    let lab = Partner::start(201, json!({"lab_order_id": "LAB-1"})).await;
+    let portal = Partner::start(200, json!({})).await;
+    let billing = Partner::start(503, json!({"error": "maintenance"})).await;
+    let ferry = serve_with_billing(&lab, &portal, &billing).await;
+    let id = request_and_results(&ferry, "PR-BILL-1", "completed").await;
+
+    // Billing is down: the portal has the results regardless, and the state says so.
+    wait_until("billing refused twice", || billing.received().len() >= 2).await;
+    wait_for_state(&ferry, &id, "delivered_to_portal").await;
+    assert_eq!(portal.accepted().len(), 1);
+    let to = |flow: &str, target: &str, state: &str| {
+        (flow.to_owned(), target.to_owned(), state.to_owned())
+    };
+    let listed = recipients(&ferry, &id).await;
+    assert!(
+        listed.contains(&to("portal-to-lab", "lab", "delivered")),
+        "{listed:?}"
+    );
+    assert!(
+        listed.contains(&to("lab-to-portal", "portal", "delivered")),
+        "{listed:?}"
+    );
+    assert!(
+        listed
+            .iter()
+            .any(|(f, t, s)| f == "lab-to-portal" && t == "billing-results" && s != "delivered"),
+        "{listed:?}"
+    );
+
+    billing.set_reply(201, json!({}));
+    wait_until("billing has the charge", || billing.accepted().len() == 1).await;
+    let charge = billing.accepted()[0].json();
+    assert_eq!(charge["charge_ref"], id.as_str());
+    assert_eq!(charge["analyses"], 2);
+    // One key for every attempt, and not the portal's.
+    let billing_keys = keys(&billing);
+    assert!(
+        billing_keys.iter().all(|k| *k == billing_keys[0]),
+        "{billing_keys:?}"
+    );
+    assert_ne!(billing_keys[0], keys(&portal)[0]);
+    wait_for(
+        &ferry,
+        &id,
+        to("lab-to-portal", "billing-results", "delivered"),
+    )
+    .await;
+    // Billing's delivery is no state of the request's: it stays delivered to the portal, once.
+    let (_, status) = status_of(&ferry, &id).await;
+    assert_eq!(status["status"], "delivered_to_portal");
+    let states = crate::round_trip::history_states(&status);
+    assert_eq!(
+        states
+            .iter()
+            .filter(|s| **s == "delivered_to_portal")
+            .count(),
+        1,
+        "{states:?}"
+    );
+
+    // The trace shows every recipient too.
+    let (_, trace) = ferry.admin(&format!("/trace/{id}")).await;
+    let traced = trace["correlation"]["recipients"].as_array().unwrap();
+    assert_eq!(traced.len(), 3, "{trace}");
+
+    // A partial result is not billed.
+    let partial = request_and_results(&ferry, "PR-BILL-2", "partial").await;
+    wait_for_state(&ferry, &partial, "delivered_to_portal").await;
+    let listed = recipients(&ferry, &partial).await;
+    assert!(
+        !listed.iter().any(|(_, t, _)| t == "billing-results"),
+        "{listed:?}"
+    );
+    assert_eq!(billing.accepted().len(), 1);
+}
+
+/// Waits until the status endpoint lists `recipient`.
+async fn wait_for(ferry: &Ferry, id: &str, recipient: (String, String, String)) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let listed = recipients(ferry, id).await;
+        if listed.contains(&recipient) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never {recipient:?}: {listed:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_route_may_send_each_message_to_several_targets_each_delivered_on_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("fan-out.yaml"),
+        r#"name: fan-out
+trigger: { http: { method: POST, path: /events, auth: none } }
+steps:
+  - route:
+      - to: [portal, archive]
+targets:
+  portal: { http: { url: "${PORTAL_URL}/events" } }
+  archive: { http: { url: "${ARCHIVE_URL}/events" } }
+delivery: { retry: { initial: 20ms, max: 50ms } }
+reply: { status: 202, body: { id: "{{meta.id}}" } }
+"#,
+    )
+    .unwrap();
+    let portal = Partner::start(200, json!({})).await;
+    let archive = Partner::start(503, json!({})).await;
+    let env = [
+        ("PORTAL_URL", portal.url.as_str()),
+        ("ARCHIVE_URL", archive.url.as_str()),
+    ];
+    let ferry = Ferry::start(dir.path(), &env).await;
+    let (status, reply) = post_json(&format!("{}/events", ferry.url), &json!({"n": 1})).await;
+    assert_eq!(status, 202, "{reply}");
+    wait_until("the archive refused twice", || {
+        archive.received().len() >= 2
+    })
+    .await;
+    assert_eq!(
+        portal.accepted().len(),
+        1,
+        "the portal is not held up by the archive"
+    );
+    archive.set_reply(200, json!({}));
+    wait_until("the archive has it", || archive.accepted().len() == 1).await;
+    let id = reply["id"].as_str().unwrap();
+    let (_, detail) = ferry.admin(&format!("/messages/{id}")).await;
+    assert_eq!(
+        detail["deliveries"].as_array().unwrap().len(),
+        2,
+        "{detail}"
+    );
+    assert_eq!(portal.accepted().len(), 1, "the portal got it once");
+}
