@@ -208,7 +208,7 @@ impl Engine {
             let target = &flow.targets()[index];
             match (target, &self.transport) {
                 // A called flow's refusal is the caller's, status and all.
-                (Target::Flow(call), Transport::Network(_)) => {
+                (Target::Flow(call), _) if self.calls_for_real(target) => {
                     let reply = self.hand_over(&call.flow, call.name(), &message).await?;
                     message.merge_vars(&reply.body);
                     called = Some(reply);
@@ -225,7 +225,7 @@ impl Engine {
                     }
                     // A mocked flow call answers as the mock says, like the flow it stands for.
                     if let (Target::Flow(_), Transport::Mocks(mocks)) = (target, &self.transport) {
-                        let answer = mocks.answer_of(target.name());
+                        let answer = mocks.answer_of(&mocks.name_of(&flow.name, target.name()));
                         called = Some(StoredReply {
                             status: answer.status,
                             headers: Vec::new(),
@@ -318,6 +318,16 @@ impl Engine {
             .ok_or_else(|| ServeError::Internal(format!("flow \"{name}\" is not loaded")))
     }
 
+    /// Whether `target` is a flow target whose flow runs for real: always on the network;
+    /// with mocks, when the test says so.
+    fn calls_for_real(&self, target: &Target) -> bool {
+        match (target, &self.transport) {
+            (Target::Flow(_), Transport::Network(_)) => true,
+            (Target::Flow(call), Transport::Mocks(mocks)) => mocks.runs(&call.flow),
+            _ => false,
+        }
+    }
+
     /// How deliveries of `flow` to `target` are retried: by the called flow's own policy for
     /// a `flow` target whose flow sets one (it knows its partner), else by `flow`'s.
     pub fn retry_policy(&self, flow: &Flow, target: &Target) -> crate::retry::RetryPolicy {
@@ -334,7 +344,13 @@ impl Engine {
     /// target answers is captured into `message`'s vars.
     pub async fn attempt(&self, flow: &Flow, target: &Target, message: &mut Message) -> Attempt {
         match &self.transport {
-            Transport::Mocks(mocks) => mocks.attempt(target, message, flow.templates()),
+            Transport::Mocks(_) if self.calls_for_real(target) => {
+                let Target::Flow(call) = target else {
+                    unreachable!("only flow targets are called")
+                };
+                call.attempt(message, self).await
+            }
+            Transport::Mocks(mocks) => mocks.attempt(&flow.name, target, message, flow.templates()),
             Transport::Network(client) => {
                 let reach = Reach {
                     client,

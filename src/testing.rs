@@ -35,6 +35,11 @@ pub struct TestFile {
     /// saved them.
     #[serde(default)]
     pub given: Vec<GivenCorrelation>,
+    /// Flows the flow under test calls (`flow` targets, partners that take or subscribe to
+    /// its messages) that run for real instead of answering as mocks: their steps run, and
+    /// their own targets are mocked, named `flow/target` in `mocks` and `expect`.
+    #[serde(default)]
+    pub run_flows: Vec<String>,
     /// The cases, run in order.
     #[schemars(with = "Vec<TestCase>")]
     pub tests: Vec<Spanned<TestCase>>,
@@ -54,6 +59,18 @@ pub struct GivenCorrelation {
     /// Its state.
     #[serde(default)]
     pub state: Option<String>,
+}
+
+impl GivenCorrelation {
+    /// The record, as a step would save it.
+    fn to_write(&self) -> CorrelationWrite {
+        CorrelationWrite::Save {
+            context: self.context.clone(),
+            keys: self.keys.clone(),
+            data: self.data.clone(),
+            state: self.state.clone(),
+        }
+    }
 }
 
 /// One case.
@@ -211,21 +228,15 @@ pub async fn run_file(project: &Project, file: &Path) -> Result<Vec<CaseResult>,
     let store = Store::open("sqlite::memory:")
         .await
         .map_err(|e| Diagnostic::error(file, format!("cannot open a scratch store: {e}")))?;
-    let given = tests
-        .given
-        .iter()
-        .map(|g| crate::store::CorrelationWrite::Save {
-            context: g.context.clone(),
-            keys: g.keys.clone(),
-            data: g.data.clone(),
-            state: g.state.clone(),
-        })
-        .collect();
+    let given = tests.given.iter().map(GivenCorrelation::to_write).collect();
     store
         .correlate(given)
         .await
         .map_err(|e| Diagnostic::error(file, format!("given: {e}")))?;
+    let known = target_names(project, flow, &tests.run_flows)
+        .map_err(|problem| Diagnostic::error(file, problem).with_code("unknown-flow"))?;
     let mocks = Arc::new(Mocks::default());
+    mocks.run_for_real(&flow.name, &tests.run_flows);
     let engine = Engine::new(
         project.flows.clone(),
         Transport::Mocks(Arc::clone(&mocks)),
@@ -233,9 +244,14 @@ pub async fn run_file(project: &Project, file: &Path) -> Result<Vec<CaseResult>,
     );
     let mut results = Vec::new();
     for case in &tests.tests {
-        let failures = match run_case(&engine, &mocks, flow, &case.value, file).await {
-            Ok(failures) => failures,
-            Err(problem) => vec![problem],
+        let unknown = unknown_names(&case.value, &known, flow);
+        let failures = if !unknown.is_empty() {
+            unknown
+        } else {
+            match run_case(&engine, &mocks, flow, &case.value, file).await {
+                Ok(failures) => failures,
+                Err(problem) => vec![problem],
+            }
         };
         results.push(CaseResult {
             file: file.to_path_buf(),
@@ -246,6 +262,67 @@ pub async fn run_file(project: &Project, file: &Path) -> Result<Vec<CaseResult>,
     }
     store.close().await;
     Ok(results)
+}
+
+/// The names a test of `flow` may give targets in `mocks` and `expect`: the flow's own, and
+/// `flow/target` for each target of a flow in `run_flows`, which must be flows it calls.
+fn target_names(
+    project: &Project,
+    flow: &Flow,
+    run_flows: &[String],
+) -> Result<Vec<String>, String> {
+    let mut names: Vec<String> = flow.targets().iter().map(|t| t.name().to_owned()).collect();
+    let mut callers = vec![flow];
+    for name in run_flows {
+        let called = callers.iter().any(|caller| {
+            caller
+                .targets()
+                .iter()
+                .any(|t| matches!(t, Target::Flow(call) if call.flow == *name))
+        });
+        let Some(real) = project.flow(name).filter(|_| called) else {
+            return Err(format!(
+                "run_flows: \"{name}\" is not a flow that {} calls",
+                flow.name
+            ));
+        };
+        names.extend(
+            real.targets()
+                .iter()
+                .map(|t| format!("{name}/{}", t.name())),
+        );
+        callers.push(real);
+    }
+    Ok(names)
+}
+
+/// A failure for every target a case names that `known` does not hold.
+fn unknown_names(case: &TestCase, known: &[String], flow: &Flow) -> Vec<String> {
+    let named = case
+        .mocks
+        .keys()
+        .map(|n| ("mocks", n))
+        .chain(case.expect.targets.keys().map(|n| ("expect.targets", n)))
+        .chain(
+            case.expect
+                .no_output_from
+                .iter()
+                .map(|n| ("no_output_from", n)),
+        );
+    named
+        .filter(|(_, name)| !known.contains(name))
+        .map(|(place, name)| {
+            let hint = match crate::diagnostic::closest(name, known.iter().map(String::as_str)) {
+                Some(best) => format!("did you mean `{best}`? "),
+                None => String::new(),
+            };
+            format!(
+                "{place} names \"{name}\", which is no target of {}: {hint}its targets: {}",
+                flow.name,
+                known.join(", ")
+            )
+        })
+        .collect()
 }
 
 /// What the engine made of a message, seen by a test or `ferry run`: each step (for
@@ -518,17 +595,27 @@ fn check_json(
     }
 }
 
+/// What `ferry run` made of a message.
+#[derive(Debug)]
+pub struct RunReport {
+    /// Each step's output, the correlation changes, what the targets get, and the reply.
+    pub listing: String,
+    /// Whether the message was refused (the reply is 4xx or 5xx).
+    pub refused: bool,
+}
+
 /// Runs one message through `flow` for `ferry run`, and describes each step's output, the
 /// correlation changes, what the target gets, and the reply. It goes through the same engine
-/// as `serve`, on a scratch store; targets are mocked (answering `200 {}`) unless `live`,
-/// when they are really called.
+/// as `serve`, on a scratch store holding `given`; targets are mocked (answering `200 {}`)
+/// unless `live`, when they are really called.
 pub async fn trace(
     project: &Project,
     flow: &Flow,
     body: Value,
     headers: &BTreeMap<String, String>,
+    given: &[GivenCorrelation],
     live: bool,
-) -> String {
+) -> RunReport {
     use std::fmt::Write as _;
     let input = Input {
         headers: headers.clone(),
@@ -540,10 +627,21 @@ pub async fn trace(
         previous: Some(message.root().clone()),
         ..Seen::default()
     };
-    let Ok(store) = Store::open("sqlite::memory:").await else {
-        return seen.listing.unwrap_or_default() + "cannot open a scratch store\n";
+    let refused = |listing: Option<String>, why: String| RunReport {
+        listing: listing.unwrap_or_default() + &why,
+        refused: true,
     };
+    let Ok(store) = Store::open("sqlite::memory:").await else {
+        return refused(seen.listing, "cannot open a scratch store\n".into());
+    };
+    if let Err(error) = store
+        .correlate(given.iter().map(GivenCorrelation::to_write).collect())
+        .await
+    {
+        return refused(seen.listing, format!("given: {error}\n"));
+    }
     let mocks = Arc::new(Mocks::default());
+    mocks.run_for_real(&flow.name, &[]);
     let transport = match (live, crate::targets::http_client()) {
         (true, Ok(client)) => Transport::Network(client),
         _ => Transport::Mocks(Arc::clone(&mocks)),
@@ -554,7 +652,10 @@ pub async fn trace(
     if !seen.processed {
         let _ = writeln!(out, "\n== refused: {status}\n{}", pretty(&reply));
         store.close().await;
-        return out;
+        return RunReport {
+            listing: out,
+            refused: true,
+        };
     }
     for (name, received) in mocks.take_received() {
         let kind = match flow.targets().iter().find(|t| t.name() == name) {
@@ -570,7 +671,10 @@ pub async fn trace(
     }
     let _ = writeln!(out, "\n== reply {status}\n{}", pretty(&reply));
     store.close().await;
-    out
+    RunReport {
+        listing: out,
+        refused: status >= 400,
+    }
 }
 
 /// Whether `actual` contains `expected`: objects field by field, arrays element by element

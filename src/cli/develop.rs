@@ -102,42 +102,85 @@ pub(super) fn test(paths: &ProjectPaths, format: TestFormat) -> anyhow::Result<E
     })
 }
 
-pub(super) fn run_one(
-    paths: &ProjectPaths,
-    name: &str,
-    input: &std::path::Path,
-    headers: &[String],
-    live: bool,
-) -> anyhow::Result<ExitCode> {
-    let project = match load_or_report(paths) {
+/// What `ferry run` was asked.
+pub(super) struct RunArgs {
+    pub(super) flows: Vec<std::path::PathBuf>,
+    pub(super) schemas: Vec<std::path::PathBuf>,
+    /// A flow's name, or the path of its file.
+    pub(super) flow: String,
+    pub(super) input: std::path::PathBuf,
+    pub(super) given: Option<std::path::PathBuf>,
+    pub(super) headers: Vec<String>,
+    pub(super) live: bool,
+}
+
+/// `ferry run`: exits 1 when the flow refuses the message.
+pub(super) fn run_one(args: &RunArgs) -> anyhow::Result<ExitCode> {
+    // A flow file is loaded with the folders, unless one of them holds it already.
+    let file = std::path::Path::new(&args.flow);
+    let mut flows = args.flows.clone();
+    let as_file = file.is_file().then(|| file.canonicalize().ok()).flatten();
+    if let Some(path) = &as_file {
+        let inside = args
+            .flows
+            .iter()
+            .filter_map(|f| f.canonicalize().ok())
+            .any(|folder| path.starts_with(folder));
+        if !inside {
+            flows.push(file.to_path_buf());
+        }
+    }
+    let project = match load_or_report(&ProjectPaths::many(&flows, &args.schemas)) {
         Ok(project) => project,
         Err(code) => return Ok(code),
     };
-    let Some(flow) = project.flow(name) else {
-        let names: Vec<&str> = project.flows.iter().map(|f| f.name.as_str()).collect();
-        anyhow::bail!("no flow \"{name}\"; flows: {}", names.join(", "));
+    let found = match &as_file {
+        Some(path) => project
+            .flows
+            .iter()
+            .find(|f| f.file.canonicalize().ok().as_ref() == Some(path)),
+        None => project.flow(&args.flow),
     };
+    let Some(flow) = found else {
+        let names: Vec<&str> = project.flows.iter().map(|f| f.name.as_str()).collect();
+        anyhow::bail!("no flow \"{}\"; flows: {}", args.flow, names.join(", "));
+    };
+    let input = &args.input;
     let text =
         std::fs::read_to_string(input).with_context(|| format!("reading {}", input.display()))?;
     let body: Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not JSON", input.display()))?;
+    let given: Vec<crate::testing::GivenCorrelation> = match &args.given {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            crate::config::load::parse_yaml(path, &text).map_err(|diagnostics| {
+                print_diagnostics(&diagnostics);
+                anyhow::anyhow!("{} is not a list of correlation records", path.display())
+            })?
+        }
+        None => Vec::new(),
+    };
     let mut header_map = std::collections::BTreeMap::new();
-    for header in headers {
+    for header in &args.headers {
         let (name, value) = header
             .split_once(':')
             .with_context(|| format!("header \"{header}\" is not `Name: value`"))?;
         header_map.insert(name.trim().to_owned(), value.trim().to_owned());
     }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    print!(
-        "{}",
-        runtime.block_on(crate::testing::trace(
-            &project,
-            flow,
-            body,
-            &header_map,
-            live
-        ))
-    );
-    Ok(ExitCode::SUCCESS)
+    let report = runtime.block_on(crate::testing::trace(
+        &project,
+        flow,
+        body,
+        &header_map,
+        &given,
+        args.live,
+    ));
+    print!("{}", report.listing);
+    Ok(if report.refused {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -73,6 +73,9 @@ pub fn init_logging(cli: &Cli) {
             .with_writer(std::io::stderr)
             .json()
             .flatten_event(true)
+            // Fields sit beside `level` and `message`; `target` is the delivery's target (a
+            // partner), not the module that logged.
+            .with_target(false)
     });
     let registry = tracing_subscriber::registry()
         .with(filter)
@@ -178,11 +181,16 @@ pub enum Command {
     /// Run one message through a flow and print what each step makes of it, the request the
     /// target would get, and the reply. Targets are mocked unless `--live`.
     Run {
-        /// The flow's name.
+        /// The flow's name, or the path of its file.
         flow: String,
         /// A file holding the JSON body.
         #[arg(long)]
         input: PathBuf,
+        /// A YAML or JSON file of correlation records that exist before the message comes
+        /// (a list of `{context, keys, data, state}`, as a flow test's `given`), so a results
+        /// flow can run before its request exists.
+        #[arg(long)]
+        given: Option<PathBuf>,
         /// A request header, `Name: value`; may be repeated.
         #[arg(long = "header")]
         headers: Vec<String>,
@@ -327,17 +335,20 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Run {
             flow,
             input,
+            given,
             headers,
             live,
             flows,
             schemas,
-        } => develop::run_one(
-            &ProjectPaths::many(&flows, &schemas),
-            &flow,
-            &input,
-            &headers,
+        } => develop::run_one(&develop::RunArgs {
+            flows,
+            schemas,
+            flow,
+            input,
+            given,
+            headers,
             live,
-        ),
+        }),
         Command::Demo { delay, flows } => {
             let paths = ProjectPaths::many(&flows, &[]);
             tokio::runtime::Runtime::new()

@@ -19,22 +19,27 @@ pub struct LoadedFlow {
 }
 
 /// Finds and parses every flow file (`*.yaml`, `*.yml`) under `dir`, recursively, reading
-/// `${VAR}`s through `env`.
+/// `${VAR}`s through `env`. `dir` may also be one flow file.
 ///
-/// Returns the flows that parsed and a diagnostic for every problem found.
+/// Returns the flows that parsed and a diagnostic for every problem found. A folder with
+/// neither flows nor flow tests is a mistake; one with tests alone (tests of flows kept
+/// elsewhere) is not.
 pub fn load_dir(
     dir: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> (Vec<LoadedFlow>, Vec<Diagnostic>) {
     let mut diagnostics = Vec::new();
     let mut files = Vec::new();
-    if let Err(error) = find_flow_files(dir, &mut files) {
+    let mut tests = 0;
+    if dir.is_file() {
+        files.push(dir.to_path_buf());
+    } else if let Err(error) = find_flow_files(dir, &mut files, &mut tests) {
         diagnostics.push(
             Diagnostic::error(dir, format!("cannot read flows folder: {error}")).with_code("io"),
         );
         return (Vec::new(), diagnostics);
     }
-    if files.is_empty() {
+    if files.is_empty() && tests == 0 {
         diagnostics.push(Diagnostic::error(dir, "no flow files (*.yaml) found").with_code("io"));
     }
     files.sort();
@@ -57,16 +62,19 @@ pub fn load_dir(
     (flows, diagnostics)
 }
 
-fn find_flow_files(dir: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// The flow files under `dir`, and how many flow tests lie beside them.
+fn find_flow_files(dir: &Path, files: &mut Vec<PathBuf>, tests: &mut usize) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         if is_hidden(&path) {
             continue;
         }
         if path.is_dir() {
-            find_flow_files(&path, files)?;
+            find_flow_files(&path, files, tests)?;
         } else if is_flow_file(&path) {
             files.push(path);
+        } else if path.to_string_lossy().ends_with(".test.yaml") {
+            *tests += 1;
         }
     }
     Ok(())
@@ -290,9 +298,9 @@ mod tests {
         for file in ["a.yaml", "..data/a.yaml", ".b.yaml", "a.test.yaml"] {
             std::fs::write(dir.path().join(file), "").unwrap();
         }
-        let mut files = Vec::new();
-        find_flow_files(dir.path(), &mut files).unwrap();
-        assert_eq!(files, [dir.path().join("a.yaml")]);
+        let (mut files, mut tests) = (Vec::new(), 0);
+        find_flow_files(dir.path(), &mut files, &mut tests).unwrap();
+        assert_eq!((files, tests), (vec![dir.path().join("a.yaml")], 1));
     }
 
     #[test]

@@ -33,11 +33,17 @@ impl ProjectPaths {
         Self::many(&[flows.to_path_buf()], &schemas)
     }
 
-    /// Several flows folders, as one project. Schemas are searched in `schemas`, then in the
-    /// `schemas` folder beside each flows folder, so a partner's folder can bring its own.
+    /// Several flows folders (or flow files), as one project. Schemas are searched in
+    /// `schemas`, then in the `schemas` folder beside each flows folder, so a partner's
+    /// folder can bring its own.
     pub fn many(flows: &[PathBuf], schemas: &[PathBuf]) -> Self {
         let mut search = schemas.to_vec();
-        for folder in flows {
+        for path in flows {
+            // A flow file stands for the folder it is in.
+            let folder = match path.parent() {
+                Some(parent) if path.is_file() => parent,
+                _ => path.as_path(),
+            };
             let beside = folder.parent().unwrap_or(Path::new(".")).join("schemas");
             if beside.is_dir() && !search.contains(&beside) {
                 search.push(beside);

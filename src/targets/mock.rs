@@ -44,14 +44,40 @@ pub struct Received {
     pub body: Value,
 }
 
-/// Every target of every flow, mocked.
+/// Every target of every flow, mocked. Targets are named as the flow under test names
+/// them, and a target of another flow (one run for real, see [`Mocks::run_for_real`]) as
+/// `flow/target`.
 #[derive(Debug, Default)]
 pub struct Mocks {
     answers: Mutex<BTreeMap<String, MockAnswer>>,
     received: Mutex<BTreeMap<String, Received>>,
+    /// The flow under test, and the flows it calls that run for real.
+    scope: Mutex<(String, Vec<String>)>,
 }
 
 impl Mocks {
+    /// From now on `flow` is under test, and a call to one of `real` runs that flow (its own
+    /// targets mocked) rather than answering as a mock.
+    pub fn run_for_real(&self, flow: &str, real: &[String]) {
+        *lock(&self.scope) = (flow.to_owned(), real.to_vec());
+    }
+
+    /// Whether a call to `flow` runs it for real.
+    pub fn runs(&self, flow: &str) -> bool {
+        lock(&self.scope).1.iter().any(|f| f == flow)
+    }
+
+    /// The name mocks and expectations give `target` of `flow` (with no flow under test,
+    /// every target by its own name).
+    pub fn name_of(&self, flow: &str, target: &str) -> String {
+        let home = &lock(&self.scope).0;
+        if home.is_empty() || home == flow {
+            target.to_owned()
+        } else {
+            format!("{flow}/{target}")
+        }
+    }
+
     /// From now on, the targets named in `answers` answer so; the others `200 {}`.
     pub fn answer(&self, answers: BTreeMap<String, MockAnswer>) {
         *lock(&self.answers) = answers;
@@ -67,13 +93,16 @@ impl Mocks {
         std::mem::take(&mut *lock(&self.received))
     }
 
-    /// One attempt to `target`: renders what it would receive, records it, and answers.
+    /// One attempt to `target` of `flow`: renders what it would receive, records it, and
+    /// answers.
     pub(crate) fn attempt(
         &self,
+        flow: &str,
         target: &Target,
         message: &mut Message,
         templates: &Templates,
     ) -> Attempt {
+        let name = self.name_of(flow, target.name());
         let received = match target {
             Target::Http(http) => match http.prepare(message, templates) {
                 Ok(request) => Received {
@@ -100,8 +129,8 @@ impl Mocks {
                 body: message.body().clone(),
             },
         };
-        lock(&self.received).insert(target.name().to_owned(), received);
-        let answer = self.answer_of(target.name());
+        let answer = self.answer_of(&name);
+        lock(&self.received).insert(name, received);
         if let Some(kind) = answer.fail {
             return Attempt::failed(RetryAction::Retry, None, format!("mocked {kind}"));
         }
@@ -171,7 +200,7 @@ mod tests {
             },
         )]));
         let mut message = message(json!({"ref": "R 1"}));
-        let attempt = mocks.attempt(&lab, &mut message, &bench.templates);
+        let attempt = mocks.attempt("bench", &lab, &mut message, &bench.templates);
         assert_eq!(
             (attempt.action, attempt.status),
             (RetryAction::Done, Some(201))
@@ -226,7 +255,8 @@ mod tests {
         ] {
             for target in [&lab, &portal] {
                 mocks.answer(BTreeMap::from([(target.name().to_owned(), answer.clone())]));
-                let attempt = mocks.attempt(target, &mut message(json!({})), &bench.templates);
+                let attempt =
+                    mocks.attempt("bench", target, &mut message(json!({})), &bench.templates);
                 assert_eq!(
                     (attempt.action, attempt.status),
                     (action, status),
@@ -236,7 +266,7 @@ mod tests {
         }
         // Unnamed targets answer 200 {}; a flow's reply body becomes vars.
         mocks.answer(BTreeMap::new());
-        let attempt = mocks.attempt(&portal, &mut message(json!({})), &bench.templates);
+        let attempt = mocks.attempt("bench", &portal, &mut message(json!({})), &bench.templates);
         assert_eq!(attempt.status, Some(200));
     }
 
@@ -249,7 +279,7 @@ mod tests {
         );
         let mocks = Mocks::default();
         let mut elsewhere = message(json!({"callback_url": "https://evil.example/x"}));
-        let attempt = mocks.attempt(&callback, &mut elsewhere, &bench.templates);
+        let attempt = mocks.attempt("bench", &callback, &mut elsewhere, &bench.templates);
         assert_eq!(attempt.action, RetryAction::Drop);
         assert!(attempt.error.unwrap().contains("not in allow_hosts"));
         assert!(mocks.take_received().is_empty(), "nothing was sent");

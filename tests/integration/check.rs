@@ -328,6 +328,7 @@ fn ferry_test_passes_the_shipped_flows_and_examples() {
         "examples/second-lab/flows",
         "examples/layered/flows",
         "examples/mapping-cases/flows",
+        "examples/billing/flows",
     ]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(
@@ -337,13 +338,13 @@ fn ferry_test_passes_the_shipped_flows_and_examples() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(
-        stdout.contains("running 31 tests from 21 file(s)"),
+        stdout.contains("running 33 tests from 23 file(s)"),
         "{stdout}"
     );
     assert!(
         stdout
             .trim_end()
-            .ends_with("test result: ok. 31 passed; 0 failed"),
+            .ends_with("test result: ok. 33 passed; 0 failed"),
         "{stdout}"
     );
 }
@@ -582,4 +583,109 @@ fn the_kubernetes_config_maps_hold_the_shipped_flows_as_they_are() {
         let _: serde_json::Value = serde_saphyr::from_str(document).unwrap();
     }
     assert!(manifests.contains("path: /readyz") && manifests.contains("path: /healthz"));
+}
+
+#[test]
+fn partner_claims_are_checked_at_the_partners_line() {
+    let output = ferry(&["check", "flows", "tests/fixtures/claims"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    for expected in [
+        // Two partners claiming the same messages.
+        "error[claim-conflict]: helix2-order takes the same messages of portal-to-lab as helix-order (tests/fixtures/claims/helix.yaml:3)\n  --> tests/fixtures/claims/helix2.yaml:4:19",
+        // A claim on a flow that does not exist.
+        "error[unknown-flow]: unknown flow \"portal-to-lbb\"\n  --> tests/fixtures/claims/helix2.yaml:5:11",
+        "did you mean `portal-to-lab`?",
+        // Claims that can never match: a field the body does not have where the flow
+        // routes, and a value its schema refuses.
+        "error[never-matches]: this can never match: where the message is read, its body is test-request.schema.json, which declares no `labb` (did you mean `lab`?)\n  --> tests/fixtures/claims/never.yaml:4:19",
+        "error[never-matches]: this can never match: portal-result.schema.json does not allow 7 at $.body.status\n  --> tests/fixtures/claims/never.yaml:6:19",
+    ] {
+        assert!(stderr.contains(expected), "{expected}\nnot in\n{stderr}");
+    }
+    assert!(stderr.contains("4 error(s)"), "{stderr}");
+}
+
+#[test]
+fn ferry_test_refuses_expectations_about_targets_that_do_not_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = std::fs::read_to_string(repo().join("flows/portal-to-lab.test.yaml")).unwrap();
+    std::fs::write(
+        dir.path().join("portal-to-lab.test.yaml"),
+        shipped.replacen("no_output_from: [lab]", "no_output_from: [labb]", 1),
+    )
+    .unwrap();
+    // A folder of tests alone, for flows kept in another folder.
+    let tests = dir.path().display().to_string();
+    let output = ferry(&["test", "flows", &tests]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("no_output_from names \"labb\", which is no target of portal-to-lab: did you mean `lab`?"),
+        "{stdout}"
+    );
+    std::fs::write(dir.path().join("portal-to-lab.test.yaml"), shipped).unwrap();
+    let output = ferry(&["test", "flows", &tests]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+}
+
+#[test]
+fn ferry_run_takes_given_records_a_flow_file_and_exits_1_when_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let result = dir.path().join("result.json");
+    std::fs::write(
+        &result,
+        r#"{"order_ref": "req-1", "lab_order_id": "L-1", "status": "completed",
+            "completed_at": "2026-11-22T15:04:05Z", "results": []}"#,
+    )
+    .unwrap();
+    let given = dir.path().join("given.yaml");
+    std::fs::write(
+        &given,
+        "- context: test-request\n  keys: [req-1]\n  data: { portal_ref: PR-1 }\n",
+    )
+    .unwrap();
+    let (result, given) = (result.display().to_string(), given.display().to_string());
+
+    // Before the request exists, the results are refused: exit 1.
+    let refused = ferry(&["run", "lab-to-portal", "--input", &result]);
+    let stdout = String::from_utf8_lossy(&refused.stdout);
+    assert_eq!(refused.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("== refused: 404"), "{stdout}");
+
+    // With the record given, they reach the portal.
+    let taken = ferry(&[
+        "run",
+        "flows/lab-to-portal.yaml",
+        "--input",
+        &result,
+        "--given",
+        &given,
+    ]);
+    let stdout = String::from_utf8_lossy(&taken.stdout);
+    assert_eq!(taken.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("== target \"portal\" (http) would get (mocked)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("\"portal_ref\": \"PR-1\""), "{stdout}");
+
+    // A flow file outside the flows folders is loaded with them.
+    let billing = ferry(&[
+        "run",
+        "examples/billing/flows/billing-results.yaml",
+        "--input",
+        &result,
+    ]);
+    let stdout = String::from_utf8_lossy(&billing.stdout);
+    assert_eq!(billing.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("== target \"billing\" (http) would get (mocked)"),
+        "{stdout}"
+    );
 }

@@ -662,6 +662,82 @@ async fn json_logs_follow_one_correlation_id_both_ways() {
 }
 
 #[tokio::test]
+async fn a_failing_partner_is_one_info_line_per_attempt_and_a_warning_when_dead() {
+    let lab = Partner::start(201, json!({"lab_order_id": "LAB-L"})).await;
+    lab.answer_once(503, json!({"error": "maintenance"}));
+    let dir = tempfile::tempdir().unwrap();
+    // The default level: what an operator sees without asking for more.
+    let env = [("LAB_URL", lab.url.as_str()), ("RUST_LOG", "info")];
+    let (mut child, url) = spawn_with(dir.path(), &["--log-format", "json"], &env, Stdio::piped());
+    let logs = stderr_lines(&mut child);
+    let (_, reply) = post_json(
+        &format!("{url}/api/v1/test-requests"),
+        &payload("test-request.json"),
+    )
+    .await;
+    let id = reply["request_id"].as_str().unwrap().to_owned();
+    wait_until("the lab took it the second time", || {
+        lab.accepted().len() == 1
+    })
+    .await;
+    // A refusal for good: a dead letter.
+    lab.set_reply(422, json!({"error": "unknown test code"}));
+    let mut other = payload("test-request.json");
+    other["portal_ref"] = json!("PR-LOG-2");
+    let (_, reply) = post_json(&format!("{url}/api/v1/test-requests"), &other).await;
+    let dead = reply["request_id"].as_str().unwrap().to_owned();
+    wait_until("the lab refused it", || lab.received().len() == 3).await;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    terminate(child).await;
+
+    let entries: Vec<serde_json::Value> = logs
+        .join()
+        .unwrap()
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let failed: Vec<&serde_json::Value> = entries
+        .iter()
+        .filter(|e| {
+            e["message_id"] == id.as_str() && e["message"] == "delivery attempt failed; retrying"
+        })
+        .collect();
+    assert_eq!(failed.len(), 1, "{entries:#?}");
+    let line = failed[0];
+    assert_eq!(line["level"], "INFO", "{line}");
+    assert_eq!(
+        (&line["flow"], &line["target"]),
+        (&json!("portal-to-lab"), &json!("lab")),
+        "{line}"
+    );
+    assert_eq!(
+        (&line["status"], &line["attempt"]),
+        (&json!(503), &json!(1)),
+        "{line}"
+    );
+    assert!(
+        line["error"].as_str().unwrap().contains("maintenance"),
+        "{line}"
+    );
+    assert!(
+        line["next_attempt"].as_str().unwrap().ends_with('Z'),
+        "{line}"
+    );
+    let dead_line = entries
+        .iter()
+        .find(|e| {
+            e["message_id"] == dead.as_str()
+                && e["message"] == "delivery failed for good: dead letter"
+        })
+        .unwrap_or_else(|| panic!("no dead letter line in {entries:#?}"));
+    assert_eq!(
+        (&dead_line["level"], &dead_line["status"]),
+        (&json!("WARN"), &json!(422)),
+        "{dead_line}"
+    );
+}
+
+#[tokio::test]
 async fn embedded_queue_depth_is_a_gauge() {
     let lab = Partner::start(201, json!({})).await;
     let dir = tempfile::tempdir().unwrap();

@@ -379,15 +379,19 @@ async fn ferry_dying_between_a_partner_flows_answer_and_its_commit_sends_again_w
         wait_until("the order is sent again", || helix.accepted().len() == 2).await;
         let keys = keys(&helix);
         assert_eq!(keys[0], keys[1], "{mode}");
-        let status: Value = crate::util::client()
-            .get(format!("{url}/api/v1/test-requests/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(status["status"], "delivered_to_lab", "{mode}: {status}");
+        // The answer is recorded just after the partner has it.
+        let status = crate::util::wait_for_value("the request is delivered", || async {
+            let status: Value = crate::util::client()
+                .get(format!("{url}/api/v1/test-requests/{id}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            (status["status"] == "delivered_to_lab").then_some(status)
+        })
+        .await;
         assert_eq!(status["lab_order_id"], "HX-3", "{mode}: {status}");
         terminate(child).await;
     }
