@@ -317,8 +317,8 @@ pub struct RouteRuleConfig {
     #[serde(default)]
     #[schemars(with = "Option<OneOrMany>")]
     pub to: Option<Spanned<TargetNames>>,
-    /// Name of a flow this rule hands the message to, as if it were a `flow:` target; so a
-    /// partner is added with one line.
+    /// Name of a flow this rule hands the message to, as if it were a `flow:` target (a
+    /// partner in its own folder rather `takes` its share).
     #[serde(default)]
     #[schemars(with = "Option<String>")]
     pub flow: Option<Spanned<String>>,
