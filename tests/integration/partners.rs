@@ -581,3 +581,56 @@ reply: { status: 202, body: { id: "{{meta.id}}" } }
     );
     assert_eq!(portal.accepted().len(), 1, "the portal got it once");
 }
+
+#[tokio::test]
+async fn a_dead_subscriber_is_a_dead_letter_whose_replay_sends_to_it_alone() {
+    let lab = Partner::start(201, json!({"lab_order_id": "LAB-2"})).await;
+    let portal = Partner::start(200, json!({})).await;
+    let billing = Partner::start(422, json!({"error": "no such account"})).await;
+    let ferry = serve_with_billing(&lab, &portal, &billing).await;
+    let id = request_and_results(&ferry, "PR-BILL-3", "completed").await;
+    wait_for(
+        &ferry,
+        &id,
+        (
+            "lab-to-portal".into(),
+            "billing-results".into(),
+            "dead".into(),
+        ),
+    )
+    .await;
+    assert_eq!(portal.accepted().len(), 1);
+
+    // The results' message is a dead letter, for billing's sake.
+    let (_, dead) = ferry.admin("/dead-letters").await;
+    let message = dead["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["flow"] == "lab-to-portal")
+        .unwrap_or_else(|| panic!("no dead letter in {dead}"))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    billing.set_reply(201, json!({}));
+    let (status, _) = ferry
+        .admin_post(&format!("/messages/{message}/replay"), &json!({}))
+        .await;
+    assert_eq!(status, 200);
+    wait_until("billing has the charge", || billing.accepted().len() == 1).await;
+    wait_for(
+        &ferry,
+        &id,
+        (
+            "lab-to-portal".into(),
+            "billing-results".into(),
+            "delivered".into(),
+        ),
+    )
+    .await;
+    assert_eq!(
+        portal.received().len(),
+        1,
+        "the portal had it already: not sent again"
+    );
+}
