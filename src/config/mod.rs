@@ -259,6 +259,19 @@ pub enum StepConfig {
     Correlate(CorrelateConfig),
 }
 
+impl FlowConfig {
+    /// The rules of its `route` steps, in order.
+    pub fn route_rules(&self) -> impl Iterator<Item = &RouteRuleConfig> {
+        self.steps
+            .iter()
+            .filter_map(|s| match &s.value {
+                StepConfig::Route(rules) => Some(rules),
+                _ => None,
+            })
+            .flatten()
+    }
+}
+
 impl StepConfig {
     /// The step's kind as written in YAML, for diagnostics.
     pub fn kind(&self) -> &'static str {

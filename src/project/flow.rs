@@ -60,15 +60,7 @@ pub(crate) fn compile(
         targets.extend(Target::compile(name, target, &mut ctx));
     }
     // A route rule's `flow: NAME` is a flow target named after the flow.
-    for rule in config
-        .steps
-        .iter()
-        .filter_map(|s| match &s.value {
-            crate::config::StepConfig::Route(rules) => Some(rules),
-            _ => None,
-        })
-        .flatten()
-    {
+    for rule in config.route_rules() {
         if let Some(flow) = &rule.flow
             && !ctx.targets.contains(&flow.value)
         {

@@ -83,16 +83,10 @@ pub(crate) fn collect<'a>(
                 None
             };
             if let Some(problem) = problem {
-                let hint = match crate::diagnostic::closest(joined, names.iter().copied()) {
-                    Some(best) if best != joined => {
-                        format!("did you mean `{best}`? known flows: {}", names.join(", "))
-                    }
-                    _ => format!("known flows: {}", names.join(", ")),
-                };
                 diagnostics.push(
                     Diagnostic::error(&flow.file, problem)
                         .with_code("unknown-flow")
-                        .with_hint(hint)
+                        .with_hint(super::known_flows(joined, &names))
                         .in_flow(&flow.config.name.value)
                         .in_context(link.verb())
                         .at_location(link.joins.referenced),
@@ -268,13 +262,7 @@ pub(crate) fn check_overlaps(
 ) {
     let own: Vec<(&ConditionConfig, String)> = joined
         .config
-        .steps
-        .iter()
-        .filter_map(|s| match &s.value {
-            crate::config::StepConfig::Route(rules) => Some(rules),
-            _ => None,
-        })
-        .flatten()
+        .route_rules()
         .filter_map(|rule| {
             let when = rule.when.as_ref()?;
             let to = match (&rule.to, &rule.flow) {

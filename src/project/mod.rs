@@ -294,13 +294,8 @@ fn calls(flow: &LoadedFlow) -> Vec<&crate::config::Spanned<String>> {
         crate::config::TargetConfig::Flow(name) => Some(name),
         _ => None,
     });
-    let routes = flow.config.steps.iter().filter_map(|s| match &s.value {
-        crate::config::StepConfig::Route(rules) => {
-            Some(rules.iter().filter_map(|r| r.flow.as_ref()))
-        }
-        _ => None,
-    });
-    targets.chain(routes.flatten()).collect()
+    let routes = flow.config.route_rules().filter_map(|r| r.flow.as_ref());
+    targets.chain(routes).collect()
 }
 
 /// Every `flow:` call names a flow, and no flow calls itself, however indirectly (through
@@ -317,15 +312,7 @@ fn check_calls(
                 diagnostics.push(
                     Diagnostic::error(&flow.file, format!("unknown flow \"{}\"", call.value))
                         .with_code("unknown-flow")
-                        .with_hint(
-                            match crate::diagnostic::closest(&call.value, names.iter().copied()) {
-                                Some(best) => format!(
-                                    "did you mean `{best}`? known flows: {}",
-                                    names.join(", ")
-                                ),
-                                None => format!("known flows: {}", names.join(", ")),
-                            },
-                        )
+                        .with_hint(known_flows(&call.value, &names))
                         .in_flow(&flow.config.name.value)
                         .at_location(call.referenced),
                 );
@@ -384,6 +371,16 @@ fn check_calls(
         }
         diagnostics.push(diagnostic);
         reported.extend(cycle);
+    }
+}
+
+/// Advice for a name that is no flow's: the nearest flow name, and every flow's.
+fn known_flows(name: &str, names: &[&str]) -> String {
+    match crate::diagnostic::closest(name, names.iter().copied()) {
+        Some(best) if best != name => {
+            format!("did you mean `{best}`? known flows: {}", names.join(", "))
+        }
+        _ => format!("known flows: {}", names.join(", ")),
     }
 }
 

@@ -7,8 +7,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
-use crate::round_trip::{history_states, status_of, wait_for_state};
+use crate::round_trip::history_states;
 use crate::util::{Backend, Ferry, Partner, features, payload, post_json, wait_for, wait_until};
+use crate::util::{status_of, wait_for_state};
 
 on_both_stores!(
     a_lab_down_while_200_requests_arrive_gets_each_once_when_it_is_back,
@@ -118,7 +119,7 @@ async fn a_permanent_refusal_dead_letters_at_once_and_replay_delivers_it(backend
     let (_, reply) = post_json(&format!("{}/api/v1/test-requests", ferry.url), &request(7)).await;
     let id = reply["request_id"].as_str().unwrap().to_owned();
 
-    let state = wait_for_state(&ferry, &id, "failed").await;
+    let state = wait_for_state(&ferry.url, &id, "failed").await;
     assert_eq!(state["history"].as_array().unwrap().len(), 2);
     let (status, message) = ferry.admin(&format!("/messages/{id}")).await;
     assert_eq!(status, 200);
@@ -154,7 +155,7 @@ async fn a_permanent_refusal_dead_letters_at_once_and_replay_delivers_it(backend
         lab.accepted()[0].headers["idempotency-key"],
         format!("{id}:lab").as_str()
     );
-    let state = wait_for_state(&ferry, &id, "delivered_to_lab").await;
+    let state = wait_for_state(&ferry.url, &id, "delivered_to_lab").await;
     assert_eq!(state["lab_order_id"], "LAB-9");
     let (_, message) = ferry.admin(&format!("/messages/{id}")).await;
     assert_eq!(message["status"], "delivered");
@@ -232,13 +233,13 @@ async fn the_status_endpoint_walks_through_each_lifecycle_state(backend: Backend
     let ferry = Ferry::shipped_on(&lab, &portal, backend).await;
     let (_, reply) = post_json(&format!("{}/api/v1/test-requests", ferry.url), &request(5)).await;
     let id = reply["request_id"].as_str().unwrap().to_owned();
-    let (status, state) = status_of(&ferry, &id).await;
+    let (status, state) = status_of(&ferry.url, &id).await;
     assert_eq!(status, 200);
     assert_eq!(state["status"], "accepted");
     assert_eq!(state["portal_ref"], "PR-LOAD-5");
 
     lab.set_reply(201, json!({"lab_order_id": "LAB-5"}));
-    wait_for_state(&ferry, &id, "delivered_to_lab").await;
+    wait_for_state(&ferry.url, &id, "delivered_to_lab").await;
 
     let mut result = payload("test-result.json");
     result["order_ref"] = json!(id);
@@ -249,10 +250,13 @@ async fn the_status_endpoint_walks_through_each_lifecycle_state(backend: Backend
         !portal.received().is_empty()
     })
     .await;
-    assert_eq!(status_of(&ferry, &id).await.1["status"], "results_received");
+    assert_eq!(
+        status_of(&ferry.url, &id).await.1["status"],
+        "results_received"
+    );
 
     portal.set_reply(200, json!({}));
-    let state = wait_for_state(&ferry, &id, "delivered_to_portal").await;
+    let state = wait_for_state(&ferry.url, &id, "delivered_to_portal").await;
     let history = history_states(&state);
     assert_eq!(
         history,
@@ -307,7 +311,7 @@ async fn a_slow_lab_holds_up_nothing_else(backend: Backend) {
     let ferry = Ferry::shipped_on(&lab, &portal, backend).await;
     let (_, reply) = post_json(&format!("{}/api/v1/test-requests", ferry.url), &request(0)).await;
     let id = reply["request_id"].as_str().unwrap().to_owned();
-    wait_for_state(&ferry, &id, "delivered_to_lab").await;
+    wait_for_state(&ferry.url, &id, "delivered_to_lab").await;
 
     // The lab slows to a crawl while orders pile up: more than its worker may have in flight.
     lab.set_delay(Duration::from_secs(3));

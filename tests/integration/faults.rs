@@ -642,7 +642,7 @@ async fn issue_12_the_same_signed_webhook_twice_at_once_is_taken_once() {
     .await;
     assert_eq!(status, 202);
     let request_id = reply["request_id"].as_str().unwrap().to_owned();
-    crate::round_trip::wait_for_state(&ferry, &request_id, "delivered_to_lab").await;
+    crate::util::wait_for_state(&ferry.url, &request_id, "delivered_to_lab").await;
     let mut result = payload("test-result.json");
     result["order_ref"] = json!(request_id);
     let body = serde_json::to_vec(&result).unwrap();
@@ -711,15 +711,7 @@ async fn issue_12_ferry_dying_between_a_partners_answer_and_its_commit_delivers_
         keys,
         [format!("{request_id}:lab"), format!("{request_id}:lab")]
     );
-    let status: Value = crate::util::client()
-        .get(format!("{url}/api/v1/test-requests/{request_id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(status["status"], "delivered_to_lab", "{status}");
+    crate::util::wait_for_state(&url, request_id, "delivered_to_lab").await;
     terminate(child).await;
 }
 

@@ -7,9 +7,9 @@ use std::process::Stdio;
 
 use serde_json::{Value, json};
 
-use crate::round_trip::{status_of, wait_for_state};
 use crate::util::process::{spawn_on, terminate};
 use crate::util::{FAST_RETRY, Ferry, Partner, payload, post_json, repo, wait_until};
+use crate::util::{status_of, wait_for_state};
 
 const NORTHWIND_KEY: &str = "northwind-test-key";
 
@@ -88,11 +88,11 @@ async fn a_second_lab_takes_the_requests_meant_for_it_and_only_those() {
     }
     // Northwind's own id becomes the request's lab_order_id, as with the default lab.
     let (northwind_id, _) = ids.iter().find(|(_, nw)| *nw).unwrap();
-    let state = wait_for_state(&ferry, northwind_id, "delivered_to_lab").await;
+    let state = wait_for_state(&ferry.url, northwind_id, "delivered_to_lab").await;
     assert_eq!(state["lab_order_id"], "NW-77");
     let (default_id, _) = ids.iter().find(|(_, nw)| !*nw).unwrap();
     assert_eq!(
-        wait_for_state(&ferry, default_id, "delivered_to_lab").await["lab_order_id"],
+        wait_for_state(&ferry.url, default_id, "delivered_to_lab").await["lab_order_id"],
         "LAB-MAIN"
     );
 }
@@ -112,7 +112,7 @@ async fn a_second_lab_that_is_down_is_retried_like_the_first() {
     })
     .await;
     northwind.set_reply(201, json!({"submission_id": "NW-1"}));
-    wait_for_state(&ferry, &id, "delivered_to_lab").await;
+    wait_for_state(&ferry.url, &id, "delivered_to_lab").await;
     assert!(lab.received().is_empty());
 }
 
@@ -126,7 +126,7 @@ async fn a_second_labs_report_in_its_own_format_reaches_the_portal_in_the_portal
     request["lab"] = json!("northwind");
     let (_, reply) = post_json(&format!("{}/api/v1/test-requests", ferry.url), &request).await;
     let id = reply["request_id"].as_str().unwrap().to_owned();
-    wait_for_state(&ferry, &id, "delivered_to_lab").await;
+    wait_for_state(&ferry.url, &id, "delivered_to_lab").await;
 
     // Northwind reports by its own id, in its own shapes, to its own endpoint.
     let report = json!({
@@ -161,7 +161,7 @@ async fn a_second_labs_report_in_its_own_format_reaches_the_portal_in_the_portal
             {"sample_id": "S-1", "code": "PB-ICPMS", "value": "<0.5", "unit": "ug/L"}
         ])
     );
-    wait_for_state(&ferry, &id, "delivered_to_portal").await;
+    wait_for_state(&ferry.url, &id, "delivered_to_portal").await;
 }
 
 #[tokio::test]
@@ -199,7 +199,7 @@ async fn the_route_line_of_old_still_hands_a_partner_its_requests() {
     request["lab"] = json!("helix");
     let (_, reply) = post_json(&format!("{}/api/v1/test-requests", ferry.url), &request).await;
     wait_for_state(
-        &ferry,
+        &ferry.url,
         reply["request_id"].as_str().unwrap(),
         "delivered_to_lab",
     )
@@ -285,10 +285,10 @@ async fn a_partner_flows_retry_after_key_and_answer_reach_the_delivery_unchanged
 
         wait_until("helix answered 429", || helix.received().len() == 1).await;
         // Not delivered while the partner has not taken it.
-        let (_, state) = status_of(&ferry, &id).await;
+        let (_, state) = status_of(&ferry.url, &id).await;
         assert_eq!(state["status"], "accepted", "{mode}: {state}");
 
-        let state = wait_for_state(&ferry, &id, "delivered_to_lab").await;
+        let state = wait_for_state(&ferry.url, &id, "delivered_to_lab").await;
         assert_eq!(state["lab_order_id"], "HX-1", "{mode}");
         let received = helix.received();
         assert_eq!(received.len(), 3, "{mode}");
@@ -339,7 +339,7 @@ async fn a_partner_whose_answer_is_lost_gets_the_order_again_under_the_same_key(
         let id = request_for_helix(&ferry.url).await;
         wait_until("helix took the order", || helix.received().len() == 1).await;
         helix.set_delay(std::time::Duration::ZERO);
-        wait_for_state(&ferry, &id, "delivered_to_lab").await;
+        wait_for_state(&ferry.url, &id, "delivered_to_lab").await;
         let keys = keys(&helix);
         assert!(
             keys.len() >= 2 && keys.iter().all(|k| *k == keys[0]),
@@ -380,18 +380,7 @@ async fn ferry_dying_between_a_partner_flows_answer_and_its_commit_sends_again_w
         let keys = keys(&helix);
         assert_eq!(keys[0], keys[1], "{mode}");
         // The answer is recorded just after the partner has it.
-        let status = crate::util::wait_for_value("the request is delivered", || async {
-            let status: Value = crate::util::client()
-                .get(format!("{url}/api/v1/test-requests/{id}"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            (status["status"] == "delivered_to_lab").then_some(status)
-        })
-        .await;
+        let status = wait_for_state(&url, &id, "delivered_to_lab").await;
         assert_eq!(status["lab_order_id"], "HX-3", "{mode}: {status}");
         terminate(child).await;
     }
@@ -417,7 +406,7 @@ async fn request_and_results(ferry: &Ferry, portal_ref: &str, status: &str) -> S
     request["portal_ref"] = json!(portal_ref);
     let (_, reply) = post_json(&format!("{}/api/v1/test-requests", ferry.url), &request).await;
     let id = reply["request_id"].as_str().unwrap().to_owned();
-    wait_for_state(ferry, &id, "delivered_to_lab").await;
+    wait_for_state(&ferry.url, &id, "delivered_to_lab").await;
     let mut result = payload("test-result.json");
     result["order_ref"] = json!(id);
     result["status"] = json!(status);
@@ -428,7 +417,7 @@ async fn request_and_results(ferry: &Ferry, portal_ref: &str, status: &str) -> S
 
 /// What the status endpoint says of each recipient: `(flow, target, state)`.
 async fn recipients(ferry: &Ferry, id: &str) -> Vec<(String, String, String)> {
-    let (_, status) = status_of(ferry, id).await;
+    let (_, status) = status_of(&ferry.url, id).await;
     status["recipients"]
         .as_array()
         .unwrap_or_else(|| panic!("no recipients in {status}"))
@@ -450,7 +439,7 @@ async fn a_subscriber_gets_its_own_deliveries_and_holds_up_no_one() {
 
     // Billing is down: the portal has the results regardless, and the state says so.
     wait_until("billing refused twice", || billing.received().len() >= 2).await;
-    wait_for_state(&ferry, &id, "delivered_to_portal").await;
+    wait_for_state(&ferry.url, &id, "delivered_to_portal").await;
     assert_eq!(portal.accepted().len(), 1);
     let to = |flow: &str, target: &str, state: &str| {
         (flow.to_owned(), target.to_owned(), state.to_owned())
@@ -490,7 +479,7 @@ async fn a_subscriber_gets_its_own_deliveries_and_holds_up_no_one() {
     )
     .await;
     // Billing's delivery is no state of the request's: it stays delivered to the portal, once.
-    let (_, status) = status_of(&ferry, &id).await;
+    let (_, status) = status_of(&ferry.url, &id).await;
     assert_eq!(status["status"], "delivered_to_portal");
     let states = crate::round_trip::history_states(&status);
     assert_eq!(
@@ -509,7 +498,7 @@ async fn a_subscriber_gets_its_own_deliveries_and_holds_up_no_one() {
 
     // A partial result is not billed.
     let partial = request_and_results(&ferry, "PR-BILL-2", "partial").await;
-    wait_for_state(&ferry, &partial, "delivered_to_portal").await;
+    wait_for_state(&ferry.url, &partial, "delivered_to_portal").await;
     let listed = recipients(&ferry, &partial).await;
     assert!(
         !listed.iter().any(|(_, t, _)| t == "billing-results"),

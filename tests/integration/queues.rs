@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde_json::{Value, json};
 
-use crate::round_trip::wait_for_state;
+use crate::util::wait_for_state;
 use crate::util::{
     Ferry, Partner, amqp_depth, amqp_publish, nats, nats_publish, payload, post_json, rabbitmq,
     repo, unique, wait_for, wait_until,
@@ -220,7 +220,7 @@ async fn lab_results_published_on_rabbitmq_reach_the_portal() {
     )
     .await;
     let request_id = reply["request_id"].as_str().unwrap().to_owned();
-    wait_for_state(&ferry, &request_id, "delivered_to_lab").await;
+    wait_for_state(&ferry.url, &request_id, "delivered_to_lab").await;
 
     let mut result = payload("test-result.json");
     result["order_ref"] = json!(request_id);
@@ -236,7 +236,7 @@ async fn lab_results_published_on_rabbitmq_reach_the_portal() {
     );
     assert_eq!(delivered["request_id"], request_id.as_str());
     assert_eq!(delivered["portal_ref"], "PR-2026-0001");
-    wait_for_state(&ferry, &request_id, "delivered_to_portal").await;
+    wait_for_state(&ferry.url, &request_id, "delivered_to_portal").await;
 
     // A result for no known request: a dead letter, and off the queue.
     amqp_publish(
@@ -287,7 +287,7 @@ async fn layered_flows_pass_a_request_through_process_and_an_embedded_queue() {
     );
     assert_eq!(order["order_ref"], request_id.as_str());
     // The request is known to the rest of the journey (status, results) as with the shipped flow.
-    let (status, _) = crate::round_trip::status_of(&ferry, &request_id).await;
+    let (status, _) = crate::util::status_of(&ferry.url, &request_id).await;
     assert_eq!(status, 200);
 
     // The experience layer's validation refuses before anything is accepted.

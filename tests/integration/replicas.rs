@@ -249,14 +249,7 @@ async fn a_result_arriving_at_another_replica_reaches_the_right_request() {
 
     // Either replica tells the same status.
     for url in [&url_a, &url_b] {
-        let status: Value = client()
-            .get(format!("{url}/api/v1/test-requests/{request_id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let (_, status) = crate::util::status_of(url, &request_id).await;
         assert_eq!(status["lab_order_id"], "LAB-ELSEWHERE", "{status}");
     }
     replicas.stop().await;

@@ -3,16 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::util::{Ferry, Partner, payload, post_json, wait_until};
-
-pub(crate) async fn status_of(ferry: &Ferry, request_id: &str) -> (u16, Value) {
-    let response = crate::util::client()
-        .get(format!("{}/api/v1/test-requests/{request_id}", ferry.url))
-        .send()
-        .await
-        .unwrap();
-    (response.status().as_u16(), response.json().await.unwrap())
-}
+use crate::util::{Ferry, Partner, payload, post_json, status_of, wait_for_state, wait_until};
 
 /// The states a status reply's history went through, oldest first.
 pub(crate) fn history_states(status: &Value) -> Vec<&str> {
@@ -22,21 +13,6 @@ pub(crate) fn history_states(status: &Value) -> Vec<&str> {
         .iter()
         .map(|h| h["state"].as_str().unwrap())
         .collect()
-}
-
-pub(crate) async fn wait_for_state(ferry: &Ferry, request_id: &str, state: &str) -> Value {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let (_, last) = status_of(ferry, request_id).await;
-        if last["status"] == state {
-            return last;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the request never became {state}: {last}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
 }
 
 #[tokio::test]
@@ -81,7 +57,7 @@ async fn a_test_request_reaches_the_lab_and_its_results_reach_the_portal() {
     assert_eq!(order["tests"], request["tests"]);
     assert_eq!(order["samples"], request["samples"]);
     assert_eq!(order["notes"], json!(null));
-    let state = wait_for_state(&ferry, &request_id, "delivered_to_lab").await;
+    let state = wait_for_state(&ferry.url, &request_id, "delivered_to_lab").await;
     assert_eq!(state["lab_order_id"], "LAB-884211");
 
     // Lab → portal, echoing the order_ref.
@@ -111,7 +87,7 @@ async fn a_test_request_reaches_the_lab_and_its_results_reach_the_portal() {
     assert_eq!(delivered["lab_order_id"], "LAB-884211");
     assert_eq!(delivered["results"], result["results"]);
     assert_eq!(delivered["results"][0]["value"], json!(7.2));
-    let state = wait_for_state(&ferry, &request_id, "delivered_to_portal").await;
+    let state = wait_for_state(&ferry.url, &request_id, "delivered_to_portal").await;
     let states = history_states(&state);
     assert_eq!(
         states,
@@ -138,7 +114,7 @@ async fn results_correlate_by_the_labs_own_order_id() {
     )
     .await;
     let request_id = reply["request_id"].as_str().unwrap().to_owned();
-    wait_for_state(&ferry, &request_id, "delivered_to_lab").await;
+    wait_for_state(&ferry.url, &request_id, "delivered_to_lab").await;
 
     // The lab lost our order_ref and sends its own reference.
     let mut result = payload("test-result.json");
@@ -192,7 +168,7 @@ async fn results_for_no_known_request_are_refused_and_kept_as_dead_letters() {
     );
 
     // Unknown ids get 404 from the status endpoint too.
-    let (status, body) = status_of(&ferry, "no-such-request").await;
+    let (status, body) = status_of(&ferry.url, "no-such-request").await;
     assert_eq!(status, 404);
     assert_eq!(body["error"], "not_correlated");
 }

@@ -67,3 +67,29 @@ pub(crate) fn schema_violations(schema: &str, instance: &Value) -> Vec<ferry::er
     let mut schemas = ferry::schema::Schemas::new(&[repo().join("schemas")]);
     ferry::schema::violations(&schemas.get(schema).unwrap(), instance)
 }
+
+/// A Test Request's status, as the shipped status endpoint of the ferry at `url` answers it.
+pub(crate) async fn status_of(url: &str, request_id: &str) -> (u16, Value) {
+    let response = client()
+        .get(format!("{url}/api/v1/test-requests/{request_id}"))
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+/// Waits until the status of a Test Request at `url` is `state`, and returns it.
+pub(crate) async fn wait_for_state(url: &str, request_id: &str, state: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, last) = status_of(url, request_id).await;
+        if last["status"] == state {
+            return last;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request never became {state}: {last}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}

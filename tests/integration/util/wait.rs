@@ -32,22 +32,3 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
-
-/// Like [`wait_for`], for checks that find a value: returns the first one found.
-pub(crate) async fn wait_for_value<T, F, Fut>(what: &str, mut find: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        if let Some(found) = find().await {
-            return found;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-}
