@@ -7,7 +7,7 @@ use serde_json::Value;
 
 #[path = "../../tests/support/mod.rs"]
 #[allow(dead_code, reason = "each benchmark uses part of what the tests share")]
-mod support;
+pub(crate) mod support;
 
 /// The portal API key (and lab webhook secret) the benchmarked ferries are given.
 pub(crate) const KEY: &str = "bench-key";

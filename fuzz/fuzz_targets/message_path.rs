@@ -31,8 +31,10 @@ fuzz_target!(|data: &[u8]| {
         let Ok(processed) = runtime.block_on(flow.run_steps(&mut message, None)) else {
             continue;
         };
-        if let Some(ferry::targets::Target::Http(http)) = processed.target.map(|i| &flow.targets()[i]) {
-            let _ = http.prepare(&message, flow.templates());
+        for &index in &processed.targets {
+            if let ferry::targets::Target::Http(http) = &flow.targets()[index] {
+                let _ = http.prepare(&message, flow.templates());
+            }
         }
     }
 });

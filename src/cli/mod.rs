@@ -59,13 +59,18 @@ pub enum LogFormat {
     Json,
 }
 
-/// Sends logs to stderr, filtered by `RUST_LOG` (default `info`), and traces to the OTLP
-/// collector when built with the `otlp` feature and given one.
+/// Sends logs to stderr, filtered by `RUST_LOG` (default `info` for what runs as a service,
+/// `warn` for the tools, whose output is their report), and traces to the OTLP collector when
+/// built with the `otlp` feature and given one.
 pub fn init_logging(cli: &Cli) {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
+    let default = match cli.command {
+        Command::Serve { .. } | Command::Demo { .. } => "info",
+        _ => "warn",
+    };
     let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
     let text = (cli.log_format == LogFormat::Text)
         .then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
     let json = (cli.log_format == LogFormat::Json).then(|| {

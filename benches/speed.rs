@@ -1,0 +1,501 @@
+//! ferry's speed beside a floor, in one run, so every figure reads as a ratio.
+//!
+//! Each server is a process of its own pinned to CPU 0; this benchmark (the load and the mock
+//! lab) runs on the others. The same Test Request (1.2 KB) is sent by 32 connections:
+//!
+//! - **floor**: a minimal forwarding proxy on the same HTTP stack (axum in, reqwest out):
+//!   no validation, no transform, the request's body POSTed to the lab;
+//! - **sync**: the shipped portal-to-lab flow with `delivery: {mode: sync}`: validated,
+//!   reshaped and sent to the lab before the reply;
+//! - **durable**: the shipped flow as it ships (SQLite, synchronous commits): accepted,
+//!   answered `202`, delivered by the outbox.
+//!
+//! For each: requests per second, server CPU per request (from `/proc`), and memory. For the
+//! durable flow also orders delivered per second under load held for the whole run, how long
+//! the lab waits for the last accepted order once the load stops, and how long a burst of
+//! 10,000 requests takes to reach the lab. Then start-up (process start to `/readyz` 200) and
+//! `ferry check` of 1,000 flows.
+//!
+//! Run with `cargo bench --bench speed`; `FERRY_BENCH_SECONDS` (default 10) is how long each
+//! load is held.
+#![allow(missing_docs)]
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::routing::post;
+
+#[allow(dead_code, reason = "each benchmark uses part of what they share")]
+mod common;
+
+use common::{KEY, serve, test_request};
+
+/// How many connections send at once.
+const CONNECTIONS: usize = 32;
+/// The requests of a burst.
+const BURST: u64 = 10_000;
+/// The environment variable that makes this program the floor proxy, forwarding to its URL.
+const PROXY_ROLE: &str = "FERRY_SPEED_PROXY_TO";
+
+fn main() {
+    if let Ok(lab) = std::env::var(PROXY_ROLE) {
+        return proxy(&lab);
+    }
+    // `cargo bench` passes `--bench`; a filter that is not ours means another benchmark.
+    if std::env::args()
+        .skip(1)
+        .any(|a| !a.starts_with('-') && a != "speed")
+    {
+        return;
+    }
+    pin(std::process::id(), "1-");
+    let seconds = std::env::var("FERRY_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let held = Duration::from_secs(seconds);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(run(held));
+}
+
+async fn run(held: Duration) {
+    let lab = Lab::start().await;
+    let scratch = tempfile::tempdir().unwrap();
+    let body = test_request();
+
+    println!(
+        "load: {CONNECTIONS} connections, {} s each, servers on CPU 0\n",
+        held.as_secs()
+    );
+    println!(
+        "{:<34} {:>9} {:>8} {:>12} {:>8} {:>9}",
+        "", "req/s", "ratio", "CPU µs/req", "ratio", "RSS MiB"
+    );
+
+    let floor = Server::proxy(&lab.url);
+    let floor_run = measure(&floor, "/orders", &body, held, &lab).await;
+    floor_run.print("floor: forwarding proxy", &floor_run);
+    drop(floor);
+
+    let sync_flows = sync_project(scratch.path());
+    let sync = Server::ferry(&sync_flows, &scratch.path().join("sync.db"), &lab.url);
+    let sync_run = measure(&sync, "/api/v1/test-requests", &body, held, &lab).await;
+    sync_run.print("ferry, sync", &floor_run);
+    drop(sync);
+
+    let shipped = common::support::repo().join("flows");
+    let durable = Server::ferry(&shipped, &scratch.path().join("durable.db"), &lab.url);
+    let delivered_before = lab.count();
+    let durable_run = measure(&durable, "/api/v1/test-requests", &body, held, &lab).await;
+    durable_run.print("ferry, durable: accepting", &floor_run);
+    let accepted = durable_run.requests;
+    let drained = lab
+        .wait_for(delivered_before + accepted, Duration::from_secs(300))
+        .await;
+    let delivered = lab.count() - delivered_before;
+    let delivering = held + drained;
+    println!(
+        "{:<34} {:>9.0} {:>8.2}",
+        "ferry, durable: delivered",
+        delivered as f64 / delivering.as_secs_f64(),
+        delivered as f64 / delivering.as_secs_f64() / floor_run.per_second()
+    );
+    println!(
+        "\nthe lab had the last accepted order {:.2} s after the load ended ({accepted} accepted, {delivered} delivered)",
+        drained.as_secs_f64()
+    );
+    println!(
+        "durable end to end (accepted and delivered): {:.0}/s, {:.2} of sync",
+        accepted as f64 / delivering.as_secs_f64(),
+        accepted as f64 / delivering.as_secs_f64() / sync_run.per_second()
+    );
+
+    let before = lab.count();
+    let started = Instant::now();
+    let sent = burst(&durable.url, &body, BURST).await;
+    let accepted_in = started.elapsed();
+    lab.wait_for(before + sent, Duration::from_secs(300)).await;
+    println!(
+        "burst of {sent}: accepted in {:.2} s, all at the lab after {:.2} s",
+        accepted_in.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    drop(durable);
+
+    let startup = Server::startup(&shipped, &scratch.path().join("startup.db"), &lab.url).await;
+    println!(
+        "\nstart-up (process start to /readyz 200): {:.0} ms",
+        startup.as_secs_f64() * 1000.0
+    );
+    let check = check_thousand_flows(scratch.path());
+    println!(
+        "ferry check of 1,000 flows: {:.0} ms",
+        check.as_secs_f64() * 1000.0
+    );
+}
+
+/// A mock lab on loopback: counts the orders it takes, answering `201` at once.
+struct Lab {
+    url: String,
+    taken: Arc<AtomicU64>,
+}
+
+impl Lab {
+    async fn start() -> Self {
+        let taken = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&taken);
+        let router = Router::new().route(
+            "/orders",
+            post(move |_body: Bytes| {
+                let counter = Arc::clone(&counter);
+                async move {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    (
+                        axum::http::StatusCode::CREATED,
+                        [("content-type", "application/json")],
+                        r#"{"lab_order_id":"LAB-1"}"#,
+                    )
+                }
+            }),
+        );
+        Self {
+            url: serve(router).await,
+            taken,
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.taken.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the lab has taken `total` orders; returns how long that took.
+    async fn wait_for(&self, total: u64, limit: Duration) -> Duration {
+        let started = Instant::now();
+        while self.count() < total {
+            assert!(
+                started.elapsed() < limit,
+                "the lab has {} of {total} orders after {limit:?}",
+                self.count()
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        started.elapsed()
+    }
+}
+
+/// A server under test: a child process on CPU 0.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    /// The floor: this program again, as a forwarding proxy to the lab.
+    fn proxy(lab: &str) -> Self {
+        let mut command = Command::new(std::env::current_exe().unwrap());
+        command.env(PROXY_ROLE, lab);
+        Self::spawn(command)
+    }
+
+    /// `ferry serve` with the flows of `flows` on a SQLite store at `store`.
+    fn ferry(flows: &Path, store: &Path, lab: &str) -> Self {
+        Self::spawn(ferry_command(flows, store, lab))
+    }
+
+    /// How long `ferry serve` takes from process start to `/readyz` answering 200.
+    async fn startup(flows: &Path, store: &Path, lab: &str) -> Duration {
+        let started = Instant::now();
+        let server = Self::spawn(ferry_command(flows, store, lab));
+        let client = reqwest::Client::new();
+        loop {
+            let ready = client
+                .get(format!("{}/readyz", server.url))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            if ready {
+                return started.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    fn spawn(mut command: Command) -> Self {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        pin(child.id(), "0");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(url.starts_with("http://"), "unexpected: {line}");
+        Self { child, url }
+    }
+
+    /// CPU time the process has used so far (user and system).
+    fn cpu(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        Duration::from_secs_f64(ticks as f64 / 100.0)
+    }
+
+    /// The process's resident memory at its peak, in MiB.
+    fn peak_rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0.0);
+        kib / 1024.0
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn ferry_command(flows: &Path, store: &Path, lab: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--flows"])
+        .arg(flows)
+        .arg("--store")
+        .arg(format!("sqlite://{}", store.display()))
+        .env("LAB_URL", lab)
+        .env("PORTAL_API_KEY", KEY)
+        .env("LAB_WEBHOOK_SECRET", KEY)
+        .env("RUST_LOG", "warn");
+    command
+}
+
+/// Pins process `pid` to the CPUs in `cpus` (as `taskset` writes them).
+fn pin(pid: u32, cpus: &str) {
+    let _ = Command::new("taskset")
+        .args(["-a", "-c", "-p", cpus, &pid.to_string()])
+        .stdout(Stdio::null())
+        .status();
+}
+
+/// What one load did to one server.
+struct Measured {
+    requests: u64,
+    held: Duration,
+    cpu: Duration,
+    rss_mib: f64,
+}
+
+impl Measured {
+    fn per_second(&self) -> f64 {
+        self.requests as f64 / self.held.as_secs_f64()
+    }
+
+    fn cpu_per_request_us(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / self.requests as f64
+    }
+
+    fn print(&self, what: &str, floor: &Measured) {
+        println!(
+            "{what:<34} {:>9.0} {:>8.2} {:>12.1} {:>8.2} {:>9.1}",
+            self.per_second(),
+            self.per_second() / floor.per_second(),
+            self.cpu_per_request_us(),
+            self.cpu_per_request_us() / floor.cpu_per_request_us(),
+            self.rss_mib
+        );
+    }
+}
+
+/// Holds the load on `server` for `held` after a one-second warm-up.
+async fn measure(
+    server: &Server,
+    path: &str,
+    body: &serde_json::Value,
+    held: Duration,
+    lab: &Lab,
+) -> Measured {
+    let url = format!("{}{path}", server.url);
+    let before = lab.count();
+    let warmed = load(&url, body, Duration::from_secs(1)).await;
+    // Warm-up deliveries out of the way, so the measured load starts on an empty outbox.
+    lab.wait_for(before + warmed, Duration::from_secs(120))
+        .await;
+    let cpu = server.cpu();
+    let requests = load(&url, body, held).await;
+    Measured {
+        requests,
+        held,
+        cpu: server.cpu() - cpu,
+        rss_mib: server.peak_rss_mib(),
+    }
+}
+
+/// Sends from every connection until `held` has passed; returns the requests answered 2xx.
+async fn load(url: &str, body: &serde_json::Value, held: Duration) -> u64 {
+    let deadline = Instant::now() + held;
+    send(url, body, move |_| Instant::now() < deadline).await
+}
+
+/// Sends `total` requests from every connection at once; returns those answered 2xx.
+async fn burst(base: &str, body: &serde_json::Value, total: u64) -> u64 {
+    let url = format!("{base}/api/v1/test-requests");
+    send(&url, body, move |n| n < total).await
+}
+
+/// Sends requests from [`CONNECTIONS`] connections while `more(n)` holds for the `n`th; each
+/// has its own `portal_ref`, so each is a new Test Request.
+async fn send(
+    url: &str,
+    body: &serde_json::Value,
+    more: impl Fn(u64) -> bool + Copy + Send + 'static,
+) -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let ok = Arc::new(AtomicU64::new(0));
+    let started = Arc::new(AtomicU64::new(0));
+    let text = body.to_string();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(CONNECTIONS)
+        .build()
+        .unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let (client, url, text) = (client.clone(), url.to_owned(), text.clone());
+        let (ok, started) = (Arc::clone(&ok), Arc::clone(&started));
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let n = started.fetch_add(1, Ordering::Relaxed);
+                if !more(n) {
+                    break;
+                }
+                let reference = format!("PR-SPEED-{}", NEXT.fetch_add(1, Ordering::Relaxed));
+                let body = text.replacen("PR-2026-0001", &reference, 1);
+                let response = client
+                    .post(&url)
+                    .header("x-api-key", KEY)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await;
+                if let Ok(response) = response {
+                    let good = response.status().is_success();
+                    let _ = response.bytes().await;
+                    if good {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    ok.load(Ordering::Relaxed)
+}
+
+/// The shipped flows with portal-to-lab delivering synchronously, and the shipped schemas.
+fn sync_project(dir: &Path) -> PathBuf {
+    let repo = common::support::repo();
+    let flows = dir.join("sync/flows");
+    std::fs::create_dir_all(&flows).unwrap();
+    let schemas = dir.join("sync/schemas");
+    std::fs::create_dir_all(&schemas).unwrap();
+    for entry in std::fs::read_dir(repo.join("schemas")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, schemas.join(path.file_name().unwrap())).unwrap();
+    }
+    let shipped = std::fs::read_to_string(repo.join("flows/portal-to-lab.yaml")).unwrap();
+    let start = shipped.find("\ndelivery:").unwrap();
+    let end = shipped.find("\nreply:").unwrap();
+    let sync = format!(
+        "{}\ndelivery:\n  mode: sync{}",
+        &shipped[..start],
+        &shipped[end..]
+    );
+    std::fs::write(flows.join("portal-to-lab.yaml"), sync).unwrap();
+    flows
+}
+
+/// How long `ferry check` takes over 1,000 flows (copies of portal-to-lab).
+fn check_thousand_flows(dir: &Path) -> Duration {
+    let repo = common::support::repo();
+    let flows = dir.join("thousand/flows");
+    std::fs::create_dir_all(&flows).unwrap();
+    let shipped = std::fs::read_to_string(repo.join("flows/portal-to-lab.yaml")).unwrap();
+    for n in 0..1000 {
+        let copy = shipped
+            .replace("name: portal-to-lab", &format!("name: portal-to-lab-{n}"))
+            .replace(
+                "/api/v1/test-requests",
+                &format!("/api/v1/test-requests-{n}"),
+            );
+        std::fs::write(flows.join(format!("flow-{n}.yaml")), copy).unwrap();
+    }
+    let started = Instant::now();
+    let status = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["check", "--schemas"])
+        .arg(repo.join("schemas"))
+        .arg(&flows)
+        .env("PORTAL_API_KEY", KEY)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "ferry check of 1,000 flows failed");
+    started.elapsed()
+}
+
+/// The floor: forwards each request's body to the lab and answers with the lab's status.
+fn proxy(lab: &str) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let client = reqwest::Client::new();
+        let target = format!("{lab}/orders");
+        let router = Router::new().route(
+            "/orders",
+            post(move |body: Bytes| {
+                let (client, target) = (client.clone(), target.clone());
+                async move {
+                    let answer = client
+                        .post(&target)
+                        .header("content-type", "application/json")
+                        .body(body)
+                        .send()
+                        .await;
+                    match answer {
+                        Ok(answer) => {
+                            let status = answer.status();
+                            (status, answer.bytes().await.unwrap_or_default())
+                        }
+                        Err(_) => (reqwest::StatusCode::BAD_GATEWAY, Bytes::new()),
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!(
+            "proxy listening on http://{}",
+            listener.local_addr().unwrap()
+        );
+        axum::serve(listener, router).await.unwrap();
+    });
+}
