@@ -54,7 +54,9 @@ fn main() {
     {
         return;
     }
-    pin(std::process::id(), "1-");
+    // The servers get CPU 0; the load and the lab the others.
+    let cpus = std::thread::available_parallelism().map_or(2, usize::from);
+    pin(std::process::id(), &format!("1-{}", cpus.max(2) - 1));
     let seconds = std::env::var("FERRY_BENCH_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
