@@ -5,10 +5,11 @@
 //! jitter (or the target's `Retry-After`), or dead. A slow or dead target only ever holds its
 //! own worker, never another target's.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -16,13 +17,18 @@ use crate::engine::Engine;
 use crate::flow::Flow;
 use crate::message::Message;
 use crate::retry::RetryAction;
-use crate::store::{AfterAttempt, AttemptRecord, Claimed, Store, now_ms};
+use crate::store::{AfterAttempt, AttemptRecord, Claimed, Millis, Store, now_ms};
 use crate::targets::Attempt;
 
 /// The longest a worker waits before claiming again after the store failed.
 const MAX_STORE_BACKOFF: Duration = Duration::from_secs(30);
 /// How often an idle worker looks for due entries when nothing wakes it.
 const IDLE_POLL: Duration = Duration::from_secs(5);
+/// How many entries a worker claims at a time, as a multiple of its concurrency: claims come
+/// in batches ahead of need, not one per finished attempt.
+const CLAIM_AHEAD: usize = 2;
+/// Attempts answered whose outcome is not committed yet, at most, per worker.
+const MAX_UNRECORDED: usize = 1024;
 /// The running delivery workers.
 #[derive(Debug)]
 pub struct Delivery {
@@ -94,77 +100,142 @@ struct Worker {
 }
 
 impl Worker {
+    /// Claims due entries ahead, in batches, and sends them with at most `concurrency` in
+    /// flight. A sending slot is free again as soon as the target has answered: the outcome
+    /// is committed meanwhile, in the store's next batch, so one slot's deliveries never wait
+    /// for a commit between them.
     async fn run(self) {
         let target = self.flow.targets()[self.target].name().to_owned();
-        let permits = Arc::new(Semaphore::new(self.flow.concurrency() as usize));
+        let concurrency = self.flow.concurrency() as usize;
+        let sending = Arc::new(Semaphore::new(concurrency));
+        let unrecorded = Arc::new(Semaphore::new(MAX_UNRECORDED));
+        // The margin an entry's claim must still have when it is sent: the attempt's longest.
+        let margin = self.flow.targets()[self.target]
+            .timeout()
+            .map_or(0, |t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX));
+        let mut ready: VecDeque<Claimed> = VecDeque::new();
         let mut attempts = JoinSet::new();
         let this = Arc::new(self);
         let mut backoff = Duration::from_millis(500);
+        // Whether the store had nothing more due at the last claim, and until when to wait.
+        let mut drained: Option<Instant> = None;
+        let mut slot = None;
         loop {
-            while attempts.try_join_next().is_some() {}
+            while let Some(outcome) = attempts.try_join_next() {
+                retry_at(&mut drained, outcome);
+            }
             if this.stop.is_cancelled() {
                 break;
             }
-            let free = permits.available_permits();
-            if free == 0 {
-                // Every permit is out: nothing to claim until an attempt finishes.
-                tokio::select! {
-                    () = this.stop.cancelled() => break,
-                    Some(_) = attempts.join_next() => continue,
-                }
-            }
-            let mut drained = true;
-            match this
-                .store
-                .claim(&this.flow.name, &target, free as u32)
-                .await
-            {
-                Ok(claimed) => {
-                    backoff = Duration::from_millis(500);
-                    drained = claimed.len() < free;
-                    for entry in claimed {
-                        let permit = Arc::clone(&permits)
-                            .try_acquire_owned()
-                            .expect("claimed within free permits");
-                        let worker = Arc::clone(&this);
-                        attempts.spawn(async move {
-                            worker.attempt(entry).await;
-                            drop(permit);
-                        });
+            if drained.is_none() && ready.len() < concurrency {
+                let wanted = CLAIM_AHEAD * concurrency - ready.len();
+                match this
+                    .store
+                    .claim(&this.flow.name, &target, wanted as u32)
+                    .await
+                {
+                    Ok(claimed) => {
+                        backoff = Duration::from_millis(500);
+                        if claimed.len() < wanted {
+                            drained = Some(this.idle_until(&target).await);
+                        }
+                        ready.extend(claimed);
+                    }
+                    Err(error) => {
+                        // The store is away (a database restarting, say): try again, less and less often.
+                        tracing::warn!(flow = %this.flow.name, %target, %error, ?backoff, "claiming deliveries failed");
+                        tokio::select! {
+                            () = this.stop.cancelled() => break,
+                            () = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(MAX_STORE_BACKOFF);
+                        continue;
                     }
                 }
-                Err(error) => {
-                    // The store is away (a database restarting, say): try again, less and less often.
-                    tracing::warn!(flow = %this.flow.name, %target, %error, ?backoff, "claiming deliveries failed");
-                    tokio::select! {
-                        () = this.stop.cancelled() => break,
-                        () = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(MAX_STORE_BACKOFF);
-                }
             }
-            if !drained {
+            let mut expired = Vec::new();
+            while !ready.is_empty() {
+                let Some(send) = slot
+                    .take()
+                    .or_else(|| Arc::clone(&sending).try_acquire_owned().ok())
+                else {
+                    break;
+                };
+                let Ok(recording) = Arc::clone(&unrecorded).try_acquire_owned() else {
+                    slot = Some(send);
+                    break;
+                };
+                let entry = ready.pop_front().expect("not empty");
+                if entry.lease_until - now_ms() <= margin {
+                    // Held too long to finish within its claim: back to the store, for a new one.
+                    expired.push((entry.outbox_id, entry.lease_until));
+                    slot = Some(send);
+                    continue;
+                }
+                let worker = Arc::clone(&this);
+                attempts.spawn(async move {
+                    let (_, outcome) = deliver(
+                        &worker.engine,
+                        &worker.store,
+                        &worker.flow,
+                        worker.target,
+                        entry,
+                        Some(send),
+                    )
+                    .await;
+                    drop(recording);
+                    outcome
+                });
+            }
+            this.give_back(expired).await;
+            if drained.is_none() && ready.len() < concurrency {
                 continue;
             }
-            let wait = match this.store.next_due(&this.flow.name, &target).await {
-                Ok(Some(due)) => {
-                    Duration::from_millis(u64::try_from(due - now_ms()).unwrap_or(0)).min(IDLE_POLL)
-                }
-                _ => IDLE_POLL,
-            };
+            let idle = drained.unwrap_or_else(|| Instant::now() + IDLE_POLL);
             tokio::select! {
                 () = this.stop.cancelled() => break,
-                () = this.wake.notified() => {}
-                () = tokio::time::sleep(wait) => {}
-                Some(_) = attempts.join_next(), if !attempts.is_empty() => {}
+                () = this.wake.notified() => drained = None,
+                () = tokio::time::sleep_until(idle.into()) => drained = None,
+                permit = Arc::clone(&sending).acquire_owned(), if !ready.is_empty() && slot.is_none() => {
+                    slot = permit.ok();
+                }
+                Some(outcome) = attempts.join_next(), if !attempts.is_empty() => {
+                    retry_at(&mut drained, outcome);
+                }
             }
         }
+        // Entries claimed but not sent are due again at once, for whichever worker comes next.
+        let unsent = ready.iter().map(|e| (e.outbox_id, e.lease_until)).collect();
+        this.give_back(unsent).await;
         // Let attempts in flight finish; `Delivery::shutdown` bounds how long.
         while attempts.join_next().await.is_some() {}
     }
 
-    async fn attempt(&self, entry: Claimed) {
-        deliver(&self.engine, &self.store, &self.flow, self.target, entry).await;
+    /// When a worker that found nothing more due claims again unless woken: when the next
+    /// pending entry is due, and at least every [`IDLE_POLL`].
+    async fn idle_until(&self, target: &str) -> Instant {
+        let wait = match self.store.next_due(&self.flow.name, target).await {
+            Ok(Some(due)) => {
+                Duration::from_millis(u64::try_from(due - now_ms()).unwrap_or(0)).min(IDLE_POLL)
+            }
+            _ => IDLE_POLL,
+        };
+        Instant::now() + wait
+    }
+
+    async fn give_back(&self, entries: Vec<(i64, Millis)>) {
+        if let Err(error) = self.store.release(entries).await {
+            // Their claims run out instead: later, not lost.
+            tracing::warn!(flow = %self.flow.name, %error, "giving back claimed deliveries failed");
+        }
+    }
+}
+
+/// Brings an idle worker's next claim forward to when a retry it just scheduled is due.
+fn retry_at(drained: &mut Option<Instant>, outcome: Result<AfterAttempt, tokio::task::JoinError>) {
+    if let (Some(idle), Ok(AfterAttempt::RetryAt(at))) = (drained.as_mut(), outcome) {
+        let due = Instant::now() + Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(0));
+        *idle = (*idle).min(due);
     }
 }
 
@@ -180,21 +251,24 @@ pub async fn deliver_now(engine: &Engine, flow: &Flow, id: &str) -> Option<Messa
             continue;
         };
         for entry in claimed.into_iter().filter(|e| e.message_id == id) {
-            delivered = Some(deliver(engine, store, flow, index, entry).await);
+            delivered = Some(deliver(engine, store, flow, index, entry, None).await.0);
         }
     }
     delivered
 }
 
 /// One attempt of a claimed entry to target number `target` of `flow`, and its outcome
-/// recorded: delivered, retried later, or dead. Returns the message as the attempt left it.
+/// recorded: delivered, retried later, or dead. `sending` is the worker's slot, given back
+/// when the target has answered. Returns the message as the attempt left it, and where the
+/// delivery stands.
 async fn deliver(
     engine: &Engine,
     store: &Store,
     flow: &Flow,
     target: usize,
     entry: Claimed,
-) -> Message {
+    sending: Option<OwnedSemaphorePermit>,
+) -> (Message, AfterAttempt) {
     let target = &flow.targets()[target];
     let number = entry.attempts + 1;
     let mut message = Message::from_document(entry.document, entry.content_type);
@@ -223,6 +297,7 @@ async fn deliver(
         attempt.await
     };
     in_flight.decrement(1.0);
+    drop(sending);
     if action == RetryAction::Done {
         crate::fault::pass(crate::fault::Point::AfterTargetAnswer);
     }
@@ -298,5 +373,5 @@ async fn deliver(
             tracing::error!(flow = %flow.name, %error, "recording a delivery attempt failed");
         }
     }
-    message
+    (message, outcome)
 }

@@ -623,6 +623,19 @@ impl Store {
         on_backend!(self, b => b.claim(flow, target, limit, lease_until).await)
     }
 
+    /// Gives claimed entries (outbox id and the claim's `lease_until`) back unattempted, due
+    /// again at once.
+    ///
+    /// # Errors
+    ///
+    /// When the database fails.
+    pub async fn release(&self, entries: Vec<(i64, Millis)>) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        on_backend!(self, b => b.release(entries).await)
+    }
+
     /// When the next pending entry of `flow`'s `target` is due.
     ///
     /// # Errors

@@ -223,6 +223,10 @@ impl PgStore {
         transaction!(self, (1, 0), conn => sql::claim(conn, flow, target, limit, lease_until))
     }
 
+    pub(super) async fn release(&self, entries: Vec<(i64, Millis)>) -> Result<(), StoreError> {
+        transaction!(self, (1, 0), conn => sql::release(conn, &entries))
+    }
+
     pub(super) async fn first_sight(
         &self,
         scope: &str,

@@ -561,13 +561,14 @@ async fn correlate(
     message_id: Option<&str>,
 ) -> Result<i64, StoreError> {
     let now = now_ms();
-    let (id, created, context, keys, patch, state) = match write {
-        CorrelationWrite::Save {
-            context,
-            keys,
-            data,
-            state,
-        } => {
+    let (patch, state) = match write {
+        CorrelationWrite::Save { data, state, .. }
+        | CorrelationWrite::Update { data, state, .. } => (data, state),
+    };
+    // An older record's data is read with its row locked, so nobody merges between this read
+    // and the write; a record this call makes is made with the patch already in it.
+    let (id, context, keys, fresh, data) = match write {
+        CorrelationWrite::Save { context, keys, .. } => {
             let keys: Vec<&str> = keys
                 .iter()
                 .map(String::as_str)
@@ -587,54 +588,61 @@ async fn correlate(
                 },
             )
             .await?;
-            let existing = record_with_key(conn, context, &keys).await?;
-            let (id, created) = match existing {
-                Some(id) => (id, false),
-                None => {
-                    let id = sqlx::query_scalar(
-                        "INSERT INTO correlations (context, key, data, created_at, updated_at)
-                         VALUES ($1, $2, '{}', $3, $3) RETURNING id",
-                    )
-                    .bind(context)
-                    .bind(main)
-                    .bind(now)
+            if let Some(id) = record_with_key(conn, context, &keys).await? {
+                let data = if patch.is_null() {
+                    None
+                } else {
+                    let current: String = sqlx::query_scalar(concat!(
+                        "SELECT data FROM correlations WHERE id = $1",
+                        for_update!()
+                    ))
+                    .bind(id)
                     .fetch_one(&mut *conn)
                     .await?;
-                    (id, true)
-                }
-            };
-            (id, created, context.clone(), keys, data, state)
+                    Some(parse(&current)?)
+                };
+                (id, context.clone(), keys, false, data)
+            } else {
+                let mut data = Value::Object(serde_json::Map::new());
+                merge(&mut data, patch);
+                let id = sqlx::query_scalar(
+                    "INSERT INTO correlations (context, key, data, created_at, updated_at)
+                     VALUES ($1, $2, $3, $4, $4) RETURNING id",
+                )
+                .bind(context)
+                .bind(main)
+                .bind(data.to_string())
+                .bind(now)
+                .fetch_one(&mut *conn)
+                .await?;
+                (id, context.clone(), keys, true, None)
+            }
         }
         CorrelationWrite::Update {
-            record_id,
-            keys,
-            data,
-            state,
+            record_id, keys, ..
         } => {
-            let context: String =
-                sqlx::query_scalar("SELECT context FROM correlations WHERE id = $1")
-                    .bind(record_id)
-                    .fetch_one(&mut *conn)
-                    .await?;
-            let keys = keys.iter().map(String::as_str).collect();
-            (*record_id, false, context, keys, data, state)
-        }
-    };
-    if !patch.is_null() {
-        // A record made by this transaction is empty and seen by no one else; an older one
-        // is read with its row locked, so nobody merges between this read and the write.
-        let mut data = if created {
-            Value::Object(serde_json::Map::new())
-        } else {
-            let current: String = sqlx::query_scalar(concat!(
-                "SELECT data FROM correlations WHERE id = $1",
+            let row = sqlx::query(concat!(
+                "SELECT context, data FROM correlations WHERE id = $1",
                 for_update!()
             ))
-            .bind(id)
+            .bind(record_id)
             .fetch_one(&mut *conn)
             .await?;
-            parse(&current)?
-        };
+            let data = if patch.is_null() {
+                None
+            } else {
+                Some(parse(&row.get::<String, _>("data"))?)
+            };
+            let keys = keys
+                .iter()
+                .map(String::as_str)
+                .filter(|k| !k.is_empty())
+                .collect();
+            (*record_id, row.get("context"), keys, false, data)
+        }
+    };
+    let mut touched = fresh;
+    if let Some(mut data) = data {
         merge(&mut data, patch);
         sqlx::query("UPDATE correlations SET data = $1, updated_at = $2 WHERE id = $3")
             .bind(data.to_string())
@@ -642,16 +650,18 @@ async fn correlate(
             .bind(id)
             .execute(&mut *conn)
             .await?;
+        touched = true;
     }
-    for key in keys.iter().filter(|k| !k.is_empty()) {
-        sqlx::query(
-            "INSERT INTO correlation_keys (context, key, correlation_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-        )
-        .bind(&context)
-        .bind(key)
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
+    if !keys.is_empty() {
+        // All keys in one statement: statements, not rows, are what cost here.
+        let mut insert = sqlx::QueryBuilder::<Db>::new(
+            "INSERT INTO correlation_keys (context, key, correlation_id) ",
+        );
+        insert.push_values(&keys, |mut row, key| {
+            row.push_bind(&context).push_bind(*key).push_bind(id);
+        });
+        insert.push(" ON CONFLICT DO NOTHING");
+        insert.build().execute(&mut *conn).await?;
     }
     if let Some(state) = state {
         sqlx::query("INSERT INTO correlation_states (correlation_id, state, message_id, at) VALUES ($1, $2, $3, $4)")
@@ -661,8 +671,7 @@ async fn correlate(
             .bind(now)
             .execute(&mut *conn)
             .await?;
-        if patch.is_null() {
-            // (A merge above already marked the record changed.)
+        if !touched {
             sqlx::query("UPDATE correlations SET updated_at = $1 WHERE id = $2")
                 .bind(now)
                 .bind(id)
@@ -674,6 +683,10 @@ async fn correlate(
 }
 
 /// Claims up to `limit` due (or abandoned) outbox entries of `flow`'s `target`.
+///
+/// Abandoned entries (in flight past their lease) and due pending ones are claimed by two
+/// statements, each an index range on `(flow, target, state, …)`: one statement with an `OR`
+/// on the state would walk every row the target ever had, delivered ones included.
 pub(super) async fn claim(
     conn: &mut Conn,
     flow: &str,
@@ -682,29 +695,65 @@ pub(super) async fn claim(
     lease_until: Millis,
 ) -> Result<Vec<Claimed>, StoreError> {
     let now = now_ms();
-    let rows = sqlx::query(concat!(
-        "UPDATE outbox SET state = 'in_flight', lease_until = $1, updated_at = $2
+    let mut rows = sqlx::query(concat!(
+        "UPDATE outbox SET lease_until = $1, updated_at = $2
          WHERE id IN (SELECT id FROM outbox WHERE flow = $3 AND target = $4
-                      AND ((state = 'pending' AND next_attempt_at <= $2) OR (state = 'in_flight' AND lease_until < $2))
-                      ORDER BY next_attempt_at, id LIMIT $5",
+                      AND state = 'in_flight' AND lease_until < $2 LIMIT $5",
         skip_locked!(),
         ") RETURNING id, message_id, attempts, created_at"
     ))
-        .bind(lease_until)
-        .bind(now)
-        .bind(flow)
-        .bind(target)
-        .bind(i64::from(limit))
+    .bind(lease_until)
+    .bind(now)
+    .bind(flow)
+    .bind(target)
+    .bind(i64::from(limit))
+    .fetch_all(&mut *conn)
+    .await?;
+    let left = i64::from(limit) - rows.len() as i64;
+    if left > 0 {
+        rows.extend(
+            sqlx::query(concat!(
+                "UPDATE outbox SET state = 'in_flight', lease_until = $1, updated_at = $2
+                 WHERE id IN (SELECT id FROM outbox WHERE flow = $3 AND target = $4
+                              AND state = 'pending' AND next_attempt_at <= $2
+                              ORDER BY next_attempt_at, id LIMIT $5",
+                skip_locked!(),
+                ") RETURNING id, message_id, attempts, created_at"
+            ))
+            .bind(lease_until)
+            .bind(now)
+            .bind(flow)
+            .bind(target)
+            .bind(left)
+            .fetch_all(&mut *conn)
+            .await?,
+        );
+    }
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    // The messages of the whole claim in one read.
+    let mut select = sqlx::QueryBuilder::<Db>::new(
+        "SELECT id, document, content_type, record_id FROM messages WHERE id IN (",
+    );
+    let mut ids = select.separated(", ");
+    for row in &rows {
+        ids.push_bind(row.get::<String, _>("message_id"));
+    }
+    select.push(")");
+    let messages: std::collections::HashMap<String, Row> = select
+        .build()
         .fetch_all(&mut *conn)
-        .await?;
+        .await?
+        .into_iter()
+        .map(|row| (row.get("id"), row))
+        .collect();
     let mut claimed = Vec::with_capacity(rows.len());
     for row in rows {
         let message_id: String = row.get("message_id");
-        let message =
-            sqlx::query("SELECT document, content_type, record_id FROM messages WHERE id = $1")
-                .bind(&message_id)
-                .fetch_one(&mut *conn)
-                .await?;
+        let message = messages.get(&message_id).ok_or_else(|| {
+            StoreError::Corrupt(format!("outbox entry without message {message_id}"))
+        })?;
         claimed.push(Claimed {
             outbox_id: row.get("id"),
             attempts: u32::try_from(row.get::<i64, _>("attempts")).unwrap_or_default(),
@@ -718,6 +767,24 @@ pub(super) async fn claim(
     }
     claimed.sort_by_key(|c| c.outbox_id);
     Ok(claimed)
+}
+
+/// Gives claimed entries back unattempted: due again at once, for any worker, instead of when
+/// their lease runs out. An entry whose claim already ran out is left to its new owner.
+pub(super) async fn release(conn: &mut Conn, entries: &[(i64, Millis)]) -> Result<(), StoreError> {
+    let now = now_ms();
+    for (id, lease_until) in entries {
+        sqlx::query(
+            "UPDATE outbox SET state = 'pending', lease_until = NULL, updated_at = $1
+             WHERE id = $2 AND state = 'in_flight' AND lease_until = $3",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(lease_until)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
 }
 
 /// Claims up to `limit` due (or abandoned) messages of embedded queue `queue`.

@@ -35,6 +35,7 @@ enum Job {
         lease_until: Millis,
         reply: Reply<Vec<Claimed>>,
     },
+    Release(Vec<(i64, Millis)>, Reply<()>),
     Prune(Millis, Reply<u64>),
     FirstSight {
         scope: String,
@@ -183,6 +184,10 @@ impl SqliteStore {
             reply,
         })
         .await
+    }
+
+    pub(super) async fn release(&self, entries: Vec<(i64, Millis)>) -> Result<(), StoreError> {
+        self.submit(|reply| Job::Release(entries, reply)).await
     }
 
     pub(super) async fn first_sight(
@@ -414,21 +419,25 @@ async fn commit_batch(
             return Err((done, error));
         }
     };
+    // Each write is atomic on its own: a failing one is undone without its neighbours. Ending
+    // one job's savepoint and opening the next's is one call to the database, not two.
+    let mut open = sqlx::raw_sql("SAVEPOINT job").execute(&mut *tx).await;
     for job in batch.drain(..) {
-        // Each write is atomic on its own: a failing one is undone without its neighbours.
-        if let Err(error) = sqlx::query("SAVEPOINT job").execute(&mut *tx).await {
-            done.push(fail(job, &error));
+        if let Err(error) = &open {
+            done.push(fail(job, error));
+            open = sqlx::raw_sql("SAVEPOINT job").execute(&mut *tx).await;
             continue;
         }
-        let finish = run_job(&mut tx, job).await;
-        let end = if finish.1 {
-            "RELEASE job"
+        let (finish, ok) = run_job(&mut tx, job).await;
+        done.push(finish);
+        let next = if ok {
+            "RELEASE job; SAVEPOINT job"
         } else {
-            "ROLLBACK TO job; RELEASE job"
+            "ROLLBACK TO job; RELEASE job; SAVEPOINT job"
         };
-        let _ = sqlx::raw_sql(end).execute(&mut *tx).await;
-        done.push(finish.0);
+        open = sqlx::raw_sql(next).execute(&mut *tx).await;
     }
+    // COMMIT ends the last job's savepoint with the transaction.
     match tx.commit().await {
         Ok(()) => Ok(done),
         Err(error) => Err((done, error)),
@@ -439,7 +448,9 @@ fn fail(job: Job, error: &sqlx::Error) -> Finish {
     let error = || StoreError::Corrupt(error.to_string());
     match job {
         Job::Accept(_, reply) => finisher(reply, Err(error())),
-        Job::Attempt(_, reply) | Job::Correlate(_, reply) => finisher(reply, Err(error())),
+        Job::Attempt(_, reply) | Job::Correlate(_, reply) | Job::Release(_, reply) => {
+            finisher(reply, Err(error()))
+        }
         Job::Claim { reply, .. } => finisher(reply, Err(error())),
         Job::Prune(_, reply) => finisher(reply, Err(error())),
         Job::Enqueue { reply, .. }
@@ -472,6 +483,7 @@ async fn run_job(conn: &mut SqliteConnection, job: Job) -> (Finish, bool) {
             reply,
             sql::claim(conn, &flow, &target, limit, lease_until).await,
         ),
+        Job::Release(entries, reply) => done(reply, sql::release(conn, &entries).await),
         Job::Prune(before, reply) => done(reply, sql::prune(conn, before).await),
         Job::FirstSight {
             scope,
