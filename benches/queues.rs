@@ -2,7 +2,8 @@
 //! embedded queue, RabbitMQ and NATS JetStream, in one run. Each driver's queue is filled
 //! first, then ferry starts and drains it; the clock runs from ferry's start until the target
 //! has every message. The flow is the queue fixture's consumer (`delivery: sync`: each
-//! message is acknowledged once the target took it).
+//! message is acknowledged once the target took it). Then the other way: how fast a durable
+//! flow publishes to each queue.
 //!
 //! Run with `cargo bench --bench queues` (RabbitMQ on 127.0.0.1:5672 and NATS JetStream on
 //! 127.0.0.1:4222 must answer). `FERRY_BENCH_MESSAGES` sets the count (default 2000).
@@ -146,5 +147,69 @@ fn main() {
             );
             ferry.shutdown(Duration::from_secs(5)).await;
         }
+        for driver in ["embedded", "amqp", "nats"] {
+            publish(root, driver, count).await;
+        }
     });
+}
+
+/// Messages per second a durable flow publishes to a queue: `count` accepted by the flow
+/// from 64 tasks at once, the clock running until the store has every one delivered
+/// (committed to the embedded queue, or confirmed by the broker).
+async fn publish(root: &std::path::Path, driver: &str, count: u64) {
+    let queue = format!("bench.publish.{driver}.{}", uuid::Uuid::now_v7().simple());
+    let scratch = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let store = Store::open(&format!("sqlite://{}/bench.db", scratch.path().display()))
+        .await
+        .unwrap();
+    let env = move |name: &str| match name {
+        "EMBEDDED_QUEUE" | "AMQP_QUEUE" | "NATS_QUEUE" => Some(queue.clone()),
+        "AMQP_URL" => Some(AMQP.to_owned()),
+        "NATS_URL" => Some(NATS.to_owned()),
+        // The consumers' target: they are not run here.
+        "SINK_URL" => Some("http://127.0.0.1:9".to_owned()),
+        _ => None,
+    };
+    let flows = root.join("tests/fixtures/queues/flows");
+    let mut project = load_with_env(
+        &ProjectPaths::new(&flows, Some(&root.join("schemas"))),
+        &env,
+    )
+    .unwrap();
+    project
+        .flows
+        .retain(|f| f.name == format!("{driver}-publish"));
+    let ferry = Runtime::start(
+        &project,
+        ferry::targets::http_client().unwrap(),
+        Some(store.clone()),
+    );
+    let flow = Arc::clone(&ferry.flows()[0]);
+    let started = Instant::now();
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let (ferry, flow, next) = (Arc::clone(&ferry), Arc::clone(&flow), Arc::clone(&next));
+        tasks.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < count {
+                let meta = ferry::message::Meta::new(&flow.name);
+                let message = ferry::message::Message::new(json!({"n": 1}), &meta);
+                ferry.handle(&flow, message).await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let deadline = started + Duration::from_secs(120);
+    while store.undelivered().await.unwrap() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "{driver:<9} {count:>6} messages in {:>6.2} s: {:>7.0} messages/s (HTTP flow → queue, durable, confirmed)",
+        elapsed.as_secs_f64(),
+        count as f64 / elapsed.as_secs_f64()
+    );
+    ferry.shutdown(Duration::from_secs(5)).await;
 }

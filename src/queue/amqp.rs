@@ -1,7 +1,8 @@
 //! RabbitMQ (AMQP 0-9-1) through lapin: durable queues, persistent messages, publisher
 //! confirms; consumers with manual acks and a prefetch limit.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -10,10 +11,20 @@ use tokio::sync::Mutex;
 
 use super::{PublishError, QueueSpec};
 
-/// One confirmed channel per broker URL, opened again after a failure.
+/// One connection per broker URL with a confirmed channel that every publish to that broker
+/// shares, opened again after a failure. Publishes do not wait for each other: each waits
+/// only for its own confirm, so the broker confirms many at a time.
 #[derive(Debug, Default)]
 pub(super) struct Publishers {
-    channels: Mutex<HashMap<String, (Connection, Channel)>>,
+    links: Mutex<HashMap<String, Arc<Link>>>,
+}
+
+#[derive(Debug)]
+struct Link {
+    connection: Connection,
+    channel: Channel,
+    /// The queues declared on this connection: a declare is a round trip, once is enough.
+    declared: std::sync::Mutex<HashSet<String>>,
 }
 
 /// Opens a channel on a new connection to `url`, giving up after 10 s (a peer that takes
@@ -46,9 +57,48 @@ pub(crate) async fn declare(channel: &Channel, queue: &str) -> Result<(), lapin:
 }
 
 impl Publishers {
-    /// The queue's ready messages, by a passive declare (which creates nothing).
+    /// The link to `url`, opened if there is none.
+    async fn link(&self, url: &str) -> Result<Arc<Link>, PublishError> {
+        let mut links = self.links.lock().await;
+        if let Some(link) = links.get(url)
+            && link.channel.status().connected()
+        {
+            return Ok(Arc::clone(link));
+        }
+        let (connection, channel) = connect(url).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let link = Arc::new(Link {
+            connection,
+            channel,
+            declared: std::sync::Mutex::default(),
+        });
+        links.insert(url.to_owned(), Arc::clone(&link));
+        Ok(link)
+    }
+
+    /// Forgets `link` after a failure, unless it was replaced already: the next publish
+    /// opens a new one.
+    async fn forget(&self, url: &str, link: &Arc<Link>) {
+        let mut links = self.links.lock().await;
+        if links.get(url).is_some_and(|l| Arc::ptr_eq(l, link)) {
+            links.remove(url);
+        }
+    }
+
+    /// The queue's ready messages, by a passive declare (which creates nothing) on a channel
+    /// of its own (a passive declare of a missing queue closes its channel) over the
+    /// publishing connection.
     pub(super) async fn backlog(&self, spec: &QueueSpec) -> Result<super::Backlog, PublishError> {
-        let (connection, channel) = connect(&spec.url).await?;
+        let link = self.link(&spec.url).await?;
+        let channel = match link.connection.create_channel().await {
+            Ok(channel) => channel,
+            Err(error) => {
+                self.forget(&spec.url, &link).await;
+                return Err(error.into());
+            }
+        };
         let declared = channel
             .queue_declare(
                 spec.name.as_str().into(),
@@ -59,7 +109,7 @@ impl Publishers {
                 FieldTable::default(),
             )
             .await;
-        let _ = connection.close(0, "".into()).await;
+        let _ = channel.close(0, "".into()).await;
         let ready = u64::from(declared?.message_count());
         Ok(super::Backlog {
             depth: ready,
@@ -73,19 +123,26 @@ impl Publishers {
         payload: Vec<u8>,
         headers: &BTreeMap<String, String>,
     ) -> Result<(), PublishError> {
-        let mut channels = self.channels.lock().await;
-        if !channels.contains_key(&spec.url) {
-            let (connection, channel) = connect(&spec.url).await?;
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await?;
-            channels.insert(spec.url.clone(), (connection, channel));
+        let link = self.link(&spec.url).await?;
+        let result = async {
+            let known = link
+                .declared
+                .lock()
+                .expect("not poisoned")
+                .contains(&spec.name);
+            if !known {
+                declare(&link.channel, &spec.name).await?;
+                link.declared
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(spec.name.clone());
+            }
+            publish_on(&link.channel, spec, payload, headers).await
         }
-        let (_, channel) = &channels[&spec.url];
-        let result = publish_on(channel, spec, payload, headers).await;
+        .await;
         if result.is_err() {
             // A failed channel is not used again: the next attempt opens a new one.
-            channels.remove(&spec.url);
+            self.forget(&spec.url, &link).await;
         }
         result
     }
@@ -97,7 +154,6 @@ async fn publish_on(
     payload: Vec<u8>,
     headers: &BTreeMap<String, String>,
 ) -> Result<(), PublishError> {
-    declare(channel, &spec.name).await?;
     let mut table = FieldTable::default();
     for (name, value) in headers {
         table.insert(
