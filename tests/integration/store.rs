@@ -73,6 +73,7 @@ async fn with_lease(store: &TestStore, lease: Duration) -> Store {
 on_both_stores!(
     accept_claim_deliver_and_trace,
     a_claim_that_runs_out_is_taken_over_and_the_late_outcome_is_refused,
+    claims_take_the_oldest_first_and_entries_given_back_are_due_at_once,
     embedded_queue_messages_are_claimed_retried_and_removed,
     a_replay_delivers_a_dead_letter_again,
     a_webhook_id_is_taken_once,
@@ -206,6 +207,31 @@ async fn a_claim_that_runs_out_is_taken_over_and_the_late_outcome_is_refused(bac
     let detail = store.message("m1").await.unwrap().unwrap();
     assert_eq!(detail.summary.status, "dead");
     assert_eq!(detail.deliveries[0].state, "dead");
+    store.close().await;
+}
+
+async fn claims_take_the_oldest_first_and_entries_given_back_are_due_at_once(backend: Backend) {
+    let test = TestStore::new(backend).await;
+    let store = test.open().await;
+    for id in ["m1", "m2", "m3"] {
+        store.accept(accepted(id, None)).await.unwrap();
+    }
+    let first = store.claim("f", "lab", 2).await.unwrap();
+    let ids: Vec<&str> = first.iter().map(|c| c.message_id.as_str()).collect();
+    assert_eq!(ids, ["m1", "m2"], "at most the limit, oldest first");
+    assert!(first.iter().all(|c| c.document["body"].is_object()));
+
+    // m2 goes back; a give-back under a claim that is not the entry's own changes nothing.
+    store
+        .release(vec![
+            (first[1].outbox_id, first[1].lease_until),
+            (first[0].outbox_id, first[0].lease_until - 1),
+        ])
+        .await
+        .unwrap();
+    let second = store.claim("f", "lab", 10).await.unwrap();
+    let ids: Vec<&str> = second.iter().map(|c| c.message_id.as_str()).collect();
+    assert_eq!(ids, ["m2", "m3"], "m2 due again at once, m1 still claimed");
     store.close().await;
 }
 
