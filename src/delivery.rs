@@ -109,10 +109,13 @@ impl Worker {
         let concurrency = self.flow.concurrency() as usize;
         let sending = Arc::new(Semaphore::new(concurrency));
         let unrecorded = Arc::new(Semaphore::new(MAX_UNRECORDED));
-        // The margin an entry's claim must still have when it is sent: the attempt's longest.
+        // What an entry's claim must still have left when it is sent: the attempt's longest,
+        // or half the lease where the attempt may outlast it anyway (warned about at start).
+        let lease = i64::try_from(self.store.lease().as_millis()).unwrap_or(i64::MAX);
         let margin = self.flow.targets()[self.target]
             .timeout()
-            .map_or(0, |t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX));
+            .map_or(0, |t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX))
+            .min(lease / 2);
         let mut ready: VecDeque<Claimed> = VecDeque::new();
         let mut attempts = JoinSet::new();
         let this = Arc::new(self);
