@@ -695,38 +695,36 @@ pub(super) async fn claim(
     lease_until: Millis,
 ) -> Result<Vec<Claimed>, StoreError> {
     let now = now_ms();
-    let mut rows = sqlx::query(concat!(
+    let abandoned = concat!(
         "UPDATE outbox SET lease_until = $1, updated_at = $2
          WHERE id IN (SELECT id FROM outbox WHERE flow = $3 AND target = $4
                       AND state = 'in_flight' AND lease_until < $2 LIMIT $5",
         skip_locked!(),
         ") RETURNING id, message_id, attempts, created_at"
-    ))
-    .bind(lease_until)
-    .bind(now)
-    .bind(flow)
-    .bind(target)
-    .bind(i64::from(limit))
-    .fetch_all(&mut *conn)
-    .await?;
-    let left = i64::from(limit) - rows.len() as i64;
-    if left > 0 {
+    );
+    let due = concat!(
+        "UPDATE outbox SET state = 'in_flight', lease_until = $1, updated_at = $2
+         WHERE id IN (SELECT id FROM outbox WHERE flow = $3 AND target = $4
+                      AND state = 'pending' AND next_attempt_at <= $2
+                      ORDER BY next_attempt_at, id LIMIT $5",
+        skip_locked!(),
+        ") RETURNING id, message_id, attempts, created_at"
+    );
+    let mut rows = Vec::new();
+    for statement in [abandoned, due] {
+        let left = i64::from(limit) - rows.len() as i64;
+        if left <= 0 {
+            break;
+        }
         rows.extend(
-            sqlx::query(concat!(
-                "UPDATE outbox SET state = 'in_flight', lease_until = $1, updated_at = $2
-                 WHERE id IN (SELECT id FROM outbox WHERE flow = $3 AND target = $4
-                              AND state = 'pending' AND next_attempt_at <= $2
-                              ORDER BY next_attempt_at, id LIMIT $5",
-                skip_locked!(),
-                ") RETURNING id, message_id, attempts, created_at"
-            ))
-            .bind(lease_until)
-            .bind(now)
-            .bind(flow)
-            .bind(target)
-            .bind(left)
-            .fetch_all(&mut *conn)
-            .await?,
+            sqlx::query(statement)
+                .bind(lease_until)
+                .bind(now)
+                .bind(flow)
+                .bind(target)
+                .bind(left)
+                .fetch_all(&mut *conn)
+                .await?,
         );
     }
     if rows.is_empty() {
