@@ -25,7 +25,7 @@ use crate::store::{
     Acceptance, Accepted, CorrelationWrite, MessageStatus, NewEvent, Prior, Store, StoredReply,
     now_ms,
 };
-use crate::targets::{Attempt, Calls, Mocks, Reach, Target};
+use crate::targets::{Attempt, Calls, FlowTarget, Mocks, Reach, Target};
 
 /// What stands behind the targets.
 #[derive(Debug, Clone)]
@@ -206,14 +206,14 @@ impl Engine {
         let mut called = None;
         for &index in &processed.targets {
             let target = &flow.targets()[index];
-            match (target, &self.transport) {
+            match self.real_call(target) {
                 // A called flow's refusal is the caller's, status and all.
-                (Target::Flow(call), _) if self.calls_for_real(target) => {
+                Some(call) => {
                     let reply = self.hand_over(&call.flow, call.name(), &message).await?;
                     message.merge_vars(&reply.body);
                     called = Some(reply);
                 }
-                (target, _) => {
+                None => {
                     let attempt = self.attempt(flow, target, &mut message).await;
                     if attempt.action != RetryAction::Done {
                         return Err(FlowError::Target {
@@ -318,13 +318,15 @@ impl Engine {
             .ok_or_else(|| ServeError::Internal(format!("flow \"{name}\" is not loaded")))
     }
 
-    /// Whether `target` is a flow target whose flow runs for real: always on the network;
+    /// `target`, when it is a flow target whose flow runs for real: always on the network;
     /// with mocks, when the test says so.
-    fn calls_for_real(&self, target: &Target) -> bool {
-        match (target, &self.transport) {
-            (Target::Flow(_), Transport::Network(_)) => true,
-            (Target::Flow(call), Transport::Mocks(mocks)) => mocks.runs(&call.flow),
-            _ => false,
+    fn real_call<'t>(&self, target: &'t Target) -> Option<&'t FlowTarget> {
+        let Target::Flow(call) = target else {
+            return None;
+        };
+        match &self.transport {
+            Transport::Network(_) => Some(call),
+            Transport::Mocks(mocks) => mocks.runs(&call.flow).then_some(call),
         }
     }
 
@@ -344,13 +346,10 @@ impl Engine {
     /// target answers is captured into `message`'s vars.
     pub async fn attempt(&self, flow: &Flow, target: &Target, message: &mut Message) -> Attempt {
         match &self.transport {
-            Transport::Mocks(_) if self.calls_for_real(target) => {
-                let Target::Flow(call) = target else {
-                    unreachable!("only flow targets are called")
-                };
-                call.attempt(message, self).await
-            }
-            Transport::Mocks(mocks) => mocks.attempt(&flow.name, target, message, flow.templates()),
+            Transport::Mocks(mocks) => match self.real_call(target) {
+                Some(call) => call.attempt(message, self).await,
+                None => mocks.attempt(&flow.name, target, message, flow.templates()),
+            },
             Transport::Network(client) => {
                 let reach = Reach {
                     client,
