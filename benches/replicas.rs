@@ -8,7 +8,6 @@
 //! another). Run with `cargo bench --bench replicas`.
 #![allow(missing_docs)]
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -66,15 +65,7 @@ fn replica(store: &str, lab: &str) -> (Child, String) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("ferry listening on ")
-        .unwrap()
-        .to_owned();
+    let url = common::support::listening_url(&mut child, "ferry listening on ");
     (child, url)
 }
 

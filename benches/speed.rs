@@ -20,7 +20,6 @@
 //! load is held.
 #![allow(missing_docs)]
 
-use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -202,18 +201,18 @@ impl Server {
     fn proxy(lab: &str) -> Self {
         let mut command = Command::new(std::env::current_exe().unwrap());
         command.env(PROXY_ROLE, lab);
-        Self::spawn(command)
+        Self::spawn(command, "proxy")
     }
 
     /// `ferry serve` with the flows of `flows` on a SQLite store at `store`.
     fn ferry(flows: &Path, store: &Path, lab: &str) -> Self {
-        Self::spawn(ferry_command(flows, store, lab))
+        Self::spawn(ferry_command(flows, store, lab), "ferry")
     }
 
     /// How long `ferry serve` takes from process start to `/readyz` answering 200.
     async fn startup(flows: &Path, store: &Path, lab: &str) -> Duration {
         let started = Instant::now();
-        let server = Self::spawn(ferry_command(flows, store, lab));
+        let server = Self::spawn(ferry_command(flows, store, lab), "ferry");
         let client = reqwest::Client::new();
         loop {
             let ready = client
@@ -228,24 +227,15 @@ impl Server {
         }
     }
 
-    fn spawn(mut command: Command) -> Self {
+    /// Spawns a server that prints `<what> listening on <url>` first.
+    fn spawn(mut command: Command, what: &str) -> Self {
         let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
         pin(child.id(), "0");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let url = line
-            .trim()
-            .rsplit(' ')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        assert!(url.starts_with("http://"), "unexpected: {line}");
+        let url = common::support::listening_url(&mut child, &format!("{what} listening on "));
         Self { child, url }
     }
 

@@ -8,8 +8,8 @@ use std::process::{Child, Command, Stdio};
 
 use serde_json::json;
 
-use crate::util::process::{TOKEN, spawn_on, stderr_lines, terminate};
-use crate::util::{Partner, SECRETS, payload, post_json, repo, wait_until};
+use crate::util::process::{TOKEN, json_lines, spawn_on, stderr_lines, terminate};
+use crate::util::{Partner, SECRETS, payload, post_json, repo, wait_for_state, wait_until};
 
 /// Starts `ferry serve` on an ephemeral port with the shipped flows and a store in `dir`.
 fn spawn_ferry(dir: &Path, lab: &Partner) -> (Child, String) {
@@ -632,12 +632,7 @@ async fn json_logs_follow_one_correlation_id_both_ways() {
     .await;
     terminate(child).await;
 
-    let entries: Vec<serde_json::Value> = logs
-        .join()
-        .unwrap()
-        .iter()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let entries = json_lines(logs);
     let journey: Vec<(&str, &str)> = entries
         .iter()
         .filter(|e| e["correlation_id"] == "corr-both-ways")
@@ -687,15 +682,11 @@ async fn a_failing_partner_is_one_info_line_per_attempt_and_a_warning_when_dead(
     let (_, reply) = post_json(&format!("{url}/api/v1/test-requests"), &other).await;
     let dead = reply["request_id"].as_str().unwrap().to_owned();
     wait_until("the lab refused it", || lab.received().len() == 3).await;
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Its dead-letter line is written before the outcome is recorded.
+    wait_for_state(&url, &dead, "failed").await;
     terminate(child).await;
 
-    let entries: Vec<serde_json::Value> = logs
-        .join()
-        .unwrap()
-        .iter()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let entries = json_lines(logs);
     let failed: Vec<&serde_json::Value> = entries
         .iter()
         .filter(|e| {

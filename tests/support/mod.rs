@@ -1,7 +1,9 @@
-//! What the integration tests and the benchmarks share: fixtures, and a server on a free
-//! loopback port.
+//! What the integration tests and the benchmarks share: fixtures, a server on a free
+//! loopback port, and the URL a spawned server says it listens on.
 
+use std::io::{BufRead as _, BufReader};
 use std::path::PathBuf;
+use std::process::Child;
 
 use axum::Router;
 use serde_json::Value;
@@ -33,4 +35,17 @@ pub(crate) async fn serve(router: Router) -> (String, oneshot::Sender<()>) {
             .unwrap();
     });
     (url, tx)
+}
+
+/// The URL `child` (spawned with its stdout piped) prints first, after `prefix` (such as
+/// `"ferry listening on "`).
+pub(crate) fn listening_url(child: &mut Child, prefix: &str) -> String {
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    line.trim()
+        .strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("unexpected: {line}"))
+        .to_owned()
 }

@@ -47,5 +47,5 @@ pub(crate) use partner::*;
 pub(crate) use proxy::*;
 pub(crate) use requests::*;
 pub(crate) use store::*;
-pub(crate) use support::{payload, repo, serve};
+pub(crate) use support::{listening_url, payload, repo, serve};
 pub(crate) use wait::*;

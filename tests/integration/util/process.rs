@@ -3,7 +3,7 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
-use super::{FAST_RETRY, SECRETS, repo};
+use super::{FAST_RETRY, SECRETS, listening_url, repo};
 
 /// The admin token child ferries run with.
 pub(crate) const TOKEN: &str = "cli-test-token";
@@ -28,15 +28,8 @@ pub(crate) fn spawn_on(
         .stderr(stderr)
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("ferry listening on ")
-        .unwrap_or_else(|| panic!("unexpected: {line}"));
-    (child, url.to_owned())
+    let url = listening_url(&mut child, "ferry listening on ");
+    (child, url)
 }
 
 /// Collects the lines `child` writes to its (piped) stderr until it exits.
@@ -48,6 +41,16 @@ pub(crate) fn stderr_lines(child: &mut Child) -> std::thread::JoinHandle<Vec<Str
             .map_while(Result::ok)
             .collect()
     })
+}
+
+/// The JSON log entries among the lines [`stderr_lines`] collected, once the child has exited.
+pub(crate) fn json_lines(lines: std::thread::JoinHandle<Vec<String>>) -> Vec<serde_json::Value> {
+    lines
+        .join()
+        .unwrap()
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 pub(crate) async fn terminate(child: Child) {
