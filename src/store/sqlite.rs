@@ -21,53 +21,84 @@ use super::{
 /// Writes waiting beyond this many go into the next transaction.
 const MAX_BATCH: usize = 512;
 
-type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+/// A write for the writer task, and who waits for its result.
+struct Job {
+    work: Work,
+    reply: oneshot::Sender<Result<Done, StoreError>>,
+}
 
-/// A write for the writer task.
-enum Job {
-    Accept(Box<Accepted>, Reply<Acceptance>),
-    Attempt(Box<AttemptRecord>, Reply<()>),
-    Correlate(Vec<CorrelationWrite>, Reply<()>),
+/// What a job writes.
+enum Work {
+    Accept(Box<Accepted>),
+    Attempt(Box<AttemptRecord>),
+    Correlate(Vec<CorrelationWrite>),
     Claim {
         flow: String,
         target: String,
         limit: u32,
         lease_until: Millis,
-        reply: Reply<Vec<Claimed>>,
     },
-    Release(Vec<(i64, Millis)>, Reply<()>),
-    Prune(Millis, Reply<u64>),
+    Release(Vec<(i64, Millis)>),
+    Prune(Millis),
     FirstSight {
         scope: String,
         id: String,
         expires_at: Millis,
-        reply: Reply<bool>,
     },
     ForgetSight {
         scope: String,
         id: String,
-        reply: Reply<()>,
     },
     Enqueue {
         queue: String,
         payload: String,
         headers: String,
-        reply: Reply<()>,
     },
     ClaimQueue {
         queue: String,
         limit: u32,
         lease_until: Millis,
-        reply: Reply<Vec<QueueItem>>,
     },
     FinishQueue {
         id: i64,
         retry_at: Option<Millis>,
-        reply: Reply<()>,
     },
     /// The heartbeat: its commit shows the store takes writes now.
-    Probe(Reply<()>),
+    Probe,
 }
+
+/// Declares [`Done`], what a job gives back by kind, and how the call that asked for each
+/// kind takes it out.
+macro_rules! results {
+    ($($variant:ident($type:ty)),* $(,)?) => {
+        /// What a job gives back, by kind.
+        enum Done {
+            $($variant($type),)*
+        }
+
+        $(impl TryFrom<Done> for $type {
+            type Error = StoreError;
+
+            fn try_from(done: Done) -> Result<Self, StoreError> {
+                match done {
+                    Done::$variant(value) => Ok(value),
+                    _ => Err(StoreError::Corrupt(
+                        "the store writer answered with another job's result".into(),
+                    )),
+                }
+            }
+        })*
+    };
+}
+
+results!(
+    Accepted(Acceptance),
+    Nothing(()),
+    Claimed(Vec<Claimed>),
+    Pruned(u64),
+    Sighted(bool),
+    Items(Vec<QueueItem>),
+);
 
 #[derive(Debug, Clone)]
 pub(super) struct SqliteStore {
@@ -141,31 +172,32 @@ impl SqliteStore {
         })
     }
 
-    async fn submit<T>(&self, make: impl FnOnce(Reply<T>) -> Job) -> Result<T, StoreError> {
-        let (tx, rx) = oneshot::channel();
+    async fn submit<T: TryFrom<Done, Error = StoreError>>(
+        &self,
+        work: Work,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
         self.jobs
-            .send(make(tx))
+            .send(Job { work, reply })
             .await
             .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        answer.await.map_err(|_| StoreError::Closed)??.try_into()
     }
 
     pub(super) async fn writable(&self) -> Result<(), StoreError> {
-        self.submit(Job::Probe).await
+        self.submit(Work::Probe).await
     }
 
     pub(super) async fn accept(&self, accepted: Accepted) -> Result<Acceptance, StoreError> {
-        self.submit(|reply| Job::Accept(Box::new(accepted), reply))
-            .await
+        self.submit(Work::Accept(Box::new(accepted))).await
     }
 
     pub(super) async fn record_attempt(&self, attempt: AttemptRecord) -> Result<(), StoreError> {
-        self.submit(|reply| Job::Attempt(Box::new(attempt), reply))
-            .await
+        self.submit(Work::Attempt(Box::new(attempt))).await
     }
 
     pub(super) async fn correlate(&self, writes: Vec<CorrelationWrite>) -> Result<(), StoreError> {
-        self.submit(|reply| Job::Correlate(writes, reply)).await
+        self.submit(Work::Correlate(writes)).await
     }
 
     pub(super) async fn claim(
@@ -175,19 +207,17 @@ impl SqliteStore {
         limit: u32,
         lease_until: Millis,
     ) -> Result<Vec<Claimed>, StoreError> {
-        let (flow, target) = (flow.to_owned(), target.to_owned());
-        self.submit(|reply| Job::Claim {
-            flow,
-            target,
+        self.submit(Work::Claim {
+            flow: flow.to_owned(),
+            target: target.to_owned(),
             limit,
             lease_until,
-            reply,
         })
         .await
     }
 
     pub(super) async fn release(&self, entries: Vec<(i64, Millis)>) -> Result<(), StoreError> {
-        self.submit(|reply| Job::Release(entries, reply)).await
+        self.submit(Work::Release(entries)).await
     }
 
     pub(super) async fn first_sight(
@@ -196,24 +226,24 @@ impl SqliteStore {
         id: &str,
         expires_at: Millis,
     ) -> Result<bool, StoreError> {
-        let (scope, id) = (scope.to_owned(), id.to_owned());
-        self.submit(|reply| Job::FirstSight {
-            scope,
-            id,
+        self.submit(Work::FirstSight {
+            scope: scope.to_owned(),
+            id: id.to_owned(),
             expires_at,
-            reply,
         })
         .await
     }
 
     pub(super) async fn forget_sight(&self, scope: &str, id: &str) -> Result<(), StoreError> {
-        let (scope, id) = (scope.to_owned(), id.to_owned());
-        self.submit(|reply| Job::ForgetSight { scope, id, reply })
-            .await
+        self.submit(Work::ForgetSight {
+            scope: scope.to_owned(),
+            id: id.to_owned(),
+        })
+        .await
     }
 
     pub(super) async fn prune(&self, before: Millis) -> Result<u64, StoreError> {
-        self.submit(|reply| Job::Prune(before, reply)).await
+        self.submit(Work::Prune(before)).await
     }
 
     pub(super) async fn enqueue(
@@ -222,12 +252,10 @@ impl SqliteStore {
         payload: String,
         headers: String,
     ) -> Result<(), StoreError> {
-        let queue = queue.to_owned();
-        self.submit(|reply| Job::Enqueue {
-            queue,
+        self.submit(Work::Enqueue {
+            queue: queue.to_owned(),
             payload,
             headers,
-            reply,
         })
         .await
     }
@@ -238,12 +266,10 @@ impl SqliteStore {
         limit: u32,
         lease_until: Millis,
     ) -> Result<Vec<QueueItem>, StoreError> {
-        let queue = queue.to_owned();
-        self.submit(|reply| Job::ClaimQueue {
-            queue,
+        self.submit(Work::ClaimQueue {
+            queue: queue.to_owned(),
             limit,
             lease_until,
-            reply,
         })
         .await
     }
@@ -253,12 +279,7 @@ impl SqliteStore {
         id: i64,
         retry_at: Option<Millis>,
     ) -> Result<(), StoreError> {
-        self.submit(|reply| Job::FinishQueue {
-            id,
-            retry_at,
-            reply,
-        })
-        .await
+        self.submit(Work::FinishQueue { id, retry_at }).await
     }
 
     pub(super) fn commit_stats(&self) -> CommitStats {
@@ -270,10 +291,7 @@ impl SqliteStore {
         if let Some(task) = task {
             // The writer ends once every sender is gone; ours may not be the last, so stop it
             // after the queue drains instead of waiting for clones elsewhere.
-            let (tx, rx) = oneshot::channel();
-            if self.jobs.send(Job::Correlate(Vec::new(), tx)).await.is_ok() {
-                let _ = rx.await;
-            }
+            let _ = self.submit::<()>(Work::Probe).await;
             task.abort();
             let _ = task.await;
         }
@@ -363,156 +381,116 @@ async fn write_loop(mut writer: Writer, mut jobs: mpsc::Receiver<Job>, stats: Ar
     while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let messages = batch
             .iter()
-            .filter(|j| matches!(j, Job::Accept(..)))
+            .filter(|j| matches!(j.work, Work::Accept(..)))
             .count();
         let started = std::time::Instant::now();
         let committed = match writer.conn().await {
-            Ok(conn) => commit_batch(conn, &mut batch).await,
-            Err(error) => Err((
-                batch.drain(..).map(|job| fail(job, &error)).collect(),
-                error,
-            )),
+            Ok(conn) => commit_batch(conn, &batch).await,
+            Err(error) => Err(error),
         };
         metrics::histogram!("ferry_store_commit_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         match committed {
-            Ok(done) => {
-                stats.add(done.len() as u64, messages as u64);
-                for finish in done {
-                    finish(None);
+            Ok(results) => {
+                stats.add(batch.len() as u64, messages as u64);
+                for (job, result) in batch.drain(..).zip(results) {
+                    let _ = job.reply.send(result);
                 }
             }
-            Err((done, error)) => {
+            Err(error) => {
                 tracing::error!(%error, "store commit failed");
                 writer.discard().await;
-                let message = error.to_string();
-                for finish in done {
-                    finish(Some(&message));
+                for job in batch.drain(..) {
+                    let failed = StoreError::Corrupt(format!("commit failed: {error}"));
+                    let _ = job.reply.send(Err(failed));
                 }
             }
         }
     }
 }
 
-/// Sends a job's result, or the commit's failure, to whoever waits for it.
-type Finish = Box<dyn FnOnce(Option<&str>) + Send>;
-
-fn finisher<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Finish {
-    Box::new(move |commit_error| {
-        let result = match commit_error {
-            None => result,
-            Some(error) => Err(StoreError::Corrupt(format!("commit failed: {error}"))),
-        };
-        let _ = reply.send(result);
-    })
-}
-
+/// Commits `batch` in one transaction; returns each job's result in order.
+///
+/// Each job is atomic on its own: a failing one is undone without its neighbours. That takes
+/// a savepoint around each job, one more statement per job, which the batches that go
+/// through whole (nearly all) do without: when a job fails there, the batch is rolled back and
+/// run again with them.
 async fn commit_batch(
     conn: &mut SqliteConnection,
-    batch: &mut Vec<Job>,
-) -> Result<Vec<Finish>, (Vec<Finish>, sqlx::Error)> {
-    let mut done = Vec::with_capacity(batch.len());
-    let mut tx = match conn.begin_with("BEGIN IMMEDIATE").await {
-        Ok(tx) => tx,
-        Err(error) => {
-            done.extend(batch.drain(..).map(|job| fail(job, &error)));
-            return Err((done, error));
+    batch: &[Job],
+) -> Result<Vec<Result<Done, StoreError>>, sqlx::Error> {
+    match run_batch(conn, batch, false).await? {
+        Some(results) => Ok(results),
+        None => Ok(run_batch(conn, batch, true).await?.unwrap_or_default()),
+    }
+}
+
+/// Runs `batch` in a transaction, each job in a savepoint of its own when `isolated`; `None`
+/// when a job failed outside a savepoint (then nothing was committed).
+async fn run_batch(
+    conn: &mut SqliteConnection,
+    batch: &[Job],
+    isolated: bool,
+) -> Result<Option<Vec<Result<Done, StoreError>>>, sqlx::Error> {
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    if isolated {
+        sqlx::raw_sql("SAVEPOINT job").execute(&mut *tx).await?;
+    }
+    let mut results = Vec::with_capacity(batch.len());
+    for job in batch {
+        let result = run_job(&mut tx, &job.work).await;
+        if isolated {
+            // Ending one job's savepoint and opening the next's is one call, not two.
+            let next = if result.is_ok() {
+                "RELEASE job; SAVEPOINT job"
+            } else {
+                "ROLLBACK TO job; RELEASE job; SAVEPOINT job"
+            };
+            sqlx::raw_sql(next).execute(&mut *tx).await?;
+        } else if result.is_err() {
+            tx.rollback().await?;
+            return Ok(None);
         }
-    };
-    // Each write is atomic on its own: a failing one is undone without its neighbours. Ending
-    // one job's savepoint and opening the next's is one call to the database, not two.
-    let mut open = sqlx::raw_sql("SAVEPOINT job").execute(&mut *tx).await;
-    for job in batch.drain(..) {
-        if let Err(error) = &open {
-            done.push(fail(job, error));
-            open = sqlx::raw_sql("SAVEPOINT job").execute(&mut *tx).await;
-            continue;
-        }
-        let (finish, ok) = run_job(&mut tx, job).await;
-        done.push(finish);
-        let next = if ok {
-            "RELEASE job; SAVEPOINT job"
-        } else {
-            "ROLLBACK TO job; RELEASE job; SAVEPOINT job"
-        };
-        open = sqlx::raw_sql(next).execute(&mut *tx).await;
+        results.push(result);
     }
     // COMMIT ends the last job's savepoint with the transaction.
-    match tx.commit().await {
-        Ok(()) => Ok(done),
-        Err(error) => Err((done, error)),
-    }
+    tx.commit().await?;
+    Ok(Some(results))
 }
 
-fn fail(job: Job, error: &sqlx::Error) -> Finish {
-    let error = || StoreError::Corrupt(error.to_string());
-    match job {
-        Job::Accept(_, reply) => finisher(reply, Err(error())),
-        Job::Attempt(_, reply) | Job::Correlate(_, reply) | Job::Release(_, reply) => {
-            finisher(reply, Err(error()))
-        }
-        Job::Claim { reply, .. } => finisher(reply, Err(error())),
-        Job::Prune(_, reply) => finisher(reply, Err(error())),
-        Job::Enqueue { reply, .. }
-        | Job::FinishQueue { reply, .. }
-        | Job::ForgetSight { reply, .. }
-        | Job::Probe(reply) => finisher(reply, Err(error())),
-        Job::ClaimQueue { reply, .. } => finisher(reply, Err(error())),
-        Job::FirstSight { reply, .. } => finisher(reply, Err(error())),
-    }
-}
-
-/// Runs one job; returns how to report it and whether it succeeded.
-async fn run_job(conn: &mut SqliteConnection, job: Job) -> (Finish, bool) {
-    fn done<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> (Finish, bool) {
-        let ok = result.is_ok();
-        (finisher(reply, result), ok)
-    }
-    match job {
-        Job::Accept(accepted, reply) => done(reply, sql::accept(conn, &accepted).await),
-        Job::Probe(reply) => done(reply, sql::heartbeat(conn).await),
-        Job::Attempt(attempt, reply) => done(reply, sql::attempt_done(conn, &attempt).await),
-        Job::Correlate(writes, reply) => done(reply, sql::correlate_all(conn, &writes).await),
-        Job::Claim {
+/// Runs one job.
+async fn run_job(conn: &mut SqliteConnection, work: &Work) -> Result<Done, StoreError> {
+    Ok(match work {
+        Work::Accept(accepted) => Done::Accepted(sql::accept(conn, accepted).await?),
+        Work::Probe => Done::Nothing(sql::heartbeat(conn).await?),
+        Work::Attempt(attempt) => Done::Nothing(sql::attempt_done(conn, attempt).await?),
+        Work::Correlate(writes) => Done::Nothing(sql::correlate_all(conn, writes).await?),
+        Work::Claim {
             flow,
             target,
             limit,
             lease_until,
-            reply,
-        } => done(
-            reply,
-            sql::claim(conn, &flow, &target, limit, lease_until).await,
-        ),
-        Job::Release(entries, reply) => done(reply, sql::release(conn, &entries).await),
-        Job::Prune(before, reply) => done(reply, sql::prune(conn, before).await),
-        Job::FirstSight {
+        } => Done::Claimed(sql::claim(conn, flow, target, *limit, *lease_until).await?),
+        Work::Release(entries) => Done::Nothing(sql::release(conn, entries).await?),
+        Work::Prune(before) => Done::Pruned(sql::prune(conn, *before).await?),
+        Work::FirstSight {
             scope,
             id,
             expires_at,
-            reply,
-        } => done(reply, sql::first_sight(conn, &scope, &id, expires_at).await),
-        Job::ForgetSight { scope, id, reply } => {
-            done(reply, sql::forget_sight(conn, &scope, &id).await)
-        }
-        Job::Enqueue {
+        } => Done::Sighted(sql::first_sight(conn, scope, id, *expires_at).await?),
+        Work::ForgetSight { scope, id } => Done::Nothing(sql::forget_sight(conn, scope, id).await?),
+        Work::Enqueue {
             queue,
             payload,
             headers,
-            reply,
-        } => done(reply, sql::enqueue(conn, &queue, &payload, &headers).await),
-        Job::ClaimQueue {
+        } => Done::Nothing(sql::enqueue(conn, queue, payload, headers).await?),
+        Work::ClaimQueue {
             queue,
             limit,
             lease_until,
-            reply,
-        } => done(
-            reply,
-            sql::claim_queue(conn, &queue, limit, lease_until).await,
-        ),
-        Job::FinishQueue {
-            id,
-            retry_at,
-            reply,
-        } => done(reply, sql::finish_queue(conn, id, retry_at).await),
-    }
+        } => Done::Items(sql::claim_queue(conn, queue, *limit, *lease_until).await?),
+        Work::FinishQueue { id, retry_at } => {
+            Done::Nothing(sql::finish_queue(conn, *id, *retry_at).await?)
+        }
+    })
 }

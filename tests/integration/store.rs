@@ -77,6 +77,7 @@ on_both_stores!(
     embedded_queue_messages_are_claimed_retried_and_removed,
     a_replay_delivers_a_dead_letter_again,
     a_webhook_id_is_taken_once,
+    a_failing_write_is_undone_alone_and_its_neighbours_commit,
 );
 
 async fn a_webhook_id_is_taken_once(backend: Backend) {
@@ -181,6 +182,42 @@ async fn accept_claim_deliver_and_trace(backend: Backend) {
     assert_eq!(store.prune(now_ms() + 1).await.unwrap(), 1);
     assert!(store.message("m1").await.unwrap().is_none());
     assert!(store.trace("ref-m1").await.unwrap().is_none());
+    store.close().await;
+}
+
+async fn a_failing_write_is_undone_alone_and_its_neighbours_commit(backend: Backend) {
+    let test = TestStore::new(backend).await;
+    let store = test.open().await;
+    // Sent at once, these share commits (SQLite commits whatever queued up together).
+    let mut writes = JoinSet::new();
+    for n in 0..20 {
+        let shared = store.clone();
+        writes.spawn(async move { shared.accept(accepted(&format!("m{n}"), None)).await });
+        if n == 10 {
+            // Fails after its message is written: a correlation record needs a key.
+            let mut broken = accepted("broken", None);
+            broken.correlation = vec![CorrelationWrite::Save {
+                context: "req".into(),
+                keys: vec![String::new()],
+                data: json!({}),
+                state: None,
+            }];
+            let shared = store.clone();
+            writes.spawn(async move { shared.accept(broken).await });
+        }
+    }
+    let results = writes.join_all().await;
+    assert_eq!(
+        results.iter().filter(|r| r.is_err()).count(),
+        1,
+        "{results:?}"
+    );
+    assert!(
+        store.message("broken").await.unwrap().is_none(),
+        "the failing write left nothing behind"
+    );
+    let claimed = store.claim("f", "lab", 100).await.unwrap();
+    assert_eq!(claimed.len(), 20, "every other write committed");
     store.close().await;
 }
 
