@@ -1,7 +1,8 @@
 //! ferry's speed beside a floor, in one run, so every figure reads as a ratio.
 //!
-//! Each server is a process of its own pinned to CPU 0; this benchmark (the load and the mock
-//! lab) runs on the others. The same Test Request (1.2 KB) is sent by 32 connections:
+//! Each server is a process of its own, started on CPU 0 (so it sizes its runtime for one CPU);
+//! this benchmark (the load and the mock lab) runs on the others. The same Test Request (1.2 KB)
+//! is sent by 32 connections:
 //!
 //! - **floor**: a minimal forwarding proxy on the same HTTP stack (axum in, reqwest out):
 //!   no validation, no transform, the request's body POSTed to the lab;
@@ -199,7 +200,7 @@ struct Server {
 impl Server {
     /// The floor: this program again, as a forwarding proxy to the lab.
     fn proxy(lab: &str) -> Self {
-        let mut command = Command::new(std::env::current_exe().unwrap());
+        let mut command = on_cpu_zero(std::env::current_exe().unwrap());
         command.env(PROXY_ROLE, lab);
         Self::spawn(command, "proxy")
     }
@@ -234,7 +235,6 @@ impl Server {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        pin(child.id(), "0");
         let url = common::support::listening_url(&mut child, &format!("{what} listening on "));
         Self { child, url }
     }
@@ -268,7 +268,7 @@ impl Drop for Server {
 }
 
 fn ferry_command(flows: &Path, store: &Path, lab: &str) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    let mut command = on_cpu_zero(env!("CARGO_BIN_EXE_ferry"));
     command
         .args(["serve", "--listen", "127.0.0.1:0", "--flows"])
         .arg(flows)
@@ -278,6 +278,15 @@ fn ferry_command(flows: &Path, store: &Path, lab: &str) -> Command {
         .env("PORTAL_API_KEY", KEY)
         .env("LAB_WEBHOOK_SECRET", KEY)
         .env("RUST_LOG", "warn");
+    command
+}
+
+/// A command for `program` born on CPU 0 (through `taskset`, which runs it in its own
+/// process): its runtime sees one CPU and sizes itself for it, as in a one-CPU container.
+/// Pinned after start, it would keep a worker thread per CPU of the machine, all on CPU 0.
+fn on_cpu_zero(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = Command::new("taskset");
+    command.args(["-c", "0"]).arg(program);
     command
 }
 
