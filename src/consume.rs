@@ -386,19 +386,16 @@ pub async fn handle(
     attempt: u32,
 ) -> Settled {
     let trigger = flow.queue_trigger().expect("queue-triggered flow");
+    let content_type = headers
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(crate::queue::CONTENT_TYPE))
+        .map(|(_, value)| value.clone());
     let meta = Meta::for_queue(&flow.name, &trigger.spec.name, headers);
-    let body = match serde_json::from_slice::<Value>(payload) {
+    let body = match read_payload(payload, content_type.as_deref()) {
         Ok(body) => body,
         Err(error) => {
             let inbound = Value::String(String::from_utf8_lossy(payload).into_owned());
-            engine
-                .dead_letter(
-                    flow,
-                    inbound,
-                    &meta,
-                    format!("the message is not JSON: {error}"),
-                )
-                .await;
+            engine.dead_letter(flow, inbound, &meta, error).await;
             return Settled::Dead;
         }
     };
@@ -431,6 +428,16 @@ pub async fn handle(
         }
         Err(error) => retry_or_dead(engine, flow, body, &meta, attempt, error.to_string()).await,
     }
+}
+
+/// A queue message's payload as a body: HL7 v2 when its content type says so, else JSON.
+fn read_payload(payload: &[u8], content_type: Option<&str>) -> Result<Value, String> {
+    if content_type.is_some_and(crate::hl7::is_hl7) {
+        let text = std::str::from_utf8(payload)
+            .map_err(|e| format!("the message is not HL7 v2: not UTF-8 text: {e}"))?;
+        return crate::hl7::parse(text).map_err(|e| format!("the message is not HL7 v2: {e}"));
+    }
+    serde_json::from_slice(payload).map_err(|e| format!("the message is not JSON: {e}"))
 }
 
 async fn retry_or_dead(

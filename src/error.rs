@@ -92,8 +92,13 @@ pub enum ServeError {
         /// 1-based column of the error.
         column: usize,
     },
-    /// The body is not declared as JSON.
-    #[error("the body must be JSON (content-type application/json), not \"{0}\"")]
+    /// The body is declared HL7 v2 and is not.
+    #[error("the body is not valid HL7 v2 (ER7): {0}")]
+    MalformedHl7(String),
+    /// The body is neither declared JSON nor HL7 v2.
+    #[error(
+        "the body must be JSON (content-type application/json) or HL7 v2 (x-application/hl7-v2+er7), not \"{0}\""
+    )]
     UnsupportedMediaType(String),
     /// The body exceeds the trigger's limit.
     #[error("the body is larger than the limit of {limit} bytes")]
@@ -158,7 +163,7 @@ impl ServeError {
     /// The HTTP status of the reply.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::MalformedJson { .. } => StatusCode::BAD_REQUEST,
+            Self::MalformedJson { .. } | Self::MalformedHl7(_) => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RefusedJson { .. } => StatusCode::BAD_REQUEST,
@@ -184,6 +189,7 @@ impl ServeError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::MalformedJson { .. } => "malformed_json",
+            Self::MalformedHl7(_) => "malformed_hl7",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::RefusedJson { .. } => "refused_json",

@@ -13,7 +13,8 @@
 //!    the one constructor of `meta` per way in). [`diagnostic`]: a problem at a file's line
 //!    and column. [`redact`]: what must not leave by an error path. [`retry`]: retry budgets,
 //!    backoff and what an answer means. [`fault`]: the points where tests stop ferry.
-//!    [`observe`]: metrics and trace export.
+//!    [`observe`]: metrics and trace export. [`hl7`]: HL7 v2 bodies (ER7) read into JSON,
+//!    and values escaped for them.
 //! 2. **The flow format and the leaf compilers.** [`config`]: the flow file format (serde
 //!    types) and reading flow files. [`error`]: errors and their one mapping to HTTP replies.
 //!    [`jsonpath`], [`template`] (structural and text templates, expressions and helpers),
@@ -45,6 +46,7 @@ pub mod engine;
 pub mod error;
 pub mod fault;
 pub mod flow;
+pub mod hl7;
 pub mod json;
 pub mod jsonpath;
 pub mod message;

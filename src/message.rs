@@ -62,6 +62,9 @@ pub const MESSAGE_ID: &str = "ferry-message-id";
 pub const CORRELATION_ID: &str = "ferry-correlation-id";
 /// Header carrying the key a consumer drops duplicates by: `<message id>:<target>`.
 pub const IDEMPOTENCY_KEY: &str = "ferry-idempotency-key";
+/// The queue message header saying what its payload is (`application/json` when absent);
+/// AMQP carries it as the message's `content_type` property.
+pub const CONTENT_TYPE: &str = "content-type";
 
 /// Headers that carry credentials: they never reach `meta.headers`, so no template, timeline
 /// or log sees them (nor does the header a trigger's `auth` names).

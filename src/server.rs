@@ -397,7 +397,7 @@ async fn answer(
     params: BTreeMap<String, String>,
     bytes: &[u8],
 ) -> Result<Response, ServeError> {
-    let body = parse_json(&parts.headers, bytes, trigger.max_depth)?;
+    let body = parse_body(&parts.headers, bytes, trigger.max_depth)?;
     let request = crate::message::Request {
         method: parts.method.to_string(),
         path: parts.uri.path().to_owned(),
@@ -522,8 +522,8 @@ fn linger(headers: &HeaderMap, body: Body) {
     });
 }
 
-/// Parses a JSON body strictly; an empty body is `null`.
-fn parse_json(headers: &HeaderMap, bytes: &[u8], max_depth: u32) -> Result<Value, ServeError> {
+/// Parses a body strictly, JSON or HL7 v2 by its content type; an empty body is `null`.
+fn parse_body(headers: &HeaderMap, bytes: &[u8], max_depth: u32) -> Result<Value, ServeError> {
     if bytes.is_empty() {
         return Ok(Value::Null);
     }
@@ -531,6 +531,11 @@ fn parse_json(headers: &HeaderMap, bytes: &[u8], max_depth: u32) -> Result<Value
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
+    if crate::hl7::is_hl7(content_type) {
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| ServeError::MalformedHl7(format!("not UTF-8 text: {e}")))?;
+        return crate::hl7::parse(text).map_err(|e| ServeError::MalformedHl7(e.to_string()));
+    }
     if !is_json(content_type) {
         return Err(ServeError::UnsupportedMediaType(content_type.to_owned()));
     }

@@ -312,7 +312,7 @@ pub struct TransformConfig {
     #[schemars(with = "Option<String>")]
     pub text: Option<Spanned<String>>,
     /// Content type of a `text` body: `text/plain`, `text/csv`, `application/xml`,
-    /// `text/html` or `application/json`.
+    /// `text/html`, `application/json` or `x-application/hl7-v2+er7` (HL7 v2).
     #[serde(default)]
     #[schemars(with = "Option<String>")]
     pub content_type: Option<Spanned<String>>,

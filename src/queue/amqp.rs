@@ -155,7 +155,8 @@ async fn publish_on(
     headers: &BTreeMap<String, String>,
 ) -> Result<(), PublishError> {
     let mut table = FieldTable::default();
-    for (name, value) in headers {
+    // The content type travels as the property made for it.
+    for (name, value) in headers.iter().filter(|(n, _)| *n != super::CONTENT_TYPE) {
         table.insert(
             ShortString::from(name.as_str()),
             AMQPValue::LongString(value.as_str().into()),
@@ -163,7 +164,12 @@ async fn publish_on(
     }
     let mut properties = BasicProperties::default()
         .with_delivery_mode(2)
-        .with_content_type("application/json".into())
+        .with_content_type(
+            headers
+                .get(super::CONTENT_TYPE)
+                .map_or("application/json", String::as_str)
+                .into(),
+        )
         .with_headers(table);
     if let Some(id) = headers.get(super::IDEMPOTENCY_KEY) {
         properties = properties.with_message_id(id.as_str().into());
@@ -214,6 +220,9 @@ pub(crate) fn headers_of(properties: &BasicProperties) -> BTreeMap<String, Strin
             };
             headers.insert(name.as_str().to_owned(), text);
         }
+    }
+    if let Some(content_type) = properties.content_type() {
+        headers.insert(super::CONTENT_TYPE.to_owned(), content_type.to_string());
     }
     headers
 }

@@ -3,7 +3,8 @@
 //!
 //! Every queue message carries ferry's headers ([`MESSAGE_ID`], [`CORRELATION_ID`],
 //! [`IDEMPOTENCY_KEY`]), so the consuming flow continues the same timeline and drops
-//! redelivered duplicates. Consumers acknowledge a message only after the consuming flow has
+//! redelivered duplicates, and its payload's [`CONTENT_TYPE`] (JSON, or the text a
+//! `transform` rendered, HL7 v2 say), so the consumer reads it as what it is. Consumers acknowledge a message only after the consuming flow has
 //! committed what it does with it; a message that fails for good ends among ferry's dead
 //! letters, never redelivered forever.
 
@@ -16,7 +17,7 @@ use std::sync::Mutex;
 use crate::config::QueueDriver;
 use crate::store::Store;
 
-pub use crate::message::{CORRELATION_ID, IDEMPOTENCY_KEY, MESSAGE_ID};
+pub use crate::message::{CONTENT_TYPE, CORRELATION_ID, IDEMPOTENCY_KEY, MESSAGE_ID};
 
 /// `name` with every character NATS does not take in stream and consumer names replaced by
 /// `_`.

@@ -2,7 +2,8 @@
 //!
 //! `body:` is a structural template (see [`crate::template`]) and yields JSON; `text:` with a
 //! `content_type` yields text with every value escaped for that type. A text template of
-//! `application/json` must render valid JSON.
+//! `application/json` must render valid JSON; one of HL7 v2 (`x-application/hl7-v2+er7`)
+//! ends its segments with carriage returns, whatever line breaks the YAML holds.
 
 use crate::compile::Ctx;
 use crate::config::TransformConfig;
@@ -20,8 +21,9 @@ pub enum Transform {
         template: TextTemplate,
         /// The content type of the rendered body.
         content_type: String,
-        /// Whether the rendered text must parse as JSON.
-        json: bool,
+        /// How values were escaped, which says what the text must be: JSON for
+        /// [`Escape::JsonString`], segments ended by carriage returns for [`Escape::Hl7`].
+        escape: Escape,
     },
 }
 
@@ -59,7 +61,7 @@ impl Transform {
                 Some(Self::Text {
                     template,
                     content_type: content_type.to_owned(),
-                    json: escape == Escape::JsonString,
+                    escape,
                 })
             }
             (Some(body), Some(_)) => {
@@ -88,14 +90,19 @@ impl Transform {
             Self::Text {
                 template,
                 content_type,
-                json,
+                escape,
             } => {
                 let text = templates.render_text(template, message)?;
-                if *json {
-                    let body = serde_json::from_str(&text).map_err(|e| invalid_json(&text, &e))?;
-                    message.set_body(body);
-                } else {
-                    message.set_text_body(text, content_type);
+                match escape {
+                    Escape::JsonString => {
+                        let body =
+                            serde_json::from_str(&text).map_err(|e| invalid_json(&text, &e))?;
+                        message.set_body(body);
+                    }
+                    Escape::Hl7 => {
+                        message.set_text_body(crate::hl7::segment_ends(&text), content_type);
+                    }
+                    _ => message.set_text_body(text, content_type),
                 }
             }
         }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use super::{Attempt, Reach, RetryAction};
 use crate::compile::Ctx;
 use crate::config::{QueueDriver, QueueTargetConfig};
-use crate::message::{CORRELATION_ID, IDEMPOTENCY_KEY, MESSAGE_ID, Message};
+use crate::message::{CONTENT_TYPE, CORRELATION_ID, IDEMPOTENCY_KEY, MESSAGE_ID, Message};
 use crate::queue::QueueSpec;
 
 /// A compiled `queue` target.
@@ -62,6 +62,8 @@ impl QueueTarget {
         if let Some(traceparent) = crate::message::child_traceparent(message) {
             headers.insert("traceparent".to_owned(), traceparent);
         }
+        let content_type = message.content_type().unwrap_or("application/json");
+        headers.insert(CONTENT_TYPE.to_owned(), content_type.to_owned());
         match reach
             .brokers
             .publish(reach.store, &self.spec, payload, headers, reach.retried_for)

@@ -565,6 +565,25 @@ pub static HELPERS: &[Helper] = &[
         },
         Some(check_datetime)
     ),
+    // HL7 v2.
+    helper!(
+        "hl7",
+        "MESSAGE PLACE",
+        "the value at PLACE of an HL7 v2 message read into JSON, written as integrators do (\"PID-5.1\", \"OBX[2]-5\", \"PID-3(2).1\"), or of one segment (\"3.1\"); null when absent",
+        2,
+        Some(2),
+        |a, _| {
+            let Some(place) = present(arg(a, 1)) else {
+                return Ok(Value::Null);
+            };
+            let place = crate::hl7::Place::parse(&text_of(Some(place)))?;
+            Ok(arg(a, 0)
+                .and_then(|message| place.find(message))
+                .cloned()
+                .unwrap_or(Value::Null))
+        },
+        Some(check_hl7_place)
+    ),
 ];
 
 fn arg<'a>(args: &'a [Found<'_>], index: usize) -> Option<&'a Value> {
@@ -714,6 +733,16 @@ fn check_datetime(args: &[Expr], _: Names<'_>) -> Result<(), ExprError> {
     if let Some(Expr::Literal(Value::String(format))) = args.get(1) {
         datetime("2026-01-02T03:04:05Z", format, None)
             .map_err(|e| error(format!("the format \"{format}\" does not work: {e}")))?;
+    }
+    Ok(())
+}
+
+fn check_hl7_place(args: &[Expr], _: Names<'_>) -> Result<(), ExprError> {
+    if let Some(Expr::Literal(Value::String(place))) = args.get(1) {
+        crate::hl7::Place::parse(place).map_err(|message| ExprError {
+            message,
+            hint: Some("write e.g. `{{hl7 body \"PID-5.1\"}}`".into()),
+        })?;
     }
     Ok(())
 }
@@ -897,6 +926,23 @@ mod tests {
             f("yesterday", "%Y", None)
                 .unwrap_err()
                 .contains("\"yesterday\" is not a date-time")
+        );
+    }
+
+    #[test]
+    fn an_hl7_place_written_wrong_is_refused_when_the_flow_loads() {
+        let mut templates = crate::template::Templates::new();
+        let error = templates
+            .compile_text("{{hl7 body 'PID-0'}}", crate::template::Escape::Plain)
+            .unwrap_err();
+        assert!(
+            error.message.contains("\"PID-0\" is not an HL7 place"),
+            "{error:?}"
+        );
+        assert!(
+            templates
+                .compile_text("{{hl7 body 'OBX[2]-5.1'}}", crate::template::Escape::Plain)
+                .is_ok()
         );
     }
 

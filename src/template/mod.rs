@@ -53,6 +53,8 @@ pub enum Escape {
     JsonString,
     /// CSV fields: quoted when they hold a comma, quote or line break.
     Csv,
+    /// HL7 v2 (ER7) values: delimiters and line breaks as escape sequences.
+    Hl7,
 }
 
 impl Escape {
@@ -69,8 +71,9 @@ impl Escape {
             "application/xml" | "text/xml" | "text/html" => Ok(Self::Markup),
             e if e.ends_with("+json") => Ok(Self::JsonString),
             e if e.ends_with("+xml") => Ok(Self::Markup),
+            e if crate::hl7::is_hl7(e) => Ok(Self::Hl7),
             _ => Err(format!(
-                "unsupported content_type \"{content_type}\"; use text/plain, text/csv, application/json, application/xml or text/html"
+                "unsupported content_type \"{content_type}\"; use text/plain, text/csv, application/json, application/xml, text/html or x-application/hl7-v2+er7"
             )),
         }
     }
@@ -78,6 +81,7 @@ impl Escape {
     fn apply(self, value: &str) -> String {
         match self {
             Self::Plain => value.to_owned(),
+            Self::Hl7 => crate::hl7::escape(value),
             Self::Url => utf8_percent_encode(value, URL_UNSAFE).to_string(),
             Self::Markup => handlebars::html_escape(value),
             Self::JsonString => {

@@ -109,6 +109,93 @@ async fn text_templates_escape_values_for_csv_and_xml() {
 }
 
 #[tokio::test]
+async fn hl7_v2_bodies_are_read_into_json_and_rendered_with_every_value_escaped() {
+    let sink = Partner::start(200, json!({})).await;
+    let ferry = features(&[("SINK_URL", &sink.url)]).await;
+    let client = reqwest::Client::new();
+
+    // JSON in, ER7 out: a value holding delimiters and a line break stays one value.
+    let order = json!({
+        "control_id": "CTRL-1",
+        "customer_id": "CUST-7",
+        "family": "Doe|X^Y~Z&W\\",
+        "given": "Jane\rPID|2||EVIL",
+        "portal_ref": "PR-2026-0417",
+    });
+    let (status, reply) = post_json(&format!("{}/exports/hl7", ferry.url), &order).await;
+    assert_eq!(status, 200, "{reply}");
+    let sent = &sink.received()[0];
+    assert_eq!(sent.headers["content-type"], "x-application/hl7-v2+er7");
+    assert_eq_text!(
+        "MSH|^~\\&|FERRY|PORTAL|LAB|HELIX|20260417120000||OML^O21^OML_O21|CTRL-1|P|2.5.1\r\
+         PID|1||CUST-7^^^PORTAL||Doe\\F\\X\\S\\Y\\R\\Z\\T\\W\\E\\^Jane\\X0D\\PID\\F\\2\\F\\\\F\\EVIL\r\
+         ORC|NW|PR-2026-0417\r",
+        String::from_utf8_lossy(&sent.body)
+    );
+    let read = ferry::hl7::parse(&String::from_utf8_lossy(&sent.body)).unwrap();
+    assert_eq!(
+        read["PID"].as_array().unwrap().len(),
+        1,
+        "no segment was added"
+    );
+    assert_eq!(read["PID"][0]["5"]["1"], "Doe|X^Y~Z&W\\");
+    assert_eq!(read["PID"][0]["5"]["2"], "Jane\rPID|2||EVIL");
+
+    // ER7 in, validated against a schema, JSON out.
+    let oru = "MSH|^~\\&|LAB|HELIX|FERRY|PORTAL|20260417130000||ORU^R01|MSG-9|P|2.5.1\r\
+               PID|1||CUST-7^^^PORTAL\r\
+               OBR|1|PR-2026-0417|LAB-88\r\
+               OBX|1|NM|HGB^Hemoglobin||13.5|g/dL\r\
+               OBX|2|ST|NOTE^Note||A \\T\\ B\r";
+    let post = |body: &'static str, content_type: &'static str| {
+        client
+            .post(format!("{}/results/hl7", ferry.url))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+    let response = post(oru, "x-application/hl7-v2+er7").await.unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let results: serde_json::Value = serde_json::from_slice(&sink.received()[1].body).unwrap();
+    assert_eq!(
+        results,
+        json!({
+            "portal_ref": "PR-2026-0417",
+            "control_id": "MSG-9",
+            "results": [
+                {"code": "HGB", "value": "13.5", "unit": "g/dL"},
+                {"code": "NOTE", "value": "A & B"},
+            ],
+        })
+    );
+
+    // A message the schema refuses, and one that is not ER7: each says why, nothing is sent.
+    let response = post(
+        "MSH|^~\\&|LAB|HELIX|||||ADT^A01|MSG-10\rOBR|1|X\rOBX|1|NM|A||1\r",
+        "x-application/hl7-v2+er7",
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 422);
+    let refused: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(refused["details"][0]["pointer"], "/MSH/0/9/1", "{refused}");
+    let response = post("MSH|^~\\&|A\rOBX|1|ST|||open \\F\r", "application/hl7-v2")
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let malformed: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(malformed["error"], "malformed_hl7");
+    assert!(
+        malformed["message"]
+            .as_str()
+            .unwrap()
+            .contains("segment 2 (OBX), field 5: the escape sequence"),
+        "{malformed}"
+    );
+    assert_eq!(sink.received().len(), 2);
+}
+
+#[tokio::test]
 async fn a_flow_without_target_answers_from_the_message() {
     let sink = Partner::start(200, json!({})).await;
     let ferry = features(&[("SINK_URL", &sink.url)]).await;

@@ -18,6 +18,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("retry", 0),
     ("message", 0),
     ("observe", 0),
+    ("hl7", 0),
     // The flow format, errors, and the leaf compilers.
     ("error", 1),
     ("config", 1),

@@ -72,6 +72,34 @@ async fn each_driver_carries_messages_from_a_flow_to_a_flow() {
 }
 
 #[tokio::test]
+async fn hl7_v2_messages_cross_every_driver_and_are_read_by_their_content_type() {
+    let sink = Partner::start(200, json!({})).await;
+    let (ferry, _) = queue_flows(&sink).await;
+    let (status, reply) = post_json(
+        &format!("{}/hl7/publish", ferry.url),
+        &json!({"customer_id": "CUST-7", "name": "Doe|X\rPID|2"}),
+    )
+    .await;
+    assert_eq!(status, 202, "{reply}");
+    for driver in ["embedded", "amqp", "nats"] {
+        let path = format!("/{driver}");
+        wait_until(&format!("the sink has the {driver} message"), || {
+            sink.received().iter().any(|r| r.path == path)
+        })
+        .await;
+        let got = sink
+            .received()
+            .into_iter()
+            .find(|r| r.path == path)
+            .unwrap();
+        let body = got.json();
+        assert_eq!(body["MSH"][0]["10"], reply["id"], "{driver}: {body}");
+        assert_eq!(body["PID"].as_array().unwrap().len(), 1, "{driver}: {body}");
+        assert_eq!(body["PID"][0]["5"], "Doe|X\rPID|2", "{driver}: {body}");
+    }
+}
+
+#[tokio::test]
 async fn a_failing_consumer_retries_then_dead_letters_and_poison_leaves_the_queue() {
     let sink = Partner::start(503, json!({"error": "busy"})).await;
     let (ferry, names) = queue_flows(&sink).await;
