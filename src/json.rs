@@ -1,6 +1,6 @@
 //! Reading request bodies strictly: JSON that parsers would read differently (an object with
 //! a key twice) or that is nested deep enough to exhaust a recursive reader is refused, with
-//! a JSON pointer to the place.
+//! a JSON pointer to the place. A body declared HL7 v2 is read by [`crate::hl7`].
 
 use std::cell::RefCell;
 use std::fmt;
@@ -14,6 +14,41 @@ use crate::error::ServeError;
 pub const DEFAULT_MAX_DEPTH: u32 = 64;
 /// The deepest nesting a flow may allow (below serde_json's own limit of 128).
 pub const MAX_MAX_DEPTH: u32 = 100;
+
+/// Reads a body by its content type: HL7 v2 (ER7) when declared so, else JSON ([`parse`]);
+/// an empty body is `null`. What `serve` and `ferry test` read a request with.
+///
+/// # Errors
+///
+/// [`ServeError::MalformedHl7`] for a body declared HL7 v2 that is not,
+/// [`ServeError::UnsupportedMediaType`] for a body declared neither, and what [`parse`]
+/// refuses.
+pub fn read_body(content_type: &str, bytes: &[u8], max_depth: u32) -> Result<Value, ServeError> {
+    if bytes.is_empty() {
+        return Ok(Value::Null);
+    }
+    if crate::hl7::is_hl7(content_type) {
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| ServeError::MalformedHl7(format!("not UTF-8 text: {e}")))?;
+        return crate::hl7::parse(text).map_err(|e| ServeError::MalformedHl7(e.to_string()));
+    }
+    if !is_json(content_type) {
+        return Err(ServeError::UnsupportedMediaType(content_type.to_owned()));
+    }
+    parse(bytes, max_depth)
+}
+
+/// Whether `content_type` declares JSON: `application/json` or `application/*+json`.
+pub fn is_json(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
 
 /// Parses `bytes` as one JSON document.
 ///
@@ -164,6 +199,16 @@ impl<'de> Visitor<'de> for Node<'_> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn json_content_types_are_recognised() {
+        use super::is_json;
+        assert!(is_json("application/json"));
+        assert!(is_json("Application/JSON; charset=utf-8"));
+        assert!(is_json("application/fhir+json"));
+        assert!(!is_json("text/plain"));
+        assert!(!is_json(""));
+    }
+
     use super::*;
 
     fn refused(text: &str) -> (String, String) {

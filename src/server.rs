@@ -522,42 +522,11 @@ fn linger(headers: &HeaderMap, body: Body) {
     });
 }
 
-/// Parses a body strictly, JSON or HL7 v2 by its content type; an empty body is `null`.
+/// Reads a body strictly, by its content type ([`crate::json::read_body`]).
 fn parse_body(headers: &HeaderMap, bytes: &[u8], max_depth: u32) -> Result<Value, ServeError> {
-    if bytes.is_empty() {
-        return Ok(Value::Null);
-    }
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    if crate::hl7::is_hl7(content_type) {
-        let text = std::str::from_utf8(bytes)
-            .map_err(|e| ServeError::MalformedHl7(format!("not UTF-8 text: {e}")))?;
-        return crate::hl7::parse(text).map_err(|e| ServeError::MalformedHl7(e.to_string()));
-    }
-    if !is_json(content_type) {
-        return Err(ServeError::UnsupportedMediaType(content_type.to_owned()));
-    }
-    crate::json::parse(bytes, max_depth)
-}
-
-fn is_json(content_type: &str) -> bool {
-    let essence = crate::template::media_type(content_type);
-    essence == "application/json"
-        || (essence.starts_with("application/") && essence.ends_with("+json"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn json_content_types_are_recognised() {
-        assert!(is_json("application/json"));
-        assert!(is_json("Application/JSON; charset=utf-8"));
-        assert!(is_json("application/fhir+json"));
-        assert!(!is_json("text/plain"));
-        assert!(!is_json(""));
-    }
+    crate::json::read_body(content_type, bytes, max_depth)
 }

@@ -93,10 +93,11 @@ pub struct TestCase {
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Input {
-    /// The JSON body.
+    /// The JSON body; for a body of another format (a `content-type` header of HL7 v2),
+    /// its text.
     #[serde(default)]
     pub body: Option<Value>,
-    /// A file holding the JSON body, relative to the test file.
+    /// A file holding the body, relative to the test file.
     #[serde(default)]
     pub body_file: Option<String>,
     /// Request headers.
@@ -420,6 +421,57 @@ fn message_for(flow: &Flow, input: &Input, body: Value) -> Message {
     Message::new(body, &meta)
 }
 
+/// A case's body: JSON as written (or in `body_file`), or, when its `content-type` header
+/// declares another format (HL7 v2), the text read the way `serve` reads a request's body;
+/// `Err` inside when `serve` would refuse it. The outer error is a mistake in the test file.
+fn input_body(input: &Input, file: &Path) -> Result<Result<Value, ServeError>, String> {
+    let content_type = input
+        .headers
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+        .map(|(_, value)| value.as_str());
+    let written = match (&input.body, &input.body_file) {
+        (Some(body), None) => Written::Value(body.clone()),
+        (None, Some(name)) => {
+            let path = file.parent().unwrap_or(Path::new(".")).join(name);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("body_file {}: {e}", path.display()))?;
+            Written::Text(text, path)
+        }
+        (None, None) => Written::Value(Value::Null),
+        (Some(_), Some(_)) => return Err("input has both `body` and `body_file`".into()),
+    };
+    match (content_type, written) {
+        (Some(content_type), written) if !crate::json::is_json(content_type) => {
+            let text = match written {
+                Written::Text(text, _) => text,
+                Written::Value(Value::String(text)) => text,
+                Written::Value(_) => {
+                    return Err(format!(
+                        "input is {content_type}: give its text as `body: |` or in `body_file`"
+                    ));
+                }
+            };
+            let max_depth = crate::json::DEFAULT_MAX_DEPTH;
+            Ok(crate::json::read_body(
+                content_type,
+                text.as_bytes(),
+                max_depth,
+            ))
+        }
+        (_, Written::Value(body)) => Ok(Ok(body)),
+        (_, Written::Text(text, path)) => serde_json::from_str(&text)
+            .map(Ok)
+            .map_err(|e| format!("body_file {}: {e}", path.display())),
+    }
+}
+
+/// A case's body as the test file gives it.
+enum Written {
+    Value(Value),
+    Text(String, PathBuf),
+}
+
 /// What a caller is answered, as status and body.
 fn answered(reply: Result<StoredReply, ServeError>) -> (u16, Value) {
     match reply {
@@ -451,17 +503,7 @@ async fn run_case(
     case: &TestCase,
     file: &Path,
 ) -> Result<Vec<String>, String> {
-    let body = match (&case.input.body, &case.input.body_file) {
-        (Some(body), None) => body.clone(),
-        (None, Some(name)) => {
-            let path = file.parent().unwrap_or(Path::new(".")).join(name);
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| format!("body_file {}: {e}", path.display()))?;
-            serde_json::from_str(&text).map_err(|e| format!("body_file {}: {e}", path.display()))?
-        }
-        (None, None) => Value::Null,
-        (Some(_), Some(_)) => return Err("input has both `body` and `body_file`".into()),
-    };
+    let body = input_body(&case.input, file)?;
     mocks.answer(
         case.mocks
             .iter()
@@ -477,8 +519,14 @@ async fn run_case(
     );
     mocks.take_received();
     let mut seen = Seen::default();
-    let message = message_for(flow, &case.input, body);
-    let reply = run_message(engine, flow, message, &mut seen).await;
+    let reply = match body {
+        Ok(body) => {
+            let message = message_for(flow, &case.input, body);
+            run_message(engine, flow, message, &mut seen).await
+        }
+        // Refused before any step, as `serve` refuses it.
+        Err(refused) => answered(Err(refused)),
+    };
     let outputs = mocks.take_received();
 
     let mut failures = Vec::new();

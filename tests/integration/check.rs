@@ -3,6 +3,7 @@
 
 use std::process::Command;
 
+use crate::util::process::succeeded;
 use crate::util::repo;
 
 fn ferry(args: &[&str]) -> std::process::Output {
@@ -330,13 +331,7 @@ fn ferry_test_passes_the_shipped_flows_and_examples() {
         "examples/mapping-cases/flows",
         "examples/billing/flows",
     ]);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = succeeded(&output);
     assert!(
         stdout.contains("running 33 tests from 23 file(s)"),
         "{stdout}"
@@ -404,6 +399,26 @@ fn ferry_test_reports_a_failure_at_its_line_with_the_difference() {
     assert!(
         xml.contains("<failure message=\"1 failed expectation(s)\">"),
         "{xml}"
+    );
+}
+
+#[test]
+fn ferry_test_reads_hl7_bodies_as_serve_does() {
+    let output = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["test", "tests/fixtures/features/flows", "--schemas"])
+        .arg("tests/fixtures/features/schemas")
+        .current_dir(repo())
+        .envs(
+            ["NORTH_URL", "METALS_URL", "SOUTH_URL", "SINK_URL"].map(|n| (n, "http://127.0.0.1:9")),
+        )
+        .output()
+        .unwrap();
+    let stdout = succeeded(&output);
+    assert!(
+        stdout
+            .trim_end()
+            .ends_with("test result: ok. 3 passed; 0 failed"),
+        "{stdout}"
     );
 }
 

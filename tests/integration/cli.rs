@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 
 use serde_json::json;
 
-use crate::util::process::{TOKEN, json_lines, spawn_on, stderr_lines, terminate};
+use crate::util::process::{TOKEN, json_lines, spawn_on, stderr_lines, succeeded, terminate};
 use crate::util::{Partner, SECRETS, payload, post_json, repo, wait_for_state, wait_until};
 
 /// Starts `ferry serve` on an ephemeral port with the shipped flows and a store in `dir`.
@@ -238,13 +238,7 @@ fn the_demo_shows_the_whole_round_trip() {
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = succeeded(&output);
     let mut from = 0;
     for part in [
         "202 Accepted",

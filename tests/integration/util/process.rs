@@ -66,3 +66,16 @@ pub(crate) async fn terminate(child: Child) {
         .unwrap();
     assert!(exit.success(), "{exit:?}");
 }
+
+/// The standard output of a finished ferry command that must have succeeded; fails the test
+/// with both outputs otherwise.
+pub(crate) fn succeeded(output: &std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
