@@ -4,7 +4,6 @@
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use serde_json::Value;
 
 use super::{Format, TestFormat, failure_code, load_or_report, print_diagnostics};
 use crate::project::{ProjectPaths, load};
@@ -145,11 +144,22 @@ pub(super) fn run_one(args: &RunArgs) -> anyhow::Result<ExitCode> {
         let names: Vec<&str> = project.flows.iter().map(|f| f.name.as_str()).collect();
         anyhow::bail!("no flow \"{}\"; flows: {}", args.flow, names.join(", "));
     };
+    let mut header_map = std::collections::BTreeMap::new();
+    for header in &args.headers {
+        let (name, value) = header
+            .split_once(':')
+            .with_context(|| format!("header \"{header}\" is not `Name: value`"))?;
+        header_map.insert(name.trim().to_owned(), value.trim().to_owned());
+    }
+    // The body is read as `serve` reads a request's: by its content type, JSON by default.
+    let content_type = header_map
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+        .map_or("application/json", |(_, value)| value.as_str());
     let input = &args.input;
-    let text =
-        std::fs::read_to_string(input).with_context(|| format!("reading {}", input.display()))?;
-    let body: Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", input.display()))?;
+    let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
+    let body = crate::json::read_body(content_type, &bytes, crate::json::DEFAULT_MAX_DEPTH)
+        .with_context(|| format!("{} is not a body ferry reads", input.display()))?;
     let given: Vec<crate::testing::GivenCorrelation> = match &args.given {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -161,13 +171,6 @@ pub(super) fn run_one(args: &RunArgs) -> anyhow::Result<ExitCode> {
         }
         None => Vec::new(),
     };
-    let mut header_map = std::collections::BTreeMap::new();
-    for header in &args.headers {
-        let (name, value) = header
-            .split_once(':')
-            .with_context(|| format!("header \"{header}\" is not `Name: value`"))?;
-        header_map.insert(name.trim().to_owned(), value.trim().to_owned());
-    }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let report = runtime.block_on(crate::testing::trace(
         &project,

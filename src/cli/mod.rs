@@ -188,7 +188,7 @@ pub enum Command {
     Run {
         /// The flow's name, or the path of its file.
         flow: String,
-        /// A file holding the JSON body.
+        /// A file holding the body: JSON, or what a `Content-Type` header declares (HL7 v2).
         #[arg(long)]
         input: PathBuf,
         /// A YAML or JSON file of correlation records that exist before the message comes

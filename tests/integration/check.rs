@@ -6,6 +6,18 @@ use std::process::Command;
 use crate::util::process::succeeded;
 use crate::util::repo;
 
+/// `ferry` with `args` and the feature flows' target URLs pointing nowhere.
+fn ferry_on_features(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .current_dir(repo())
+        .envs(
+            ["NORTH_URL", "METALS_URL", "SOUTH_URL", "SINK_URL"].map(|n| (n, "http://127.0.0.1:9")),
+        )
+        .output()
+        .unwrap()
+}
+
 fn ferry(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(args)
@@ -404,15 +416,12 @@ fn ferry_test_reports_a_failure_at_its_line_with_the_difference() {
 
 #[test]
 fn ferry_test_reads_hl7_bodies_as_serve_does() {
-    let output = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["test", "tests/fixtures/features/flows", "--schemas"])
-        .arg("tests/fixtures/features/schemas")
-        .current_dir(repo())
-        .envs(
-            ["NORTH_URL", "METALS_URL", "SOUTH_URL", "SINK_URL"].map(|n| (n, "http://127.0.0.1:9")),
-        )
-        .output()
-        .unwrap();
+    let output = ferry_on_features(&[
+        "test",
+        "tests/fixtures/features/flows",
+        "--schemas",
+        "tests/fixtures/features/schemas",
+    ]);
     let stdout = succeeded(&output);
     assert!(
         stdout
@@ -474,6 +483,37 @@ fn ferry_run_shows_each_step_the_target_request_and_the_reply() {
     ]);
     let stdout = String::from_utf8_lossy(&refused.stdout);
     assert!(stdout.contains("== refused: 422"), "{stdout}");
+}
+
+#[test]
+fn ferry_run_reads_an_hl7_body_by_its_content_type() {
+    let run = |content_type: &str| {
+        ferry_on_features(&[
+            "run",
+            "hl7-results",
+            "--flows",
+            "tests/fixtures/features/flows",
+            "--schemas",
+            "tests/fixtures/features/schemas",
+            "--input",
+            "tests/fixtures/features/flows/oru-r01.hl7",
+            "--header",
+            &format!("Content-Type: {content_type}"),
+        ])
+    };
+    let stdout = succeeded(&run("x-application/hl7-v2+er7"));
+    assert!(
+        stdout.contains("\"portal_ref\": \"PR-2026-0417\""),
+        "{stdout}"
+    );
+    // Without the content type it is no JSON, and `run` says so.
+    let output = run("application/json");
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("oru-r01.hl7 is not a body ferry reads"),
+        "{stderr}"
+    );
 }
 
 #[test]
