@@ -74,14 +74,15 @@ impl Diagnostic {
             Severity::Warning => "warning",
         };
         let mut out = format!("{severity}[{}]: {}\n", self.code, self.message);
-        let _ = write!(out, "  --> {}", self.file.display());
-        if let Some((line, column)) = self.position {
+        // Every line of the gutter is as wide as the line number, as rustc draws it.
+        let number = self.position.map(|(line, _)| line.to_string());
+        let pad = " ".repeat(number.as_ref().map_or(1, String::len));
+        let _ = write!(out, "{pad}--> {}", self.file.display());
+        if let (Some((line, column)), Some(number)) = (self.position, &number) {
             let _ = write!(out, ":{line}:{column}");
             let text =
                 source.and_then(|s| s.lines().nth(usize::try_from(line).ok()?.checked_sub(1)?));
             if let Some(text) = text {
-                let number = line.to_string();
-                let pad = " ".repeat(number.len());
                 let caret = " ".repeat(usize::try_from(column.saturating_sub(1)).unwrap_or(0));
                 let _ = write!(out, "\n{pad} |\n{number} | {text}\n{pad} | {caret}^");
             }
@@ -89,15 +90,15 @@ impl Diagnostic {
         out.push('\n');
         match (&self.flow, &self.context) {
             (Some(flow), Some(context)) => {
-                let _ = writeln!(out, "   = in flow \"{flow}\", {context}");
+                let _ = writeln!(out, "{pad} = in flow \"{flow}\", {context}");
             }
             (Some(flow), None) => {
-                let _ = writeln!(out, "   = in flow \"{flow}\"");
+                let _ = writeln!(out, "{pad} = in flow \"{flow}\"");
             }
             _ => {}
         }
         if let Some(hint) = &self.hint {
-            let _ = writeln!(out, "   = help: {hint}");
+            let _ = writeln!(out, "{pad} = help: {hint}");
         }
         out
     }
@@ -268,7 +269,7 @@ mod tests {
         let rendered = d.render(Some("http:\n    pathh: /x\n"));
         assert_eq!(
             rendered,
-            "error[unknown-key]: unknown field `pathh`\n  --> f.yaml:2:5\n  |\n2 |     pathh: /x\n  |     ^\n   = in flow \"orders\", trigger\n   = help: did you mean `path`?\n"
+            "error[unknown-key]: unknown field `pathh`\n --> f.yaml:2:5\n  |\n2 |     pathh: /x\n  |     ^\n  = in flow \"orders\", trigger\n  = help: did you mean `path`?\n"
         );
     }
 
@@ -283,6 +284,19 @@ mod tests {
             Some("attempts")
         );
         assert_eq!(closest("zzz", ["method", "path"]), None);
+    }
+
+    #[test]
+    fn the_gutter_is_as_wide_as_the_line_number() {
+        let source = "x\n".repeat(119) + "  pathh: /x\n";
+        let rendered = Diagnostic::error(Path::new("f.yaml"), "unknown field `pathh`")
+            .at(120, 3)
+            .with_hint("did you mean `path`?")
+            .render(Some(&source));
+        assert_eq!(
+            rendered,
+            "error[invalid-value]: unknown field `pathh`\n   --> f.yaml:120:3\n    |\n120 |   pathh: /x\n    |   ^\n    = help: did you mean `path`?\n"
+        );
     }
 
     #[test]

@@ -647,14 +647,14 @@ fn partner_claims_are_checked_at_the_partners_line() {
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     for expected in [
         // Two partners claiming the same messages.
-        "error[claim-conflict]: helix2-order takes the same messages of portal-to-lab as helix-order (tests/fixtures/claims/helix.yaml:3)\n  --> tests/fixtures/claims/helix2.yaml:4:19",
+        "error[claim-conflict]: helix2-order takes the same messages of portal-to-lab as helix-order (tests/fixtures/claims/helix.yaml:3)\n --> tests/fixtures/claims/helix2.yaml:4:19",
         // A claim on a flow that does not exist.
-        "error[unknown-flow]: unknown flow \"portal-to-lbb\"\n  --> tests/fixtures/claims/helix2.yaml:5:11",
+        "error[unknown-flow]: unknown flow \"portal-to-lbb\"\n --> tests/fixtures/claims/helix2.yaml:5:11",
         "did you mean `portal-to-lab`?",
         // Claims that can never match: a field the body does not have where the flow
         // routes, and a value its schema refuses.
-        "error[never-matches]: this can never match: where the message is read, its body is test-request.schema.json, which declares no `labb` (did you mean `lab`?)\n  --> tests/fixtures/claims/never.yaml:4:19",
-        "error[never-matches]: this can never match: portal-result.schema.json does not allow 7 at $.body.status\n  --> tests/fixtures/claims/never.yaml:6:19",
+        "error[never-matches]: this can never match: where the message is read, its body is test-request.schema.json, which declares no `labb` (did you mean `lab`?)\n --> tests/fixtures/claims/never.yaml:4:19",
+        "error[never-matches]: this can never match: portal-result.schema.json does not allow 7 at $.body.status\n --> tests/fixtures/claims/never.yaml:6:19",
     ] {
         assert!(stderr.contains(expected), "{expected}\nnot in\n{stderr}");
     }
