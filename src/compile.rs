@@ -153,7 +153,15 @@ impl Ctx<'_> {
                 None
             }
             Err(error) => {
-                self.error_with(at, "schema", error.to_string(), None);
+                let hint = match &error {
+                    SchemaError::Unreadable { .. } => {
+                        let files = self.schemas.file_names();
+                        crate::diagnostic::closest(name, files.iter().map(String::as_str))
+                            .map(|file| format!("did you mean `{file}`?"))
+                    }
+                    _ => None,
+                };
+                self.error_with(at, "schema", error.to_string(), hint);
                 None
             }
         }

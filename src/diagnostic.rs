@@ -178,12 +178,19 @@ impl fmt::Display for Diagnostic {
 }
 
 /// The candidate closest to `word`, if one is close enough to be a likely misspelling.
+///
+/// Jaro-Winkler says which are close enough; among those, the fewest edits wins, so
+/// `test-requst.schema.json` finds `test-request.schema.json`, not `test-result.schema.json`
+/// (whose shared prefix Jaro-Winkler favours).
 pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     candidates
         .into_iter()
         .map(|c| (strsim::jaro_winkler(word, c), c))
         .filter(|(score, _)| *score >= 0.8)
-        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .min_by(|a, b| {
+            let edits = |c: &str| strsim::levenshtein(word, c);
+            edits(a.1).cmp(&edits(b.1)).then(b.0.total_cmp(&a.0))
+        })
         .map(|(_, c)| c)
 }
 
@@ -284,6 +291,13 @@ mod tests {
             Some("attempts")
         );
         assert_eq!(closest("zzz", ["method", "path"]), None);
+        assert_eq!(
+            closest(
+                "test-requst.schema.json",
+                ["test-result.schema.json", "test-request.schema.json"]
+            ),
+            Some("test-request.schema.json")
+        );
     }
 
     #[test]

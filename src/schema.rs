@@ -134,6 +134,17 @@ impl Schemas {
         }
     }
 
+    /// The names of the JSON files in the schemas folders, for a did-you-mean.
+    pub fn file_names(&self) -> Vec<String> {
+        self.dirs
+            .iter()
+            .filter_map(|dir| std::fs::read_dir(dir).ok())
+            .flatten()
+            .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+            .filter(|name| name.ends_with(".json"))
+            .collect()
+    }
+
     /// The compiled schema named `name` (a path relative to the schemas folder).
     ///
     /// # Errors

@@ -40,6 +40,24 @@ fn broken_flows_report_every_problem_at_its_location() {
 }
 
 #[test]
+fn a_misspelt_schema_file_gets_the_file_meant() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("typo.yaml"),
+        "name: typo\ntrigger:\n  http: { method: POST, path: /typo, auth: none }\nsteps:\n  - validate: { schema: test-requst.schema.json }\n",
+    )
+    .unwrap();
+    let flows = dir.path().to_str().unwrap();
+    let output = ferry(&["check", flows, "--schemas", "schemas"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("= help: did you mean `test-request.schema.json`?"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn json_output_has_one_object_per_diagnostic() {
     let output = ferry(&[
         "check",

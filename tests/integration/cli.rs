@@ -94,7 +94,10 @@ async fn a_killed_ferry_loses_nothing_it_accepted() {
     child.kill().unwrap(); // SIGKILL: no shutdown, deliveries in flight
     child.wait().unwrap();
 
-    lab.set_reply(201, json!({"lab_order_id": "LAB-C"}));
+    // The restarted ferry reaches the lab at a new address. The old one may yet answer
+    // requests the killed process sent (this test's runtime serves it only when the test
+    // waits): taken there, nobody heard the answer, and ferry rightly sends them again.
+    let lab = Partner::start(201, json!({"lab_order_id": "LAB-C"})).await;
     let (child, url) = spawn_ferry(dir.path(), &lab);
     wait_until("the lab took all 50 orders", || lab.accepted().len() >= 50).await;
     let mut per_key: HashMap<String, usize> = HashMap::new();
