@@ -386,10 +386,7 @@ pub async fn handle(
     attempt: u32,
 ) -> Settled {
     let trigger = flow.queue_trigger().expect("queue-triggered flow");
-    let content_type = headers
-        .iter()
-        .find(|(name, _)| name.eq_ignore_ascii_case(crate::queue::CONTENT_TYPE))
-        .map(|(_, value)| value.clone());
+    let content_type = crate::message::content_type_of(&headers).map(str::to_owned);
     let meta = Meta::for_queue(&flow.name, &trigger.spec.name, headers);
     let body = match read_payload(payload, content_type.as_deref()) {
         Ok(body) => body,
@@ -433,9 +430,7 @@ pub async fn handle(
 /// A queue message's payload as a body: HL7 v2 when its content type says so, else JSON.
 fn read_payload(payload: &[u8], content_type: Option<&str>) -> Result<Value, String> {
     if content_type.is_some_and(crate::hl7::is_hl7) {
-        let text = std::str::from_utf8(payload)
-            .map_err(|e| format!("the message is not HL7 v2: not UTF-8 text: {e}"))?;
-        return crate::hl7::parse(text).map_err(|e| format!("the message is not HL7 v2: {e}"));
+        return crate::hl7::read(payload).map_err(|e| format!("the message is not HL7 v2: {e}"));
     }
     serde_json::from_slice(payload).map_err(|e| format!("the message is not JSON: {e}"))
 }

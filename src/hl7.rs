@@ -34,10 +34,20 @@ use serde_json::{Map, Value};
 /// The media types of an HL7 v2 body in ER7: `x-application/hl7-v2+er7` (what HAPI and
 /// most interface engines send) and `application/hl7-v2`.
 pub fn is_hl7(content_type: &str) -> bool {
-    let essence = content_type.split(';').next().unwrap_or_default().trim();
-    ["x-application/hl7-v2+er7", "application/hl7-v2"]
-        .iter()
-        .any(|t| essence.eq_ignore_ascii_case(t))
+    matches!(
+        crate::message::media_type(content_type).as_str(),
+        "x-application/hl7-v2+er7" | "application/hl7-v2"
+    )
+}
+
+/// Reads a message from bytes: [`parse`], once they are UTF-8 text.
+///
+/// # Errors
+///
+/// What is wrong, and where ([`Hl7Error`]'s text), or that the bytes are not UTF-8.
+pub fn read(bytes: &[u8]) -> Result<Value, String> {
+    let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8 text: {e}"))?;
+    parse(text).map_err(|e| e.to_string())
 }
 
 /// Why a message is not HL7 v2 ER7, and where.

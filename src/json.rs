@@ -28,9 +28,7 @@ pub fn read_body(content_type: &str, bytes: &[u8], max_depth: u32) -> Result<Val
         return Ok(Value::Null);
     }
     if crate::hl7::is_hl7(content_type) {
-        let text = std::str::from_utf8(bytes)
-            .map_err(|e| ServeError::MalformedHl7(format!("not UTF-8 text: {e}")))?;
-        return crate::hl7::parse(text).map_err(|e| ServeError::MalformedHl7(e.to_string()));
+        return crate::hl7::read(bytes).map_err(ServeError::MalformedHl7);
     }
     if !is_json(content_type) {
         return Err(ServeError::UnsupportedMediaType(content_type.to_owned()));
@@ -40,12 +38,7 @@ pub fn read_body(content_type: &str, bytes: &[u8], max_depth: u32) -> Result<Val
 
 /// Whether `content_type` declares JSON: `application/json` or `application/*+json`.
 pub fn is_json(content_type: &str) -> bool {
-    let essence = content_type
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
+    let essence = crate::message::media_type(content_type);
     essence == "application/json"
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }

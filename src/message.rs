@@ -62,6 +62,24 @@ pub const MESSAGE_ID: &str = "ferry-message-id";
 pub const CORRELATION_ID: &str = "ferry-correlation-id";
 /// Header carrying the key a consumer drops duplicates by: `<message id>:<target>`.
 pub const IDEMPOTENCY_KEY: &str = "ferry-idempotency-key";
+/// A content type's media type, lowercase, without parameters: `Text/CSV; charset=x` → `text/csv`.
+pub fn media_type(content_type: &str) -> String {
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase()
+}
+
+/// The [`CONTENT_TYPE`] among `headers`, whatever the case of its name.
+pub fn content_type_of(headers: &BTreeMap<String, String>) -> Option<&str> {
+    headers
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(CONTENT_TYPE))
+        .map(|(_, value)| value.as_str())
+}
+
 /// The queue message header saying what its payload is (`application/json` when absent);
 /// AMQP carries it as the message's `content_type` property.
 pub const CONTENT_TYPE: &str = "content-type";

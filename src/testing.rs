@@ -425,11 +425,7 @@ fn message_for(flow: &Flow, input: &Input, body: Value) -> Message {
 /// declares another format (HL7 v2), the text read the way `serve` reads a request's body;
 /// `Err` inside when `serve` would refuse it. The outer error is a mistake in the test file.
 fn input_body(input: &Input, file: &Path) -> Result<Result<Value, ServeError>, String> {
-    let content_type = input
-        .headers
-        .iter()
-        .find(|(name, _)| name.eq_ignore_ascii_case("content-type"))
-        .map(|(_, value)| value.as_str());
+    let content_type = crate::message::content_type_of(&input.headers);
     let written = match (&input.body, &input.body_file) {
         (Some(body), None) => Written::Value(body.clone()),
         (None, Some(name)) => {

@@ -152,10 +152,7 @@ pub(super) fn run_one(args: &RunArgs) -> anyhow::Result<ExitCode> {
         header_map.insert(name.trim().to_owned(), value.trim().to_owned());
     }
     // The body is read as `serve` reads a request's: by its content type, JSON by default.
-    let content_type = header_map
-        .iter()
-        .find(|(name, _)| name.eq_ignore_ascii_case("content-type"))
-        .map_or("application/json", |(_, value)| value.as_str());
+    let content_type = crate::message::content_type_of(&header_map).unwrap_or("application/json");
     let input = &args.input;
     let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
     let body = crate::json::read_body(content_type, &bytes, crate::json::DEFAULT_MAX_DEPTH)

@@ -30,15 +30,7 @@ pub use expr::{Env, ExprError, ROOTS, Table};
 
 use crate::message::Message;
 
-/// A content type's media type, lowercase, without parameters: `Text/CSV; charset=x` → `text/csv`.
-pub fn media_type(content_type: &str) -> String {
-    content_type
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase()
-}
+pub use crate::message::media_type;
 
 /// How values are escaped when a text template renders them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
