@@ -380,6 +380,20 @@ impl Ctx<'_> {
         }
     }
 
+    /// Parses a size such as `64KiB` or `1MiB` into bytes, reporting a problem at `at`.
+    pub(crate) fn size(&mut self, source: &str, at: Location) -> Option<u64> {
+        match source.parse::<bytesize::ByteSize>() {
+            Ok(size) => Some(size.as_u64()),
+            Err(_) => {
+                self.error(
+                    at,
+                    format!("invalid size \"{source}\"; write e.g. 64KiB or 1MiB"),
+                );
+                None
+            }
+        }
+    }
+
     /// Parses a duration such as `500ms` or `10s`, reporting a problem at `at`.
     pub(crate) fn duration(&mut self, source: &str, at: Location) -> Option<std::time::Duration> {
         match humantime::parse_duration(source) {

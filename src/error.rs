@@ -236,7 +236,7 @@ impl ServeError {
     }
 
     /// The message of the reply; 5xx replies keep their reason for the log.
-    fn public_message(&self) -> String {
+    pub(crate) fn public_message(&self) -> String {
         match self {
             Self::Flow(FlowError::Target { target, .. }) => {
                 format!("target \"{target}\" did not take the message")

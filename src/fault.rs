@@ -19,6 +19,10 @@ pub enum Point {
     /// A queue message was handled and committed; the broker has not been told yet. Dying
     /// here, the broker delivers it again, and ferry must handle it once.
     BeforeQueueAck,
+    /// An MLLP message was handled and committed; its acknowledgement is not sent yet.
+    /// Dying here, the sender sends it again, and ferry must acknowledge it and handle it
+    /// once.
+    BeforeMllpAck,
 }
 
 impl Point {
@@ -27,13 +31,18 @@ impl Point {
         match self {
             Self::AfterTargetAnswer => "after-target-answer",
             Self::BeforeQueueAck => "before-queue-ack",
+            Self::BeforeMllpAck => "before-mllp-ack",
         }
     }
 
     fn parse(name: &str) -> Option<Self> {
-        [Self::AfterTargetAnswer, Self::BeforeQueueAck]
-            .into_iter()
-            .find(|p| p.name() == name)
+        [
+            Self::AfterTargetAnswer,
+            Self::BeforeQueueAck,
+            Self::BeforeMllpAck,
+        ]
+        .into_iter()
+        .find(|p| p.name() == name)
     }
 }
 

@@ -86,6 +86,25 @@ pub enum Trigger {
     Http(HttpTrigger),
     /// A queue consumer.
     Queue(QueueTrigger),
+    /// An MLLP listener.
+    Mllp(MllpTrigger),
+}
+
+/// A compiled MLLP trigger.
+#[derive(Debug)]
+pub struct MllpTrigger {
+    /// The address to listen on, as configured (port 0 takes a free one).
+    pub listen: String,
+    /// The largest message accepted, in bytes.
+    pub max_message: usize,
+    /// How long a connection may stay silent.
+    pub idle_timeout: std::time::Duration,
+    /// Most connections at once.
+    pub max_connections: u32,
+    /// Where a message's identity comes from, when not its control id.
+    pub idempotency_key: Option<JsonPath>,
+    /// The certificate to serve TLS with.
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 /// A compiled queue trigger.
@@ -198,6 +217,14 @@ impl Flow {
         }
     }
 
+    /// The MLLP trigger, if the flow has one.
+    pub fn mllp_trigger(&self) -> Option<&MllpTrigger> {
+        match &self.trigger {
+            Trigger::Mllp(mllp) => Some(mllp),
+            _ => None,
+        }
+    }
+
     /// Whether the flow declares its own reply.
     pub fn declares_reply(&self) -> bool {
         self.reply.declared
@@ -230,6 +257,7 @@ impl Flow {
         let path = match &self.trigger {
             Trigger::Http(http) => http.idempotency_key.as_ref(),
             Trigger::Queue(queue) => queue.idempotency_key.as_ref(),
+            Trigger::Mllp(mllp) => mllp.idempotency_key.as_ref(),
             Trigger::Called => None,
         };
         let value = match path {
@@ -252,8 +280,12 @@ impl Flow {
     /// [`FlowError::Unprocessable`] saying why.
     pub fn check_request(&self, targets: &[usize], message: &Message) -> Result<(), FlowError> {
         for &index in targets {
-            if let Target::Http(http) = &self.targets[index] {
-                http.check_request(message, &self.templates)?;
+            match &self.targets[index] {
+                Target::Http(http) => http.check_request(message, &self.templates)?,
+                Target::Mllp(mllp) => {
+                    mllp.prepare(message)?;
+                }
+                Target::Queue(_) | Target::Flow(_) => {}
             }
         }
         Ok(())

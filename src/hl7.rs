@@ -425,6 +425,81 @@ pub fn escape(value: &str) -> String {
     out
 }
 
+/// Writes a field as [`parse`] read it back as ER7 with the standard delimiters, every value
+/// [`escape`]d: repetitions joined by `~`, components by `^`, sub-components by `&`.
+pub fn write_field(field: &Value) -> String {
+    match field {
+        Value::Array(repetitions) => repetitions
+            .iter()
+            .map(|r| write_part(r, &['^', '&']))
+            .collect::<Vec<_>>()
+            .join("~"),
+        one => write_part(one, &['^', '&']),
+    }
+}
+
+/// A value of a field, its numbered parts joined by the first of `separators` (the rest for
+/// the parts' own parts).
+fn write_part(value: &Value, separators: &[char]) -> String {
+    match (value, separators.split_first()) {
+        (Value::Object(parts), Some((separator, inner))) => {
+            let last = parts.keys().filter_map(|k| k.parse::<usize>().ok()).max();
+            (1..=last.unwrap_or(0))
+                .map(|n| {
+                    parts
+                        .get(&n.to_string())
+                        .map_or_else(String::new, |p| write_part(p, inner))
+                })
+                .collect::<Vec<_>>()
+                .join(&separator.to_string())
+        }
+        (Value::String(text), _) => escape(text),
+        (Value::Null, _) => String::new(),
+        (other, _) => escape(&other.to_string()),
+    }
+}
+
+/// An HL7 timestamp (`YYYY[MM[DD[HH[MM[SS[.S…]]]]]]` with an optional `+ZZZZ`/`-ZZZZ`
+/// offset) in ISO 8601, missing parts the earliest: `20261122160405+0100` is
+/// `2026-11-22T16:04:05+01:00`. `None` when `text` is not one.
+pub fn timestamp_iso(text: &str) -> Option<String> {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let (moment, offset) = match text.find(['+', '-']) {
+        Some(at) => (&text[..at], Some(&text[at..])),
+        None => (text, None),
+    };
+    let (whole, fraction) = match moment.split_once('.') {
+        Some((whole, fraction)) => (whole, Some(fraction)),
+        None => (moment, None),
+    };
+    let whole_ok = matches!(whole.len(), 4 | 6 | 8 | 10 | 12 | 14) && digits(whole);
+    let fraction_ok = fraction.is_none_or(|f| whole.len() == 14 && f.len() <= 4 && digits(f));
+    let offset_ok = offset.is_none_or(|o| o.len() == 5 && digits(&o[1..]));
+    if !(whole_ok && fraction_ok && offset_ok) {
+        return None;
+    }
+    let part = |from: usize, earliest: &'static str| whole.get(from..from + 2).unwrap_or(earliest);
+    let mut iso = format!(
+        "{}-{}-{}T{}:{}:{}",
+        &whole[..4],
+        part(4, "01"),
+        part(6, "01"),
+        part(8, "00"),
+        part(10, "00"),
+        part(12, "00")
+    );
+    if let Some(fraction) = fraction {
+        iso.push('.');
+        iso.push_str(fraction);
+    }
+    if let Some(offset) = offset {
+        iso.push_str(&offset[..3]);
+        iso.push(':');
+        iso.push_str(&offset[3..]);
+    }
+    Some(iso)
+}
+
 /// Rendered ER7 with its segments ended the HL7 way: a template's line breaks (`\n` or
 /// `\r\n`) become carriage returns. Values cannot hold either once [`escape`]d.
 pub fn segment_ends(text: &str) -> String {
@@ -466,6 +541,44 @@ PID|1||CUST-7^^^PORTAL~999^^^LAB||Doe^Jane||19800101|F\r\
 OBR|1|PR-2026-0417|LAB-88|CBC^Complete blood count\r\
 OBX|1|NM|HGB^Hemoglobin||13.5|g/dL|12.0-16.0|N|||F\r\
 OBX|2|ST|NOTE^Note||Sample A \\T\\ B\\F\\ok\\X0A\\next line||||||F\r";
+
+    #[test]
+    fn hl7_timestamps_read_as_iso_8601() {
+        for (hl7, iso) in [
+            ("20261122160405+0100", Some("2026-11-22T16:04:05+01:00")),
+            (
+                "20261122160405.25-0500",
+                Some("2026-11-22T16:04:05.25-05:00"),
+            ),
+            ("202611221604", Some("2026-11-22T16:04:00")),
+            ("2026", Some("2026-01-01T00:00:00")),
+            ("2026-11-22", None),
+            ("20261122160", None),
+            ("2026112216.5", None),
+            ("20261122+01", None),
+        ] {
+            assert_eq!(timestamp_iso(hl7).as_deref(), iso, "{hl7}");
+        }
+    }
+
+    #[test]
+    fn a_field_read_is_written_back_as_it_was() {
+        let body = parse(ORU).unwrap();
+        for (place, written) in [
+            ("MSH-9", "ORU^R01^ORU_R01"),
+            ("PID-3", "CUST-7^^^PORTAL~999^^^LAB"),
+            ("OBX[2]-5", "Sample A \\T\\ B\\F\\ok\\X0A\\next line"),
+            ("OBR-2", "PR-2026-0417"),
+        ] {
+            let (id, field) = place.split_once('-').unwrap();
+            let (id, n) = match id.split_once('[') {
+                Some((id, n)) => (id, n.trim_end_matches(']').parse::<usize>().unwrap() - 1),
+                None => (id, 0),
+            };
+            let value = &body[id][n][field];
+            assert_eq!(write_field(value), written, "{place}");
+        }
+    }
 
     #[test]
     fn a_result_message_becomes_json_addressed_as_integrators_name_it() {

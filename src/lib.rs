@@ -14,7 +14,7 @@
 //!    and column. [`redact`]: what must not leave by an error path. [`retry`]: retry budgets,
 //!    backoff and what an answer means. [`fault`]: the points where tests stop ferry.
 //!    [`observe`]: metrics and trace export. [`hl7`]: HL7 v2 bodies (ER7) read into JSON,
-//!    and values escaped for them.
+//!    and values escaped for them. [`tls`]: the certificate a server presents.
 //! 2. **The flow format and the leaf compilers.** [`config`]: the flow file format (serde
 //!    types) and reading flow files. [`error`]: errors and their one mapping to HTTP replies.
 //!    [`jsonpath`], [`template`] (structural and text templates, expressions and helpers),
@@ -22,14 +22,16 @@
 //! 3. **[`compile`]**: what compiling any part of a flow has at hand (`compile::Ctx`).
 //! 4. **Components**, each compiling its own config: [`auth`] (who may call a trigger),
 //!    [`steps`] (`validate`, `set`, `transform`, `route`, `correlate`), [`targets`] (HTTP,
-//!    queue and flow targets, each making its own attempt, and their mocks), [`queue`]
+//!    MLLP, queue and flow targets, each making its own attempt, and their mocks),
+//!    [`mllp`] (HL7 v2 over TCP: frames and acknowledgements), [`queue`]
 //!    (embedded, AMQP and NATS queues), [`store`] (the durable store on SQLite or PostgreSQL).
 //! 5. **[`flow`]**: a compiled flow, and what it does to one message.
 //! 6. **[`project`]**: the compiler of flows and projects, every problem at once.
 //! 7. **[`engine`]**: the message path every entry point goes through.
 //! 8. **Workers**: [`delivery`] drains the outbox; [`consume`] feeds queue messages in.
 //! 9. **[`runtime`]**: starts and stops the engine's workers together.
-//! 10. **What serves and tests it**: [`server`] (the HTTP server), [`admin`] (the admin
+//! 10. **What serves and tests it**: [`server`] (the HTTP server), [`mllp_server`] (the
+//!     MLLP listeners), [`admin`] (the admin
 //!     API), [`testing`] (`ferry test` and `ferry run`, on the engine with mocks), then
 //!     [`reload`] (swapping the flows being served), [`demo`] and, on top, [`cli`].
 
@@ -50,6 +52,8 @@ pub mod hl7;
 pub mod json;
 pub mod jsonpath;
 pub mod message;
+pub mod mllp;
+pub mod mllp_server;
 pub mod observe;
 pub mod project;
 pub mod queue;
@@ -64,3 +68,4 @@ pub mod store;
 pub mod targets;
 pub mod template;
 pub mod testing;
+pub mod tls;

@@ -84,6 +84,9 @@ pub fn content_type_of(headers: &BTreeMap<String, String>) -> Option<&str> {
 /// AMQP carries it as the message's `content_type` property.
 pub const CONTENT_TYPE: &str = "content-type";
 
+/// The media type ferry gives HL7 v2 in ER7 (what HAPI and most interface engines send).
+pub const HL7_MEDIA_TYPE: &str = "x-application/hl7-v2+er7";
+
 /// Headers that carry credentials: they never reach `meta.headers`, so no template, timeline
 /// or log sees them (nor does the header a trigger's `auth` names).
 const HIDDEN_HEADERS: [&str; 5] = [
@@ -153,6 +156,23 @@ impl Meta {
         }
         if let Some(key) = meta.headers.get(IDEMPOTENCY_KEY).cloned() {
             meta.headers.insert("idempotency-key".into(), key);
+        }
+        meta
+    }
+
+    /// A message of `flow` received over MLLP on `listen` from `peer`, read into `body`:
+    /// its control id (MSH-10) is its idempotency key, so a message sent again is handled
+    /// once.
+    pub fn for_mllp(flow: &str, listen: &str, peer: &str, body: &serde_json::Value) -> Self {
+        let mut meta = Self::new(flow);
+        meta.method = "MLLP".into();
+        meta.path = listen.to_owned();
+        meta.headers
+            .insert(CONTENT_TYPE.to_owned(), HL7_MEDIA_TYPE.to_owned());
+        meta.headers
+            .insert("x-peer-address".into(), peer.to_owned());
+        if let Some(id) = body["MSH"][0]["10"].as_str().filter(|id| !id.is_empty()) {
+            meta.headers.insert("idempotency-key".into(), id.to_owned());
         }
         meta
     }

@@ -33,6 +33,8 @@ pub struct Live {
     /// Whether metrics and the admin API have an address of their own.
     split: bool,
     current: RwLock<Served>,
+    /// Told each time a new set is served.
+    reloaded: tokio::sync::watch::Sender<()>,
 }
 
 /// One set of flows and the routers serving it.
@@ -81,6 +83,7 @@ impl Live {
             admin_token,
             split,
             current: RwLock::new(served),
+            reloaded: tokio::sync::watch::Sender::new(()),
         })
     }
 
@@ -118,6 +121,11 @@ impl Live {
         )
     }
 
+    /// Changes each time a reload serves a new set of flows.
+    pub fn reloads(&self) -> tokio::sync::watch::Receiver<()> {
+        self.reloaded.subscribe()
+    }
+
     /// Loads and checks the flows again; a clean set replaces the one being served.
     ///
     /// # Errors
@@ -134,6 +142,7 @@ impl Live {
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
             served,
         );
+        self.reloaded.send_replace(());
         // The old set lets go of nothing it holds: it finishes in the background.
         tokio::spawn(async move { old.runtime.stop(DRAIN).await });
         Ok(project.flows.len())

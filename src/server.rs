@@ -177,20 +177,7 @@ pub fn tls_config(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    use anyhow::Context as _;
-    use rustls_pki_types::pem::PemObject as _;
-    let chain = rustls_pki_types::CertificateDer::pem_file_iter(cert)
-        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-        .with_context(|| format!("reading certificates from {}", cert.display()))?;
-    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key)
-        .with_context(|| format!("reading the private key from {}", key.display()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .context("the certificate does not match the key")?;
+    let mut config = crate::tls::server_identity(cert, key)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

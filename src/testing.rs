@@ -124,6 +124,10 @@ pub struct Mock {
     /// `timeout` or `connect`: the target does not answer at all.
     #[serde(default)]
     pub fail: Option<String>,
+    /// For an `mllp` target, the acknowledgement it answers: `AA` (the default), `AE`,
+    /// `AR`, `CA`, `CE` or `CR`; a string `body` is the reason an `AE` or `AR` gives.
+    #[serde(default)]
+    pub ack: Option<String>,
 }
 
 fn ok_status() -> u16 {
@@ -146,6 +150,10 @@ pub struct Expect {
     /// Vars after the steps (and the target's captures): each must contain these values.
     #[serde(default)]
     pub vars: BTreeMap<String, Value>,
+    /// For a flow with an `mllp` trigger, the acknowledgement the message gets: `AA`
+    /// (taken), `AE` (refused for what it holds) or `AR` (not taken now).
+    #[serde(default)]
+    pub ack: Option<String>,
 }
 
 /// Expectations on a JSON document: a reply or what a target received.
@@ -396,6 +404,7 @@ fn message_for(flow: &Flow, input: &Input, body: Value) -> Message {
     let headers = input.headers.clone();
     let meta = match &flow.trigger {
         Trigger::Queue(queue) => Meta::for_queue(&flow.name, &queue.spec.name, headers),
+        Trigger::Mllp(mllp) => Meta::for_mllp(&flow.name, &mllp.listen, "ferry-test", &body),
         trigger => {
             let (method, mut path, secret) = match trigger {
                 Trigger::Http(http) => (
@@ -424,8 +433,16 @@ fn message_for(flow: &Flow, input: &Input, body: Value) -> Message {
 /// A case's body: JSON as written (or in `body_file`), or, when its `content-type` header
 /// declares another format (HL7 v2), the text read the way `serve` reads a request's body;
 /// `Err` inside when `serve` would refuse it. The outer error is a mistake in the test file.
-fn input_body(input: &Input, file: &Path) -> Result<Result<Value, ServeError>, String> {
-    let content_type = crate::message::content_type_of(&input.headers);
+fn input_body(
+    input: &Input,
+    file: &Path,
+    flow: &Flow,
+) -> Result<Result<Value, ServeError>, String> {
+    // What comes over MLLP is HL7 v2 whatever a case says.
+    let content_type = match flow.mllp_trigger() {
+        Some(_) => Some(crate::message::HL7_MEDIA_TYPE),
+        None => crate::message::content_type_of(&input.headers),
+    };
     let written = match (&input.body, &input.body_file) {
         (Some(body), None) => Written::Value(body.clone()),
         (None, Some(name)) => {
@@ -499,19 +516,26 @@ async fn run_case(
     case: &TestCase,
     file: &Path,
 ) -> Result<Vec<String>, String> {
-    let body = input_body(&case.input, file)?;
+    let body = input_body(&case.input, file, flow)?;
     mocks.answer(
         case.mocks
             .iter()
             .map(|(name, mock)| {
+                let ack = match mock.ack.as_deref() {
+                    Some(code) => Some(crate::mllp::AckCode::parse(code).ok_or_else(|| {
+                        format!("mock \"{name}\": ack \"{code}\" is none of AA, AE, AR, CA, CE, CR")
+                    })?),
+                    None => None,
+                };
                 let answer = MockAnswer {
                     status: mock.status,
                     body: mock.body.clone(),
                     fail: mock.fail.clone(),
+                    ack,
                 };
-                (name.clone(), answer)
+                Ok((name.clone(), answer))
             })
-            .collect(),
+            .collect::<Result<_, String>>()?,
     );
     mocks.take_received();
     let mut seen = Seen::default();
@@ -537,6 +561,21 @@ async fn run_case(
             &reply.1,
             &mut failures,
         );
+    }
+    if let Some(expected) = &case.expect.ack {
+        let reply = StoredReply {
+            status: reply.0,
+            headers: Vec::new(),
+            body: reply.1.clone(),
+        };
+        let (code, refusal) = crate::mllp::verdict(&Ok(reply));
+        let got = code.code(false);
+        if got != expected {
+            let why = refusal
+                .map(|r| format!(" ({})", r.text))
+                .unwrap_or_default();
+            failures.push(format!("ack is {got}{why}, expected {expected}"));
+        }
     }
     for (target, expected) in &case.expect.targets {
         match outputs.get(target) {
@@ -705,6 +744,7 @@ pub async fn trace(
         let kind = match flow.targets().iter().find(|t| t.name() == name) {
             Some(Target::Http(_)) => "http",
             Some(Target::Queue(_)) => "queue",
+            Some(Target::Mllp(_)) => "mllp",
             _ => "flow",
         };
         let _ = writeln!(out, "\n== target \"{name}\" ({kind}) would get (mocked)");

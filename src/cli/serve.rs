@@ -102,6 +102,14 @@ pub(super) fn serve(
             split,
         );
         let router = live.router();
+        let current: crate::mllp_server::Current = {
+            let live = Arc::clone(&live);
+            Arc::new(move || live.runtime())
+        };
+        let mllp = crate::mllp_server::Listeners::start(current)
+            .await
+            .context("opening the MLLP listeners")?;
+        tokio::spawn(follow_reloads(Arc::clone(&live), Arc::clone(&mllp)));
         let mut watched = paths.flows.clone();
         watched.extend(paths.schemas.iter().filter(|s| s.is_dir()).cloned());
         crate::reload::spawn_triggers(&live, &watched, watch);
@@ -125,6 +133,9 @@ pub(super) fn serve(
         } else {
             "http"
         };
+        for (flow, address) in mllp.addresses() {
+            println!("ferry mllp listening on mllp://{address} for {flow}");
+        }
         println!("ferry listening on {scheme}://{address}");
         let draining = Arc::clone(&live);
         let signal = async move {
@@ -163,6 +174,7 @@ pub(super) fn serve(
         if let Some(operations) = operations {
             let _ = operations.await;
         }
+        mllp.shutdown(Duration::from_secs(10)).await;
         pruner.abort();
         gauges.abort();
         live.runtime().shutdown(Duration::from_secs(10)).await;
@@ -186,9 +198,22 @@ fn log_flows(project: &crate::project::Project) {
             Trigger::Queue(t) => {
                 tracing::info!(flow = %flow_name, queue = %t.spec, mode, "flow loaded");
             }
+            Trigger::Mllp(t) => {
+                tracing::info!(flow = %flow_name, listen = %t.listen, mode, "flow loaded (MLLP)");
+            }
             Trigger::Called => {
                 tracing::info!(flow = %flow_name, mode, "flow loaded (called by other flows)");
             }
+        }
+    }
+}
+
+/// Opens and closes MLLP listeners as reloads add and remove flows.
+async fn follow_reloads(live: Arc<crate::reload::Live>, mllp: Arc<crate::mllp_server::Listeners>) {
+    let mut reloads = live.reloads();
+    while reloads.changed().await.is_ok() {
+        if let Err(error) = mllp.update().await {
+            tracing::error!(%error, "MLLP listener not opened after the reload");
         }
     }
 }

@@ -159,6 +159,54 @@ pub enum TriggerConfig {
     Http(HttpTriggerConfig),
     /// A queue that ferry consumes.
     Queue(QueueTriggerConfig),
+    /// An MLLP listener: HL7 v2 messages over TCP, each acknowledged.
+    Mllp(MllpTriggerConfig),
+}
+
+/// An MLLP listener served by `ferry serve`: HL7 v2 messages framed over TCP. Each message
+/// is acknowledged once the flow has it for good: committed (a durable flow) or delivered
+/// (a sync flow).
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MllpTriggerConfig {
+    /// Address to listen on, such as `0.0.0.0:2575` or `${LAB_MLLP_LISTEN}`. Port 0 takes a
+    /// free port, which `ferry serve` prints.
+    #[schemars(with = "String")]
+    pub listen: Spanned<String>,
+    /// Largest message accepted, such as `1MiB` (default 1 MiB). A larger one is answered
+    /// `AE` and its connection closed.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub max_message: Option<Spanned<String>>,
+    /// How long a connection may stay silent before ferry closes it, such as `5m` (the
+    /// default).
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub idle_timeout: Option<Spanned<String>>,
+    /// Most connections served at once (default 64); more wait to be accepted.
+    #[serde(default)]
+    #[schemars(with = "Option<u32>")]
+    pub max_connections: Option<Spanned<u32>>,
+    /// JSONPath over the message whose value identifies it. Without it, the control id
+    /// (`MSH-10`) does: a message sent again is acknowledged again and handled once.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub idempotency_key: Option<Spanned<String>>,
+    /// Serve MLLP over TLS with this certificate and key.
+    #[serde(default)]
+    pub tls: Option<MllpTlsConfig>,
+}
+
+/// The certificate an MLLP listener presents.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MllpTlsConfig {
+    /// PEM certificate chain, relative to the flow file.
+    #[schemars(with = "String")]
+    pub cert_file: Spanned<String>,
+    /// PEM private key, relative to the flow file.
+    #[schemars(with = "String")]
+    pub key_file: Spanned<String>,
 }
 
 /// Which queue implementation carries messages.
@@ -558,6 +606,8 @@ pub enum TargetConfig {
     Http(HttpTargetConfig),
     /// A queue: embedded, RabbitMQ or NATS JetStream.
     Queue(QueueTargetConfig),
+    /// An HL7 v2 partner over MLLP: the message is sent and its acknowledgement awaited.
+    Mllp(MllpTargetConfig),
     /// Another flow, called in-process: its reply fields become this flow's vars.
     #[schemars(with = "String")]
     Flow(Spanned<String>),
@@ -577,6 +627,27 @@ pub struct QueueTargetConfig {
     #[serde(default)]
     #[schemars(with = "Option<String>")]
     pub url: Option<Spanned<String>>,
+}
+
+/// An HL7 v2 partner reached over MLLP. The body sent is the message's HL7 text (a
+/// `transform` with `content_type: x-application/hl7-v2+er7` renders it). `AA` or `CA` is
+/// delivery; `AR`, `CR` and no answer are tried again; `AE` or `CE` is a dead letter.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MllpTargetConfig {
+    /// The partner's `host:port`, such as `${LAB_MLLP}`.
+    #[schemars(with = "String")]
+    pub address: Spanned<String>,
+    /// How long to wait for the acknowledgement, such as `30s` (the default).
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub timeout: Option<Spanned<String>>,
+    /// JSONPaths over the acknowledgement (read as HL7 into JSON) whose values are saved
+    /// into vars: `var_name: $.MSA[0]['2']`. An application acknowledgement such as
+    /// `ORL^O22` carries the lab's own order number in its `ORC`.
+    #[serde(default)]
+    #[schemars(with = "BTreeMap<String, String>")]
+    pub capture: BTreeMap<String, Spanned<String>>,
 }
 
 /// An HTTP call to a partner system.

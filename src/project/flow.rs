@@ -9,8 +9,8 @@ use crate::config::load::LoadedFlow;
 use crate::config::{AfterDeliveryConfig, DeliveryMode, TriggerConfig};
 use crate::diagnostic::Diagnostic;
 use crate::flow::{
-    AfterDelivery, DEFAULT_MAX_BODY, DeliveryPolicy, Flow, HttpTrigger, QueueTrigger, RateLimit,
-    Reply, Trigger,
+    AfterDelivery, DEFAULT_MAX_BODY, DeliveryPolicy, Flow, HttpTrigger, MllpTrigger, QueueTrigger,
+    RateLimit, Reply, Trigger,
 };
 use crate::retry::RetryPolicy;
 use crate::schema::Schemas;
@@ -190,7 +190,68 @@ fn compile_trigger(config: Option<&TriggerConfig>, ctx: &mut Ctx<'_>) -> Option<
         None => Some(Trigger::Called),
         Some(TriggerConfig::Http(http)) => compile_http_trigger(http, ctx).map(Trigger::Http),
         Some(TriggerConfig::Queue(queue)) => compile_queue_trigger(queue, ctx).map(Trigger::Queue),
+        Some(TriggerConfig::Mllp(mllp)) => compile_mllp_trigger(mllp, ctx).map(Trigger::Mllp),
     }
+}
+
+fn compile_mllp_trigger(
+    config: &crate::config::MllpTriggerConfig,
+    ctx: &mut Ctx<'_>,
+) -> Option<MllpTrigger> {
+    let listen = &config.listen;
+    let port = listen
+        .value
+        .rsplit_once(':')
+        .filter(|(host, _)| !host.is_empty())
+        .and_then(|(_, port)| port.parse::<u16>().ok());
+    if port.is_none() {
+        ctx.error(
+            listen.referenced,
+            format!(
+                "\"{}\" is not an address to listen on: write host:port, such as 0.0.0.0:2575",
+                listen.value
+            ),
+        );
+    }
+    let max_message = match &config.max_message {
+        None => Some(DEFAULT_MAX_BODY),
+        Some(size) => ctx.size(&size.value, size.referenced),
+    };
+    let idle_timeout = match &config.idle_timeout {
+        Some(idle) => ctx.duration(&idle.value, idle.referenced),
+        None => Some(std::time::Duration::from_secs(300)),
+    };
+    let max_connections = config.max_connections.as_ref().map_or(64, |m| m.value);
+    if let Some(m) = config.max_connections.as_ref().filter(|m| m.value == 0) {
+        ctx.error(m.referenced, "max_connections must be at least 1");
+    }
+    let idempotency_key = match &config.idempotency_key {
+        Some(path) => Some(ctx.message_path(&path.value, path.referenced)?),
+        None => None,
+    };
+    let tls = match &config.tls {
+        Some(tls) => {
+            let cert = ctx.project_file(&tls.cert_file.value, tls.cert_file.referenced);
+            let key = ctx.project_file(&tls.key_file.value, tls.key_file.referenced);
+            match crate::tls::server_identity(&cert?, &key?) {
+                Ok(identity) => Some(std::sync::Arc::new(identity)),
+                Err(error) => {
+                    ctx.error(tls.cert_file.referenced, format!("{error:#}"));
+                    return None;
+                }
+            }
+        }
+        None => None,
+    };
+    port?;
+    Some(MllpTrigger {
+        listen: listen.value.clone(),
+        max_message: usize::try_from(max_message?).unwrap_or(usize::MAX),
+        idle_timeout: idle_timeout?,
+        max_connections: max_connections.max(1),
+        idempotency_key,
+        tls,
+    })
 }
 
 fn compile_queue_trigger(
@@ -243,16 +304,7 @@ fn compile_http_trigger(
     }
     let max_body = match &http.max_body {
         None => Some(DEFAULT_MAX_BODY),
-        Some(size) => match size.value.parse::<bytesize::ByteSize>() {
-            Ok(size) => Some(size.as_u64()),
-            Err(_) => {
-                ctx.error(
-                    size.referenced,
-                    format!("invalid size \"{}\"; write e.g. 64KiB or 1MiB", size.value),
-                );
-                None
-            }
-        },
+        Some(size) => ctx.size(&size.value, size.referenced),
     };
     let idempotency_key = match &http.idempotency_key {
         Some(path) => Some(ctx.message_path(&path.value, path.referenced)?),

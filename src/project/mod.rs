@@ -116,6 +116,7 @@ pub fn load_with_env(
     let mut schemas = Schemas::new(&paths.schemas);
     check_unique_names(&loaded, &mut diagnostics);
     check_endpoints(&loaded, &mut diagnostics);
+    check_mllp_listeners(&loaded, &mut diagnostics);
     let links = links::collect(&loaded, &mut diagnostics);
     let mut flows = Vec::new();
     for flow in &loaded {
@@ -213,6 +214,40 @@ fn check_endpoints(flows: &[LoadedFlow], diagnostics: &mut Vec<Diagnostic>) {
             );
         } else {
             seen.insert(key, (name, &flow.file));
+        }
+    }
+}
+
+/// Two flows may not listen for MLLP on the same address (port 0 takes a free port each
+/// time, so it never collides).
+fn check_mllp_listeners(flows: &[LoadedFlow], diagnostics: &mut Vec<Diagnostic>) {
+    let mut seen: HashMap<&str, (&str, &Path)> = HashMap::new();
+    for flow in flows {
+        let Some(crate::config::TriggerConfig::Mllp(mllp)) = &flow.config.trigger else {
+            continue;
+        };
+        let listen = mllp.listen.value.as_str();
+        if listen.ends_with(":0") {
+            continue;
+        }
+        let name = flow.config.name.value.as_str();
+        match seen.get(listen) {
+            Some((other, file)) => diagnostics.push(
+                Diagnostic::error(
+                    &flow.file,
+                    format!(
+                        "{listen} is already listened on by flow \"{other}\" ({})",
+                        file.display()
+                    ),
+                )
+                .in_flow(name)
+                .in_context("trigger")
+                .with_code("listen-collision")
+                .at_location(mllp.listen.referenced),
+            ),
+            None => {
+                seen.insert(listen, (name, &flow.file));
+            }
         }
     }
 }

@@ -108,19 +108,9 @@ impl HttpTarget {
             Some(t) => ctx.duration(&t.value, t.referenced),
             None => Some(DEFAULT_TIMEOUT),
         };
-        let mut capture = Vec::new();
-        for (var, path) in &config.capture {
-            match JsonPath::parse(&path.value) {
-                Ok(compiled) => capture.push((var.clone(), compiled)),
-                Err(reason) => {
-                    ctx.error(
-                        path.referenced,
-                        format!("invalid JSONPath \"{}\": {reason}", path.value),
-                    );
-                    ok = false;
-                }
-            }
-        }
+        let capture = super::compile_captures(&config.capture, ctx);
+        ok &= capture.is_some();
+        let capture = capture.unwrap_or_default();
         let (url, timeout) = (url?, timeout?);
         ok.then(|| Self {
             name: name.to_owned(),

@@ -9,8 +9,9 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use serde_json::Value;
 
-use super::{Attempt, RetryAction, Target, TargetResponse, classify_status};
+use super::{Attempt, RetryAction, Target, TargetResponse, classify_status, lock};
 use crate::message::Message;
+use crate::mllp::{AckCode, Refusal, acknowledgement};
 use crate::template::Templates;
 
 /// What a mocked target answers.
@@ -22,6 +23,9 @@ pub struct MockAnswer {
     pub body: Value,
     /// `timeout` or `connect`: no answer at all.
     pub fail: Option<String>,
+    /// For an `mllp` target: the acknowledgement code (`AA` unless said); a `body` that is
+    /// a string is the reason it gives.
+    pub ack: Option<AckCode>,
 }
 
 impl Default for MockAnswer {
@@ -30,6 +34,7 @@ impl Default for MockAnswer {
             status: 200,
             body: Value::Object(serde_json::Map::new()),
             fail: None,
+            ack: None,
         }
     }
 }
@@ -124,15 +129,38 @@ impl Mocks {
                 },
                 Err(error) => return Attempt::failed(RetryAction::Drop, None, error.to_string()),
             },
+            Target::Mllp(mllp) => match mllp.prepare(message) {
+                Ok((text, _)) => Received {
+                    headers: BTreeMap::new(),
+                    body: Value::String(text),
+                },
+                Err(error) => return Attempt::failed(RetryAction::Drop, None, error.to_string()),
+            },
             Target::Queue(_) | Target::Flow(_) => Received {
                 headers: BTreeMap::new(),
                 body: message.body().clone(),
             },
         };
         let answer = self.answer_of(&name);
-        lock(&self.received).insert(name, received);
+        lock(&self.received).insert(name, received.clone());
         if let Some(kind) = answer.fail {
             return Attempt::failed(RetryAction::Retry, None, format!("mocked {kind}"));
+        }
+        if let (Target::Mllp(mllp), Value::String(sent)) = (target, &received.body) {
+            let sent = crate::hl7::parse(sent).ok();
+            let code = answer.ack.unwrap_or(AckCode::Accept);
+            let refusal = (code != AckCode::Accept).then(|| Refusal {
+                code: 207,
+                text: answer
+                    .body
+                    .as_str()
+                    .map_or_else(|| "mocked".to_owned(), str::to_owned),
+            });
+            let control_id = sent.as_ref().map_or_else(String::new, |s| {
+                s["MSH"][0]["10"].as_str().unwrap_or_default().to_owned()
+            });
+            let ack = acknowledgement(sent.as_ref(), code, refusal.as_ref()).unwrap_or_default();
+            return mllp.settle(ack.as_bytes(), &control_id, message);
         }
         let action = classify_status(answer.status);
         if action != RetryAction::Done {
@@ -152,16 +180,10 @@ impl Mocks {
                 message,
             ),
             Target::Flow(_) => message.merge_vars(&answer.body),
-            Target::Queue(_) => {}
+            Target::Queue(_) | Target::Mllp(_) => {}
         }
         Attempt::done(Some(answer.status))
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]
@@ -197,6 +219,7 @@ mod tests {
                 status: 201,
                 body: json!({"id": "L-1"}),
                 fail: None,
+                ack: None,
             },
         )]));
         let mut message = message(json!({"ref": "R 1"}));

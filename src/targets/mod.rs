@@ -8,12 +8,14 @@
 
 mod flow;
 mod http;
+mod mllp;
 mod mock;
 mod outbound;
 mod queue;
 
 pub use flow::FlowTarget;
 pub use http::HttpTarget;
+pub use mllp::MllpTarget;
 pub use mock::{MockAnswer, Mocks, Received};
 pub use outbound::is_private;
 pub use queue::QueueTarget;
@@ -60,6 +62,8 @@ pub enum Target {
     Http(HttpTarget),
     /// A queue.
     Queue(QueueTarget),
+    /// An HL7 v2 partner over MLLP.
+    Mllp(MllpTarget),
     /// Another flow.
     Flow(FlowTarget),
 }
@@ -118,14 +122,16 @@ impl Target {
         match config {
             TargetConfig::Http(c) => HttpTarget::compile(name, c, ctx).map(Self::Http),
             TargetConfig::Queue(c) => QueueTarget::compile(name, c, ctx).map(Self::Queue),
+            TargetConfig::Mllp(c) => MllpTarget::compile(name, c, ctx).map(Self::Mllp),
             TargetConfig::Flow(flow) => Some(Self::Flow(FlowTarget::new(name, &flow.value))),
         }
     }
 
-    /// How long one attempt may take, where the target bounds it (HTTP calls).
+    /// How long one attempt may take, where the target bounds it (HTTP and MLLP calls).
     pub fn timeout(&self) -> Option<Duration> {
         match self {
             Self::Http(t) => Some(t.timeout()),
+            Self::Mllp(t) => Some(t.timeout()),
             Self::Queue(_) | Self::Flow(_) => None,
         }
     }
@@ -141,6 +147,7 @@ impl Target {
         match self {
             Self::Http(http) => http.attempt(message, templates, reach.client).await,
             Self::Queue(queue) => queue.attempt(message, reach).await,
+            Self::Mllp(mllp) => mllp.attempt(message).await,
             Self::Flow(call) => call.attempt(message, reach.calls).await,
         }
     }
@@ -150,9 +157,37 @@ impl Target {
         match self {
             Self::Http(t) => t.name(),
             Self::Queue(t) => t.name(),
+            Self::Mllp(t) => t.name(),
             Self::Flow(t) => t.name(),
         }
     }
+}
+
+/// Compiles a target's `capture`: each var's JSONPath over the answer. `None` when one is
+/// invalid (reported in `ctx`).
+pub(crate) fn compile_captures(
+    config: &std::collections::BTreeMap<String, crate::config::Spanned<String>>,
+    ctx: &mut Ctx<'_>,
+) -> Option<Vec<(String, crate::jsonpath::JsonPath)>> {
+    let mut captures = Vec::with_capacity(config.len());
+    for (var, path) in config {
+        match crate::jsonpath::JsonPath::parse(&path.value) {
+            Ok(compiled) => captures.push((var.clone(), compiled)),
+            Err(reason) => ctx.error(
+                path.referenced,
+                format!("invalid JSONPath \"{}\": {reason}", path.value),
+            ),
+        }
+    }
+    (captures.len() == config.len()).then_some(captures)
+}
+
+/// Locks `mutex`, whatever a panic elsewhere left in it: what targets keep under a lock
+/// (idle connections, recorded mocks) stays usable.
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// What targets reach through: the network's HTTP client, the brokers, the store (for

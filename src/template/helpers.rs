@@ -552,7 +552,7 @@ pub static HELPERS: &[Helper] = &[
     helper!(
         "datetime",
         "TEXT FORMAT [ZONE]",
-        "a date-time (RFC 3339 or ISO 8601, with an offset, `Z` or none) in ZONE (an IANA name such as \"Europe/Berlin\", or \"UTC\"; default: its own offset), formatted with strftime's FORMAT (\"%Y%m%d%H%M%S\", \"%Y-%m-%d\")",
+        "a date-time (RFC 3339 or ISO 8601, with an offset, `Z` or none, or an HL7 timestamp such as \"20261122160405+0100\") in ZONE (an IANA name such as \"Europe/Berlin\", or \"UTC\"; default: its own offset), formatted with strftime's FORMAT (\"%Y%m%d%H%M%S\", \"%Y-%m-%d\")",
         2,
         Some(3),
         |a, _| {
@@ -753,7 +753,9 @@ fn datetime(text: &str, format: &str, zone: Option<&str>) -> Result<String, Stri
     use jiff::fmt::temporal::Pieces;
     use jiff::tz::TimeZone;
     let unreadable = || format!("\"{text}\" is not a date-time");
-    let pieces = Pieces::parse(text.trim()).map_err(|_| unreadable())?;
+    // An HL7 timestamp (`20261122160405+0100`) reads as its ISO 8601 form.
+    let iso = crate::hl7::timestamp_iso(text.trim());
+    let pieces = Pieces::parse(iso.as_deref().unwrap_or(text.trim())).map_err(|_| unreadable())?;
     let civil = pieces
         .date()
         .to_datetime(pieces.time().unwrap_or(jiff::civil::Time::midnight()));

@@ -70,7 +70,7 @@ fn json_output_has_one_object_per_diagnostic() {
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
         .collect();
-    assert_eq!(lines.len(), 44, "a corpus of 44 distinct mistakes");
+    assert_eq!(lines.len(), 48, "a corpus of 48 distinct mistakes");
     let unknown_key = lines.iter().find(|d| d["code"] == "unknown-key").unwrap();
     assert_eq!(
         unknown_key,
@@ -90,6 +90,7 @@ fn json_output_has_one_object_per_diagnostic() {
         "unknown-target",
         "environment",
         "route-collision",
+        "listen-collision",
         "call-cycle",
         "unknown-flow",
         "unknown-key",

@@ -752,11 +752,7 @@ async fn issue_12_a_queue_message_committed_but_not_acknowledged_is_handled_once
     tokio::time::sleep(Duration::from_millis(500)).await;
     // One message, one key: the portal may see a delivery in flight at the abort again, but
     // under the same key, never as a second message.
-    let keys: BTreeSet<String> = portal
-        .received()
-        .iter()
-        .map(|r| r.headers["idempotency-key"].to_str().unwrap().to_owned())
-        .collect();
+    let keys = portal.idempotency_keys();
     assert_eq!(keys.len(), 1, "handled once: {keys:?}");
     terminate(child).await;
 }

@@ -19,6 +19,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("message", 0),
     ("observe", 0),
     ("hl7", 0),
+    ("tls", 0),
     // The flow format, errors, and the leaf compilers.
     ("error", 1),
     ("config", 1),
@@ -33,6 +34,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("steps", 3),
     ("store", 3),
     ("queue", 3),
+    ("mllp", 3),
     ("targets", 3),
     // A compiled flow, and the project compiler.
     ("flow", 4),
@@ -44,6 +46,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("runtime", 8),
     // What serves and tests it.
     ("server", 9),
+    ("mllp_server", 9),
     ("admin", 9),
     ("reload", 10),
     ("testing", 9),

@@ -7,6 +7,8 @@
 //! - `delivery`: durable delivery, retries, dead letters, replay, idempotency, status.
 //! - `features`: path parameters, routing, text templates and response capture.
 //! - `partners`: a second lab added by YAML alone.
+//! - `hl7_lab`: a lab speaking HL7 v2 over MLLP, added by YAML alone, against a real MLLP
+//!   peer.
 //! - `queues`: embedded, RabbitMQ and NATS queues, and the examples built on them.
 //! - `check`: `ferry check` on broken flows reports every problem at its line and column.
 //! - `cli`: the `ferry` binary serving the shipped flows.
@@ -26,6 +28,7 @@ mod delivery;
 mod errors;
 mod faults;
 mod features;
+mod hl7_lab;
 mod hostile;
 mod injection;
 mod layers;

@@ -45,6 +45,8 @@ pub(crate) const FAST_RETRY: [(&str, &str); 4] = [
 pub(crate) struct Ferry {
     pub(crate) url: String,
     pub(crate) runtime: Arc<Runtime>,
+    /// The MLLP listeners of the flows with an `mllp` trigger.
+    pub(crate) mllp: Arc<ferry::mllp_server::Listeners>,
     _shutdown: oneshot::Sender<()>,
     _store: TestStore,
 }
@@ -102,9 +104,14 @@ impl Ferry {
         let runtime = Runtime::start(&project, client, Some(opened));
         let router = ferry::server::router(&runtime, Some(ADMIN_TOKEN));
         let (url, shutdown) = serve_ferry(router, options).await;
+        let served = Arc::clone(&runtime);
+        let mllp = ferry::mllp_server::Listeners::start(Arc::new(move || Arc::clone(&served)))
+            .await
+            .unwrap();
         Self {
             url,
             runtime,
+            mllp,
             _shutdown: shutdown,
             _store: store,
         }
@@ -130,6 +137,13 @@ impl Ferry {
             ServeOptions::default(),
         )
         .await
+    }
+
+    /// The address `flow`'s MLLP listener took.
+    pub(crate) fn mllp_address(&self, flow: &str) -> std::net::SocketAddr {
+        self.mllp
+            .address(flow)
+            .unwrap_or_else(|| panic!("flow {flow} has no MLLP listener"))
     }
 
     /// GETs an admin API path.

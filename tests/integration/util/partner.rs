@@ -113,6 +113,15 @@ impl Partner {
     pub(crate) fn received(&self) -> Vec<Received> {
         self.state.received.lock().unwrap().clone()
     }
+
+    /// The distinct `Idempotency-Key`s of what this partner received: one per message,
+    /// however often each was delivered.
+    pub(crate) fn idempotency_keys(&self) -> std::collections::BTreeSet<String> {
+        self.received()
+            .iter()
+            .map(|r| r.headers["idempotency-key"].to_str().unwrap().to_owned())
+            .collect()
+    }
 }
 
 async fn record(

@@ -1,0 +1,214 @@
+//! `mllp` target: sends the message's HL7 v2 text to a partner over MLLP and waits for its
+//! acknowledgement. `AA`/`CA` is delivery; `AR`/`CR`, no answer, and an answer to another
+//! message are tried again; `AE`/`CE` is given up, the acknowledgement kept in the error.
+//! Connections are kept open and reused, one message at a time on each.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use super::{Attempt, RetryAction, lock};
+use crate::compile::Ctx;
+use crate::config::MllpTargetConfig;
+use crate::error::FlowError;
+use crate::jsonpath::JsonPath;
+use crate::message::Message;
+use crate::mllp::{AckCode, Frames, read_ack, write_frame};
+
+/// How long to wait for an acknowledgement unless the target says.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest acknowledgement read.
+const MAX_ACK: usize = 1024 * 1024;
+/// Idle connections kept per target.
+const POOL: usize = 16;
+
+/// A compiled `mllp` target.
+#[derive(Debug)]
+pub struct MllpTarget {
+    name: String,
+    address: String,
+    timeout: Duration,
+    capture: Vec<(String, JsonPath)>,
+    idle: Mutex<Vec<TcpStream>>,
+}
+
+impl MllpTarget {
+    pub(crate) fn compile(
+        name: &str,
+        config: &MllpTargetConfig,
+        ctx: &mut Ctx<'_>,
+    ) -> Option<Self> {
+        let address = &config.address;
+        let valid = address.value.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !valid {
+            ctx.error(
+                address.referenced,
+                format!(
+                    "\"{}\" is not a partner's address: write host:port, such as lab.example:2575",
+                    address.value
+                ),
+            );
+        }
+        let timeout = match &config.timeout {
+            Some(t) => ctx.duration(&t.value, t.referenced),
+            None => Some(DEFAULT_TIMEOUT),
+        };
+        let capture = super::compile_captures(&config.capture, ctx);
+        if !valid {
+            return None;
+        }
+        Some(Self {
+            name: name.to_owned(),
+            address: address.value.clone(),
+            timeout: timeout?,
+            capture: capture?,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// How long an attempt waits for the acknowledgement.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// The HL7 v2 text `message` sends, and its control id (MSH-10) that the
+    /// acknowledgement must name.
+    ///
+    /// # Errors
+    ///
+    /// [`FlowError::Unprocessable`] when the body is not HL7 v2 text: then it can never be
+    /// sent, and the message is refused when it arrives rather than failing later.
+    pub fn prepare(&self, message: &Message) -> Result<(String, String), FlowError> {
+        let unprocessable = |reason: String| FlowError::Unprocessable {
+            context: format!("target \"{}\"", self.name),
+            reason,
+        };
+        let text = match (message.content_type(), message.body()) {
+            (Some(content_type), serde_json::Value::String(text))
+                if crate::hl7::is_hl7(content_type) =>
+            {
+                text
+            }
+            _ => {
+                return Err(unprocessable(
+                    "an mllp target sends HL7 v2 text: render it with a transform whose content_type is x-application/hl7-v2+er7".into(),
+                ));
+            }
+        };
+        let read = crate::hl7::parse(text)
+            .map_err(|e| unprocessable(format!("the message to send is not HL7 v2: {e}")))?;
+        let control_id = read["MSH"][0]["10"].as_str().unwrap_or_default().to_owned();
+        Ok((text.clone(), control_id))
+    }
+
+    /// Sends `message` and reads what its acknowledgement says.
+    pub(crate) async fn attempt(&self, message: &mut Message) -> Attempt {
+        let (text, control_id) = match self.prepare(message) {
+            Ok(prepared) => prepared,
+            Err(error) => return Attempt::failed(RetryAction::Drop, None, error.to_string()),
+        };
+        match tokio::time::timeout(self.timeout, self.exchange(text.as_bytes())).await {
+            Err(_) => Attempt::failed(
+                RetryAction::Retry,
+                None,
+                format!("no acknowledgement within {:?}", self.timeout),
+            ),
+            Ok(Err(error)) => Attempt::failed(RetryAction::Retry, None, error),
+            Ok(Ok(ack)) => self.settle(&ack, &control_id, message),
+        }
+    }
+
+    /// What an acknowledgement means for the message sent with `control_id`; on `AA`/`CA`,
+    /// the captures go into `message`'s vars.
+    pub(crate) fn settle(&self, ack: &[u8], control_id: &str, message: &mut Message) -> Attempt {
+        let text = String::from_utf8_lossy(ack).replace('\r', "\n");
+        let ack = match read_ack(ack) {
+            Ok(ack) => ack,
+            Err(error) => return Attempt::failed(RetryAction::Retry, None, error),
+        };
+        if ack.answers.as_deref().unwrap_or_default() != control_id {
+            return Attempt::failed(
+                RetryAction::Retry,
+                None,
+                format!(
+                    "the acknowledgement answers control id \"{}\", not \"{control_id}\"",
+                    ack.answers.unwrap_or_default()
+                ),
+            );
+        }
+        let why = ack.text.as_deref().unwrap_or("no reason given");
+        match ack.code {
+            AckCode::Accept => {
+                for (var, path) in &self.capture {
+                    message.set_var(var, path.extract(&ack.body));
+                }
+                Attempt::done(None)
+            }
+            AckCode::Reject => Attempt::failed(
+                RetryAction::Retry,
+                None,
+                format!(
+                    "rejected ({}): {why}",
+                    ack.body["MSA"][0]["1"].as_str().unwrap_or("AR")
+                ),
+            ),
+            AckCode::Error => Attempt::failed(
+                RetryAction::Drop,
+                None,
+                format!(
+                    "refused ({}): {why}\nacknowledgement:\n{text}",
+                    ack.body["MSA"][0]["1"].as_str().unwrap_or("AE")
+                ),
+            ),
+        }
+    }
+
+    /// Sends `payload` on a kept connection, or a new one, and reads the acknowledgement. A
+    /// kept connection the partner has closed meanwhile is replaced once.
+    async fn exchange(&self, payload: &[u8]) -> Result<Vec<u8>, String> {
+        loop {
+            let kept = lock(&self.idle).pop();
+            let reused = kept.is_some();
+            let mut stream = match kept {
+                Some(stream) => stream,
+                None => {
+                    let stream = TcpStream::connect(&self.address)
+                        .await
+                        .map_err(|e| format!("cannot connect to {}: {e}", self.address))?;
+                    let _ = stream.set_nodelay(true);
+                    stream
+                }
+            };
+            match send_and_read(&mut stream, payload).await {
+                Ok(ack) => {
+                    let mut idle = lock(&self.idle);
+                    if idle.len() < POOL {
+                        idle.push(stream);
+                    }
+                    return Ok(ack);
+                }
+                Err(_) if reused => {}
+                Err(error) => return Err(format!("{}: {error}", self.address)),
+            }
+        }
+    }
+}
+
+/// One exchange on `stream`: the message out, its acknowledgement in.
+async fn send_and_read(stream: &mut TcpStream, payload: &[u8]) -> Result<Vec<u8>, String> {
+    write_frame(stream, payload)
+        .await
+        .map_err(|e| e.to_string())?;
+    Frames::new(stream, MAX_ACK)
+        .next()
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "the connection closed before an acknowledgement".to_owned())
+}
