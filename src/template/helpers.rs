@@ -86,6 +86,9 @@ pub fn names() -> impl Iterator<Item = &'static str> {
     HELPERS.iter().map(|h| h.name)
 }
 
+/// The namespace of `uuid`'s UUIDs: any fixed value would do; this one is ferry's own.
+const UUID_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x3c1d_5f7a_9e2b_4d60_8a13_c7f4_e5b2_9d01);
+
 macro_rules! helper {
     ($name:literal, $signature:literal, $doc:literal, $min:expr, $max:expr, $run:expr) => {
         helper!($name, $signature, $doc, $min, $max, $run, None)
@@ -140,6 +143,19 @@ pub static HELPERS: &[Helper] = &[
             Ok(Value::String(
                 a.iter().map(|v| text_of(v.as_deref())).collect(),
             ))
+        }
+    ),
+    helper!(
+        "uuid",
+        "VALUE…",
+        "a UUID named by the values (version 5): the same values always give the same UUID, so every attempt of a message names the same things (FHIR `urn:uuid:` references, say)",
+        1,
+        None,
+        |a, _| {
+            // The unit separator keeps ("ab", "c") and ("a", "bc") apart.
+            let name: Vec<_> = a.iter().map(|v| text_of(v.as_deref())).collect();
+            let id = uuid::Uuid::new_v5(&UUID_NAMESPACE, name.join("\u{1f}").as_bytes());
+            Ok(Value::String(id.to_string()))
         }
     ),
     helper!(
@@ -946,6 +962,26 @@ mod tests {
                 .compile_text("{{hl7 body 'OBX[2]-5.1'}}", crate::template::Escape::Plain)
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn a_uuid_is_named_by_its_values_alone() {
+        let uuid = |args: &[&str]| {
+            let args: Vec<Option<Value>> = args.iter().map(|a| Some(json!(a))).collect();
+            call("uuid", &args).unwrap().as_str().unwrap().to_owned()
+        };
+        let specimen = uuid(&["R-1", "specimen", "S-1"]);
+        assert_eq!(
+            specimen,
+            uuid(&["R-1", "specimen", "S-1"]),
+            "the same every time"
+        );
+        assert_eq!(
+            uuid::Uuid::parse_str(&specimen).unwrap().get_version_num(),
+            5
+        );
+        assert_ne!(specimen, uuid(&["R-1", "specimen", "S-2"]));
+        assert_ne!(uuid(&["ab", "c"]), uuid(&["a", "bc"]), "values stay apart");
     }
 
     #[test]

@@ -326,10 +326,13 @@ fn every_shipped_flow_and_example_matches_the_flow_schema() {
         "examples/second-lab/flows",
         "examples/layered/flows",
         "examples/mapping-cases/flows",
+        "examples/hl7-lab/flows",
+        "examples/fhir-lab/flows",
     ] {
         for entry in std::fs::read_dir(repo().join(folder)).unwrap() {
             let path = entry.unwrap().path();
-            if !path.to_string_lossy().ends_with(".test.yaml") {
+            let name = path.to_string_lossy();
+            if name.ends_with(".yaml") && !name.ends_with(".test.yaml") {
                 files.push(path);
             }
         }
@@ -361,16 +364,18 @@ fn ferry_test_passes_the_shipped_flows_and_examples() {
         "examples/layered/flows",
         "examples/mapping-cases/flows",
         "examples/billing/flows",
+        "examples/hl7-lab/flows",
+        "examples/fhir-lab/flows",
     ]);
     let stdout = succeeded(&output);
     assert!(
-        stdout.contains("running 33 tests from 23 file(s)"),
+        stdout.contains("running 43 tests from 27 file(s)"),
         "{stdout}"
     );
     assert!(
         stdout
             .trim_end()
-            .ends_with("test result: ok. 33 passed; 0 failed"),
+            .ends_with("test result: ok. 43 passed; 0 failed"),
         "{stdout}"
     );
 }

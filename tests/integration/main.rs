@@ -9,6 +9,7 @@
 //! - `partners`: a second lab added by YAML alone.
 //! - `hl7_lab`: a lab speaking HL7 v2 over MLLP, added by YAML alone, against a real MLLP
 //!   peer.
+//! - `fhir_lab`: a lab whose system is a FHIR R4 server, added by YAML alone.
 //! - `queues`: embedded, RabbitMQ and NATS queues, and the examples built on them.
 //! - `check`: `ferry check` on broken flows reports every problem at its line and column.
 //! - `cli`: the `ferry` binary serving the shipped flows.
@@ -28,6 +29,7 @@ mod delivery;
 mod errors;
 mod faults;
 mod features;
+mod fhir_lab;
 mod hl7_lab;
 mod hostile;
 mod injection;
