@@ -103,14 +103,51 @@ fn is_flow_file(path: &Path) -> bool {
 ///
 /// # Errors
 ///
-/// Every unset variable and the first YAML or structure error, each located in `file`.
+/// Every unset variable, or the first YAML or structure error — with every other unknown
+/// key and kind of the file beside an unknown one — each located in `file`.
 pub fn parse_flow(
     file: &Path,
     text: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<FlowConfig, Vec<Diagnostic>> {
     let text = interpolate(file, text, env)?;
-    parse_yaml(file, &text)
+    parse_yaml(file, &text).map_err(|mut diagnostics| {
+        let unknown = |d: &Diagnostic| matches!(d.code, "unknown-key" | "unknown-kind");
+        if diagnostics.iter().any(unknown) {
+            let reported: Vec<Option<(u64, u64)>> =
+                diagnostics.iter().map(|d| d.position).collect();
+            for found in super::shape::unknown_keys(&text) {
+                let at = Some((found.at.line(), found.at.column()));
+                if !reported.contains(&at) {
+                    diagnostics.push(unknown_diagnostic(file, &found));
+                }
+            }
+            diagnostics.sort_by_key(|d| d.position);
+        }
+        diagnostics
+    })
+}
+
+/// The diagnostic of an unknown key or kind, worded as the reader words its first one.
+fn unknown_diagnostic(file: &Path, found: &super::shape::Unknown) -> Diagnostic {
+    let (what, code) = if found.kind {
+        ("variant", "unknown-kind")
+    } else {
+        ("field", "unknown-key")
+    };
+    let message = format!(
+        "unknown {what} `{}`, expected one of {}",
+        found.name,
+        found.expected.join(", ")
+    );
+    let diagnostic = Diagnostic::error(file, message)
+        .with_code(code)
+        .at_location(found.at);
+    let candidates = found.expected.iter().map(String::as_str);
+    match crate::diagnostic::closest(&found.name, candidates) {
+        Some(best) => diagnostic.with_hint(format!("did you mean `{best}`?")),
+        None => diagnostic,
+    }
 }
 
 /// Deserializes YAML text into `T` with ferry's parsing rules: YAML 1.2 booleans only

@@ -7,6 +7,7 @@
 
 pub mod load;
 mod security;
+pub mod shape;
 
 pub use security::*;
 

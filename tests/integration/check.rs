@@ -58,6 +58,37 @@ fn a_misspelt_schema_file_gets_the_file_meant() {
 }
 
 #[test]
+fn every_structural_mistake_of_a_file_is_reported_in_one_run() {
+    let output = ferry(&[
+        "check",
+        "--format",
+        "json",
+        "tests/fixtures/check/broken/flows/u-many-mistakes.yaml",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let found: Vec<(String, u64, String)> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .map(|d| {
+            (
+                d["code"].as_str().unwrap().to_owned(),
+                d["line"].as_u64().unwrap(),
+                d["hint"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let expected = [
+        ("unknown-key", 3, "description"),
+        ("unknown-key", 5, "max_body"),
+        ("unknown-kind", 7, "transform"),
+        ("unknown-key", 11, "timeout"),
+        ("unknown-key", 13, "retry"),
+    ]
+    .map(|(code, line, meant)| (code.to_owned(), line, format!("did you mean `{meant}`?")));
+    assert_eq!(found, expected);
+}
+
+#[test]
 fn json_output_has_one_object_per_diagnostic() {
     let output = ferry(&[
         "check",
@@ -70,7 +101,7 @@ fn json_output_has_one_object_per_diagnostic() {
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
         .collect();
-    assert_eq!(lines.len(), 48, "a corpus of 48 distinct mistakes");
+    assert_eq!(lines.len(), 53, "a corpus of 53 distinct mistakes");
     let unknown_key = lines.iter().find(|d| d["code"] == "unknown-key").unwrap();
     assert_eq!(
         unknown_key,
