@@ -101,10 +101,44 @@ impl Ctx<'_> {
 
     /// Reads a file the flow names (see [`Ctx::project_file`]), reporting a problem at `at`.
     pub(crate) fn read_project_file(&mut self, name: &str, at: Location) -> Option<Vec<u8>> {
-        let path = self.project_file(name, at)?;
+        let path = self.existing_project_file(name, at)?;
         std::fs::read(&path)
             .map_err(|e| self.error(at, format!("cannot read {name}: {e}")))
             .ok()
+    }
+
+    /// A file the flow names (see [`Ctx::project_file`]) that must exist: one that does not
+    /// is reported at `at` with the nearest name in its folder.
+    pub(crate) fn existing_project_file(
+        &mut self,
+        name: &str,
+        at: Location,
+    ) -> Option<std::path::PathBuf> {
+        let path = self.project_file(name, at)?;
+        if path.is_file() {
+            return Some(path);
+        }
+        let siblings: Vec<String> = path
+            .parent()
+            .and_then(|folder| std::fs::read_dir(folder).ok())
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+            .filter(|file| !file.starts_with('.'))
+            .collect();
+        let wanted = path.file_name().and_then(|f| f.to_str()).unwrap_or(name);
+        let hint =
+            crate::diagnostic::closest(wanted, siblings.iter().map(String::as_str)).map(|file| {
+                let meant = Path::new(name).with_file_name(file);
+                format!("did you mean `{}`?", meant.display())
+            });
+        self.error_with(
+            at,
+            "missing-file",
+            format!("{name} does not exist (next to the flow file)"),
+            hint,
+        );
+        None
     }
 
     /// A file the flow names, relative to the flow file's folder; one outside it is refused.

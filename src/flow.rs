@@ -23,6 +23,8 @@ pub const DEFAULT_MAX_BODY: u64 = 1024 * 1024;
 pub struct Flow {
     /// The flow's name.
     pub name: String,
+    /// Its `description`, for people.
+    pub description: Option<String>,
     /// The file it was loaded from.
     pub file: PathBuf,
     /// What starts it.
@@ -163,6 +165,8 @@ pub(crate) struct Reply {
     pub(crate) status: StatusCode,
     pub(crate) headers: Vec<(HeaderName, TextTemplate)>,
     pub(crate) body: JsonTemplate,
+    /// The body's template as written, for documents that describe the reply's shape.
+    pub(crate) body_source: Value,
 }
 
 /// The reply rendered for one message.

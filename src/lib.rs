@@ -31,7 +31,7 @@
 //! 8. **Workers**: [`delivery`] drains the outbox; [`consume`] feeds queue messages in.
 //! 9. **[`runtime`]**: starts and stops the engine's workers together.
 //! 10. **What serves and tests it**: [`server`] (the HTTP server), [`mllp_server`] (the
-//!     MLLP listeners), [`admin`] (the admin
+//!     MLLP listeners), [`openapi`] (the endpoints described for partners), [`admin`] (the admin
 //!     API), [`testing`] (`ferry test` and `ferry run`, on the engine with mocks), then
 //!     [`reload`] (swapping the flows being served), [`demo`] and, on top, [`cli`].
 
@@ -55,6 +55,7 @@ pub mod message;
 pub mod mllp;
 pub mod mllp_server;
 pub mod observe;
+pub mod openapi;
 pub mod project;
 pub mod queue;
 pub mod redact;

@@ -5,8 +5,23 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 
-use super::{Format, TestFormat, failure_code, load_or_report, print_diagnostics};
+use super::{DocumentFormat, Format, TestFormat, failure_code, load_or_report, print_diagnostics};
 use crate::project::{ProjectPaths, load};
+
+/// Prints the OpenAPI document of the flows under `paths`.
+pub(super) fn openapi(paths: &ProjectPaths, format: DocumentFormat) -> anyhow::Result<ExitCode> {
+    let project = match load_or_report(paths) {
+        Ok(project) => project,
+        Err(code) => return Ok(code),
+    };
+    let document =
+        crate::openapi::document(&project.flows, &paths.schemas).map_err(anyhow::Error::msg)?;
+    match format {
+        DocumentFormat::Json => println!("{}", serde_json::to_string_pretty(&document)?),
+        DocumentFormat::Yaml => print!("{}", serde_saphyr::to_string(&document)?),
+    }
+    Ok(ExitCode::SUCCESS)
+}
 
 pub(super) fn check(paths: &ProjectPaths, format: Format) -> ExitCode {
     let (diagnostics, flows) = match load(paths) {

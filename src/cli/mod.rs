@@ -150,6 +150,10 @@ pub enum Command {
         /// `127.0.0.1:9090` (port 0 picks a free port).
         #[arg(long, env = "FERRY_ADMIN_LISTEN")]
         admin_listen: Option<SocketAddr>,
+        /// Serve the OpenAPI document of the flows' HTTP endpoints at `GET /openapi.json`
+        /// (what `ferry openapi` prints), for partners.
+        #[arg(long, env = "FERRY_OPENAPI")]
+        openapi: bool,
         /// How long delivered messages are kept, such as `7d` or `12h`.
         #[arg(long, default_value = "7d", env = "FERRY_RETENTION", value_parser = humantime::parse_duration)]
         retention: Duration,
@@ -211,6 +215,20 @@ pub enum Command {
     },
     /// Print the flow format's JSON Schema (what `schemas/flow.schema.json` holds).
     Schema,
+    /// Print an OpenAPI 3.1 document of the flows' HTTP endpoints, for the partners who
+    /// call them.
+    Openapi {
+        /// Folders of flow files, described as one project.
+        #[arg(default_value = "flows")]
+        flows: Vec<PathBuf>,
+        /// Folder of JSON Schemas, searched before the `schemas` folder beside each flows
+        /// folder; may be repeated.
+        #[arg(long)]
+        schemas: Vec<PathBuf>,
+        /// `yaml` or `json`.
+        #[arg(long, value_enum, default_value = "yaml")]
+        format: DocumentFormat,
+    },
     /// Dead letters: list, show and replay them (through a running ferry's admin API).
     Dlq {
         /// What to do with them.
@@ -237,6 +255,15 @@ pub enum Format {
     /// rustc-style, with the offending line.
     Text,
     /// One JSON object per diagnostic and line.
+    Json,
+}
+
+/// How `openapi` writes its document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DocumentFormat {
+    /// YAML.
+    Yaml,
+    /// JSON.
     Json,
 }
 
@@ -311,6 +338,7 @@ pub fn run(cli: Cli) -> ExitCode {
             store_wait,
             watch,
             admin_listen,
+            openapi,
             retention,
             guard,
         } => {
@@ -320,6 +348,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 Listen {
                     main: listen,
                     admin: admin_listen,
+                    openapi,
                 },
                 &store,
                 crate::store::StoreOptions {
@@ -367,6 +396,11 @@ pub fn run(cli: Cli) -> ExitCode {
                     }
                 })
         }
+        Command::Openapi {
+            flows,
+            schemas,
+            format,
+        } => develop::openapi(&ProjectPaths::many(&flows, &schemas), format),
         Command::Schema => {
             println!(
                 "{}",

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use axum::response::IntoResponse as _;
 
 use super::{load_or_report, print_diagnostics};
 use crate::project::ProjectPaths;
@@ -54,6 +55,8 @@ impl GuardArgs {
 pub(super) struct Listen {
     pub(super) main: SocketAddr,
     pub(super) admin: Option<SocketAddr>,
+    /// Whether the main address serves the flows' OpenAPI document at `/openapi.json`.
+    pub(super) openapi: bool,
 }
 
 pub(super) fn serve(
@@ -102,6 +105,11 @@ pub(super) fn serve(
             split,
         );
         let router = live.router();
+        let router = if listen.openapi {
+            openapi_route(Arc::clone(&live), paths.schemas.clone()).merge(router)
+        } else {
+            router
+        };
         let current: crate::mllp_server::Current = {
             let live = Arc::clone(&live);
             Arc::new(move || live.runtime())
@@ -206,6 +214,22 @@ fn log_flows(project: &crate::project::Project) {
             }
         }
     }
+}
+
+/// `GET /openapi.json`: the OpenAPI document of the flows being served (after a reload, of
+/// the new ones).
+fn openapi_route(live: Arc<crate::reload::Live>, schemas: Vec<PathBuf>) -> axum::Router {
+    let document = move || {
+        let flows = live.runtime().flows().to_vec();
+        let schemas = schemas.clone();
+        async move {
+            match crate::openapi::document(&flows, &schemas) {
+                Ok(document) => axum::Json(document).into_response(),
+                Err(error) => crate::error::ServeError::Internal(error).into_response(),
+            }
+        }
+    };
+    axum::Router::new().route("/openapi.json", axum::routing::get(document))
 }
 
 /// Opens and closes MLLP listeners as reloads add and remove flows.

@@ -170,6 +170,7 @@ pub(crate) fn compile(
     }
     Some(Flow {
         name: config.name.value.clone(),
+        description: config.description.clone(),
         file: loaded.file.clone(),
         trigger: trigger?,
         steps,
@@ -231,8 +232,8 @@ fn compile_mllp_trigger(
     };
     let tls = match &config.tls {
         Some(tls) => {
-            let cert = ctx.project_file(&tls.cert_file.value, tls.cert_file.referenced);
-            let key = ctx.project_file(&tls.key_file.value, tls.key_file.referenced);
+            let cert = ctx.existing_project_file(&tls.cert_file.value, tls.cert_file.referenced);
+            let key = ctx.existing_project_file(&tls.key_file.value, tls.key_file.referenced);
             match crate::tls::server_identity(&cert?, &key?) {
                 Ok(identity) => Some(std::sync::Arc::new(identity)),
                 Err(error) => {
@@ -478,15 +479,14 @@ fn compile_outcome(
 
 fn compile_reply(config: Option<&crate::config::ReplyConfig>, ctx: &mut Ctx<'_>) -> Option<Reply> {
     let Some(config) = config else {
-        let body = ctx
-            .templates
-            .compile_json(&json!({"id": "{{meta.id}}"}))
-            .ok()?;
+        let body_source = json!({"id": "{{meta.id}}"});
+        let body = ctx.templates.compile_json(&body_source).ok()?;
         return Some(Reply {
             declared: false,
             status: StatusCode::OK,
             headers: Vec::new(),
             body,
+            body_source,
         });
     };
     let status = match &config.status {
@@ -518,6 +518,10 @@ fn compile_reply(config: Option<&crate::config::ReplyConfig>, ctx: &mut Ctx<'_>)
         status: status?,
         headers,
         body: body?,
+        body_source: config
+            .body
+            .as_ref()
+            .map_or_else(|| json!({}), |b| b.value.clone()),
     })
 }
 

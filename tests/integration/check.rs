@@ -89,6 +89,155 @@ fn every_structural_mistake_of_a_file_is_reported_in_one_run() {
 }
 
 #[test]
+fn a_missing_file_gets_the_file_meant() {
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["partner-ca.pem", "server.crt", "server.key"] {
+        std::fs::write(dir.path().join(file), "not used").unwrap();
+    }
+    std::fs::write(
+        dir.path().join("calls.yaml"),
+        "name: calls\ntrigger:\n  http: { method: POST, path: /calls, auth: none }\ntargets:\n  partner:\n    http:\n      url: https://partner.example/in\n      tls: { ca_file: partner-ca.pme }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("listens.yaml"),
+        "name: listens\ntrigger:\n  mllp:\n    listen: 127.0.0.1:0\n    tls: { cert_file: server.cert, key_file: server.key }\ntargets:\n  partner:\n    http: { url: https://partner.example/in }\n",
+    )
+    .unwrap();
+    let output = ferry(&[
+        "check",
+        "--format",
+        "json",
+        &dir.path().display().to_string(),
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let found: Vec<(String, String)> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .map(|d| {
+            (
+                d["code"].as_str().unwrap().to_owned(),
+                d["hint"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        found,
+        [
+            (
+                "missing-file".to_owned(),
+                "did you mean `partner-ca.pem`?".to_owned()
+            ),
+            (
+                "missing-file".to_owned(),
+                "did you mean `server.crt`?".to_owned()
+            ),
+        ]
+    );
+}
+
+/// The OpenAPI document `ferry openapi` prints for `folders`, as JSON.
+fn openapi_of(folders: &[&str]) -> serde_json::Value {
+    let mut args = vec!["openapi", "--format", "json"];
+    args.extend_from_slice(folders);
+    serde_json::from_str(&succeeded(&ferry(&args))).unwrap()
+}
+
+/// Every way `document` breaks the official OpenAPI 3.1 schema.
+fn openapi_violations(document: &serde_json::Value) -> Vec<String> {
+    let schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("tests/fixtures/openapi/oas-3.1.schema.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    validator
+        .iter_errors(document)
+        .map(|e| format!("{}: {e}", e.instance_path()))
+        .collect()
+}
+
+#[test]
+fn the_openapi_document_describes_each_endpoint_and_is_valid_openapi_3_1() {
+    let document = openapi_of(&[
+        "flows",
+        "examples/second-lab/flows",
+        "examples/fhir-lab/flows",
+        "examples/hl7-lab/flows",
+    ]);
+    assert_eq!(openapi_violations(&document), Vec::<String>::new());
+    let submit = &document["paths"]["/api/v1/test-requests"]["post"];
+    assert_eq!(submit["operationId"], "portal-to-lab");
+    assert_eq!(
+        submit["requestBody"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/test-request"
+    );
+    assert!(submit["responses"]["202"].is_object(), "{submit}");
+    assert_eq!(
+        submit["responses"]["422"]["$ref"],
+        "#/components/responses/Unprocessable"
+    );
+    assert_eq!(submit["security"][0].as_object().unwrap().len(), 1);
+    // A schema's references to another file point into the document, and that file is in it.
+    let schemas = &document["components"]["schemas"];
+    let text = schemas["test-request"].to_string();
+    assert!(
+        text.contains("\"#/components/schemas/common/$defs/"),
+        "{text}"
+    );
+    assert!(schemas["common"].is_object());
+    // Each kind of auth is a security scheme.
+    let schemes = document["components"]["securitySchemes"]
+        .as_object()
+        .unwrap();
+    assert!(schemes.contains_key("standard_webhooks"), "{schemes:?}");
+    assert!(schemes.contains_key("api_key_x-api-key"), "{schemes:?}");
+    assert!(
+        schemes.contains_key("api_key_x-meridian-key"),
+        "{schemes:?}"
+    );
+    // A status endpoint's path parameter; MLLP triggers are no HTTP endpoints.
+    let status = &document["paths"]["/api/v1/test-requests/{request_id}"]["get"];
+    assert_eq!(status["parameters"][0]["name"], "request_id");
+    assert_eq!(document["paths"].as_object().unwrap().len(), 5);
+}
+
+#[tokio::test]
+async fn serve_openapi_serves_the_document_of_the_flows_being_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}/ferry.db", dir.path().display());
+    let (child, url) = crate::util::process::spawn_on(
+        &store,
+        &["--flows", "flows", "--openapi"],
+        &[],
+        std::process::Stdio::null(),
+    );
+    let served: serde_json::Value = reqwest::get(format!("{url}/openapi.json"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(served, openapi_of(&["flows"]));
+    crate::util::process::terminate(child).await;
+}
+
+#[test]
+fn the_shipped_flows_openapi_document_is_checked_in_and_current() {
+    let output = ferry(&["openapi", "flows"]);
+    let current = succeeded(&output);
+    let path = repo().join("docs/openapi.yaml");
+    if std::env::var_os("FERRY_BLESS").is_some() {
+        std::fs::write(&path, &current).unwrap();
+    }
+    let shipped = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        shipped == current,
+        "docs/openapi.yaml is stale: run `FERRY_BLESS=1 cargo test --test integration openapi`"
+    );
+}
+
+#[test]
 fn json_output_has_one_object_per_diagnostic() {
     let output = ferry(&[
         "check",

@@ -47,6 +47,7 @@ const LAYERS: &[(&str, u8)] = &[
     // What serves and tests it.
     ("server", 9),
     ("mllp_server", 9),
+    ("openapi", 9),
     ("admin", 9),
     ("reload", 10),
     ("testing", 9),
