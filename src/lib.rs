@@ -31,7 +31,8 @@
 //! 8. **Workers**: [`delivery`] drains the outbox; [`consume`] feeds queue messages in.
 //! 9. **[`runtime`]**: starts and stops the engine's workers together.
 //! 10. **What serves and tests it**: [`server`] (the HTTP server), [`mllp_server`] (the
-//!     MLLP listeners), [`openapi`] (the endpoints described for partners), [`admin`] (the admin
+//!     MLLP listeners), [`openapi`] (the endpoints described for partners), [`lsp`] (the
+//!     language server for editors), [`admin`] (the admin
 //!     API), [`testing`] (`ferry test` and `ferry run`, on the engine with mocks), then
 //!     [`reload`] (swapping the flows being served), [`demo`] and, on top, [`cli`].
 
@@ -51,6 +52,7 @@ pub mod flow;
 pub mod hl7;
 pub mod json;
 pub mod jsonpath;
+pub mod lsp;
 pub mod message;
 pub mod mllp;
 pub mod mllp_server;

@@ -170,6 +170,38 @@ impl Schemas {
         }
     }
 
+    /// The fields schema `name` (already compiled) declares in the object `path` reads (an
+    /// array's items for an array), each with its `description`; empty where it leaves the
+    /// object open or declares none.
+    pub fn fields(&self, name: &str, path: &[String]) -> Vec<(String, Option<String>)> {
+        let Walk::Found(node, file) = self.walk(name, path) else {
+            return Vec::new();
+        };
+        let Some((mut node, mut file)) = self.resolve(node, &file) else {
+            return Vec::new();
+        };
+        if let Some(items) = node.get("items") {
+            match self.resolve(items, &file) {
+                Some((resolved, in_file)) => (node, file) = (resolved, in_file),
+                None => return Vec::new(),
+            }
+        }
+        let _ = file;
+        let Some(Value::Object(properties)) = node.get("properties") else {
+            return Vec::new();
+        };
+        properties
+            .iter()
+            .map(|(field, schema)| {
+                let description = schema
+                    .get("description")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+                (field.clone(), description)
+            })
+            .collect()
+    }
+
     /// The `type` schema `name` declares for what `path` reads, when it declares one.
     pub fn kind(&self, name: &str, path: &[String]) -> Option<String> {
         let Walk::Found(node, file) = self.walk(name, path) else {

@@ -215,6 +215,18 @@ pub enum Command {
     },
     /// Print the flow format's JSON Schema (what `schemas/flow.schema.json` holds).
     Schema,
+    /// Serve the Language Server Protocol on stdin and stdout, for editors: diagnostics as
+    /// you type, completion and hover in flow files.
+    Lsp {
+        /// Folders of flows to check each edited file with, besides the file's own folder
+        /// (the shipped flows a partner's folder joins, say).
+        #[arg(long, value_delimiter = ',')]
+        flows: Vec<PathBuf>,
+        /// Folder of JSON Schemas, searched before the `schemas` folder beside each flows
+        /// folder; may be repeated.
+        #[arg(long)]
+        schemas: Vec<PathBuf>,
+    },
     /// Print an OpenAPI 3.1 document of the flows' HTTP endpoints, for the partners who
     /// call them.
     Openapi {
@@ -395,6 +407,12 @@ pub fn run(cli: Cli) -> ExitCode {
                         ExitCode::from(1)
                     }
                 })
+        }
+        Command::Lsp { flows, schemas } => {
+            let flows = flows
+                .iter()
+                .map(|f| std::path::absolute(f).unwrap_or(f.clone()));
+            crate::lsp::serve_stdio(flows.collect(), schemas).map(|()| ExitCode::SUCCESS)
         }
         Command::Openapi {
             flows,

@@ -28,6 +28,16 @@ pub fn load_dir(
     dir: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> (Vec<LoadedFlow>, Vec<Diagnostic>) {
+    load_dir_edited(dir, env, &|_| None)
+}
+
+/// [`load_dir`], with the text of some files as an editor holds it: `edited` gives a file's
+/// unsaved text, or `None` to read the file.
+pub fn load_dir_edited(
+    dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    edited: &dyn Fn(&Path) -> Option<String>,
+) -> (Vec<LoadedFlow>, Vec<Diagnostic>) {
     let mut diagnostics = Vec::new();
     let mut files = Vec::new();
     let mut tests = 0;
@@ -45,7 +55,7 @@ pub fn load_dir(
     files.sort();
     let mut flows = Vec::new();
     for file in files {
-        let text = match std::fs::read_to_string(&file) {
+        let text = match edited(&file).map_or_else(|| std::fs::read_to_string(&file), Ok) {
             Ok(text) => text,
             Err(error) => {
                 diagnostics.push(

@@ -245,6 +245,49 @@ fn walk(node: &Node, schema: &Value, root: &Value, found: &mut Vec<Unknown>) {
     }
 }
 
+/// A step along the keys of a flow file: a mapping key, or an item of a list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    /// The value of this key.
+    Key(String),
+    /// An item of a list.
+    Item,
+}
+
+/// The keys that may stand at `path` in a flow file, each with its description: an object's
+/// fields, or the kinds a part names itself by (a step's, a trigger's, a target's).
+pub fn keys_at(path: &[Segment]) -> Vec<(String, String)> {
+    let root = super::json_schema();
+    let mut schema = &root;
+    for segment in path {
+        let alternatives = alternatives(schema, &root);
+        let next = match segment {
+            Segment::Item => alternatives.iter().find_map(|a| a.get("items")),
+            Segment::Key(key) => alternatives.iter().find_map(|a| {
+                a.get("properties")
+                    .and_then(|p| p.get(key))
+                    .or_else(|| a.get("additionalProperties").filter(|x| x.is_object()))
+            }),
+        };
+        match next {
+            Some(next) => schema = next,
+            None => return Vec::new(),
+        }
+    }
+    alternatives(schema, &root)
+        .iter()
+        .filter_map(|a| a.get("properties")?.as_object())
+        .flat_map(|properties| properties.iter())
+        .map(|(key, value)| {
+            let described = value
+                .get("description")
+                .or_else(|| resolve(value, &root).get("description"));
+            let text = described.and_then(Value::as_str).unwrap_or_default();
+            (key.clone(), text.to_owned())
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::unknown_keys;
@@ -274,6 +317,24 @@ mod tests {
                 ("retyr".to_owned(), false, 13),
             ]
         );
+    }
+
+    #[test]
+    fn the_keys_at_a_place_are_its_fields_or_its_kinds() {
+        use super::{Segment, keys_at};
+        let names = |path: &[Segment]| -> Vec<String> {
+            keys_at(path).into_iter().map(|(name, _)| name).collect()
+        };
+        let key = |k: &str| Segment::Key(k.to_owned());
+        assert!(names(&[]).contains(&"trigger".to_owned()));
+        let kinds = names(&[key("steps"), Segment::Item]);
+        assert!(kinds.contains(&"transform".to_owned()), "{kinds:?}");
+        let http = names(&[key("targets"), key("lab"), key("http")]);
+        assert!(http.contains(&"timeout".to_owned()), "{http:?}");
+        let described = keys_at(&[key("trigger"), key("http")]);
+        let (_, path) = described.iter().find(|(name, _)| name == "path").unwrap();
+        assert!(path.starts_with("Path, starting with"), "{path}");
+        assert!(names(&[key("nothing")]).is_empty());
     }
 
     #[test]

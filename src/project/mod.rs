@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::config::load::{LoadedFlow, load_dir};
+use crate::config::load::{LoadedFlow, load_dir_edited};
 use crate::diagnostic::{self, Diagnostic, Severity};
 use crate::flow::Flow;
 use crate::schema::Schemas;
@@ -95,6 +95,20 @@ pub fn load_with_env(
     paths: &ProjectPaths,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Project, Vec<Diagnostic>> {
+    load_edited(paths, env, &|_| None)
+}
+
+/// [`load_with_env`], with the text of some flow files as an editor holds it: `edited`
+/// gives a file's unsaved text, or `None` to read the file.
+///
+/// # Errors
+///
+/// As [`load_with_env`].
+pub fn load_edited(
+    paths: &ProjectPaths,
+    env: &dyn Fn(&str) -> Option<String>,
+    edited: &dyn Fn(&Path) -> Option<String>,
+) -> Result<Project, Vec<Diagnostic>> {
     // Every value read from the environment, so no diagnostic shows one (they may be
     // secrets, and CI runs `ferry check` with them set).
     let read: std::cell::RefCell<Vec<(String, String)>> = std::cell::RefCell::default();
@@ -109,7 +123,7 @@ pub fn load_with_env(
     let mut loaded = Vec::new();
     let mut diagnostics = Vec::new();
     for folder in &paths.flows {
-        let (mut flows, mut found) = load_dir(folder, env);
+        let (mut flows, mut found) = load_dir_edited(folder, env, edited);
         loaded.append(&mut flows);
         diagnostics.append(&mut found);
     }

@@ -48,6 +48,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("server", 9),
     ("mllp_server", 9),
     ("openapi", 9),
+    ("lsp", 9),
     ("admin", 9),
     ("reload", 10),
     ("testing", 9),

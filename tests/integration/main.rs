@@ -15,6 +15,7 @@
 //! - `cli`: the `ferry` binary serving the shipped flows.
 //! - `faults`: brokers cut off, a full disk, silent connections, lost answers, ferry killed
 //!   in the narrowest windows: nothing lost, nothing done twice.
+//! - `lsp`: `ferry lsp` driven over stdio as an editor drives it.
 //! - `layers`: the module graph of `src/` keeps its layers and has no cycle.
 //! - `leaks`: secrets and hostile values never leave by an error path.
 //! - `replicas`: several ferry processes sharing one PostgreSQL store.
@@ -35,6 +36,7 @@ mod hostile;
 mod injection;
 mod layers;
 mod leaks;
+mod lsp;
 mod partners;
 mod queues;
 mod replicas;
