@@ -64,9 +64,10 @@ pub fn load_dir_edited(
                 continue;
             }
         };
-        match parse_flow(&file, &text, env) {
-            Ok(config) => flows.push(LoadedFlow { file, config }),
-            Err(mut found) => diagnostics.append(&mut found),
+        let (config, mut found) = parse_flow(&file, &text, env);
+        diagnostics.append(&mut found);
+        if let Some(config) = config {
+            flows.push(LoadedFlow { file, config });
         }
     }
     (flows, diagnostics)
@@ -111,31 +112,38 @@ fn is_flow_file(path: &Path) -> bool {
 
 /// Parses one flow file's text, interpolating environment variables through `env` first.
 ///
-/// # Errors
-///
-/// Every unset variable, or the first YAML or structure error — with every other unknown
-/// key and kind of the file beside an unknown one — each located in `file`.
+/// Returns the flow when it can be read, and every problem found: every unset variable, or
+/// the first YAML or structure error. A file with unknown keys or kinds has every one of
+/// them reported, and is read without them, so the later phases check the rest of it.
 pub fn parse_flow(
     file: &Path,
     text: &str,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<FlowConfig, Vec<Diagnostic>> {
-    let text = interpolate(file, text, env)?;
-    parse_yaml(file, &text).map_err(|mut diagnostics| {
-        let unknown = |d: &Diagnostic| matches!(d.code, "unknown-key" | "unknown-kind");
-        if diagnostics.iter().any(unknown) {
-            let reported: Vec<Option<(u64, u64)>> =
-                diagnostics.iter().map(|d| d.position).collect();
-            for found in super::shape::unknown_keys(&text) {
-                let at = Some((found.at.line(), found.at.column()));
-                if !reported.contains(&at) {
-                    diagnostics.push(unknown_diagnostic(file, &found));
-                }
-            }
-            diagnostics.sort_by_key(|d| d.position);
+) -> (Option<FlowConfig>, Vec<Diagnostic>) {
+    let text = match interpolate(file, text, env) {
+        Ok(text) => text,
+        Err(diagnostics) => return (None, diagnostics),
+    };
+    let mut diagnostics = match parse_yaml(file, &text) {
+        Ok(config) => return (Some(config), Vec::new()),
+        Err(diagnostics) => diagnostics,
+    };
+    let unknown = |d: &Diagnostic| matches!(d.code, "unknown-key" | "unknown-kind");
+    if !diagnostics.iter().any(unknown) {
+        return (None, diagnostics);
+    }
+    let found = super::shape::unknown_keys(&text);
+    let reported: Vec<Option<(u64, u64)>> = diagnostics.iter().map(|d| d.position).collect();
+    for unknown in &found {
+        let at = Some((unknown.at.line(), unknown.at.column()));
+        if !reported.contains(&at) {
+            diagnostics.push(unknown_diagnostic(file, unknown));
         }
-        diagnostics
-    })
+    }
+    diagnostics.sort_by_key(|d| d.position);
+    // Read without them; a file that still cannot be read is checked no further.
+    let cleaned = super::shape::without(&text, &found);
+    (parse_yaml(file, &cleaned).ok(), diagnostics)
 }
 
 /// The diagnostic of an unknown key or kind, worded as the reader words its first one.

@@ -148,6 +148,93 @@ pub fn unknown_keys(text: &str) -> Vec<Unknown> {
     found
 }
 
+/// `text` with each of `unknown` blanked out (its key and value, or for a kind its whole
+/// list item, as spaces), so the rest of the file can be read and checked further; every
+/// other line and column stays where it was.
+pub fn without(text: &str, unknown: &[Unknown]) -> String {
+    let mut lines: Vec<Vec<char>> = text.lines().map(|l| l.chars().collect()).collect();
+    for found in unknown {
+        let line = usize::try_from(found.at.line())
+            .unwrap_or(usize::MAX)
+            .saturating_sub(1);
+        let column = usize::try_from(found.at.column())
+            .unwrap_or(usize::MAX)
+            .saturating_sub(1);
+        let Some(current) = lines.get(line) else {
+            continue;
+        };
+        let lead: String = current.iter().take(column).collect();
+        if lead.contains(['{', ',']) {
+            blank_flow_entry(&mut lines[line], column);
+            continue;
+        }
+        // A block key: it, its value, and the lines nested under it. An unknown kind takes
+        // its whole list item with it.
+        let start = match lead.trim_end().strip_suffix('-') {
+            Some(dash) if found.kind => dash.chars().count(),
+            _ => column,
+        };
+        for c in &mut lines[line][start..] {
+            *c = ' ';
+        }
+        for below in &mut lines[line + 1..] {
+            let indent = below.iter().take_while(|c| **c == ' ').count();
+            if indent == below.len() {
+                continue;
+            }
+            if indent <= start {
+                break;
+            }
+            below.iter_mut().for_each(|c| *c = ' ');
+        }
+    }
+    let mut out: String = lines
+        .iter()
+        .map(|l| l.iter().collect::<String>())
+        .collect::<Vec<_>>()
+        .join("\n");
+    if text.ends_with('\n') {
+        out.push('\n');
+    }
+    out
+}
+
+/// Blanks the entry of a flow mapping that starts at `column` (`key: value`), with the
+/// comma that separates it from the next entry (or from the one before, when it is last).
+fn blank_flow_entry(line: &mut [char], column: usize) {
+    let mut depth = 0usize;
+    let mut quote = None;
+    let mut end = line.len();
+    for (at, c) in line.iter().enumerate().skip(column) {
+        match (quote, c) {
+            (Some(q), c) if *c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '"' | '\'') => quote = Some(*c),
+            (None, '{' | '[') => depth += 1,
+            (None, '}' | ']') if depth == 0 => {
+                end = at;
+                break;
+            }
+            (None, '}' | ']') => depth -= 1,
+            (None, ',') if depth == 0 => {
+                end = at + 1;
+                break;
+            }
+            _ => {}
+        }
+    }
+    let mut start = column;
+    if line.get(end.wrapping_sub(1)) != Some(&',') {
+        // The last entry: the comma before it goes instead.
+        if let Some(comma) = line[..column].iter().rposition(|c| *c == ',') {
+            start = comma;
+        }
+    }
+    for c in &mut line[start..end] {
+        *c = ' ';
+    }
+}
+
 /// Follows `$ref`s into the root's `$defs`.
 fn resolve<'a>(schema: &'a Value, root: &'a Value) -> &'a Value {
     let mut schema = schema;
@@ -317,6 +404,31 @@ mod tests {
                 ("retyr".to_owned(), false, 13),
             ]
         );
+    }
+
+    #[test]
+    fn unknown_keys_are_blanked_and_the_rest_stays_in_place() {
+        let text = "name: x\n\
+                    descripton:\n  still: nested\n\
+                    steps:\n  - transfrom:\n      body: {}\n  - validate: { schema: a.json, defualts: true }\n\
+                    targets:\n  lab:\n    http: { timout: 5s, url: http://lab }\n";
+        let cleaned = super::without(text, &unknown_keys(text));
+        assert_eq!(cleaned.lines().count(), text.lines().count());
+        assert_eq!(unknown_keys(&cleaned), []);
+        assert!(
+            cleaned.contains("  - validate: { schema: a.json                 }"),
+            "{cleaned}"
+        );
+        let http = cleaned.lines().find(|l| l.contains("http:")).unwrap();
+        assert_eq!(
+            http.split_whitespace().collect::<Vec<_>>(),
+            ["http:", "{", "url:", "http://lab", "}"]
+        );
+        assert!(
+            !cleaned.contains("transfrom") && !cleaned.contains("body"),
+            "{cleaned}"
+        );
+        assert!(!cleaned.contains("nested"), "{cleaned}");
     }
 
     #[test]
