@@ -8,7 +8,8 @@
 //!   format's own schema), schema files after `schema:`, flow names after `flow:` and
 //!   `from:`; inside `{{…}}` and JSONPaths, the helpers, `body`, `vars` and `meta`, and the
 //!   fields of `body` that the schema in force at that step declares.
-//! - **Hover**: what a flow key or a helper does.
+//! - **Hover**: what a flow key or a helper does; a schema file's title and description; a
+//!   flow's description.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -178,7 +179,9 @@ impl Server {
             ("textDocument/completion", Some(file)) => {
                 json!({"isIncomplete": false, "items": self.complete(file, &text, position)})
             }
-            ("textDocument/hover", Some(_)) => hover(&text, position),
+            ("textDocument/hover", Some(file)) => self
+                .hover_value(file, &text, position)
+                .unwrap_or_else(|| hover(&text, position)),
             _ => Value::Null,
         };
         Response::new_ok(request.id, result)
@@ -268,7 +271,7 @@ impl Server {
                     .map(|(name, doc)| item(&name, 5, doc.as_deref().unwrap_or(&schema)))
                     .collect()
             }
-            Some("vars") if parents.len() == 1 => vars_named(text)
+            Some("vars") if parents.len() == 1 => vars_named(text, line)
                 .into_iter()
                 .map(|name| item(&name, 6, "a var"))
                 .collect(),
@@ -277,6 +280,51 @@ impl Server {
             }
             _ => Vec::new(),
         }
+    }
+
+    /// What the value under the cursor names: a schema file (its title and description) or
+    /// a flow (its description).
+    fn hover_value(
+        &self,
+        file: &Path,
+        text: &str,
+        (line, column): (usize, usize),
+    ) -> Option<Value> {
+        let line_text = text.lines().nth(line)?;
+        let before = prefix(line_text, column);
+        let after = &line_text[before.len()..];
+        let start = before.rfind([' ', '{', ',']).map_or(0, |at| at + 1);
+        let end = after.find([' ', '}', ',']).unwrap_or(after.len());
+        let value = format!("{}{}", &before[start..], &after[..end]);
+        let key = before[..start].trim_end().trim_end_matches(':');
+        let key = key.rsplit([' ', '{', ',', '-']).next().unwrap_or_default();
+        let doc = match key {
+            "schema" => {
+                let paths = self.paths(file);
+                let path = paths
+                    .schemas
+                    .iter()
+                    .map(|d| d.join(&value))
+                    .find(|p| p.is_file())?;
+                let schema: Value =
+                    serde_json::from_str(&std::fs::read_to_string(&path).ok()?).ok()?;
+                let title = schema["title"].as_str().unwrap_or(&value);
+                let description = schema["description"].as_str().unwrap_or_default();
+                format!("**{title}** ({})\n\n{description}", path.display())
+            }
+            "flow" | "from" | "to" => {
+                let flow = flows_of(&self.paths(file))
+                    .into_iter()
+                    .find(|f| f.config.name.value == value)?;
+                let description = flow.config.description.unwrap_or_default();
+                format!(
+                    "flow **{value}** ({})\n\n{description}",
+                    flow.file.display()
+                )
+            }
+            _ => return None,
+        };
+        Some(json!({"contents": {"kind": "markdown", "value": doc}}))
     }
 
     /// The schema files `file`'s `validate` steps may name.
@@ -451,11 +499,12 @@ fn step_kind(line: &str) -> Option<&str> {
     .then_some(kind)
 }
 
-/// The vars a flow file sets: `set` step keys, `correlate` steps' `into`, target captures.
-fn vars_named(text: &str) -> BTreeSet<String> {
+/// The vars a flow file sets before line `before`: `set` step keys, `correlate` steps'
+/// `into`, target captures (which the reply and the delivery outcomes read).
+fn vars_named(text: &str, before: usize) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     let mut block: Option<usize> = None;
-    for line in text.lines() {
+    for line in text.lines().take(before) {
         let trimmed = line.trim_start();
         let indent = line.len() - trimmed.len();
         if let Some(parent) = block {
@@ -483,11 +532,18 @@ fn vars_named(text: &str) -> BTreeSet<String> {
 
 /// The names of the flows in the project's folders.
 fn flow_names(paths: &ProjectPaths) -> Vec<String> {
+    flows_of(paths)
+        .into_iter()
+        .map(|flow| flow.config.name.value)
+        .collect()
+}
+
+/// The flows in the project's folders, as saved.
+fn flows_of(paths: &ProjectPaths) -> Vec<crate::config::load::LoadedFlow> {
     paths
         .flows
         .iter()
         .flat_map(|folder| crate::config::load::load_dir(folder, &|_| None).0)
-        .map(|flow| flow.config.name.value)
         .collect()
 }
 

@@ -177,16 +177,16 @@ impl Schemas {
         let Walk::Found(node, file) = self.walk(name, path) else {
             return Vec::new();
         };
-        let Some((mut node, mut file)) = self.resolve(node, &file) else {
+        let Some((node, file)) = self.resolve(node, &file) else {
             return Vec::new();
         };
-        if let Some(items) = node.get("items") {
-            match self.resolve(items, &file) {
-                Some((resolved, in_file)) => (node, file) = (resolved, in_file),
+        let node = match node.get("items") {
+            Some(items) => match self.resolve(items, &file) {
+                Some((resolved, _)) => resolved,
                 None => return Vec::new(),
-            }
-        }
-        let _ = file;
+            },
+            None => node,
+        };
         let Some(Value::Object(properties)) = node.get("properties") else {
             return Vec::new();
         };

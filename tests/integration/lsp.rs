@@ -233,6 +233,13 @@ fn an_editor_gets_diagnostics_as_it_types_and_completion_and_hover_inside_templa
     let text = hover["contents"]["value"].as_str().unwrap_or_default();
     assert!(text.contains("Path, starting with"), "{hover}");
 
+    let hover = editor.request(
+        "textDocument/hover",
+        &json!({"textDocument": {"uri": uri}, "position": position(after("schema: test-req"))}),
+    );
+    let text = hover["contents"]["value"].as_str().unwrap_or_default();
+    assert!(text.contains("**Test Request**"), "{hover}");
+
     editor.request("shutdown", &Value::Null);
     editor.notify("exit", &Value::Null);
     let status = editor.child.wait().unwrap();
