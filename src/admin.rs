@@ -1,10 +1,12 @@
 //! The admin API, under `/admin/v1`: stored messages, their timelines, dead letters, replay
-//! and traces across flows. It exists only when `FERRY_ADMIN_TOKEN` is set, and every call
-//! must carry `Authorization: Bearer <token>`.
+//! and traces across flows. It exists only when an admin token is configured
+//! (`FERRY_ADMIN_TOKEN`, or named ones in `FERRY_ADMIN_TOKENS`), and every call must carry
+//! `Authorization: Bearer <token>`. A replay is recorded with the name of the token that
+//! asked for it and the reason it gave.
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -18,9 +20,70 @@ use crate::error::ServeError;
 use crate::runtime::Runtime;
 use crate::store::Store;
 
-/// The admin routes, guarded by `token`.
-pub fn router(runtime: Arc<Runtime>, token: &str) -> Router {
-    let token: Arc<str> = Arc::from(token);
+/// The admin tokens, each with the name replays are recorded under.
+#[derive(Debug, Clone)]
+pub struct AdminTokens(Arc<Vec<(String, String)>>);
+
+impl AdminTokens {
+    /// One token, named `admin`.
+    pub fn single(token: &str) -> Self {
+        Self(Arc::new(vec![("admin".to_owned(), token.to_owned())]))
+    }
+
+    /// The tokens of `FERRY_ADMIN_TOKEN` (named `admin`) and `FERRY_ADMIN_TOKENS`
+    /// (`name=token` pairs separated by commas); `None` when neither holds one.
+    ///
+    /// # Errors
+    ///
+    /// A pair without a name or a token, or a name given twice.
+    pub fn from_env(single: Option<&str>, named: Option<&str>) -> Result<Option<Self>, String> {
+        let mut tokens = Vec::new();
+        if let Some(token) = single.filter(|t| !t.is_empty()) {
+            tokens.push(("admin".to_owned(), token.to_owned()));
+        }
+        for pair in named
+            .unwrap_or_default()
+            .split(',')
+            .filter(|p| !p.trim().is_empty())
+        {
+            let Some((name, token)) = pair.split_once('=') else {
+                return Err(
+                    "FERRY_ADMIN_TOKENS holds name=token pairs, separated by commas".into(),
+                );
+            };
+            let name = name.trim();
+            if name.is_empty() || token.is_empty() {
+                return Err("FERRY_ADMIN_TOKENS: each pair needs a name and a token".into());
+            }
+            if tokens.iter().any(|(n, _)| n == name) {
+                return Err(format!(
+                    "FERRY_ADMIN_TOKENS: the name \"{name}\" is given twice"
+                ));
+            }
+            tokens.push((name.to_owned(), token.to_owned()));
+        }
+        Ok((!tokens.is_empty()).then(|| Self(Arc::new(tokens))))
+    }
+
+    /// The name of the token `given` is, compared in constant time with each.
+    fn name_of(&self, given: &str) -> Option<String> {
+        let mut found = None;
+        for (name, token) in self.0.iter() {
+            if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+                found = Some(name.clone());
+            }
+        }
+        found
+    }
+}
+
+/// Who made an admin call: the name of its token.
+#[derive(Debug, Clone)]
+struct Operator(String);
+
+/// The admin routes, guarded by `tokens`.
+pub fn router(runtime: Arc<Runtime>, tokens: &AdminTokens) -> Router {
+    let tokens = tokens.clone();
     Router::new()
         .route("/messages", get(list_messages))
         .route("/messages/{id}", get(show_message))
@@ -29,20 +92,21 @@ pub fn router(runtime: Arc<Runtime>, token: &str) -> Router {
         .route("/dead-letters/replay", post(replay_many))
         .route("/trace/{key}", get(trace))
         .layer(middleware::from_fn(move |request: Request, next: Next| {
-            let token = Arc::clone(&token);
-            async move { authorize(&token, request, next).await }
+            let tokens = tokens.clone();
+            async move { authorize(&tokens, request, next).await }
         }))
         .with_state(runtime)
 }
 
-async fn authorize(token: &str, request: Request, next: Next) -> Response {
+async fn authorize(tokens: &AdminTokens, mut request: Request, next: Next) -> Response {
     let given = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default();
-    if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+    if let Some(name) = tokens.name_of(given).filter(|_| !given.is_empty()) {
+        request.extensions_mut().insert(Operator(name));
         next.run(request).await
     } else {
         let body = json!({"error": "unauthorized", "message": "a valid admin token is required", "details": []});
@@ -107,11 +171,34 @@ async fn show_message(
     }
 }
 
+/// Why an operator replays: required, so the timeline says who replayed what and why.
+#[derive(Debug, Default, Deserialize)]
+struct Reason {
+    #[serde(default)]
+    reason: String,
+}
+
+/// The audit record of a replay asked for by `operator` with `reason`.
+fn audit(operator: Operator, reason: &str) -> Result<crate::engine::ReplayAudit, ServeError> {
+    let reason = reason.trim();
+    if reason.is_empty() {
+        return Err(ServeError::MissingReason);
+    }
+    Ok(crate::engine::ReplayAudit {
+        by: operator.0,
+        reason: reason.chars().take(1000).collect(),
+    })
+}
+
 async fn replay_one(
     State(runtime): State<Arc<Runtime>>,
+    Extension(operator): Extension<Operator>,
     Path(id): Path<String>,
+    body: Option<Json<Reason>>,
 ) -> Result<Response, ServeError> {
-    match runtime.replay(&id).await {
+    let body = body.map(|Json(b)| b).unwrap_or_default();
+    let audit = audit(operator, &body.reason)?;
+    match runtime.replay(&id, &audit).await {
         Ok(Some(reply)) => {
             Ok(Json(json!({"id": id, "replayed": true, "reply": reply})).into_response())
         }
@@ -132,13 +219,18 @@ struct ReplayRequest {
     ids: Vec<String>,
     #[serde(default)]
     flow: Option<String>,
+    /// Why: recorded with each replay.
+    #[serde(default)]
+    reason: String,
 }
 
 async fn replay_many(
     State(runtime): State<Arc<Runtime>>,
+    Extension(operator): Extension<Operator>,
     body: Option<Json<ReplayRequest>>,
 ) -> Result<Response, ServeError> {
     let request = body.map(|Json(r)| r).unwrap_or_default();
+    let audit = audit(operator, &request.reason)?;
     let ids = if request.ids.is_empty() {
         store(&runtime)?
             .list_messages(request.flow.as_deref(), Some("dead"), 1000)
@@ -151,7 +243,7 @@ async fn replay_many(
     };
     let mut results = Vec::with_capacity(ids.len());
     for id in ids {
-        let result = match runtime.replay(&id).await {
+        let result = match runtime.replay(&id, &audit).await {
             Ok(Some(_)) => json!({"id": id, "replayed": true}),
             Ok(None) => json!({"id": id, "replayed": false, "error": "no such message"}),
             Err(error) => json!({"id": id, "replayed": false, "error": error.body()}),
@@ -171,5 +263,24 @@ async fn trace(
             what: "journey known by",
             id: key,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AdminTokens;
+
+    #[test]
+    fn tokens_are_named_and_a_call_is_known_by_its_tokens_name() {
+        let tokens = AdminTokens::from_env(Some("t0"), Some("alice=t1, bob=t2"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(tokens.name_of("t0").as_deref(), Some("admin"));
+        assert_eq!(tokens.name_of("t2").as_deref(), Some("bob"));
+        assert_eq!(tokens.name_of("t3"), None);
+        assert!(AdminTokens::from_env(None, None).unwrap().is_none());
+        for wrong in ["alice", "=t1", "alice=", "a=1,a=2"] {
+            assert!(AdminTokens::from_env(None, Some(wrong)).is_err(), "{wrong}");
+        }
     }
 }

@@ -160,7 +160,7 @@ impl Engine {
             key,
             fingerprint,
             received_at: now_ms(),
-            replay: false,
+            replay: None,
         };
         let steps = self.process(flow, &mut message, observe).await;
         self.commit(flow, store, message, steps, source).await
@@ -372,13 +372,15 @@ impl Engine {
         steps: Result<Processed, FlowError>,
         source: Arrival,
     ) -> Result<StoredReply, ServeError> {
-        let mut events = vec![NewEvent {
-            kind: if source.replay {
-                "replayed"
-            } else {
-                "received"
+        let mut events = vec![match &source.replay {
+            Some(audit) => NewEvent {
+                kind: "replayed",
+                detail: json!({"flow": flow.name, "by": audit.by, "reason": audit.reason}),
             },
-            detail: json!({"flow": flow.name, "idempotency_key": source.key}),
+            None => NewEvent {
+                kind: "received",
+                detail: json!({"flow": flow.name, "idempotency_key": source.key}),
+            },
         }];
         let processed = match steps {
             Ok(processed) => processed,
@@ -473,7 +475,7 @@ impl Engine {
             key: None,
             fingerprint: None,
             received_at: now_ms(),
-            replay: false,
+            replay: None,
         };
         let accepted = Accepted {
             status: MessageStatus::Dead,
@@ -501,7 +503,11 @@ impl Engine {
     /// # Errors
     ///
     /// A [`ServeError`] when there is no store, the flow is gone, or the flow refuses it.
-    pub async fn replay(&self, id: &str) -> Result<Option<StoredReply>, ServeError> {
+    pub async fn replay(
+        &self,
+        id: &str,
+        audit: &ReplayAudit,
+    ) -> Result<Option<StoredReply>, ServeError> {
         let store = self
             .store
             .as_ref()
@@ -526,7 +532,7 @@ impl Engine {
             key: None,
             fingerprint: None,
             received_at: now_ms(),
-            replay: true,
+            replay: Some(audit.clone()),
         };
         self.commit(flow, store, message, steps, source)
             .await
@@ -545,6 +551,15 @@ impl Calls for Engine {
     }
 }
 
+/// Who asked for a replay, and why: recorded in the replayed message's timeline.
+#[derive(Debug, Clone)]
+pub struct ReplayAudit {
+    /// The name of the admin token that asked.
+    pub by: String,
+    /// The reason the operator gave.
+    pub reason: String,
+}
+
 /// A message as it arrived, for the store.
 struct Arrival {
     inbound: Value,
@@ -552,7 +567,8 @@ struct Arrival {
     key: Option<String>,
     fingerprint: Option<String>,
     received_at: i64,
-    replay: bool,
+    /// Who replayed it and why, for a replay.
+    replay: Option<ReplayAudit>,
 }
 
 impl Arrival {
@@ -582,7 +598,7 @@ impl Arrival {
             targets: Vec::new(),
             correlation: Vec::new(),
             events: Vec::new(),
-            replay: self.replay,
+            replay: self.replay.is_some(),
         }
     }
 }

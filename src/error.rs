@@ -129,6 +129,9 @@ pub enum ServeError {
         /// JSON pointer to where it is.
         pointer: String,
     },
+    /// A replay asked for without a reason.
+    #[error("a replay needs a reason: say why in `reason`")]
+    MissingReason,
     /// Credentials are missing or wrong; which part was wrong is not said.
     #[error("missing or invalid credentials")]
     Unauthorized,
@@ -166,7 +169,7 @@ impl ServeError {
             Self::MalformedJson { .. } | Self::MalformedHl7(_) => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::RefusedJson { .. } => StatusCode::BAD_REQUEST,
+            Self::RefusedJson { .. } | Self::MissingReason => StatusCode::BAD_REQUEST,
             Self::IdempotencyConflict(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Forbidden => StatusCode::FORBIDDEN,
@@ -193,6 +196,7 @@ impl ServeError {
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::RefusedJson { .. } => "refused_json",
+            Self::MissingReason => "missing_reason",
             Self::IdempotencyConflict(_) => "idempotency_conflict",
             Self::Unauthorized => "unauthorized",
             Self::Forbidden => "forbidden",

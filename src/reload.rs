@@ -29,7 +29,7 @@ pub struct Live {
     paths: ProjectPaths,
     client: reqwest::Client,
     store: Store,
-    admin_token: Option<String>,
+    admin: Option<crate::admin::AdminTokens>,
     /// Whether metrics and the admin API have an address of their own.
     split: bool,
     current: RwLock<Served>,
@@ -46,14 +46,14 @@ struct Served {
 }
 
 impl Served {
-    fn new(runtime: Arc<Runtime>, admin_token: Option<&str>, split: bool) -> Self {
+    fn new(runtime: Arc<Runtime>, admin: Option<&crate::admin::AdminTokens>, split: bool) -> Self {
         let (main, operations) = if split {
             (
                 crate::server::flows_router(&runtime),
-                crate::server::operations_router(&runtime, admin_token),
+                crate::server::operations_router(&runtime, admin),
             )
         } else {
-            (crate::server::router(&runtime, admin_token), Router::new())
+            (crate::server::router(&runtime, admin), Router::new())
         };
         Self {
             runtime,
@@ -71,16 +71,16 @@ impl Live {
         paths: ProjectPaths,
         client: reqwest::Client,
         store: Store,
-        admin_token: Option<String>,
+        admin: Option<crate::admin::AdminTokens>,
         runtime: Arc<Runtime>,
         split: bool,
     ) -> Arc<Self> {
-        let served = Served::new(runtime, admin_token.as_deref(), split);
+        let served = Served::new(runtime, admin.as_ref(), split);
         Arc::new(Self {
             paths,
             client,
             store,
-            admin_token,
+            admin,
             split,
             current: RwLock::new(served),
             reloaded: tokio::sync::watch::Sender::new(()),
@@ -134,7 +134,7 @@ impl Live {
     pub fn reload(&self) -> Result<usize, Vec<Diagnostic>> {
         let project = load(&self.paths)?;
         let runtime = Runtime::start(&project, self.client.clone(), Some(self.store.clone()));
-        let served = Served::new(runtime, self.admin_token.as_deref(), self.split);
+        let served = Served::new(runtime, self.admin.as_ref(), self.split);
         let old = std::mem::replace(
             &mut *self
                 .current

@@ -94,8 +94,12 @@ impl Runtime {
     /// # Errors
     ///
     /// As [`Engine::replay`].
-    pub async fn replay(&self, id: &str) -> Result<Option<StoredReply>, ServeError> {
-        self.engine.replay(id).await
+    pub async fn replay(
+        &self,
+        id: &str,
+        audit: &crate::engine::ReplayAudit,
+    ) -> Result<Option<StoredReply>, ServeError> {
+        self.engine.replay(id, audit).await
     }
 
     /// Stops consumers and delivery, waiting up to `grace` for the work they hold. The store

@@ -17,15 +17,16 @@ use axum::routing::{MethodFilter, MethodRouter};
 use serde_json::Value;
 use tokio::net::TcpListener;
 
+use crate::admin::AdminTokens;
 use crate::error::ServeError;
 use crate::flow::Flow;
 use crate::message::{Message, Meta};
 use crate::runtime::Runtime;
 
 /// Builds the router serving every flow of `runtime`, health and readiness, metrics, and the
-/// admin API under `/admin/v1` when `admin_token` is set.
-pub fn router(runtime: &Arc<Runtime>, admin_token: Option<&str>) -> Router {
-    with_fallbacks(flow_routes(runtime).merge(operation_routes(runtime, admin_token)))
+/// admin API under `/admin/v1` when admin tokens are configured.
+pub fn router(runtime: &Arc<Runtime>, admin: Option<&AdminTokens>) -> Router {
+    with_fallbacks(flow_routes(runtime).merge(operation_routes(runtime, admin)))
 }
 
 /// The flows' endpoints, health and readiness, without metrics and the admin API (which
@@ -34,9 +35,9 @@ pub fn flows_router(runtime: &Arc<Runtime>) -> Router {
     with_fallbacks(flow_routes(runtime))
 }
 
-/// Metrics, the admin API (when `admin_token` is set), health and readiness.
-pub fn operations_router(runtime: &Arc<Runtime>, admin_token: Option<&str>) -> Router {
-    with_fallbacks(operation_routes(runtime, admin_token).merge(health_routes(runtime)))
+/// Metrics, the admin API (when admin tokens are configured), health and readiness.
+pub fn operations_router(runtime: &Arc<Runtime>, admin: Option<&AdminTokens>) -> Router {
+    with_fallbacks(operation_routes(runtime, admin).merge(health_routes(runtime)))
 }
 
 fn with_fallbacks(router: Router) -> Router {
@@ -62,7 +63,7 @@ fn health_routes(runtime: &Arc<Runtime>) -> Router {
         )
 }
 
-fn operation_routes(runtime: &Arc<Runtime>, admin_token: Option<&str>) -> Router {
+fn operation_routes(runtime: &Arc<Runtime>, admin: Option<&AdminTokens>) -> Router {
     let mut router = Router::new().route(
         "/metrics",
         axum::routing::get(|| async {
@@ -74,10 +75,10 @@ fn operation_routes(runtime: &Arc<Runtime>, admin_token: Option<&str>) -> Router
             }
         }),
     );
-    if let Some(token) = admin_token {
+    if let Some(tokens) = admin {
         router = router.nest(
             "/admin/v1",
-            crate::admin::router(Arc::clone(runtime), token),
+            crate::admin::router(Arc::clone(runtime), tokens),
         );
     }
     router

@@ -312,6 +312,9 @@ pub enum DlqAction {
         /// With `--all`: only this flow's.
         #[arg(long, requires = "all")]
         flow: Option<String>,
+        /// Why: recorded in each replayed message's timeline with the admin token's name.
+        #[arg(long)]
+        reason: String,
     },
 }
 

@@ -114,11 +114,16 @@ pub(super) async fn dlq(client: AdminClient, action: DlqAction) -> anyhow::Resul
                 Ok(ExitCode::from(1))
             }
         },
-        DlqAction::Replay { ids, all, flow } => {
+        DlqAction::Replay {
+            ids,
+            all,
+            flow,
+            reason,
+        } => {
             if ids.is_empty() && !all {
                 anyhow::bail!("name message ids, or --all");
             }
-            let body = json!({"ids": ids, "flow": flow});
+            let body = json!({"ids": ids, "flow": flow, "reason": reason});
             let answer = client
                 .call(reqwest::Method::POST, "/dead-letters/replay", Some(body))
                 .await?

@@ -85,9 +85,11 @@ pub(super) fn serve(
              use --tls-cert and --tls-key, or a TLS proxy in front"
         );
     }
-    let admin_token = std::env::var("FERRY_ADMIN_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty());
+    let admin_tokens = crate::admin::AdminTokens::from_env(
+        std::env::var("FERRY_ADMIN_TOKEN").ok().as_deref(),
+        std::env::var("FERRY_ADMIN_TOKENS").ok().as_deref(),
+    )
+    .map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         let client = crate::targets::http_client().context("building the HTTP client")?;
@@ -100,7 +102,7 @@ pub(super) fn serve(
             paths.clone(),
             client,
             store.clone(),
-            admin_token.clone(),
+            admin_tokens.clone(),
             ferry,
             split,
         );
@@ -126,8 +128,10 @@ pub(super) fn serve(
             .with_context(|| format!("binding {}", listen.main))?;
         let address = listener.local_addr()?;
         log_flows(&project);
-        if admin_token.is_none() {
-            tracing::info!("admin API off: set FERRY_ADMIN_TOKEN to turn it on");
+        if admin_tokens.is_none() {
+            tracing::info!(
+                "admin API off: set FERRY_ADMIN_TOKEN (or FERRY_ADMIN_TOKENS) to turn it on"
+            );
         }
         if let Err(error) = crate::observe::install() {
             tracing::warn!(%error, "metrics are off");

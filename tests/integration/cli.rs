@@ -166,7 +166,10 @@ async fn dlq_commands_list_show_and_replay_dead_letters() {
     assert!(shown.contains("\"status\": \"dead\""), "{shown}");
 
     lab.set_reply(201, json!({}));
-    let (code, replayed) = operate(&url, &["dlq", "replay", "--all"]);
+    let (code, replayed) = operate(
+        &url,
+        &["dlq", "replay", "--all", "--reason", "the lab is back"],
+    );
     assert_eq!(code, 0, "{replayed}");
     assert!(replayed.contains("1 replayed, 0 not"), "{replayed}");
     wait_until("the lab took the replayed order", || {

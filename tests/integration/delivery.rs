@@ -140,10 +140,19 @@ async fn a_permanent_refusal_dead_letters_at_once_and_replay_delivers_it(backend
     let (_, dead) = ferry.admin("/dead-letters").await;
     assert_eq!(dead["dead_letters"][0]["id"], id.as_str());
 
+    // A replay says why; without a reason nothing is replayed.
+    let (status, refused) = ferry
+        .admin_post(&format!("/messages/{id}/replay"), &json!({}))
+        .await;
+    assert_eq!((status, &refused["error"]), (400, &json!("missing_reason")));
+
     // The lab is fixed; replay delivers the same message, with the same idempotency key.
     lab.set_reply(201, json!({"lab_order_id": "LAB-9"}));
     let (status, answer) = ferry
-        .admin_post(&format!("/messages/{id}/replay"), &json!({}))
+        .admin_post(
+            &format!("/messages/{id}/replay"),
+            &json!({"reason": "the portal fixed its data"}),
+        )
         .await;
     assert_eq!(status, 200);
     assert_eq!(answer["replayed"], true, "{answer}");
@@ -159,13 +168,15 @@ async fn a_permanent_refusal_dead_letters_at_once_and_replay_delivers_it(backend
     assert_eq!(state["lab_order_id"], "LAB-9");
     let (_, message) = ferry.admin(&format!("/messages/{id}")).await;
     assert_eq!(message["status"], "delivered");
-    let kinds: Vec<&str> = message["timeline"]
+    // The timeline says who replayed it (the admin token's name) and why.
+    let replayed = message["timeline"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| e["kind"].as_str().unwrap())
-        .collect();
-    assert!(kinds.contains(&"replayed"), "{kinds:?}");
+        .find(|e| e["kind"] == "replayed")
+        .unwrap_or_else(|| panic!("no replay in {message}"));
+    assert_eq!(replayed["detail"]["by"], "admin", "{replayed}");
+    assert_eq!(replayed["detail"]["reason"], "the portal fixed its data");
     let (_, dead) = ferry.admin("/dead-letters").await;
     assert_eq!(dead["dead_letters"], json!([]));
 }

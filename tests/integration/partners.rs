@@ -603,7 +603,10 @@ async fn a_dead_subscriber_is_a_dead_letter_whose_replay_sends_to_it_alone() {
         .to_owned();
     billing.set_reply(201, json!({}));
     let (status, _) = ferry
-        .admin_post(&format!("/messages/{message}/replay"), &json!({}))
+        .admin_post(
+            &format!("/messages/{message}/replay"),
+            &json!({"reason": "the request exists now"}),
+        )
         .await;
     assert_eq!(status, 200);
     wait_until("billing has the charge", || billing.accepted().len() == 1).await;

@@ -102,7 +102,8 @@ impl Ferry {
         let opened = store.open().await;
         let client = ferry::targets::http_client().unwrap();
         let runtime = Runtime::start(&project, client, Some(opened));
-        let router = ferry::server::router(&runtime, Some(ADMIN_TOKEN));
+        let admin = ferry::admin::AdminTokens::single(ADMIN_TOKEN);
+        let router = ferry::server::router(&runtime, Some(&admin));
         let (url, shutdown) = serve_ferry(router, options).await;
         let served = Arc::clone(&runtime);
         let mllp = ferry::mllp_server::Listeners::start(Arc::new(move || Arc::clone(&served)))
