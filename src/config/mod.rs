@@ -649,6 +649,10 @@ pub struct MllpTargetConfig {
     #[serde(default)]
     #[schemars(with = "BTreeMap<String, String>")]
     pub capture: BTreeMap<String, Spanned<String>>,
+    /// Send over TLS: `tls: {}` trusts the public web's certificate authorities, and
+    /// `ca_file` a partner's own CA besides.
+    #[serde(default)]
+    pub tls: Option<TargetTlsConfig>,
 }
 
 /// An HTTP call to a partner system.

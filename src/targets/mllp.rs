@@ -1,11 +1,13 @@
 //! `mllp` target: sends the message's HL7 v2 text to a partner over MLLP and waits for its
 //! acknowledgement. `AA`/`CA` is delivery; `AR`/`CR`, no answer, and an answer to another
 //! message are tried again; `AE`/`CE` is given up, the acknowledgement kept in the error.
-//! Connections are kept open and reused, one message at a time on each.
+//! Connections (plain TCP, or TLS) are kept open and reused, one message at a time on each.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::{Attempt, RetryAction, lock};
@@ -23,14 +25,30 @@ const MAX_ACK: usize = 1024 * 1024;
 /// Idle connections kept per target.
 const POOL: usize = 16;
 
+/// A connection to a partner: plain TCP, or TLS over it.
+trait Connection: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Connection for T {}
+
 /// A compiled `mllp` target.
-#[derive(Debug)]
 pub struct MllpTarget {
     name: String,
     address: String,
     timeout: Duration,
     capture: Vec<(String, JsonPath)>,
-    idle: Mutex<Vec<TcpStream>>,
+    /// How to speak TLS to the partner, and the name its certificate must hold.
+    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+    idle: Mutex<Vec<Box<dyn Connection>>>,
+}
+
+impl std::fmt::Debug for MllpTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MllpTarget")
+            .field("name", &self.name)
+            .field("address", &self.address)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl MllpTarget {
@@ -60,11 +78,16 @@ impl MllpTarget {
         if !valid {
             return None;
         }
+        let tls = match &config.tls {
+            Some(tls) => Some(client_tls(tls, &address.value, address.referenced, ctx)?),
+            None => None,
+        };
         Some(Self {
             name: name.to_owned(),
             address: address.value.clone(),
             timeout: timeout?,
             capture: capture?,
+            tls,
             idle: Mutex::new(Vec::new()),
         })
     }
@@ -178,13 +201,7 @@ impl MllpTarget {
             let reused = kept.is_some();
             let mut stream = match kept {
                 Some(stream) => stream,
-                None => {
-                    let stream = TcpStream::connect(&self.address)
-                        .await
-                        .map_err(|e| format!("cannot connect to {}: {e}", self.address))?;
-                    let _ = stream.set_nodelay(true);
-                    stream
-                }
+                None => self.connect().await?,
             };
             match send_and_read(&mut stream, payload).await {
                 Ok(ack) => {
@@ -201,8 +218,87 @@ impl MllpTarget {
     }
 }
 
+impl MllpTarget {
+    /// A new connection to the partner, over TLS when the target says so.
+    async fn connect(&self) -> Result<Box<dyn Connection>, String> {
+        let stream = TcpStream::connect(&self.address)
+            .await
+            .map_err(|e| format!("cannot connect to {}: {e}", self.address))?;
+        let _ = stream.set_nodelay(true);
+        match &self.tls {
+            None => Ok(Box::new(stream)),
+            Some((connector, name)) => {
+                let stream = connector
+                    .connect(name.clone(), stream)
+                    .await
+                    .map_err(|e| format!("TLS with {}: {e}", self.address))?;
+                Ok(Box::new(stream))
+            }
+        }
+    }
+}
+
+/// The TLS client of a target at `address`: the public web's authorities, and the CA of
+/// `ca_file` besides; the host of `address` is the name its certificate must hold.
+fn client_tls(
+    config: &crate::config::TargetTlsConfig,
+    address: &str,
+    at: serde_saphyr::Location,
+    ctx: &mut Ctx<'_>,
+) -> Option<(tokio_rustls::TlsConnector, ServerName<'static>)> {
+    use rustls_pki_types::pem::PemObject as _;
+    if config.insecure_skip_verify {
+        ctx.error(
+            at,
+            "an mllp target verifies its partner's certificate: give the partner's CA in `ca_file` instead of insecure_skip_verify",
+        );
+        return None;
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(file) = &config.ca_file {
+        let pem = ctx.read_project_file(&file.value, file.referenced)?;
+        let certificates: Result<Vec<_>, _> =
+            rustls_pki_types::CertificateDer::pem_slice_iter(&pem).collect();
+        match certificates {
+            Ok(certificates) if !certificates.is_empty() => {
+                roots.add_parsable_certificates(certificates);
+            }
+            _ => {
+                ctx.error(
+                    file.referenced,
+                    format!("{} holds no PEM certificate", file.value),
+                );
+                return None;
+            }
+        }
+    }
+    let host = address
+        .rsplit_once(':')
+        .map_or(address, |(host, _)| host)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let Ok(name) = ServerName::try_from(host.to_owned()) else {
+        ctx.error(
+            at,
+            format!("\"{host}\" is not a name a certificate can hold"),
+        );
+        return None;
+    };
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Some((tokio_rustls::TlsConnector::from(Arc::new(client)), name))
+}
+
 /// One exchange on `stream`: the message out, its acknowledgement in.
-async fn send_and_read(stream: &mut TcpStream, payload: &[u8]) -> Result<Vec<u8>, String> {
+async fn send_and_read(
+    stream: &mut Box<dyn Connection>,
+    payload: &[u8],
+) -> Result<Vec<u8>, String> {
     write_frame(stream, payload)
         .await
         .map_err(|e| e.to_string())?;

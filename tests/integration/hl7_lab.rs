@@ -470,3 +470,80 @@ async fn an_mllp_listener_serves_tls_with_its_certificate() {
     // Plain MLLP gets no answer from a TLS listener.
     assert!(send_to_ferry(&address.to_string(), message).await.is_none());
 }
+
+#[tokio::test]
+async fn an_mllp_target_speaks_tls_to_a_partner_whose_ca_it_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    // The lab: MLLP over TLS with that certificate, answering AA.
+    let identity = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![certified.cert.der().clone()],
+        rustls_pki_types::PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into()),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(identity));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let received: Arc<Mutex<Vec<String>>> = Arc::default();
+    let taken = Arc::clone(&received);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, taken) = (acceptor.clone(), Arc::clone(&taken));
+            tokio::spawn(async move {
+                let Ok(mut stream) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut bytes = Vec::new();
+                while !bytes.ends_with(&[0x1c, 0x0d]) {
+                    let mut byte = [0u8; 1];
+                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    bytes.push(byte[0]);
+                }
+                let message = String::from_utf8_lossy(&bytes[1..bytes.len() - 2]).into_owned();
+                let ack = lab_answer(&message, &Answer::Ack("AA"));
+                taken.lock().unwrap().push(message);
+                let mut framed = vec![0x0b];
+                framed.extend_from_slice(ack.as_bytes());
+                framed.extend_from_slice(&[0x1c, 0x0d]);
+                let _ = stream.write_all(&framed).await;
+                let _ = stream.flush().await;
+            });
+        }
+    });
+
+    let flows = dir.path().join("flows");
+    std::fs::create_dir(&flows).unwrap();
+    std::fs::write(flows.join("lab-ca.pem"), certified.cert.pem()).unwrap();
+    let flow = |name: &str, tls: &str| {
+        format!(
+            "name: {name}\ntrigger:\n  http: {{ method: POST, path: /{name}, auth: none }}\nsteps:\n  - transform:\n      content_type: x-application/hl7-v2+er7\n      text: |\n        MSH|^~\\&|FERRY|PORTAL|LIS|HELIX|20261128093000||OML^O21^OML_O21|{{{{body.id}}}}|P|2.5.1\ntargets:\n  lab:\n    mllp:\n      address: localhost:{port}\n      timeout: 5s\n      tls: {tls}\ndelivery: {{ mode: sync }}\n"
+        )
+    };
+    std::fs::write(
+        flows.join("trusting.yaml"),
+        flow("trusting", "{ ca_file: lab-ca.pem }"),
+    )
+    .unwrap();
+    std::fs::write(flows.join("public.yaml"), flow("public", "{}")).unwrap();
+    let ferry = Ferry::start(&flows, &[]).await;
+    let client = reqwest::Client::new();
+    let post = |path: &str, id: &str| {
+        client
+            .post(format!("{}/{path}", ferry.url))
+            .json(&json!({"id": id}))
+            .send()
+    };
+    assert_eq!(post("trusting", "TLS-1").await.unwrap().status(), 200);
+    assert_eq!(field(&received.lock().unwrap()[0], "MSH", 10), "TLS-1");
+    // Trusting the public web's authorities alone, the lab's own certificate is refused.
+    assert_eq!(post("public", "TLS-2").await.unwrap().status(), 502);
+    assert_eq!(received.lock().unwrap().len(), 1);
+}
