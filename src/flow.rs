@@ -229,6 +229,12 @@ impl Flow {
         }
     }
 
+    /// The content type every message of the trigger has, whatever its sender declares:
+    /// HL7 v2 for MLLP. `ferry test` and `ferry run` read their inputs by it.
+    pub fn trigger_content_type(&self) -> Option<&'static str> {
+        self.mllp_trigger().map(|_| crate::message::HL7_MEDIA_TYPE)
+    }
+
     /// Whether the flow declares its own reply.
     pub fn declares_reply(&self) -> bool {
         self.reply.declared

@@ -300,17 +300,12 @@ impl Server {
         let key = key.rsplit([' ', '{', ',', '-']).next().unwrap_or_default();
         let doc = match key {
             "schema" => {
-                let paths = self.paths(file);
-                let path = paths
-                    .schemas
-                    .iter()
-                    .map(|d| d.join(&value))
-                    .find(|p| p.is_file())?;
-                let schema: Value =
-                    serde_json::from_str(&std::fs::read_to_string(&path).ok()?).ok()?;
+                let mut schemas = crate::schema::Schemas::new(&self.paths(file).schemas);
+                schemas.get(&value).ok()?;
+                let schema = schemas.raw(&value)?;
                 let title = schema["title"].as_str().unwrap_or(&value);
                 let description = schema["description"].as_str().unwrap_or_default();
-                format!("**{title}** ({})\n\n{description}", path.display())
+                format!("**{title}** ({value})\n\n{description}")
             }
             "flow" | "from" | "to" => {
                 let flow = flows_of(&self.paths(file))

@@ -177,6 +177,14 @@ pub struct Refusal {
 }
 
 impl Refusal {
+    /// A refusal with the code for "application internal error" (207).
+    pub fn internal(text: impl Into<String>) -> Self {
+        Self {
+            code: 207,
+            text: text.into(),
+        }
+    }
+
     /// A refusal with the code for "data type error": the message is not HL7 v2.
     pub fn malformed(reason: impl std::fmt::Display) -> Self {
         Self {

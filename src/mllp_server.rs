@@ -235,13 +235,8 @@ impl Listeners {
                 Ok(Ok(Some(frame))) => self.handle(flow, &frame, &peer_text).await,
                 Ok(Err(error @ FrameError::TooLarge(_))) => {
                     // The rest of the message is not read: answer, then close.
-                    let refusal = Refusal {
-                        code: 207,
-                        text: error.to_string(),
-                    };
-                    let ack = acknowledgement(None, AckCode::Error, Some(&refusal));
-                    count(flow, AckCode::Error);
-                    if let Some(ack) = ack {
+                    let refusal = Refusal::internal(error.to_string());
+                    if let Some(ack) = answer(flow, None, AckCode::Error, Some(&refusal)) {
                         let _ = write_frame(frames.stream(), ack.as_bytes()).await;
                     }
                     return;
@@ -265,26 +260,19 @@ impl Listeners {
     async fn handle(&self, flow: &str, frame: &[u8], peer: &str) -> Option<String> {
         let runtime = (self.current)();
         let Some(served) = runtime.flow(flow).cloned() else {
-            let refusal = Refusal {
-                code: 207,
-                text: format!("flow \"{flow}\" is not served any more"),
-            };
-            count(flow, AckCode::Reject);
-            return acknowledgement(None, AckCode::Reject, Some(&refusal));
+            let refusal = Refusal::internal(format!("flow \"{flow}\" is not served any more"));
+            return answer(flow, None, AckCode::Reject, Some(&refusal));
         };
         let body = match crate::hl7::read(frame) {
             Ok(body) => body,
             Err(reason) => {
                 tracing::info!(flow = %flow, %peer, %reason, "MLLP message is not HL7 v2");
-                count(flow, AckCode::Error);
-                return acknowledgement(None, AckCode::Error, Some(&Refusal::malformed(reason)));
+                let refusal = Refusal::malformed(reason);
+                return answer(flow, None, AckCode::Error, Some(&refusal));
             }
         };
         let (code, refusal) = if runtime.is_draining() {
-            let refusal = Refusal {
-                code: 207,
-                text: "ferry is shutting down: send it again".into(),
-            };
+            let refusal = Refusal::internal("ferry is shutting down: send it again");
             (AckCode::Reject, Some(refusal))
         } else {
             let listen = served.mllp_trigger().map_or("", |t| t.listen.as_str());
@@ -300,19 +288,24 @@ impl Listeners {
             }
             verdict(&result)
         };
-        count(flow, code);
-        acknowledgement(Some(&body), code, refusal.as_ref())
+        answer(flow, Some(&body), code, refusal.as_ref())
     }
 }
 
-/// Counts a message acknowledged with `code`.
-fn count(flow: &str, code: AckCode) {
+/// The acknowledgement of `message` (`None` when it could not be read), counted by its code.
+fn answer(
+    flow: &str,
+    message: Option<&serde_json::Value>,
+    code: AckCode,
+    refusal: Option<&Refusal>,
+) -> Option<String> {
     metrics::counter!(
         "ferry_mllp_messages_total",
         "flow" => flow.to_owned(),
         "ack" => code.code(false),
     )
     .increment(1);
+    acknowledgement(message, code, refusal)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

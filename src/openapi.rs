@@ -11,6 +11,7 @@ use serde_json::{Map, Value, json};
 
 use crate::auth::Auth;
 use crate::flow::{Flow, Trigger};
+use crate::schema::Schemas;
 use crate::steps::Step;
 
 /// An OpenAPI document, its parts in the order readers expect them.
@@ -34,7 +35,7 @@ pub struct Document {
 /// A schema file that cannot be read as JSON, named.
 pub fn document(flows: &[std::sync::Arc<Flow>], schemas: &[PathBuf]) -> Result<Document, String> {
     let mut components = Components {
-        folders: schemas,
+        files: Schemas::new(schemas),
         schemas: BTreeMap::new(),
         security: BTreeMap::new(),
     };
@@ -68,8 +69,9 @@ pub fn document(flows: &[std::sync::Arc<Flow>], schemas: &[PathBuf]) -> Result<D
 }
 
 /// What the document's `components` gather while operations are written.
-struct Components<'a> {
-    folders: &'a [PathBuf],
+struct Components {
+    /// The schema files, read (and their references found) as `validate` steps read them.
+    files: Schemas,
     schemas: BTreeMap<String, Value>,
     security: BTreeMap<String, Value>,
 }
@@ -79,7 +81,7 @@ fn openapi_path(path: &str) -> String {
     path.replace("{*", "{")
 }
 
-fn operation(flow: &Flow, components: &mut Components<'_>) -> Result<Value, String> {
+fn operation(flow: &Flow, components: &mut Components) -> Result<Value, String> {
     let Trigger::Http(http) = &flow.trigger else {
         return Ok(Value::Null);
     };
@@ -190,22 +192,20 @@ fn security_scheme(auth: &Auth) -> (String, Value) {
     }
 }
 
-impl Components<'_> {
+impl Components {
     /// Includes schema file `file` (and every file it refers to) under `components/schemas`;
     /// the `$ref` that points at it.
     fn include(&mut self, file: &str) -> Result<String, String> {
         let name = component_name(file);
         if !self.schemas.contains_key(&name) {
-            let path = self
-                .folders
-                .iter()
-                .map(|folder| folder.join(file))
-                .find(|path| path.is_file())
+            if self.files.raw(file).is_none() {
+                self.files.get(file).map_err(|e| e.to_string())?;
+            }
+            let mut schema = self
+                .files
+                .raw(file)
+                .cloned()
                 .ok_or_else(|| format!("schema {file} is in none of the schemas folders"))?;
-            let text =
-                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let mut schema: Value =
-                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
             if let Value::Object(map) = &mut schema {
                 // Its references resolve inside this document now, not against its own id.
                 map.remove("$id");
@@ -213,7 +213,7 @@ impl Components<'_> {
             // Stand in for it while its references are followed, in case they come back.
             self.schemas.insert(name.clone(), Value::Null);
             let mut referred = Vec::new();
-            rebase(&mut schema, &name, &mut referred);
+            rebase(&mut schema, file, &mut referred);
             self.schemas.insert(name.clone(), schema);
             for other in referred {
                 self.include(&other)?;
@@ -241,7 +241,8 @@ fn component_name(file: &str) -> String {
         .collect()
 }
 
-/// Points the `$ref`s of schema `own` into the document; records the files they name.
+/// Points the `$ref`s of schema file `own` into the document; records the files they name
+/// (by their path from the schemas folder, as [`Schemas`] loads them).
 fn rebase(value: &mut Value, own: &str, referred: &mut Vec<String>) {
     match value {
         Value::Object(map) => {
@@ -252,10 +253,16 @@ fn rebase(value: &mut Value, own: &str, referred: &mut Vec<String>) {
                 let target = if file.is_empty() {
                     own.to_owned()
                 } else {
-                    referred.push(file.to_owned());
-                    component_name(file)
+                    let target = std::path::Path::new(own)
+                        .parent()
+                        .unwrap_or(std::path::Path::new(""))
+                        .join(file)
+                        .to_string_lossy()
+                        .into_owned();
+                    referred.push(target.clone());
+                    target
                 };
-                *reference = format!("#/components/schemas/{target}{pointer}");
+                *reference = format!("#/components/schemas/{}{pointer}", component_name(&target));
             }
             for inner in map.values_mut() {
                 rebase(inner, own, referred);

@@ -383,6 +383,12 @@ impl Schemas {
         None
     }
 
+    /// Schema file `name` as written, once loaded: compiled with [`Schemas::get`], or named
+    /// by the `$ref`s of one that was (by its path from the schemas folder).
+    pub fn raw(&self, name: &str) -> Option<&Value> {
+        self.raw.get(name)
+    }
+
     /// The `examples` the schema named `name` gives, once it has been compiled.
     pub fn examples(&self, name: &str) -> &[Value] {
         self.examples.get(name).map_or(&[], Vec::as_slice)

@@ -438,11 +438,9 @@ fn input_body(
     file: &Path,
     flow: &Flow,
 ) -> Result<Result<Value, ServeError>, String> {
-    // What comes over MLLP is HL7 v2 whatever a case says.
-    let content_type = match flow.mllp_trigger() {
-        Some(_) => Some(crate::message::HL7_MEDIA_TYPE),
-        None => crate::message::content_type_of(&input.headers),
-    };
+    let content_type = flow
+        .trigger_content_type()
+        .or_else(|| crate::message::content_type_of(&input.headers));
     let written = match (&input.body, &input.body_file) {
         (Some(body), None) => Written::Value(body.clone()),
         (None, Some(name)) => {

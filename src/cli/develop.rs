@@ -166,12 +166,12 @@ pub(super) fn run_one(args: &RunArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("header \"{header}\" is not `Name: value`"))?;
         header_map.insert(name.trim().to_owned(), value.trim().to_owned());
     }
-    // The body is read as `serve` reads a request's: by its content type, JSON by default;
-    // what comes over MLLP is HL7 v2.
-    let content_type = match flow.mllp_trigger() {
-        Some(_) => crate::message::HL7_MEDIA_TYPE,
-        None => crate::message::content_type_of(&header_map).unwrap_or("application/json"),
-    };
+    // The body is read as `serve` reads a request's: by its content type (what its trigger
+    // always carries, else the header), JSON by default.
+    let content_type = flow
+        .trigger_content_type()
+        .or_else(|| crate::message::content_type_of(&header_map))
+        .unwrap_or("application/json");
     let input = &args.input;
     let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
     let body = crate::json::read_body(content_type, &bytes, crate::json::DEFAULT_MAX_DEPTH)

@@ -142,9 +142,9 @@ pub fn unknown_keys(text: &str) -> Vec<Unknown> {
     let Ok(node) = serde_saphyr::from_str_with_options::<Node>(text, options) else {
         return Vec::new();
     };
-    let schema = super::json_schema();
+    let schema = format();
     let mut found = Vec::new();
-    walk(&node, &schema, &schema, &mut found);
+    walk(&node, schema, schema, &mut found);
     found
 }
 
@@ -233,6 +233,12 @@ fn blank_flow_entry(line: &mut [char], column: usize) {
     for c in &mut line[start..end] {
         *c = ' ';
     }
+}
+
+/// The flow format's JSON Schema, made once: an editor asks for it at every keystroke.
+fn format() -> &'static Value {
+    static FORMAT: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    FORMAT.get_or_init(super::json_schema)
 }
 
 /// Follows `$ref`s into the root's `$defs`.
@@ -344,10 +350,10 @@ pub enum Segment {
 /// The keys that may stand at `path` in a flow file, each with its description: an object's
 /// fields, or the kinds a part names itself by (a step's, a trigger's, a target's).
 pub fn keys_at(path: &[Segment]) -> Vec<(String, String)> {
-    let root = super::json_schema();
-    let mut schema = &root;
+    let root = format();
+    let mut schema = root;
     for segment in path {
-        let alternatives = alternatives(schema, &root);
+        let alternatives = alternatives(schema, root);
         let next = match segment {
             Segment::Item => alternatives.iter().find_map(|a| a.get("items")),
             Segment::Key(key) => alternatives.iter().find_map(|a| {
@@ -361,14 +367,14 @@ pub fn keys_at(path: &[Segment]) -> Vec<(String, String)> {
             None => return Vec::new(),
         }
     }
-    alternatives(schema, &root)
+    alternatives(schema, root)
         .iter()
         .filter_map(|a| a.get("properties")?.as_object())
         .flat_map(|properties| properties.iter())
         .map(|(key, value)| {
             let described = value
                 .get("description")
-                .or_else(|| resolve(value, &root).get("description"));
+                .or_else(|| resolve(value, root).get("description"));
             let text = described.and_then(Value::as_str).unwrap_or_default();
             (key.clone(), text.to_owned())
         })
