@@ -13,21 +13,48 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
+use crate::engine::ReplayAudit;
 use crate::error::ServeError;
 use crate::runtime::Runtime;
-use crate::store::Store;
+use crate::session::Sessions;
+use crate::store::{MessageDetail, MessageFilter, Store};
 
-/// The admin tokens, each with the name replays are recorded under.
+/// The admin tokens, each with the name replays are recorded under, and the console's
+/// sessions opened with them (shared by every clone, so they outlive a reload).
 #[derive(Debug, Clone)]
-pub struct AdminTokens(Arc<Vec<(String, String)>>);
+pub struct AdminTokens {
+    tokens: Arc<Vec<(String, String)>>,
+    sessions: Arc<Sessions>,
+}
 
 impl AdminTokens {
     /// One token, named `admin`.
     pub fn single(token: &str) -> Self {
-        Self(Arc::new(vec![("admin".to_owned(), token.to_owned())]))
+        Self::new(vec![("admin".to_owned(), token.to_owned())])
+    }
+
+    fn new(tokens: Vec<(String, String)>) -> Self {
+        Self {
+            tokens: Arc::new(tokens),
+            sessions: Arc::new(Sessions::new(false)),
+        }
+    }
+
+    /// These tokens with console cookies marked `Secure`: for a listener that serves TLS.
+    #[must_use]
+    pub fn over_tls(self, tls: bool) -> Self {
+        Self {
+            sessions: Arc::new(Sessions::new(tls)),
+            ..self
+        }
+    }
+
+    /// The console's sessions.
+    pub(crate) fn sessions(&self) -> &Sessions {
+        &self.sessions
     }
 
     /// The tokens of `FERRY_ADMIN_TOKEN` (named `admin`) and `FERRY_ADMIN_TOKENS`
@@ -62,13 +89,16 @@ impl AdminTokens {
             }
             tokens.push((name.to_owned(), token.to_owned()));
         }
-        Ok((!tokens.is_empty()).then(|| Self(Arc::new(tokens))))
+        Ok((!tokens.is_empty()).then(|| Self::new(tokens)))
     }
 
     /// The name of the token `given` is, compared in constant time with each.
-    fn name_of(&self, given: &str) -> Option<String> {
+    pub(crate) fn name_of(&self, given: &str) -> Option<String> {
+        if given.is_empty() {
+            return None;
+        }
         let mut found = None;
-        for (name, token) in self.0.iter() {
+        for (name, token) in self.tokens.iter() {
             if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
                 found = Some(name.clone());
             }
@@ -79,7 +109,7 @@ impl AdminTokens {
 
 /// Who made an admin call: the name of its token.
 #[derive(Debug, Clone)]
-struct Operator(String);
+pub(crate) struct Operator(pub(crate) String);
 
 /// The admin routes, guarded by `tokens`.
 pub fn router(runtime: Arc<Runtime>, tokens: &AdminTokens) -> Router {
@@ -105,7 +135,7 @@ async fn authorize(tokens: &AdminTokens, mut request: Request, next: Next) -> Re
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default();
-    if let Some(name) = tokens.name_of(given).filter(|_| !given.is_empty()) {
+    if let Some(name) = tokens.name_of(given) {
         request.extensions_mut().insert(Operator(name));
         next.run(request).await
     } else {
@@ -114,7 +144,7 @@ async fn authorize(tokens: &AdminTokens, mut request: Request, next: Next) -> Re
     }
 }
 
-fn store(runtime: &Runtime) -> Result<&Store, ServeError> {
+pub(crate) fn store(runtime: &Runtime) -> Result<&Store, ServeError> {
     runtime
         .store()
         .ok_or_else(|| ServeError::Internal("ferry runs without a store".into()))
@@ -124,17 +154,28 @@ fn store(runtime: &Runtime) -> Result<&Store, ServeError> {
 struct ListQuery {
     flow: Option<String>,
     status: Option<String>,
+    /// Dead letters with a dead delivery to this target.
+    target: Option<String>,
     limit: Option<u32>,
+}
+
+impl ListQuery {
+    fn filter(self, status: Option<&str>) -> MessageFilter {
+        MessageFilter {
+            flow: self.flow,
+            status: status.map(str::to_owned).or(self.status),
+            dead_target: self.target,
+            limit: self.limit.unwrap_or(100).min(1000),
+            ..MessageFilter::default()
+        }
+    }
 }
 
 async fn list_messages(
     State(runtime): State<Arc<Runtime>>,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ServeError> {
-    let limit = q.limit.unwrap_or(100).min(1000);
-    let messages = store(&runtime)?
-        .list_messages(q.flow.as_deref(), q.status.as_deref(), limit)
-        .await?;
+    let messages = store(&runtime)?.find_messages(&q.filter(None)).await?;
     Ok(Json(json!({"messages": messages})).into_response())
 }
 
@@ -142,9 +183,8 @@ async fn list_dead_letters(
     State(runtime): State<Arc<Runtime>>,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ServeError> {
-    let limit = q.limit.unwrap_or(100).min(1000);
     let dead = store(&runtime)?
-        .list_messages(q.flow.as_deref(), Some("dead"), limit)
+        .find_messages(&q.filter(Some("dead")))
         .await?;
     Ok(Json(json!({"dead_letters": dead})).into_response())
 }
@@ -153,22 +193,31 @@ async fn show_message(
     State(runtime): State<Arc<Runtime>>,
     Path(id): Path<String>,
 ) -> Result<Response, ServeError> {
-    match store(&runtime)?.message(&id).await? {
-        Some(mut message) => {
-            if let Some(flow) = runtime
-                .flows()
-                .iter()
-                .find(|f| f.name == message.summary.flow)
-            {
-                flow.sensitive().redact(&mut message.inbound);
-            }
-            Ok(Json(message).into_response())
-        }
+    match message(&runtime, &id).await? {
+        Some(message) => Ok(Json(message).into_response()),
         None => Err(ServeError::Missing {
             what: "message",
             id,
         }),
     }
+}
+
+/// Stored message `id`, its flow's sensitive fields `[redacted]`.
+pub(crate) async fn message(
+    runtime: &Runtime,
+    id: &str,
+) -> Result<Option<MessageDetail>, ServeError> {
+    let Some(mut message) = store(runtime)?.message(id).await? else {
+        return Ok(None);
+    };
+    if let Some(flow) = runtime
+        .flows()
+        .iter()
+        .find(|f| f.name == message.summary.flow)
+    {
+        flow.sensitive().redact(&mut message.inbound);
+    }
+    Ok(Some(message))
 }
 
 /// Why an operator replays: required, so the timeline says who replayed what and why.
@@ -179,12 +228,12 @@ struct Reason {
 }
 
 /// The audit record of a replay asked for by `operator` with `reason`.
-fn audit(operator: Operator, reason: &str) -> Result<crate::engine::ReplayAudit, ServeError> {
+pub(crate) fn audit(operator: Operator, reason: &str) -> Result<ReplayAudit, ServeError> {
     let reason = reason.trim();
     if reason.is_empty() {
         return Err(ServeError::MissingReason);
     }
-    Ok(crate::engine::ReplayAudit {
+    Ok(ReplayAudit {
         by: operator.0,
         reason: reason.chars().take(1000).collect(),
     })
@@ -214,11 +263,13 @@ async fn replay_one(
 
 #[derive(Debug, Default, Deserialize)]
 struct ReplayRequest {
-    /// Message ids; without them, every dead letter (of `flow`, when given).
+    /// Message ids; without them, every dead letter (of `flow` and `target`, when given).
     #[serde(default)]
     ids: Vec<String>,
     #[serde(default)]
     flow: Option<String>,
+    #[serde(default)]
+    target: Option<String>,
     /// Why: recorded with each replay.
     #[serde(default)]
     reason: String,
@@ -232,25 +283,52 @@ async fn replay_many(
     let request = body.map(|Json(r)| r).unwrap_or_default();
     let audit = audit(operator, &request.reason)?;
     let ids = if request.ids.is_empty() {
-        store(&runtime)?
-            .list_messages(request.flow.as_deref(), Some("dead"), 1000)
-            .await?
-            .into_iter()
-            .map(|m| m.id)
-            .collect()
+        dead_letters(&runtime, request.flow, request.target).await?
     } else {
         request.ids
     };
+    let results = replay_each(&runtime, ids, &audit).await;
+    Ok(Json(json!({"results": results})).into_response())
+}
+
+/// The ids of the dead letters (at most 1,000) of `flow` and with a dead delivery to
+/// `target`, each when given.
+pub(crate) async fn dead_letters(
+    runtime: &Runtime,
+    flow: Option<String>,
+    target: Option<String>,
+) -> Result<Vec<String>, ServeError> {
+    let filter = MessageFilter {
+        flow,
+        status: Some("dead".into()),
+        dead_target: target,
+        limit: 1000,
+        ..MessageFilter::default()
+    };
+    Ok(store(runtime)?
+        .find_messages(&filter)
+        .await?
+        .into_iter()
+        .map(|m| m.id)
+        .collect())
+}
+
+/// Replays each of `ids` under `audit`: what became of each, in order.
+pub(crate) async fn replay_each(
+    runtime: &Runtime,
+    ids: Vec<String>,
+    audit: &ReplayAudit,
+) -> Vec<Value> {
     let mut results = Vec::with_capacity(ids.len());
     for id in ids {
-        let result = match runtime.replay(&id, &audit).await {
+        let result = match runtime.replay(&id, audit).await {
             Ok(Some(_)) => json!({"id": id, "replayed": true}),
             Ok(None) => json!({"id": id, "replayed": false, "error": "no such message"}),
             Err(error) => json!({"id": id, "replayed": false, "error": error.body()}),
         };
         results.push(result);
     }
-    Ok(Json(json!({"results": results})).into_response())
+    results
 }
 
 async fn trace(

@@ -287,6 +287,7 @@ async fn deliver(
         status,
         error,
         retry_after,
+        answer,
     } = {
         #[cfg(feature = "otlp")]
         let span = crate::observe::otlp::span(
@@ -361,6 +362,7 @@ async fn deliver(
         outcome,
         status,
         error,
+        answer,
         latency_ms,
         correlation,
         lease_until: entry.lease_until,

@@ -92,6 +92,18 @@ pub enum Trigger {
     Mllp(MllpTrigger),
 }
 
+impl Trigger {
+    /// What starts the flow, in a few words: `POST /lab-results`, `MLLP on 0.0.0.0:2575`.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Called => "called by other flows".to_owned(),
+            Self::Http(t) => format!("{} {}", t.method, t.path),
+            Self::Queue(t) => format!("queue {}", t.spec),
+            Self::Mllp(t) => format!("MLLP on {}", t.listen),
+        }
+    }
+}
+
 /// A compiled MLLP trigger.
 #[derive(Debug)]
 pub struct MllpTrigger {

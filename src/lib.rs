@@ -32,8 +32,8 @@
 //! 9. **[`runtime`]**: starts and stops the engine's workers together.
 //! 10. **What serves and tests it**: [`server`] (the HTTP server), [`mllp_server`] (the
 //!     MLLP listeners), [`openapi`] (the endpoints described for partners), [`lsp`] (the
-//!     language server for editors), [`admin`] (the admin
-//!     API), [`testing`] (`ferry test` and `ferry run`, on the engine with mocks), then
+//!     language server for editors), [`admin`] (the admin API), [`session`] and
+//!     [`console`] (the operator's console in a browser), [`testing`] (`ferry test` and `ferry run`, on the engine with mocks), then
 //!     [`reload`] (swapping the flows being served), [`demo`] and, on top, [`cli`].
 
 pub mod admin;
@@ -41,6 +41,7 @@ pub mod auth;
 pub mod cli;
 pub mod compile;
 pub mod config;
+pub mod console;
 pub mod consume;
 pub mod delivery;
 pub mod demo;
@@ -66,6 +67,7 @@ pub mod retry;
 pub mod runtime;
 pub mod schema;
 pub mod server;
+pub mod session;
 pub mod steps;
 pub mod store;
 pub mod targets;

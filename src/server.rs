@@ -76,10 +76,19 @@ fn operation_routes(runtime: &Arc<Runtime>, admin: Option<&AdminTokens>) -> Rout
         }),
     );
     if let Some(tokens) = admin {
-        router = router.nest(
-            "/admin/v1",
-            crate::admin::router(Arc::clone(runtime), tokens),
-        );
+        router = router
+            .nest(
+                "/admin/v1",
+                crate::admin::router(Arc::clone(runtime), tokens),
+            )
+            .nest(
+                "/console",
+                crate::console::router(Arc::clone(runtime), tokens),
+            )
+            .route(
+                "/console/",
+                axum::routing::get(|| async { axum::response::Redirect::to("/console/flows") }),
+            );
     }
     router
 }

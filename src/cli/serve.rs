@@ -89,7 +89,8 @@ pub(super) fn serve(
         std::env::var("FERRY_ADMIN_TOKEN").ok().as_deref(),
         std::env::var("FERRY_ADMIN_TOKENS").ok().as_deref(),
     )
-    .map_err(anyhow::Error::msg)?;
+    .map_err(anyhow::Error::msg)?
+    .map(|tokens| tokens.over_tls(options.tls.is_some()));
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         let client = crate::targets::http_client().context("building the HTTP client")?;
@@ -161,7 +162,10 @@ pub(super) fn serve(
                 let listener = tokio::net::TcpListener::bind(admin)
                     .await
                     .with_context(|| format!("binding {admin}"))?;
-                println!("ferry admin listening on http://{}", listener.local_addr()?);
+                println!(
+                    "ferry admin listening on {scheme}://{}",
+                    listener.local_addr()?
+                );
                 let (router, stop) = (live.operations_router(), stop.clone());
                 let stopped = async move { stop.cancelled().await };
                 Some(tokio::spawn(crate::server::run(

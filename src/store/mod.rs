@@ -328,6 +328,8 @@ pub struct AttemptRecord {
     pub status: Option<u16>,
     /// What went wrong, when something did.
     pub error: Option<String>,
+    /// The start of what the target answered.
+    pub answer: Option<String>,
     /// How long the attempt took.
     pub latency_ms: u64,
     /// The correlation change the outcome makes (`on_delivered` / `on_failed`).
@@ -353,6 +355,65 @@ pub struct MessageSummary {
     pub received_at: String,
     /// When it last changed (RFC 3339).
     pub updated_at: String,
+}
+
+/// Which stored messages to list: every field that is set must match.
+#[derive(Debug, Clone, Default)]
+pub struct MessageFilter {
+    /// Of this flow.
+    pub flow: Option<String>,
+    /// In this state: `accepted`, `delivered` or `dead`.
+    pub status: Option<String>,
+    /// With a delivery to this target that failed for good.
+    pub dead_target: Option<String>,
+    /// Received at or after.
+    pub since: Option<Millis>,
+    /// Received before.
+    pub until: Option<Millis>,
+    /// At most this many.
+    pub limit: u32,
+}
+
+/// Where every flow and target stands: what operators look at first.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Overview {
+    /// Messages per flow and state.
+    pub flows: Vec<FlowCounts>,
+    /// Deliveries per target that are not done, or failed for good.
+    pub targets: Vec<TargetBacklog>,
+}
+
+/// How many of a flow's messages are in each state.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FlowCounts {
+    /// The flow.
+    pub flow: String,
+    /// Taken, with deliveries not yet done.
+    pub accepted: u64,
+    /// Every delivery done.
+    pub delivered: u64,
+    /// Dead letters.
+    pub dead: u64,
+}
+
+/// A target's deliveries that are not done, and those that failed for good.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TargetBacklog {
+    /// The flow.
+    pub flow: String,
+    /// The target.
+    pub target: String,
+    /// Deliveries waiting or in flight.
+    pub open: u64,
+    /// Of those, how many failed at least once and wait for their next attempt.
+    pub retrying: u64,
+    /// Deliveries that failed for good.
+    pub dead: u64,
+    /// When the oldest open delivery was queued.
+    pub oldest_open: Option<Millis>,
+    /// The error of the latest failed attempt among the open deliveries: the target is
+    /// failing now when there is one.
+    pub failing: Option<String>,
 }
 
 /// A timeline entry.
@@ -665,7 +726,34 @@ impl Store {
         status: Option<&str>,
         limit: u32,
     ) -> Result<Vec<MessageSummary>, StoreError> {
-        on_backend!(self, b => b.list_messages(flow, status, limit).await)
+        let filter = MessageFilter {
+            flow: flow.map(str::to_owned),
+            status: status.map(str::to_owned),
+            limit,
+            ..MessageFilter::default()
+        };
+        self.find_messages(&filter).await
+    }
+
+    /// Stored messages matching `filter`, newest first.
+    ///
+    /// # Errors
+    ///
+    /// When the database fails.
+    pub async fn find_messages(
+        &self,
+        filter: &MessageFilter,
+    ) -> Result<Vec<MessageSummary>, StoreError> {
+        on_backend!(self, b => b.find_messages(filter).await)
+    }
+
+    /// How many messages each flow holds in each state, and each target's backlog.
+    ///
+    /// # Errors
+    ///
+    /// When the database fails.
+    pub async fn overview(&self) -> Result<Overview, StoreError> {
+        on_backend!(self, b => b.overview().await)
     }
 
     /// One message with its deliveries, timeline and correlation record.
@@ -686,7 +774,8 @@ impl Store {
         on_backend!(self, b => b.replay_source(id).await)
     }
 
-    /// The journey that `key` belongs to: `key` is a message id or any correlation key.
+    /// The journey that `key` belongs to: `key` is a message id, a correlation (request) id,
+    /// an idempotency key (an HL7 control id, say) or any correlation key.
     ///
     /// # Errors
     ///

@@ -10,8 +10,9 @@ use sqlx::Row as _;
 use super::{Conn, Db, DbStore, Lock, Row, lock};
 use crate::store::{
     Acceptance, Accepted, AfterAttempt, AttemptRecord, Claimed, Correlation, CorrelationWrite,
-    Event, MessageDetail, MessageStatus, MessageSummary, Millis, OutboxEntry, Prior, QueueItem,
-    Recipient, ReplaySource, StateChange, StoreError, StoredReply, Trace, merge, now_ms, rfc3339,
+    Event, FlowCounts, MessageDetail, MessageFilter, MessageStatus, MessageSummary, Millis,
+    OutboxEntry, Overview, Prior, QueueItem, Recipient, ReplaySource, StateChange, StoreError,
+    StoredReply, TargetBacklog, Trace, merge, now_ms, rfc3339,
 };
 
 /// The reads, the same calls on both backends: a single query on a pooled connection, several
@@ -45,13 +46,18 @@ impl DbStore {
         queue_depth(&mut *self.reader().await?, queue).await
     }
 
-    pub(in crate::store) async fn list_messages(
+    pub(in crate::store) async fn find_messages(
         &self,
-        flow: Option<&str>,
-        status: Option<&str>,
-        limit: u32,
+        filter: &MessageFilter,
     ) -> Result<Vec<MessageSummary>, StoreError> {
-        list_messages(&mut *self.reader().await?, flow, status, limit).await
+        find_messages(&mut *self.reader().await?, filter).await
+    }
+
+    pub(in crate::store) async fn overview(&self) -> Result<Overview, StoreError> {
+        let mut snapshot = self.snapshot().await?;
+        let read = overview(&mut snapshot).await;
+        snapshot.rollback().await?;
+        read
     }
 
     pub(in crate::store) async fn replay_source(
@@ -187,23 +193,99 @@ async fn queue_depth(conn: &mut Conn, queue: &str) -> Result<u64, StoreError> {
     Ok(u64::try_from(count).unwrap_or_default())
 }
 
-async fn list_messages(
+async fn find_messages(
     conn: &mut Conn,
-    flow: Option<&str>,
-    status: Option<&str>,
-    limit: u32,
+    filter: &MessageFilter,
 ) -> Result<Vec<MessageSummary>, StoreError> {
     let rows = sqlx::query(
         "SELECT id, flow, status, correlation_id, error, received_at, updated_at FROM messages
          WHERE (CAST($1 AS TEXT) IS NULL OR flow = $1) AND (CAST($2 AS TEXT) IS NULL OR status = $2)
-         ORDER BY received_at DESC, id DESC LIMIT $3",
+           AND (CAST($3 AS TEXT) IS NULL OR EXISTS (SELECT 1 FROM outbox
+                WHERE outbox.message_id = messages.id AND outbox.target = $3 AND outbox.state = 'dead'))
+           AND (CAST($4 AS BIGINT) IS NULL OR received_at >= $4)
+           AND (CAST($5 AS BIGINT) IS NULL OR received_at < $5)
+         ORDER BY received_at DESC, id DESC LIMIT $6",
     )
-    .bind(flow)
-    .bind(status)
-    .bind(i64::from(limit))
+    .bind(&filter.flow)
+    .bind(&filter.status)
+    .bind(&filter.dead_target)
+    .bind(filter.since)
+    .bind(filter.until)
+    .bind(i64::from(filter.limit))
     .fetch_all(&mut *conn)
     .await?;
     Ok(rows.iter().map(summary).collect())
+}
+
+async fn overview(conn: &mut Conn) -> Result<Overview, StoreError> {
+    let count = |row: &Row, column: &str| u64::try_from(row.get::<i64, _>(column)).unwrap_or(0);
+    let mut flows: Vec<FlowCounts> = Vec::new();
+    for row in sqlx::query(
+        "SELECT flow, status, COUNT(*) AS n FROM messages GROUP BY flow, status ORDER BY flow",
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    {
+        let flow: String = row.get("flow");
+        if flows.last().is_none_or(|f| f.flow != flow) {
+            flows.push(FlowCounts {
+                flow,
+                ..FlowCounts::default()
+            });
+        }
+        let counts = flows.last_mut().expect("pushed above");
+        let n = count(&row, "n");
+        match row.get::<String, _>("status").as_str() {
+            "accepted" => counts.accepted = n,
+            "delivered" => counts.delivered = n,
+            _ => counts.dead += n,
+        }
+    }
+    let mut targets: Vec<TargetBacklog> = Vec::new();
+    for row in sqlx::query(
+        "SELECT flow, target, COUNT(*) AS open, SUM(CASE WHEN attempts > 0 THEN 1 ELSE 0 END) AS retrying,
+                MIN(created_at) AS oldest, 0 AS dead
+         FROM outbox WHERE state IN ('pending', 'in_flight') GROUP BY flow, target
+         UNION ALL
+         SELECT flow, target, 0, 0, NULL, COUNT(*) FROM outbox WHERE state = 'dead' GROUP BY flow, target",
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    {
+        let (flow, target): (String, String) = (row.get("flow"), row.get("target"));
+        let at = match targets
+            .iter()
+            .position(|t| t.flow == flow && t.target == target)
+        {
+            Some(at) => at,
+            None => {
+                targets.push(TargetBacklog {
+                    flow,
+                    target,
+                    ..TargetBacklog::default()
+                });
+                targets.len() - 1
+            }
+        };
+        let backlog = &mut targets[at];
+        backlog.open += count(&row, "open");
+        backlog.retrying += row.get::<Option<i64>, _>("retrying").map_or(0, |n| u64::try_from(n).unwrap_or(0));
+        backlog.dead += count(&row, "dead");
+        backlog.oldest_open = backlog.oldest_open.or(row.get("oldest"));
+    }
+    for backlog in targets.iter_mut().filter(|t| t.retrying > 0) {
+        backlog.failing = sqlx::query_scalar(
+            "SELECT last_error FROM outbox WHERE flow = $1 AND target = $2 AND state = 'pending' AND attempts > 0
+             ORDER BY updated_at DESC LIMIT 1",
+        )
+        .bind(&backlog.flow)
+        .bind(&backlog.target)
+        .fetch_optional(&mut *conn)
+        .await?
+        .flatten();
+    }
+    targets.sort_by(|a, b| (&a.flow, &a.target).cmp(&(&b.flow, &b.target)));
+    Ok(Overview { flows, targets })
 }
 
 async fn replay_source(conn: &mut Conn, id: &str) -> Result<Option<ReplaySource>, StoreError> {
@@ -267,11 +349,15 @@ async fn message(conn: &mut Conn, id: &str) -> Result<Option<MessageDetail>, Sto
 }
 
 async fn trace(conn: &mut Conn, key: &str) -> Result<Option<Trace>, StoreError> {
-    let by_message: Option<Option<i64>> =
-        sqlx::query_scalar("SELECT record_id FROM messages WHERE id = $1")
-            .bind(key)
-            .fetch_optional(&mut *conn)
-            .await?;
+    // The messages `key` names itself (its id, request id or idempotency key) lead to their
+    // record; a correlation key names one directly.
+    let by_message: Option<Option<i64>> = sqlx::query_scalar(
+        "SELECT record_id FROM messages WHERE id = $1 OR correlation_id = $1 OR idempotency_key = $1
+         ORDER BY record_id IS NULL LIMIT 1",
+    )
+    .bind(key)
+    .fetch_optional(&mut *conn)
+    .await?;
     let record = match by_message {
         Some(record) => record,
         None => {
@@ -281,27 +367,18 @@ async fn trace(conn: &mut Conn, key: &str) -> Result<Option<Trace>, StoreError> 
                 .await?
         }
     };
-    let rows = match record {
-        Some(record) => {
-            sqlx::query(
-                "SELECT id, flow, status, correlation_id, error, received_at, updated_at FROM messages
-                 WHERE record_id = $1 OR id = $2 ORDER BY received_at, id",
-            )
-            .bind(record)
-            .bind(key)
-            .fetch_all(&mut *conn)
-            .await?
-        }
-        None if by_message.is_some() => {
-            sqlx::query(
-                "SELECT id, flow, status, correlation_id, error, received_at, updated_at FROM messages WHERE id = $1",
-            )
-            .bind(key)
-            .fetch_all(&mut *conn)
-            .await?
-        }
-        None => return Ok(None),
-    };
+    if by_message.is_none() && record.is_none() {
+        return Ok(None);
+    }
+    let rows = sqlx::query(
+        "SELECT id, flow, status, correlation_id, error, received_at, updated_at FROM messages
+         WHERE record_id = $1 OR id = $2 OR correlation_id = $2 OR idempotency_key = $2
+         ORDER BY received_at, id",
+    )
+    .bind(record)
+    .bind(key)
+    .fetch_all(&mut *conn)
+    .await?;
     let messages: Vec<MessageSummary> = rows.iter().map(summary).collect();
     let ids: Vec<String> = messages.iter().map(|m| m.id.clone()).collect();
     let mut timeline = events(conn, &ids).await?;
@@ -931,7 +1008,7 @@ pub(super) async fn attempt_done(conn: &mut Conn, a: &AttemptRecord) -> Result<(
     };
     let detail = serde_json::json!({
         "target": a.target, "attempt": a.attempt, "status": a.status, "latency_ms": a.latency_ms,
-        "error": a.error, "outcome": outcome,
+        "error": a.error, "answer": a.answer, "outcome": outcome,
     });
     insert_event(conn, &a.message_id, now, "attempt", &detail).await?;
     if let Some(write) = &a.correlation {

@@ -151,6 +151,10 @@ impl MllpTarget {
     /// What an acknowledgement means for the message sent with `control_id`; on `AA`/`CA`,
     /// the captures go into `message`'s vars.
     pub(crate) fn settle(&self, ack: &[u8], control_id: &str, message: &mut Message) -> Attempt {
+        self.judge(ack, control_id, message).answered(ack)
+    }
+
+    fn judge(&self, ack: &[u8], control_id: &str, message: &mut Message) -> Attempt {
         let text = String::from_utf8_lossy(ack).replace('\r', "\n");
         let ack = match read_ack(ack) {
             Ok(ack) => ack,

@@ -152,6 +152,16 @@ impl Target {
         }
     }
 
+    /// What kind of target it is: `http`, `queue`, `mllp` or `flow`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Http(_) => "http",
+            Self::Queue(_) => "queue",
+            Self::Mllp(_) => "mllp",
+            Self::Flow(_) => "flow",
+        }
+    }
+
     /// The target's name.
     pub fn name(&self) -> &str {
         match self {
@@ -234,6 +244,8 @@ pub struct Attempt {
     pub error: Option<String>,
     /// How long the target asked to wait before the next attempt.
     pub retry_after: Option<Duration>,
+    /// The start of what the target answered, for operators.
+    pub answer: Option<String>,
 }
 
 impl Attempt {
@@ -244,6 +256,18 @@ impl Attempt {
             status,
             error: None,
             retry_after: None,
+            answer: None,
+        }
+    }
+
+    /// This attempt with the start of the target's answer `body` kept (bounded as an error is).
+    #[must_use]
+    pub fn answered(self, body: &[u8]) -> Self {
+        let excerpt =
+            String::from_utf8_lossy(&body[..body.len().min(crate::redact::MAX_ERROR_LEN)]);
+        Self {
+            answer: (!body.is_empty()).then(|| crate::redact::error_text(&excerpt)),
+            ..self
         }
     }
 
@@ -255,6 +279,7 @@ impl Attempt {
             status,
             error: Some(crate::redact::error_text(error.as_ref())),
             retry_after: None,
+            answer: None,
         }
     }
 }
@@ -310,7 +335,7 @@ impl HttpTarget {
         match outcome {
             Ok(response) if action == RetryAction::Done => {
                 self.capture(&response, message);
-                Attempt::done(Some(response.status))
+                Attempt::done(Some(response.status)).answered(&response.body)
             }
             Ok(TargetResponse {
                 status,
@@ -327,6 +352,7 @@ impl HttpTarget {
                         Some(status),
                         format!("answered {status}: {excerpt}"),
                     )
+                    .answered(&body)
                 }
             }
             Err(error) => Attempt::failed(action, None, error.to_string()),

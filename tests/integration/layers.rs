@@ -50,6 +50,8 @@ const LAYERS: &[(&str, u8)] = &[
     ("openapi", 9),
     ("lsp", 9),
     ("admin", 9),
+    ("session", 9),
+    ("console", 9),
     ("reload", 10),
     ("testing", 9),
     ("demo", 11),

@@ -13,6 +13,7 @@
 //! - `queues`: embedded, RabbitMQ and NATS queues, and the examples built on them.
 //! - `check`: `ferry check` on broken flows reports every problem at its line and column.
 //! - `cli`: the `ferry` binary serving the shipped flows.
+//! - `console`: the operator's console in headless Chromium, and its guards.
 //! - `faults`: brokers cut off, a full disk, silent connections, lost answers, ferry killed
 //!   in the narrowest windows: nothing lost, nothing done twice.
 //! - `lsp`: `ferry lsp` driven over stdio as an editor drives it.
@@ -26,6 +27,7 @@ mod util;
 
 mod check;
 mod cli;
+mod console;
 mod delivery;
 mod errors;
 mod faults;

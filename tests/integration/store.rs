@@ -56,6 +56,7 @@ fn delivered(claimed: &Claimed, correlation: Option<CorrelationWrite>) -> Attemp
         outcome: AfterAttempt::Delivered,
         status: Some(201),
         error: None,
+        answer: None,
         latency_ms: 3,
         correlation,
         lease_until: claimed.lease_until,

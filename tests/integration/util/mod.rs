@@ -33,6 +33,7 @@ macro_rules! on_both_stores {
 mod support;
 
 mod brokers;
+mod browser;
 mod ferry;
 mod partner;
 pub(crate) mod process;
@@ -42,6 +43,7 @@ mod store;
 mod wait;
 
 pub(crate) use brokers::*;
+pub(crate) use browser::*;
 pub(crate) use ferry::*;
 pub(crate) use partner::*;
 pub(crate) use proxy::*;
