@@ -202,7 +202,9 @@ async fn show_message(
     }
 }
 
-/// Stored message `id`, its flow's sensitive fields `[redacted]`.
+/// Stored message `id`, its flow's sensitive fields `[redacted]`: in the body as received,
+/// and wherever their values appear in the message after its steps, its error and its
+/// attempts' errors and answers.
 pub(crate) async fn message(
     runtime: &Runtime,
     id: &str,
@@ -210,13 +212,36 @@ pub(crate) async fn message(
     let Some(mut message) = store(runtime)?.message(id).await? else {
         return Ok(None);
     };
-    if let Some(flow) = runtime
+    let Some(flow) = runtime
         .flows()
         .iter()
         .find(|f| f.name == message.summary.flow)
-    {
-        flow.sensitive().redact(&mut message.inbound);
+    else {
+        return Ok(Some(message));
+    };
+    let sensitive = flow.sensitive();
+    if sensitive.is_empty() {
+        return Ok(Some(message));
     }
+    let received = message.inbound.clone();
+    let scrub = |text: &mut String| *text = sensitive.scrub(&received, text);
+    each_text(&mut message.document, &mut |text| scrub(text));
+    if let Some(error) = &mut message.summary.error {
+        scrub(error);
+    }
+    for delivery in &mut message.deliveries {
+        if let Some(error) = &mut delivery.last_error {
+            scrub(error);
+        }
+    }
+    for event in &mut message.timeline {
+        for field in ["error", "answer"] {
+            if let Some(Value::String(text)) = event.detail.get_mut(field) {
+                scrub(text);
+            }
+        }
+    }
+    sensitive.redact(&mut message.inbound);
     Ok(Some(message))
 }
 
@@ -225,6 +250,16 @@ pub(crate) async fn message(
 struct Reason {
     #[serde(default)]
     reason: String,
+}
+
+/// Calls `change` on every string in `value`.
+fn each_text(value: &mut Value, change: &mut impl FnMut(&mut String)) {
+    match value {
+        Value::String(text) => change(text),
+        Value::Array(items) => items.iter_mut().for_each(|v| each_text(v, change)),
+        Value::Object(fields) => fields.values_mut().for_each(|v| each_text(v, change)),
+        _ => {}
+    }
 }
 
 /// The audit record of a replay asked for by `operator` with `reason`.

@@ -297,6 +297,7 @@ pub(super) async fn message(
         "deliveries": detail.deliveries,
         "correlation": detail.correlation,
         "inbound": shown(&detail.inbound),
+        "after_steps": shown(&json!({"body": detail.document["body"], "vars": detail.document["vars"]})),
         "reply": shown(&detail.reply),
     });
     let title = format!("Message {id}");

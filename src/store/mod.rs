@@ -456,6 +456,10 @@ pub struct MessageDetail {
     pub summary: MessageSummary,
     /// The body as received.
     pub inbound: Value,
+    /// The message after its steps (`body`, `vars`, `meta`): what its targets render from.
+    /// Not serialized: the flow's sensitive fields may sit anywhere in it.
+    #[serde(skip)]
+    pub document: Value,
     /// The reply the caller got.
     pub reply: Value,
     /// Deliveries.

@@ -305,7 +305,7 @@ async fn replay_source(conn: &mut Conn, id: &str) -> Result<Option<ReplaySource>
 
 async fn message(conn: &mut Conn, id: &str) -> Result<Option<MessageDetail>, StoreError> {
     let Some(row) = sqlx::query(
-        "SELECT id, flow, status, correlation_id, error, received_at, updated_at, inbound, reply, record_id
+        "SELECT id, flow, status, correlation_id, error, received_at, updated_at, inbound, document, reply, record_id
          FROM messages WHERE id = $1",
     )
     .bind(id)
@@ -341,6 +341,7 @@ async fn message(conn: &mut Conn, id: &str) -> Result<Option<MessageDetail>, Sto
     Ok(Some(MessageDetail {
         summary: summary(&row),
         inbound: parse(&row.get::<String, _>("inbound"))?,
+        document: parse(&row.get::<String, _>("document"))?,
         reply: parse(&row.get::<String, _>("reply"))?,
         deliveries,
         timeline,

@@ -151,6 +151,13 @@ async fn an_operator_finds_a_request_sees_both_directions_and_replays_its_dead_l
     assert!(inbound.contains(&as_json), "{inbound}");
     assert!(inbound.contains("[redacted]"), "the e-mail is sensitive");
     assert!(!inbound.contains("qa@acme-water.example"));
+    // The lab order carries the e-mail elsewhere: it is hidden there too.
+    let after_steps = browser.text("#after-steps").await;
+    assert!(after_steps.contains("\"body\""), "{after_steps}");
+    assert!(
+        !after_steps.contains("qa@acme-water.example"),
+        "{after_steps}"
+    );
     let injected: serde_json::Value = browser
         .client
         .execute(

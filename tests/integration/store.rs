@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use ferry::store::{
-    Acceptance, Accepted, AfterAttempt, AttemptRecord, Claimed, CorrelationWrite, MessageStatus,
-    NewEvent, Store, StoreError, StoreOptions, StoredReply, now_ms,
+    Acceptance, Accepted, AfterAttempt, AttemptRecord, Claimed, CorrelationWrite, MessageFilter,
+    MessageStatus, NewEvent, Store, StoreError, StoreOptions, StoredReply, now_ms,
 };
 use serde_json::json;
 use tokio::task::JoinSet;
@@ -79,6 +79,7 @@ on_both_stores!(
     a_replay_delivers_a_dead_letter_again,
     a_webhook_id_is_taken_once,
     a_failing_write_is_undone_alone_and_its_neighbours_commit,
+    operators_find_messages_by_any_key_and_see_each_targets_backlog,
 );
 
 async fn a_webhook_id_is_taken_once(backend: Backend) {
@@ -339,6 +340,98 @@ async fn a_replay_delivers_a_dead_letter_again(backend: Backend) {
     assert_eq!(detail.summary.status, "delivered");
     let states: Vec<&str> = detail.deliveries.iter().map(|d| d.state.as_str()).collect();
     assert_eq!(states, ["replayed", "delivered"]);
+    store.close().await;
+}
+
+async fn operators_find_messages_by_any_key_and_see_each_targets_backlog(backend: Backend) {
+    let test = TestStore::new(backend).await;
+    let store = test.open().await;
+    for n in 1..=3 {
+        let mut message = accepted(&format!("m{n}"), Some(&format!("k{n}")));
+        message.correlation_id = format!("req-{n}");
+        store.accept(message).await.unwrap();
+    }
+    let claimed = store.claim("f", "lab", 10).await.unwrap();
+    assert_eq!(claimed.len(), 3);
+    let outcome = |i: usize| {
+        let mut attempt = delivered(&claimed[i], None);
+        match claimed[i].message_id.as_str() {
+            "m1" => attempt.answer = Some("{\"lab_order_id\": \"LAB-1\"}".into()),
+            "m2" => {
+                attempt.outcome = AfterAttempt::RetryAt(now_ms() + 60_000);
+                attempt.status = Some(503);
+                attempt.error = Some("answered 503: busy".into());
+            }
+            _ => {
+                attempt.outcome = AfterAttempt::Dead;
+                attempt.status = Some(422);
+                attempt.error = Some("answered 422: unknown test".into());
+            }
+        }
+        attempt
+    };
+    for i in 0..3 {
+        store.record_attempt(outcome(i)).await.unwrap();
+    }
+
+    let overview = store.overview().await.unwrap();
+    assert_eq!(overview.flows.len(), 1);
+    let counts = &overview.flows[0];
+    assert_eq!(
+        (
+            counts.flow.as_str(),
+            counts.accepted,
+            counts.delivered,
+            counts.dead
+        ),
+        ("f", 1, 1, 1)
+    );
+    assert_eq!(overview.targets.len(), 1);
+    let lab = &overview.targets[0];
+    assert_eq!((lab.open, lab.retrying, lab.dead), (1, 1, 1));
+    assert!(lab.oldest_open.is_some());
+    assert_eq!(lab.failing.as_deref(), Some("answered 503: busy"));
+
+    let ids = |found: Vec<ferry::store::MessageSummary>| -> Vec<String> {
+        found.into_iter().map(|m| m.id).collect()
+    };
+    let all = MessageFilter {
+        limit: 10,
+        ..MessageFilter::default()
+    };
+    let find = |filter: MessageFilter| {
+        let store = store.clone();
+        async move { ids(store.find_messages(&filter).await.unwrap()) }
+    };
+    assert_eq!(find(all.clone()).await, ["m3", "m2", "m1"]);
+    let dead_to = |target: &str| MessageFilter {
+        status: Some("dead".into()),
+        dead_target: Some(target.into()),
+        ..all.clone()
+    };
+    assert_eq!(find(dead_to("lab")).await, ["m3"]);
+    assert!(find(dead_to("portal")).await.is_empty());
+    let later = MessageFilter {
+        since: Some(now_ms() + 60_000),
+        ..all.clone()
+    };
+    assert!(find(later).await.is_empty());
+    let earlier = MessageFilter {
+        until: Some(now_ms() + 60_000),
+        status: Some("accepted".into()),
+        ..all.clone()
+    };
+    assert_eq!(find(earlier).await, ["m2"]);
+
+    // A request id or an idempotency key finds its message as its id does.
+    for key in ["req-2", "k2", "m2", "ref-m2"] {
+        let trace = store.trace(key).await.unwrap().unwrap();
+        assert_eq!(ids(trace.messages), ["m2"], "{key}");
+    }
+    assert!(store.trace("req-9").await.unwrap().is_none());
+    let m1 = store.message("m1").await.unwrap().unwrap();
+    let attempt = m1.timeline.iter().find(|e| e.kind == "attempt").unwrap();
+    assert_eq!(attempt.detail["answer"], "{\"lab_order_id\": \"LAB-1\"}");
     store.close().await;
 }
 
