@@ -59,7 +59,23 @@ async fn an_operator_finds_a_request_sees_both_directions_and_replays_its_dead_l
     assert!(lab_row.starts_with("lab http 0 0 1"), "{lab_row}");
     browser.screenshot("flows").await;
 
-    // Dead letters: the lab is fixed; replay this one with a reason.
+    // The counts are live: a second dead letter shows up without reloading the page.
+    let mut another = payload("test-request.json");
+    another["portal_ref"] = json!("PR-2026-0418");
+    let (_, reply) = post_json(&format!("{}/api/v1/test-requests", ferry.url), &another).await;
+    let second = reply["request_id"].as_str().unwrap().to_owned();
+    wait_for_state(&ferry.url, &second, "failed").await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while browser.text("#flow-portal-to-lab dd.dead").await != "2" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the count never refreshed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(browser.path().await, "/console/flows");
+
+    // Dead letters: the lab is fixed; replay both, selected at once, with a reason.
     browser
         .client
         .goto(&format!("{console}/dead-letters"))
@@ -85,18 +101,19 @@ async fn an_operator_finds_a_request_sees_both_directions_and_replays_its_dead_l
         .is_selected()
         .await
         .unwrap();
-    assert!(ticked, "select all ticked the dead letter");
+    assert!(ticked, "select all ticked the dead letters");
     browser
         .type_into("#reason", "the lab added PB-ICPMS to its catalogue")
         .await;
     browser.click("#replay-selected").await;
     let summary = browser.text("#summary").await;
-    assert!(summary.starts_with("1 replayed — by admin"), "{summary}");
-    wait_until("the lab took the replayed order", || {
-        lab.accepted().len() == 1
+    assert!(summary.starts_with("2 replayed — by admin"), "{summary}");
+    wait_until("the lab took the replayed orders", || {
+        lab.accepted().len() == 2
     })
     .await;
     wait_for_state(&ferry.url, &id, "delivered_to_lab").await;
+    wait_for_state(&ferry.url, &second, "delivered_to_lab").await;
 
     // The lab sends the results back: the other direction of the same journey.
     let mut result = payload("test-result.json");
