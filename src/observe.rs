@@ -14,7 +14,14 @@ const BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 60.0,
 ];
 
+/// How often recorded histogram samples are folded into their buckets.
+const UPKEEP: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Installs the process-wide recorder; until then, recording metrics costs nothing.
+///
+/// The recorder keeps each histogram sample until it is folded into its buckets, which
+/// rendering does; a thread does it every second as well, so memory stays flat when
+/// nobody scrapes `/metrics`.
 ///
 /// # Errors
 ///
@@ -27,7 +34,19 @@ pub fn install() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     HANDLE
         .set(handle)
-        .map_err(|_| "metrics are already installed".to_owned())
+        .map_err(|_| "metrics are already installed".to_owned())?;
+    std::thread::Builder::new()
+        .name("ferry-metrics-upkeep".into())
+        .spawn(|| {
+            loop {
+                std::thread::sleep(UPKEEP);
+                if let Some(handle) = HANDLE.get() {
+                    handle.run_upkeep();
+                }
+            }
+        })
+        .map_err(|e| format!("starting the metrics upkeep: {e}"))?;
+    Ok(())
 }
 
 /// The metrics now, in Prometheus' text format, if they are installed.
