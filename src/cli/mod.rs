@@ -296,6 +296,9 @@ pub enum DlqAction {
         /// Only this flow's.
         #[arg(long)]
         flow: Option<String>,
+        /// Only those with a delivery to this target that failed for good.
+        #[arg(long)]
+        target: Option<String>,
     },
     /// Show one message with its deliveries and timeline.
     Show {
@@ -312,6 +315,9 @@ pub enum DlqAction {
         /// With `--all`: only this flow's.
         #[arg(long, requires = "all")]
         flow: Option<String>,
+        /// With `--all`: only those with a dead delivery to this target.
+        #[arg(long, requires = "all")]
+        target: Option<String>,
         /// Why: recorded in each replayed message's timeline with the admin token's name.
         #[arg(long)]
         reason: String,

@@ -74,11 +74,14 @@ where
 
 pub(super) async fn dlq(client: AdminClient, action: DlqAction) -> anyhow::Result<ExitCode> {
     match action {
-        DlqAction::List { flow } => {
-            let path = match flow {
-                Some(flow) => format!("/dead-letters?flow={}", encoded(&flow)),
-                None => "/dead-letters".to_owned(),
-            };
+        DlqAction::List { flow, target } => {
+            let mut query = form_urlencoded::Serializer::new(String::new());
+            for (name, value) in [("flow", flow), ("target", target)] {
+                if let Some(value) = value {
+                    query.append_pair(name, &value);
+                }
+            }
+            let path = format!("/dead-letters?{}", query.finish());
             let body = client
                 .call(reqwest::Method::GET, &path, None)
                 .await?
@@ -118,12 +121,13 @@ pub(super) async fn dlq(client: AdminClient, action: DlqAction) -> anyhow::Resul
             ids,
             all,
             flow,
+            target,
             reason,
         } => {
             if ids.is_empty() && !all {
                 anyhow::bail!("name message ids, or --all");
             }
-            let body = json!({"ids": ids, "flow": flow, "reason": reason});
+            let body = json!({"ids": ids, "flow": flow, "target": target, "reason": reason});
             let answer = client
                 .call(reqwest::Method::POST, "/dead-letters/replay", Some(body))
                 .await?

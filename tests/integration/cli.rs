@@ -164,11 +164,25 @@ async fn dlq_commands_list_show_and_replay_dead_letters() {
     let (code, shown) = operate(&url, &["dlq", "show", &id]);
     assert_eq!(code, 0);
     assert!(shown.contains("\"status\": \"dead\""), "{shown}");
+    let (_, to_lab) = operate(&url, &["dlq", "list", "--target", "lab"]);
+    assert!(to_lab.contains(&id), "{to_lab}");
+    let (_, to_portal) = operate(&url, &["dlq", "list", "--target", "portal"]);
+    assert!(to_portal.contains("0 dead letter(s)"), "{to_portal}");
 
     lab.set_reply(201, json!({}));
     let (code, replayed) = operate(
         &url,
-        &["dlq", "replay", "--all", "--reason", "the lab is back"],
+        &[
+            "dlq",
+            "replay",
+            "--all",
+            "--flow",
+            "portal-to-lab",
+            "--target",
+            "lab",
+            "--reason",
+            "the lab is back",
+        ],
     );
     assert_eq!(code, 0, "{replayed}");
     assert!(replayed.contains("1 replayed, 0 not"), "{replayed}");

@@ -406,3 +406,38 @@ async fn the_console_finds_a_message_by_each_of_its_keys_and_filters_by_time() {
     let (_, _, dead) = get("/messages?state=dead".into()).await;
     assert!(!dead.contains(&id));
 }
+
+#[tokio::test]
+async fn served_over_tls_the_session_cookie_is_secure() {
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let store = format!("sqlite://{}/ferry.db", dir.path().display());
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let (child, url) = crate::util::process::spawn_on(
+        &store,
+        &["--tls-cert", &cert, "--tls-key", &key],
+        &[],
+        std::process::Stdio::null(),
+    );
+    assert!(url.starts_with("https://"), "{url}");
+    let url = url.replace("127.0.0.1", "localhost");
+    let ca = reqwest::Certificate::from_pem(certified.cert.pem().as_bytes()).unwrap();
+    let http = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let logged_in = http
+        .post(format!("{url}/console/login"))
+        .form(&[("token", crate::util::process::TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(logged_in.status(), StatusCode::SEE_OTHER);
+    let cookie = logged_in.headers()[SET_COOKIE].to_str().unwrap();
+    assert!(cookie.ends_with("; Secure"), "{cookie}");
+    crate::util::process::terminate(child).await;
+}
