@@ -41,11 +41,8 @@ pub(super) async fn flows(
     Extension(session): Extension<Session>,
 ) -> Response {
     let runtime = &console.runtime;
-    let overview = match admin::store(runtime) {
-        Ok(store) => store.overview().await.map_err(ServeError::from),
-        Err(error) => Err(error),
-    };
-    let overview = match overview {
+    let overview = async { Ok::<_, ServeError>(admin::store(runtime)?.overview().await?) };
+    let overview = match overview.await {
         Ok(overview) => overview,
         Err(error) => return refused(&session, &error),
     };
@@ -257,11 +254,8 @@ pub(super) async fn message(
         }
         Err(error) => return refused(&session, &error),
     };
-    let trace = match admin::store(runtime) {
-        Ok(store) => store.trace(&id).await.map_err(ServeError::from),
-        Err(error) => Err(error),
-    };
-    let trace = match trace {
+    let trace = async { Ok::<_, ServeError>(admin::store(runtime)?.trace(&id).await?) };
+    let trace = match trace.await {
         Ok(trace) => trace,
         Err(error) => return refused(&session, &error),
     };
