@@ -131,7 +131,7 @@ pub(super) fn serve(
         log_flows(&project);
         if admin_tokens.is_none() {
             tracing::info!(
-                "admin API off: set FERRY_ADMIN_TOKEN (or FERRY_ADMIN_TOKENS) to turn it on"
+                "admin API and console off: set FERRY_ADMIN_TOKEN (or FERRY_ADMIN_TOKENS) to turn them on"
             );
         }
         if let Err(error) = crate::observe::install() {
@@ -157,15 +157,14 @@ pub(super) fn serve(
             draining.runtime().mark_draining();
         };
         let stop = tokio_util::sync::CancellationToken::new();
+        let mut operations_address = address;
         let operations = match listen.admin {
             Some(admin) => {
                 let listener = tokio::net::TcpListener::bind(admin)
                     .await
                     .with_context(|| format!("binding {admin}"))?;
-                println!(
-                    "ferry admin listening on {scheme}://{}",
-                    listener.local_addr()?
-                );
+                operations_address = listener.local_addr()?;
+                println!("ferry admin listening on {scheme}://{operations_address}");
                 let (router, stop) = (live.operations_router(), stop.clone());
                 let stopped = async move { stop.cancelled().await };
                 Some(tokio::spawn(crate::server::run(
@@ -177,6 +176,9 @@ pub(super) fn serve(
             }
             None => None,
         };
+        if admin_tokens.is_some() {
+            tracing::info!("the console is at {scheme}://{operations_address}/console");
+        }
         let signal = {
             let stop = stop.clone();
             async move {
