@@ -144,19 +144,27 @@ async fn record_with_key(
     context: &str,
     keys: &[&str],
 ) -> Result<Option<i64>, StoreError> {
-    for key in keys.iter().filter(|k| !k.is_empty()) {
-        let id = sqlx::query_scalar(
-            "SELECT correlation_id FROM correlation_keys WHERE context = $1 AND key = $2",
-        )
-        .bind(context)
-        .bind(key)
-        .fetch_optional(&mut *conn)
-        .await?;
-        if id.is_some() {
-            return Ok(id);
-        }
+    let keys: Vec<&str> = keys.iter().copied().filter(|k| !k.is_empty()).collect();
+    if keys.is_empty() {
+        return Ok(None);
     }
-    Ok(None)
+    // Every key in one statement: statements, not rows, are what cost here.
+    let mut query = sqlx::QueryBuilder::<Db>::new(
+        "SELECT key, correlation_id FROM correlation_keys WHERE context = ",
+    );
+    query.push_bind(context).push(" AND key IN (");
+    let mut listed = query.separated(", ");
+    for key in &keys {
+        listed.push_bind(*key);
+    }
+    query.push(")");
+    let found = query.build().fetch_all(&mut *conn).await?;
+    Ok(keys.iter().find_map(|key| {
+        found
+            .iter()
+            .find(|row| row.get::<String, _>(0) == *key)
+            .map(|row| row.get::<i64, _>(1))
+    }))
 }
 
 async fn next_due(conn: &mut Conn, flow: &str, target: &str) -> Result<Option<Millis>, StoreError> {
