@@ -67,6 +67,9 @@ pub(crate) struct Console {
     tokens: AdminTokens,
 }
 
+/// How long a refused login waits before its answer.
+const REFUSED_LOGIN_DELAY: std::time::Duration = std::time::Duration::from_millis(500);
+
 const STYLE: &str = include_str!("assets/console.css");
 const SCRIPT: &str = include_str!("assets/console.js");
 
@@ -245,6 +248,8 @@ async fn login(
 ) -> Response {
     let Some(operator) = console.tokens.name_of(form.token.trim()) else {
         tracing::warn!("console login refused: not an admin token");
+        // Each wrong guess costs the guesser half a second.
+        tokio::time::sleep(REFUSED_LOGIN_DELAY).await;
         return page(
             StatusCode::UNAUTHORIZED,
             "login",

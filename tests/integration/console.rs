@@ -226,6 +226,7 @@ async fn the_console_keeps_its_session_and_its_forms_to_itself() {
     assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
 
     let login = format!("{console}/login");
+    let asked = std::time::Instant::now();
     let refused = http
         .post(&login)
         .form(&[("token", "guess")])
@@ -234,6 +235,10 @@ async fn the_console_keeps_its_session_and_its_forms_to_itself() {
         .unwrap();
     assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
     assert!(refused.headers().get(SET_COOKIE).is_none());
+    assert!(
+        asked.elapsed() >= std::time::Duration::from_millis(500),
+        "a wrong token is answered slowly"
+    );
     let cross_site = http
         .post(&login)
         .header("origin", "https://attacker.example")
