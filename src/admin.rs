@@ -333,13 +333,7 @@ pub(crate) async fn dead_letters(
     flow: Option<String>,
     target: Option<String>,
 ) -> Result<Vec<String>, ServeError> {
-    let filter = MessageFilter {
-        flow,
-        status: Some("dead".into()),
-        dead_target: target,
-        limit: 1000,
-        ..MessageFilter::default()
-    };
+    let filter = MessageFilter::dead_letters(flow, target, 1000);
     Ok(store(runtime)?
         .find_messages(&filter)
         .await?

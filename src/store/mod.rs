@@ -374,6 +374,20 @@ pub struct MessageFilter {
     pub limit: u32,
 }
 
+impl MessageFilter {
+    /// At most `limit` dead letters, of `flow` and with a dead delivery to `target` when
+    /// given.
+    pub fn dead_letters(flow: Option<String>, target: Option<String>, limit: u32) -> Self {
+        Self {
+            flow,
+            status: Some(MessageStatus::Dead.as_str().to_owned()),
+            dead_target: target,
+            limit,
+            ..Self::default()
+        }
+    }
+}
+
 /// Where every flow and target stands: what operators look at first.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Overview {
