@@ -260,7 +260,17 @@ pub(super) async fn message(
         Err(error) => return refused(&session, &error),
     };
     let (journey, story) = trace.map_or_else(Default::default, |t| {
-        let story = story(&t.timeline, &id);
+        // This message's own entries as `admin::message` prepared them (sensitive values
+        // hidden); the journey's other messages and the record's states from the trace.
+        let mut timeline = detail.timeline.clone();
+        timeline.extend(
+            t.timeline
+                .into_iter()
+                .filter(|e| e.message_id != id || e.kind == "state"),
+        );
+        // Stable: entries of one instant keep this message's order, then the others'.
+        timeline.sort_by(|a, b| a.at.cmp(&b.at));
+        let story = story(&timeline, &id);
         let journey: Vec<Value> = t
             .messages
             .iter()
@@ -410,13 +420,7 @@ pub(super) async fn dead_letters(
         Err(error) => return refused(&session, &error),
     };
     let (flow, target) = (given(&filter.flow), given(&filter.target));
-    let wanted = MessageFilter {
-        flow: flow.clone(),
-        status: Some("dead".into()),
-        dead_target: target.clone(),
-        limit: LISTED,
-        ..MessageFilter::default()
-    };
+    let wanted = MessageFilter::dead_letters(flow.clone(), target.clone(), LISTED);
     let (overview, dead) = match tokio::try_join!(store.overview(), store.find_messages(&wanted)) {
         Ok(found) => found,
         Err(error) => return refused(&session, &error.into()),

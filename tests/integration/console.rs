@@ -15,7 +15,9 @@ const HOSTILE_NAME: &str = r#"Acme <script>window.pwned=1</script><img id="xss" 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_finds_a_request_sees_both_directions_and_replays_its_dead_letter() {
-    let lab = Partner::start(400, json!({"error": "unknown test code PB-ICPMS"})).await;
+    // The lab quotes the order's contact e-mail (sensitive) in its refusal.
+    let refusal = "unknown test code PB-ICPMS in the order of qa@acme-water.example";
+    let lab = Partner::start(400, json!({"error": refusal})).await;
     let portal = Partner::start(200, json!({})).await;
     let ferry = Ferry::shipped(&lab, &portal).await;
     let mut request = payload("test-request.json");
@@ -159,8 +161,8 @@ async fn an_operator_finds_a_request_sees_both_directions_and_replays_its_dead_l
         assert!(story.contains(line), "no \"{line}\" in the story:\n{story}");
     }
     assert!(
-        story.contains("unknown test code PB-ICPMS"),
-        "the lab's answer is shown"
+        story.contains("unknown test code PB-ICPMS in the order of [redacted]"),
+        "the lab's answer is shown, without the e-mail it quotes:\n{story}"
     );
     // Values from the message are text: no script ran, no element was added.
     let inbound = browser.text("#inbound").await;
