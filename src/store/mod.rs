@@ -8,6 +8,7 @@
 //! PostgreSQL (`postgres://…`) is shared by any number of processes, which split the work
 //! between them through row locks and leases.
 
+mod exec;
 mod postgres;
 mod sqlite;
 
@@ -45,6 +46,9 @@ pub enum StoreError {
     /// The database refused or failed.
     #[error("store: {0}")]
     Database(#[from] sqlx::Error),
+    /// SQLite refused or failed a write.
+    #[error("store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     /// Schema migration failed at start.
     #[error("store migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),

@@ -43,8 +43,8 @@ macro_rules! for_update {
 mod sql;
 
 type DbStore = PgStore;
-type Db = Postgres;
 type Conn = PgConnection;
+type WriteConn = PgConnection;
 type Row = sqlx::postgres::PgRow;
 
 /// The advisory lock pruning holds (two-key form: apart from the one-key locks on

@@ -1,13 +1,15 @@
 //! The SQL both backends run. Each backend compiles this module for its own database
-//! (`#[path]`), naming it `Db`, `Conn` and `Row`, itself `DbStore` (with a `reader` and a
-//! `snapshot` to read through), and provides [`lock`](super::lock) and the `skip_locked!`
-//! and `for_update!` suffixes of claims and locked reads: what the one SQLite writer gets by
-//! running alone, PostgreSQL gets from row and advisory locks.
+//! (`#[path]`), naming it `Conn` and `Row` (what reads go through), `WriteConn` (what
+//! writes go through, an [`Exec`]), itself `DbStore` (with a `reader` and a `snapshot` to
+//! read through), and provides [`lock`](super::lock) and the `skip_locked!` and `for_update!`
+//! suffixes of claims and locked reads: what the one SQLite writer gets by running alone,
+//! PostgreSQL gets from row and advisory locks.
 
 use serde_json::Value;
 use sqlx::Row as _;
 
-use super::{Conn, Db, DbStore, Lock, Row, lock};
+use super::{Conn, DbStore, Lock, Row, WriteConn, lock};
+use crate::store::exec::{self, Exec, Param, params};
 use crate::store::{
     Acceptance, Accepted, AfterAttempt, AttemptRecord, Claimed, Correlation, CorrelationWrite,
     Event, FlowCounts, MessageDetail, MessageFilter, MessageStatus, MessageSummary, Millis,
@@ -96,32 +98,34 @@ impl DbStore {
     }
 }
 
-async fn reply_for(conn: &mut Conn, flow: &str, key: &str) -> Result<Option<Prior>, StoreError> {
-    let row = sqlx::query(
-        "SELECT reply, fingerprint FROM messages WHERE flow = $1 AND idempotency_key = $2",
-    )
-    .bind(flow)
-    .bind(key)
-    .fetch_optional(&mut *conn)
-    .await?;
+async fn reply_for(
+    conn: &mut impl Exec,
+    flow: &str,
+    key: &str,
+) -> Result<Option<Prior>, StoreError> {
+    let row = conn
+        .fetch_optional(
+            "SELECT reply, fingerprint FROM messages WHERE flow = $1 AND idempotency_key = $2",
+            &params![flow, key],
+        )
+        .await?;
     row.map(|r| prior(&r)).transpose()
 }
 
 /// The first submission in a row of `reply, fingerprint`.
-fn prior(row: &Row) -> Result<Prior, StoreError> {
+fn prior(row: &exec::Row) -> Result<Prior, StoreError> {
     Ok(Prior {
-        reply: parse::<StoredReply>(&row.get::<String, _>(0))?,
-        fingerprint: row.get(1),
+        reply: parse::<StoredReply>(row.text(0)?)?,
+        fingerprint: row.opt_text(1)?.map(str::to_owned),
     })
 }
 
 /// Writes the heartbeat: a commit that writes, as every accepted message does.
-pub(super) async fn heartbeat(conn: &mut Conn) -> Result<(), StoreError> {
-    sqlx::query(
+pub(super) async fn heartbeat(conn: &mut WriteConn) -> Result<(), StoreError> {
+    conn.execute(
         "INSERT INTO heartbeat (id, at) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+        &params![now_ms()],
     )
-    .bind(now_ms())
-    .execute(&mut *conn)
     .await?;
     Ok(())
 }
@@ -140,7 +144,7 @@ async fn find_correlation(
 
 /// The id of the record in `context` found by the first of `keys` that names one.
 async fn record_with_key(
-    conn: &mut Conn,
+    conn: &mut impl Exec,
     context: &str,
     keys: &[&str],
 ) -> Result<Option<i64>, StoreError> {
@@ -149,22 +153,21 @@ async fn record_with_key(
         return Ok(None);
     }
     // Every key in one statement: statements, not rows, are what cost here.
-    let mut query = sqlx::QueryBuilder::<Db>::new(
-        "SELECT key, correlation_id FROM correlation_keys WHERE context = ",
+    let sql = format!(
+        "SELECT key, correlation_id FROM correlation_keys WHERE context = $1 AND key IN {}",
+        exec::placeholders(2, 1, keys.len())
     );
-    query.push_bind(context).push(" AND key IN (");
-    let mut listed = query.separated(", ");
+    let mut bound = vec![Param::from(context)];
+    bound.extend(keys.iter().map(|key| Param::from(*key)));
+    let found = conn.fetch(&sql, &bound).await?;
     for key in &keys {
-        listed.push_bind(*key);
+        for row in &found {
+            if row.text(0)? == *key {
+                return Ok(Some(row.int(1)?));
+            }
+        }
     }
-    query.push(")");
-    let found = query.build().fetch_all(&mut *conn).await?;
-    Ok(keys.iter().find_map(|key| {
-        found
-            .iter()
-            .find(|row| row.get::<String, _>(0) == *key)
-            .map(|row| row.get::<i64, _>(1))
-    }))
+    Ok(None)
 }
 
 async fn next_due(conn: &mut Conn, flow: &str, target: &str) -> Result<Option<Millis>, StoreError> {
@@ -511,62 +514,58 @@ async fn load_correlation(conn: &mut Conn, id: i64) -> Result<Option<Correlation
 }
 
 /// Commits a message with its outbox entries, correlation changes and timeline.
-pub(super) async fn accept(conn: &mut Conn, a: &Accepted) -> Result<Acceptance, StoreError> {
+pub(super) async fn accept(conn: &mut WriteConn, a: &Accepted) -> Result<Acceptance, StoreError> {
     let now = now_ms();
     let reply = serde_json::to_string(&a.reply).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let document = a.document.to_string();
     if a.replay {
-        sqlx::query(
+        conn.execute(
             "UPDATE messages SET status = $1, document = $2, content_type = $3, error = $4, reply = $5, updated_at = $6
              WHERE id = $7",
+            &params![a.status.as_str(), &document, &a.content_type, &a.error, &reply, now, &a.id],
         )
-        .bind(a.status.as_str())
-        .bind(a.document.to_string())
-        .bind(&a.content_type)
-        .bind(&a.error)
-        .bind(&reply)
-        .bind(now)
-        .bind(&a.id)
-        .execute(&mut *conn)
         .await?;
-        sqlx::query("UPDATE outbox SET state = 'replayed', updated_at = $1 WHERE message_id = $2 AND state = 'dead'")
-            .bind(now)
-            .bind(&a.id)
-            .execute(&mut *conn)
-            .await?;
+        conn.execute(
+            "UPDATE outbox SET state = 'replayed', updated_at = $1 WHERE message_id = $2 AND state = 'dead'",
+            &params![now, &a.id],
+        )
+        .await?;
     } else {
-        let inserted = sqlx::query(
-            "INSERT INTO messages (id, flow, correlation_id, idempotency_key, fingerprint, status, inbound, meta,
-                                   document, content_type, reply, error, received_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(&a.id)
-        .bind(&a.flow)
-        .bind(&a.correlation_id)
-        .bind(&a.idempotency_key)
-        .bind(&a.fingerprint)
-        .bind(a.status.as_str())
-        .bind(a.inbound.to_string())
-        .bind(a.meta.to_string())
-        .bind(a.document.to_string())
-        .bind(&a.content_type)
-        .bind(&reply)
-        .bind(&a.error)
-        .bind(a.received_at)
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
-        if inserted.rows_affected() == 0 {
-            let original = sqlx::query(
-                "SELECT reply, fingerprint FROM messages
-                 WHERE (flow = $1 AND idempotency_key = $2) OR id = $3",
+        let inbound = a.inbound.to_string();
+        let meta = a.meta.to_string();
+        let inserted = conn
+            .execute(
+                "INSERT INTO messages (id, flow, correlation_id, idempotency_key, fingerprint, status, inbound, meta,
+                                       document, content_type, reply, error, received_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+                 ON CONFLICT DO NOTHING",
+                &params![
+                    &a.id,
+                    &a.flow,
+                    &a.correlation_id,
+                    &a.idempotency_key,
+                    &a.fingerprint,
+                    a.status.as_str(),
+                    &inbound,
+                    &meta,
+                    &document,
+                    &a.content_type,
+                    &reply,
+                    &a.error,
+                    a.received_at,
+                    now,
+                ],
             )
-            .bind(&a.flow)
-            .bind(&a.idempotency_key)
-            .bind(&a.id)
-            .fetch_optional(&mut *conn)
-            .await?
-            .ok_or_else(|| StoreError::Corrupt("duplicate without original".into()))?;
+            .await?;
+        if inserted == 0 {
+            let original = conn
+                .fetch_optional(
+                    "SELECT reply, fingerprint FROM messages
+                     WHERE (flow = $1 AND idempotency_key = $2) OR id = $3",
+                    &params![&a.flow, &a.idempotency_key, &a.id],
+                )
+                .await?
+                .ok_or_else(|| StoreError::Corrupt("duplicate without original".into()))?;
             return Ok(Acceptance::Duplicate(prior(&original)?));
         }
     }
@@ -575,63 +574,58 @@ pub(super) async fn accept(conn: &mut Conn, a: &Accepted) -> Result<Acceptance, 
         record = Some(correlate(conn, write, Some(&a.id)).await?);
     }
     if let Some(record) = record {
-        sqlx::query("UPDATE messages SET record_id = $1 WHERE id = $2")
-            .bind(record)
-            .bind(&a.id)
-            .execute(&mut *conn)
-            .await?;
+        conn.execute(
+            "UPDATE messages SET record_id = $1 WHERE id = $2",
+            &params![record, &a.id],
+        )
+        .await?;
     }
     for target in &a.targets {
         // A replay sends again only to the targets that do not have the message and are not
         // about to: a subscriber that failed is no reason to send the others a second copy.
-        sqlx::query(
+        conn.execute(
             "INSERT INTO outbox (message_id, flow, target, state, attempts, next_attempt_at, created_at, updated_at)
              SELECT $1, $2, $3, 'pending', 0, $4, $4, $4
              WHERE NOT EXISTS (SELECT 1 FROM outbox WHERE message_id = $1 AND target = $3
                                AND state IN ('delivered', 'pending', 'in_flight'))",
+            &params![&a.id, &a.flow, target, now],
         )
-        .bind(&a.id)
-        .bind(&a.flow)
-        .bind(target)
-        .bind(now)
-        .execute(&mut *conn)
         .await?;
     }
     if !a.events.is_empty() {
         // One statement for the whole timeline: statements, not rows, are what cost here.
-        let mut insert =
-            sqlx::QueryBuilder::<Db>::new("INSERT INTO events (message_id, at, kind, detail) ");
-        insert.push_values(&a.events, |mut row, event| {
-            row.push_bind(&a.id)
-                .push_bind(now)
-                .push_bind(event.kind)
-                .push_bind(event.detail.to_string());
-        });
-        insert.build().execute(&mut *conn).await?;
+        let sql = format!(
+            "INSERT INTO events (message_id, at, kind, detail) VALUES {}",
+            exec::placeholders(1, a.events.len(), 4)
+        );
+        let details: Vec<String> = a.events.iter().map(|e| e.detail.to_string()).collect();
+        let mut bound = Vec::with_capacity(a.events.len() * 4);
+        for (event, detail) in a.events.iter().zip(&details) {
+            bound.extend(params![&a.id, now, event.kind, detail]);
+        }
+        conn.execute(&sql, &bound).await?;
     }
     Ok(Acceptance::Stored)
 }
 
 async fn insert_event(
-    conn: &mut Conn,
+    conn: &mut WriteConn,
     message_id: &str,
     at: Millis,
     kind: &str,
     detail: &Value,
 ) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO events (message_id, at, kind, detail) VALUES ($1, $2, $3, $4)")
-        .bind(message_id)
-        .bind(at)
-        .bind(kind)
-        .bind(detail.to_string())
-        .execute(&mut *conn)
-        .await?;
+    conn.execute(
+        "INSERT INTO events (message_id, at, kind, detail) VALUES ($1, $2, $3, $4)",
+        &params![message_id, at, kind, &detail.to_string()],
+    )
+    .await?;
     Ok(())
 }
 
 /// Applies correlation changes that no message carries.
 pub(super) async fn correlate_all(
-    conn: &mut Conn,
+    conn: &mut WriteConn,
     writes: &[CorrelationWrite],
 ) -> Result<(), StoreError> {
     for write in writes {
@@ -642,7 +636,7 @@ pub(super) async fn correlate_all(
 
 /// Applies a correlation change and returns the record's id.
 async fn correlate(
-    conn: &mut Conn,
+    conn: &mut WriteConn,
     write: &CorrelationWrite,
     message_id: Option<&str>,
 ) -> Result<i64, StoreError> {
@@ -678,91 +672,88 @@ async fn correlate(
                 let data = if patch.is_null() {
                     None
                 } else {
-                    let current: String = sqlx::query_scalar(concat!(
-                        "SELECT data FROM correlations WHERE id = $1",
-                        for_update!()
-                    ))
-                    .bind(id)
-                    .fetch_one(&mut *conn)
-                    .await?;
-                    Some(parse(&current)?)
+                    let current = conn
+                        .fetch_one(
+                            concat!("SELECT data FROM correlations WHERE id = $1", for_update!()),
+                            &params![id],
+                        )
+                        .await?;
+                    Some(parse(current.text(0)?)?)
                 };
                 (id, context.clone(), keys, false, data)
             } else {
                 let mut data = Value::Object(serde_json::Map::new());
                 merge(&mut data, patch);
-                let id = sqlx::query_scalar(
-                    "INSERT INTO correlations (context, key, data, created_at, updated_at)
-                     VALUES ($1, $2, $3, $4, $4) RETURNING id",
-                )
-                .bind(context)
-                .bind(main)
-                .bind(data.to_string())
-                .bind(now)
-                .fetch_one(&mut *conn)
-                .await?;
+                let id = conn
+                    .fetch_one(
+                        "INSERT INTO correlations (context, key, data, created_at, updated_at)
+                         VALUES ($1, $2, $3, $4, $4) RETURNING id",
+                        &params![context, main, &data.to_string(), now],
+                    )
+                    .await?
+                    .int(0)?;
                 (id, context.clone(), keys, true, None)
             }
         }
         CorrelationWrite::Update {
             record_id, keys, ..
         } => {
-            let row = sqlx::query(concat!(
-                "SELECT context, data FROM correlations WHERE id = $1",
-                for_update!()
-            ))
-            .bind(record_id)
-            .fetch_one(&mut *conn)
-            .await?;
+            let row = conn
+                .fetch_one(
+                    concat!(
+                        "SELECT context, data FROM correlations WHERE id = $1",
+                        for_update!()
+                    ),
+                    &params![*record_id],
+                )
+                .await?;
             let data = if patch.is_null() {
                 None
             } else {
-                Some(parse(&row.get::<String, _>("data"))?)
+                Some(parse(row.text(1)?)?)
             };
             let keys = keys
                 .iter()
                 .map(String::as_str)
                 .filter(|k| !k.is_empty())
                 .collect();
-            (*record_id, row.get("context"), keys, false, data)
+            (*record_id, row.text(0)?.to_owned(), keys, false, data)
         }
     };
     let mut touched = fresh;
     if let Some(mut data) = data {
         merge(&mut data, patch);
-        sqlx::query("UPDATE correlations SET data = $1, updated_at = $2 WHERE id = $3")
-            .bind(data.to_string())
-            .bind(now)
-            .bind(id)
-            .execute(&mut *conn)
-            .await?;
+        conn.execute(
+            "UPDATE correlations SET data = $1, updated_at = $2 WHERE id = $3",
+            &params![&data.to_string(), now, id],
+        )
+        .await?;
         touched = true;
     }
     if !keys.is_empty() {
         // All keys in one statement: statements, not rows, are what cost here.
-        let mut insert = sqlx::QueryBuilder::<Db>::new(
-            "INSERT INTO correlation_keys (context, key, correlation_id) ",
+        let sql = format!(
+            "INSERT INTO correlation_keys (context, key, correlation_id) VALUES {} ON CONFLICT DO NOTHING",
+            exec::placeholders(1, keys.len(), 3)
         );
-        insert.push_values(&keys, |mut row, key| {
-            row.push_bind(&context).push_bind(*key).push_bind(id);
-        });
-        insert.push(" ON CONFLICT DO NOTHING");
-        insert.build().execute(&mut *conn).await?;
+        let mut bound = Vec::with_capacity(keys.len() * 3);
+        for key in &keys {
+            bound.extend(params![&context, *key, id]);
+        }
+        conn.execute(&sql, &bound).await?;
     }
     if let Some(state) = state {
-        sqlx::query("INSERT INTO correlation_states (correlation_id, state, message_id, at) VALUES ($1, $2, $3, $4)")
-            .bind(id)
-            .bind(state)
-            .bind(message_id)
-            .bind(now)
-            .execute(&mut *conn)
-            .await?;
+        conn.execute(
+            "INSERT INTO correlation_states (correlation_id, state, message_id, at) VALUES ($1, $2, $3, $4)",
+            &params![id, state, message_id, now],
+        )
+        .await?;
         if !touched {
-            sqlx::query("UPDATE correlations SET updated_at = $1 WHERE id = $2")
-                .bind(now)
-                .bind(id)
-                .execute(&mut *conn)
-                .await?;
+            conn.execute(
+                "UPDATE correlations SET updated_at = $1 WHERE id = $2",
+                &params![now, id],
+            )
+            .await?;
         }
     }
     Ok(id)
@@ -774,7 +765,7 @@ async fn correlate(
 /// statements, each an index range on `(flow, target, state, …)`: one statement with an `OR`
 /// on the state would walk every row the target ever had, delivered ones included.
 pub(super) async fn claim(
-    conn: &mut Conn,
+    conn: &mut WriteConn,
     flow: &str,
     target: &str,
     limit: u32,
@@ -803,13 +794,7 @@ pub(super) async fn claim(
             break;
         }
         rows.extend(
-            sqlx::query(statement)
-                .bind(lease_until)
-                .bind(now)
-                .bind(flow)
-                .bind(target)
-                .bind(left)
-                .fetch_all(&mut *conn)
+            conn.fetch(statement, &params![lease_until, now, flow, target, left])
                 .await?,
         );
     }
@@ -817,36 +802,34 @@ pub(super) async fn claim(
         return Ok(Vec::new());
     }
     // The messages of the whole claim in one read.
-    let mut select = sqlx::QueryBuilder::<Db>::new(
-        "SELECT id, document, content_type, record_id FROM messages WHERE id IN (",
+    let sql = format!(
+        "SELECT id, document, content_type, record_id FROM messages WHERE id IN {}",
+        exec::placeholders(1, 1, rows.len())
     );
-    let mut ids = select.separated(", ");
-    for row in &rows {
-        ids.push_bind(row.get::<String, _>("message_id"));
-    }
-    select.push(")");
-    let messages: std::collections::HashMap<String, Row> = select
-        .build()
-        .fetch_all(&mut *conn)
-        .await?
-        .into_iter()
-        .map(|row| (row.get("id"), row))
-        .collect();
+    let ids = rows
+        .iter()
+        .map(|row| row.text(1).map(Param::from))
+        .collect::<Result<Vec<_>, _>>()?;
+    let messages = conn.fetch(&sql, &ids).await?;
+    let messages: std::collections::HashMap<&str, &exec::Row> = messages
+        .iter()
+        .map(|row| Ok((row.text(0)?, row)))
+        .collect::<Result<_, StoreError>>()?;
     let mut claimed = Vec::with_capacity(rows.len());
-    for row in rows {
-        let message_id: String = row.get("message_id");
-        let message = messages.get(&message_id).ok_or_else(|| {
+    for row in &rows {
+        let message_id = row.text(1)?;
+        let message = messages.get(message_id).ok_or_else(|| {
             StoreError::Corrupt(format!("outbox entry without message {message_id}"))
         })?;
         claimed.push(Claimed {
-            outbox_id: row.get("id"),
-            attempts: u32::try_from(row.get::<i64, _>("attempts")).unwrap_or_default(),
-            queued_at: row.get("created_at"),
-            document: parse(&message.get::<String, _>("document"))?,
-            content_type: message.get("content_type"),
-            record_id: message.get("record_id"),
+            outbox_id: row.int(0)?,
+            attempts: u32::try_from(row.int(2)?).unwrap_or_default(),
+            queued_at: row.int(3)?,
+            document: parse(message.text(1)?)?,
+            content_type: message.opt_text(2)?.map(str::to_owned),
+            record_id: message.opt_int(3)?,
             lease_until,
-            message_id,
+            message_id: message_id.to_owned(),
         });
     }
     claimed.sort_by_key(|c| c.outbox_id);
@@ -855,17 +838,17 @@ pub(super) async fn claim(
 
 /// Gives claimed entries back unattempted: due again at once, for any worker, instead of when
 /// their lease runs out. An entry whose claim already ran out is left to its new owner.
-pub(super) async fn release(conn: &mut Conn, entries: &[(i64, Millis)]) -> Result<(), StoreError> {
+pub(super) async fn release(
+    conn: &mut WriteConn,
+    entries: &[(i64, Millis)],
+) -> Result<(), StoreError> {
     let now = now_ms();
     for (id, lease_until) in entries {
-        sqlx::query(
+        conn.execute(
             "UPDATE outbox SET state = 'pending', lease_until = NULL, updated_at = $1
              WHERE id = $2 AND state = 'in_flight' AND lease_until = $3",
+            &params![now, *id, *lease_until],
         )
-        .bind(now)
-        .bind(id)
-        .bind(lease_until)
-        .execute(&mut *conn)
         .await?;
     }
     Ok(())
@@ -873,34 +856,33 @@ pub(super) async fn release(conn: &mut Conn, entries: &[(i64, Millis)]) -> Resul
 
 /// Claims up to `limit` due (or abandoned) messages of embedded queue `queue`.
 pub(super) async fn claim_queue(
-    conn: &mut Conn,
+    conn: &mut WriteConn,
     queue: &str,
     limit: u32,
     lease_until: Millis,
 ) -> Result<Vec<QueueItem>, StoreError> {
     let now = now_ms();
-    let rows = sqlx::query(concat!(
-        "UPDATE queue_messages SET state = 'in_flight', lease_until = $1
-         WHERE id IN (SELECT id FROM queue_messages WHERE queue = $2
-                      AND ((state = 'pending' AND next_attempt_at <= $3) OR (state = 'in_flight' AND lease_until < $3))
-                      ORDER BY next_attempt_at, id LIMIT $4",
-        skip_locked!(),
-        ") RETURNING id, payload, headers, attempts"
-    ))
-        .bind(lease_until)
-        .bind(queue)
-        .bind(now)
-        .bind(i64::from(limit))
-        .fetch_all(&mut *conn)
+    let rows = conn
+        .fetch(
+            concat!(
+                "UPDATE queue_messages SET state = 'in_flight', lease_until = $1
+                 WHERE id IN (SELECT id FROM queue_messages WHERE queue = $2
+                              AND ((state = 'pending' AND next_attempt_at <= $3) OR (state = 'in_flight' AND lease_until < $3))
+                              ORDER BY next_attempt_at, id LIMIT $4",
+                skip_locked!(),
+                ") RETURNING id, payload, headers, attempts"
+            ),
+            &params![lease_until, queue, now, i64::from(limit)],
+        )
         .await?;
     let mut items: Vec<QueueItem> = rows
         .iter()
         .map(|row| {
             Ok(QueueItem {
-                id: row.get("id"),
-                payload: row.get("payload"),
-                headers: parse(&row.get::<String, _>("headers"))?,
-                attempts: u32::try_from(row.get::<i64, _>("attempts")).unwrap_or_default(),
+                id: row.int(0)?,
+                payload: row.text(1)?.to_owned(),
+                headers: parse(row.text(2)?)?,
+                attempts: u32::try_from(row.int(3)?).unwrap_or_default(),
             })
         })
         .collect::<Result<_, StoreError>>()?;
@@ -910,46 +892,37 @@ pub(super) async fn claim_queue(
 
 /// Appends a message to embedded queue `queue`.
 pub(super) async fn enqueue(
-    conn: &mut Conn,
+    conn: &mut WriteConn,
     queue: &str,
     payload: &str,
     headers: &str,
 ) -> Result<(), StoreError> {
-    let now = now_ms();
-    sqlx::query(
+    conn.execute(
         "INSERT INTO queue_messages (queue, payload, headers, state, next_attempt_at, created_at)
          VALUES ($1, $2, $3, 'pending', $4, $4)",
+        &params![queue, payload, headers, now_ms()],
     )
-    .bind(queue)
-    .bind(payload)
-    .bind(headers)
-    .bind(now)
-    .execute(&mut *conn)
     .await?;
     Ok(())
 }
 
 /// Removes a consumed queue message, or puts it back until `retry_at`.
 pub(super) async fn finish_queue(
-    conn: &mut Conn,
+    conn: &mut WriteConn,
     id: i64,
     retry_at: Option<Millis>,
 ) -> Result<(), StoreError> {
     match retry_at {
         None => {
-            sqlx::query("DELETE FROM queue_messages WHERE id = $1")
-                .bind(id)
-                .execute(&mut *conn)
+            conn.execute("DELETE FROM queue_messages WHERE id = $1", &params![id])
                 .await?
         }
         Some(at) => {
-            sqlx::query(
+            conn.execute(
                 "UPDATE queue_messages SET state = 'pending', attempts = attempts + 1, next_attempt_at = $1,
                         lease_until = NULL WHERE id = $2",
+                &params![at, id],
             )
-            .bind(at)
-            .bind(id)
-            .execute(&mut *conn)
             .await?
         }
     };
@@ -958,7 +931,10 @@ pub(super) async fn finish_queue(
 
 /// Records an attempt's outcome, unless the claim it was made under has run out (another
 /// worker owns the entry then, and its word counts).
-pub(super) async fn attempt_done(conn: &mut Conn, a: &AttemptRecord) -> Result<(), StoreError> {
+pub(super) async fn attempt_done(
+    conn: &mut WriteConn,
+    a: &AttemptRecord,
+) -> Result<(), StoreError> {
     let now = now_ms();
     let (state, next) = match a.outcome {
         AfterAttempt::Delivered => ("delivered", now),
@@ -967,45 +943,40 @@ pub(super) async fn attempt_done(conn: &mut Conn, a: &AttemptRecord) -> Result<(
     };
     // The message's status depends on all its deliveries: one attempt at a time decides it.
     lock(conn, Lock::Message(&a.message_id)).await?;
-    let updated = sqlx::query(
-        "UPDATE outbox SET state = $1, attempts = $2, next_attempt_at = $3, last_status = $4, last_error = $5,
-                           lease_until = NULL, updated_at = $6
-         WHERE id = $7 AND state = 'in_flight' AND lease_until = $8",
-    )
-    .bind(state)
-    .bind(i64::from(a.attempt))
-    .bind(next)
-    .bind(a.status.map(i64::from))
-    .bind(&a.error)
-    .bind(now)
-    .bind(a.outbox_id)
-    .bind(a.lease_until)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
+    let updated = conn
+        .execute(
+            "UPDATE outbox SET state = $1, attempts = $2, next_attempt_at = $3, last_status = $4, last_error = $5,
+                               lease_until = NULL, updated_at = $6
+             WHERE id = $7 AND state = 'in_flight' AND lease_until = $8",
+            &params![
+                state,
+                i64::from(a.attempt),
+                next,
+                a.status.map(i64::from),
+                &a.error,
+                now,
+                a.outbox_id,
+                a.lease_until,
+            ],
+        )
+        .await?;
     if updated == 0 {
         return Err(StoreError::LeaseLost);
     }
     match a.outcome {
         AfterAttempt::Delivered => {
-            sqlx::query(
+            conn.execute(
                 "UPDATE messages SET status = 'delivered', updated_at = $1 WHERE id = $2
                  AND NOT EXISTS (SELECT 1 FROM outbox WHERE message_id = $2 AND state NOT IN ('delivered', 'replayed'))",
+                &params![now, &a.message_id],
             )
-            .bind(now)
-            .bind(&a.message_id)
-            .execute(&mut *conn)
             .await?;
         }
         AfterAttempt::Dead => {
-            sqlx::query(
+            conn.execute(
                 "UPDATE messages SET status = $1, error = $2, updated_at = $3 WHERE id = $4",
+                &params![MessageStatus::Dead.as_str(), &a.error, now, &a.message_id],
             )
-            .bind(MessageStatus::Dead.as_str())
-            .bind(&a.error)
-            .bind(now)
-            .bind(&a.message_id)
-            .execute(&mut *conn)
             .await?;
         }
         AfterAttempt::RetryAt(_) => {}
@@ -1028,55 +999,57 @@ pub(super) async fn attempt_done(conn: &mut Conn, a: &AttemptRecord) -> Result<(
 
 /// Takes webhook id `id` in `scope` until `expires_at`; false when it was already taken.
 pub(super) async fn first_sight(
-    conn: &mut Conn,
+    conn: &mut WriteConn,
     scope: &str,
     id: &str,
     expires_at: Millis,
 ) -> Result<bool, StoreError> {
-    let taken = sqlx::query(
-        "INSERT INTO webhook_ids (scope, id, expires_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-    )
-    .bind(scope)
-    .bind(id)
-    .bind(expires_at)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
+    let taken = conn
+        .execute(
+            "INSERT INTO webhook_ids (scope, id, expires_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            &params![scope, id, expires_at],
+        )
+        .await?;
     Ok(taken == 1)
 }
 
 /// Lets webhook id `id` in `scope` be taken again.
-pub(super) async fn forget_sight(conn: &mut Conn, scope: &str, id: &str) -> Result<(), StoreError> {
-    sqlx::query("DELETE FROM webhook_ids WHERE scope = $1 AND id = $2")
-        .bind(scope)
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
+pub(super) async fn forget_sight(
+    conn: &mut WriteConn,
+    scope: &str,
+    id: &str,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "DELETE FROM webhook_ids WHERE scope = $1 AND id = $2",
+        &params![scope, id],
+    )
+    .await?;
     Ok(())
 }
 
 /// Deletes delivered messages, and correlation records with no message left, last changed
 /// before `before`, and webhook ids past their expiry; does nothing while another store
 /// prunes.
-pub(super) async fn prune(conn: &mut Conn, before: Millis) -> Result<u64, StoreError> {
+pub(super) async fn prune(conn: &mut WriteConn, before: Millis) -> Result<u64, StoreError> {
     if !lock(conn, Lock::Pruning).await? {
         return Ok(0);
     }
-    sqlx::query("DELETE FROM webhook_ids WHERE expires_at < $1")
-        .bind(now_ms())
-        .execute(&mut *conn)
+    conn.execute(
+        "DELETE FROM webhook_ids WHERE expires_at < $1",
+        &params![now_ms()],
+    )
+    .await?;
+    let pruned = conn
+        .execute(
+            "DELETE FROM messages WHERE status = 'delivered' AND updated_at < $1",
+            &params![before],
+        )
         .await?;
-    let pruned = sqlx::query("DELETE FROM messages WHERE status = 'delivered' AND updated_at < $1")
-        .bind(before)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-    sqlx::query(
+    conn.execute(
         "DELETE FROM correlations WHERE updated_at < $1
          AND NOT EXISTS (SELECT 1 FROM messages WHERE record_id = correlations.id)",
+        &params![before],
     )
-    .bind(before)
-    .execute(&mut *conn)
     .await?;
     Ok(pruned)
 }

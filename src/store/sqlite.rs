@@ -1,17 +1,21 @@
 //! The SQLite backend: one writer connection that commits batches of writes (group commit),
 //! and a pool of readers. WAL mode lets readers run beside the writer; `synchronous=FULL`
 //! makes a commit durable before anyone is told it happened.
+//!
+//! The writer is a thread of its own that calls SQLite directly; the readers go through
+//! sqlx. Both link the same SQLite.
 
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use sqlx::Sqlite;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
-use sqlx::{Connection, Sqlite};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Acceptance, Accepted, AttemptRecord, Claimed, CommitStats, CorrelationWrite, Counters, Lock,
@@ -65,6 +69,8 @@ enum Work {
     },
     /// The heartbeat: its commit shows the store takes writes now.
     Probe,
+    /// Ends the writer once what is queued before it is done.
+    Stop,
 }
 
 /// Declares [`Done`], what a job gives back by kind, and how the call that asked for each
@@ -105,21 +111,21 @@ pub(super) struct SqliteStore {
     jobs: mpsc::Sender<Job>,
     read: SqlitePool,
     stats: Arc<Counters>,
-    writer: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
     /// Keeps the folder of a `sqlite::memory:` store alive as long as the store.
     _scratch: Option<Arc<tempfile::TempDir>>,
 }
 
 impl SqliteStore {
     pub(super) async fn open(url: &str) -> Result<Self, StoreError> {
-        let (options, scratch) = if url == "sqlite::memory:" {
+        let (options, synchronous, scratch) = if url == "sqlite::memory:" {
             // Readers and the writer need one database, which SQLite's private in-memory
             // databases cannot share: a scratch file without syncs behaves the same.
             let dir = tempfile::tempdir().map_err(|e| StoreError::Corrupt(e.to_string()))?;
             let options = SqliteConnectOptions::new()
                 .filename(dir.path().join("ferry.db"))
                 .synchronous(SqliteSynchronous::Off);
-            (options, Some(Arc::new(dir)))
+            (options, "OFF", Some(Arc::new(dir)))
         } else {
             let options = SqliteConnectOptions::from_str(url)
                 .map_err(|_| StoreError::Url(url.to_owned()))?
@@ -129,7 +135,7 @@ impl SqliteStore {
                     StoreError::Corrupt(format!("cannot create {}: {e}", parent.display()))
                 })?;
             }
-            (options, None)
+            (options, "FULL", None)
         };
         let options = options
             .create_if_missing(true)
@@ -144,30 +150,30 @@ impl SqliteStore {
             .connect_with(options.clone())
             .await?;
         sqlx::migrate!("migrations/sqlite").run(&migrating).await?;
-        migrating.close().await;
-        let mut writer = SqliteConnection::connect_with(&options).await?;
         // This process owns the file: whatever was in flight when it last stopped is due again.
         sqlx::query(
             "UPDATE outbox SET state = 'pending', lease_until = NULL WHERE state = 'in_flight'",
         )
-        .execute(&mut writer)
+        .execute(&migrating)
         .await?;
+        migrating.close().await;
+        let writer = Writer::open(options.get_filename().to_owned(), synchronous)?;
         let read = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(options.clone().read_only(true))
+            .connect_with(options.read_only(true))
             .await?;
         let stats = Arc::new(Counters::default());
         let (jobs, rx) = mpsc::channel(4096);
-        let writer = Writer {
-            conn: Some(writer),
-            options,
-        };
-        let task = tokio::spawn(write_loop(writer, rx, Arc::clone(&stats)));
+        let counters = Arc::clone(&stats);
+        let thread = std::thread::Builder::new()
+            .name("ferry-store-writer".into())
+            .spawn(move || write_loop(writer, rx, &counters))
+            .map_err(|e| StoreError::Corrupt(format!("cannot start the store writer: {e}")))?;
         Ok(Self {
             jobs,
             read,
             stats,
-            writer: Arc::new(Mutex::new(Some(task))),
+            writer: Arc::new(Mutex::new(Some(thread))),
             _scratch: scratch,
         })
     }
@@ -287,13 +293,16 @@ impl SqliteStore {
     }
 
     pub(super) async fn close(&self) {
-        let task = self.writer.lock().await.take();
-        if let Some(task) = task {
+        let thread = self
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(thread) = thread {
             // The writer ends once every sender is gone; ours may not be the last, so stop it
             // after the queue drains instead of waiting for clones elsewhere.
-            let _ = self.submit::<()>(Work::Probe).await;
-            task.abort();
-            let _ = task.await;
+            let _ = self.submit::<()>(Work::Stop).await;
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
         self.read.close().await;
     }
@@ -336,58 +345,82 @@ macro_rules! for_update {
 mod sql;
 
 type DbStore = SqliteStore;
-type Db = Sqlite;
 type Conn = SqliteConnection;
+type WriteConn = rusqlite::Connection;
 type Row = sqlx::sqlite::SqliteRow;
 
 /// Every write runs on the one writer connection, one after another: nothing to lock.
-async fn lock(_conn: &mut Conn, _lock: Lock<'_>) -> Result<bool, StoreError> {
+async fn lock(_conn: &mut WriteConn, _lock: Lock<'_>) -> Result<bool, StoreError> {
     Ok(true)
 }
 
 /// The one writer connection, and how to open it again.
 struct Writer {
     /// `None` after a failed commit until a new connection opens.
-    conn: Option<SqliteConnection>,
-    options: SqliteConnectOptions,
+    conn: Option<rusqlite::Connection>,
+    path: PathBuf,
+    synchronous: &'static str,
 }
 
 impl Writer {
+    fn open(path: PathBuf, synchronous: &'static str) -> Result<Self, StoreError> {
+        let conn = Some(connect(&path, synchronous)?);
+        Ok(Self {
+            conn,
+            path,
+            synchronous,
+        })
+    }
+
     /// The connection, opened again if the last commit failed.
-    async fn conn(&mut self) -> Result<&mut SqliteConnection, sqlx::Error> {
+    fn conn(&mut self) -> Result<&mut rusqlite::Connection, StoreError> {
         if self.conn.is_none() {
-            self.conn = Some(SqliteConnection::connect_with(&self.options).await?);
+            self.conn = Some(connect(&self.path, self.synchronous)?);
             tracing::info!("store writer connection opened again");
         }
         Ok(self.conn.as_mut().expect("just opened"))
     }
 
     /// Drops a connection whose commit failed. SQLite may have rolled the transaction back
-    /// itself (a full disk, an I/O error) or not, and the driver's own idea of whether one is
-    /// open can disagree with it: a new connection starts clean, with nothing half-done.
-    async fn discard(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            let _ = conn.close().await;
-        }
+    /// itself (a full disk, an I/O error) or not: a new connection starts clean, with nothing
+    /// half-done.
+    fn discard(&mut self) {
+        self.conn = None;
     }
+}
+
+/// Opens the writer's connection to the database at `path`, set as sqlx sets the readers.
+fn connect(path: &Path, synchronous: &str) -> Result<rusqlite::Connection, StoreError> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {synchronous}; PRAGMA foreign_keys = ON;"
+    ))?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
 }
 
 /// Takes writes off the queue and commits them in batches: whatever queued up while the
 /// previous commit was syncing shares the next one. A failed commit fails its batch (each
 /// caller sees the error; nothing of the batch is stored) and the next batch starts on a new
 /// connection, so the store recovers as soon as the cause (a full disk, say) has passed.
-async fn write_loop(mut writer: Writer, mut jobs: mpsc::Receiver<Job>, stats: Arc<Counters>) {
+fn write_loop(mut writer: Writer, mut jobs: mpsc::Receiver<Job>, stats: &Counters) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    while let Some(job) = jobs.blocking_recv() {
+        batch.push(job);
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
         let messages = batch
             .iter()
             .filter(|j| matches!(j.work, Work::Accept(..)))
             .count();
+        let stop = batch.iter().any(|j| matches!(j.work, Work::Stop));
         let started = std::time::Instant::now();
-        let committed = match writer.conn().await {
-            Ok(conn) => commit_batch(conn, &batch).await,
-            Err(error) => Err(error),
-        };
+        let committed = writer.conn().and_then(|conn| commit_batch(conn, &batch));
         metrics::histogram!("ferry_store_commit_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         match committed {
@@ -399,12 +432,15 @@ async fn write_loop(mut writer: Writer, mut jobs: mpsc::Receiver<Job>, stats: Ar
             }
             Err(error) => {
                 tracing::error!(%error, "store commit failed");
-                writer.discard().await;
+                writer.discard();
                 for job in batch.drain(..) {
                     let failed = StoreError::Corrupt(format!("commit failed: {error}"));
                     let _ = job.reply.send(Err(failed));
                 }
             }
+        }
+        if stop {
+            break;
         }
     }
 }
@@ -415,54 +451,71 @@ async fn write_loop(mut writer: Writer, mut jobs: mpsc::Receiver<Job>, stats: Ar
 /// a savepoint around each job, one more statement per job, which the batches that go
 /// through whole (nearly all) do without: when a job fails there, the batch is rolled back and
 /// run again with them.
-async fn commit_batch(
-    conn: &mut SqliteConnection,
+fn commit_batch(
+    conn: &mut rusqlite::Connection,
     batch: &[Job],
-) -> Result<Vec<Result<Done, StoreError>>, sqlx::Error> {
-    match run_batch(conn, batch, false).await? {
+) -> Result<Vec<Result<Done, StoreError>>, StoreError> {
+    match run_batch(conn, batch, false)? {
         Some(results) => Ok(results),
-        None => Ok(run_batch(conn, batch, true).await?.unwrap_or_default()),
+        None => Ok(run_batch(conn, batch, true)?.unwrap_or_default()),
     }
 }
 
 /// Runs `batch` in a transaction, each job in a savepoint of its own when `isolated`; `None`
-/// when a job failed outside a savepoint (then nothing was committed).
-async fn run_batch(
-    conn: &mut SqliteConnection,
+/// when a job failed outside a savepoint (then nothing was committed). On an error the
+/// transaction may still be open: the caller drops the connection.
+fn run_batch(
+    conn: &mut rusqlite::Connection,
     batch: &[Job],
     isolated: bool,
-) -> Result<Option<Vec<Result<Done, StoreError>>>, sqlx::Error> {
-    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-    if isolated {
-        sqlx::raw_sql("SAVEPOINT job").execute(&mut *tx).await?;
-    }
+) -> Result<Option<Vec<Result<Done, StoreError>>>, StoreError> {
+    conn.execute_batch(if isolated {
+        "BEGIN IMMEDIATE; SAVEPOINT job"
+    } else {
+        "BEGIN IMMEDIATE"
+    })?;
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
-        let result = run_job(&mut tx, &job.work).await;
+        let result = ready(run_job(conn, &job.work));
         if isolated {
             // Ending one job's savepoint and opening the next's is one call, not two.
-            let next = if result.is_ok() {
+            conn.execute_batch(if result.is_ok() {
                 "RELEASE job; SAVEPOINT job"
             } else {
                 "ROLLBACK TO job; RELEASE job; SAVEPOINT job"
-            };
-            sqlx::raw_sql(next).execute(&mut *tx).await?;
+            })?;
         } else if result.is_err() {
-            tx.rollback().await?;
+            conn.execute_batch("ROLLBACK")?;
             return Ok(None);
         }
         results.push(result);
     }
     // COMMIT ends the last job's savepoint with the transaction.
-    tx.commit().await?;
+    conn.execute_batch("COMMIT")?;
     Ok(Some(results))
 }
 
+/// The outcome of a write, which never waits: the writer's statements call SQLite directly,
+/// on this thread, so their futures are ready when first polled.
+fn ready<T>(write: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+    let mut write = std::pin::pin!(write);
+    match write
+        .as_mut()
+        .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+    {
+        std::task::Poll::Ready(result) => result,
+        std::task::Poll::Pending => Err(StoreError::Corrupt(
+            "a store write waited, which the writer cannot".into(),
+        )),
+    }
+}
+
 /// Runs one job.
-async fn run_job(conn: &mut SqliteConnection, work: &Work) -> Result<Done, StoreError> {
+async fn run_job(conn: &mut rusqlite::Connection, work: &Work) -> Result<Done, StoreError> {
     Ok(match work {
         Work::Accept(accepted) => Done::Accepted(sql::accept(conn, accepted).await?),
         Work::Probe => Done::Nothing(sql::heartbeat(conn).await?),
+        Work::Stop => Done::Nothing(()),
         Work::Attempt(attempt) => Done::Nothing(sql::attempt_done(conn, attempt).await?),
         Work::Correlate(writes) => Done::Nothing(sql::correlate_all(conn, writes).await?),
         Work::Claim {

@@ -1,0 +1,280 @@
+//! Running a statement, the same call on every connection the store writes through: sqlx's
+//! connections (PostgreSQL, and SQLite's readers) and SQLite's writer, which calls SQLite
+//! directly on its own thread. Through sqlx, each SQLite statement is a round trip to a
+//! worker thread, and those hand-offs, not SQLite, were most of a write's cost.
+//!
+//! Statements use `$1`, `$2`, … placeholders on every connection. Values are typed even when
+//! null, as PostgreSQL wants them.
+
+use super::StoreError;
+
+/// A value bound to a statement's placeholder.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Param<'a> {
+    Int(Option<i64>),
+    Text(Option<&'a str>),
+}
+
+impl From<i64> for Param<'_> {
+    fn from(value: i64) -> Self {
+        Self::Int(Some(value))
+    }
+}
+
+impl From<Option<i64>> for Param<'_> {
+    fn from(value: Option<i64>) -> Self {
+        Self::Int(value)
+    }
+}
+
+impl<'a> From<&'a str> for Param<'a> {
+    fn from(value: &'a str) -> Self {
+        Self::Text(Some(value))
+    }
+}
+
+impl<'a> From<&'a String> for Param<'a> {
+    fn from(value: &'a String) -> Self {
+        Self::Text(Some(value))
+    }
+}
+
+impl<'a> From<Option<&'a str>> for Param<'a> {
+    fn from(value: Option<&'a str>) -> Self {
+        Self::Text(value)
+    }
+}
+
+impl<'a> From<&'a Option<String>> for Param<'a> {
+    fn from(value: &'a Option<String>) -> Self {
+        Self::Text(value.as_deref())
+    }
+}
+
+/// The placeholders `$1, $2, …` as a list of [`Param`]s: `params![a, b]`.
+macro_rules! params {
+    ($($value:expr),* $(,)?) => {
+        [$($crate::store::exec::Param::from($value)),*]
+    };
+}
+pub(super) use params;
+
+/// A column's value in a row read back.
+#[derive(Debug)]
+enum Cell {
+    Null,
+    Int(i64),
+    Text(String),
+}
+
+/// A row read back, its columns by position.
+#[derive(Debug)]
+pub(super) struct Row(Vec<Cell>);
+
+impl Row {
+    /// Column `index`, an integer.
+    pub(super) fn int(&self, index: usize) -> Result<i64, StoreError> {
+        self.opt_int(index)?
+            .ok_or_else(|| mismatch(index, "an integer"))
+    }
+
+    /// Column `index`, an integer or null.
+    pub(super) fn opt_int(&self, index: usize) -> Result<Option<i64>, StoreError> {
+        match self.0.get(index) {
+            Some(Cell::Int(value)) => Ok(Some(*value)),
+            Some(Cell::Null) => Ok(None),
+            _ => Err(mismatch(index, "an integer")),
+        }
+    }
+
+    /// Column `index`, text.
+    pub(super) fn text(&self, index: usize) -> Result<&str, StoreError> {
+        self.opt_text(index)?.ok_or_else(|| mismatch(index, "text"))
+    }
+
+    /// Column `index`, text or null.
+    pub(super) fn opt_text(&self, index: usize) -> Result<Option<&str>, StoreError> {
+        match self.0.get(index) {
+            Some(Cell::Text(value)) => Ok(Some(value)),
+            Some(Cell::Null) => Ok(None),
+            _ => Err(mismatch(index, "text")),
+        }
+    }
+}
+
+fn mismatch(index: usize, wanted: &str) -> StoreError {
+    StoreError::Corrupt(format!("column {index} of a stored row is not {wanted}"))
+}
+
+/// `$start, $start+1, …` for `rows` rows of `columns` values each: `($1, $2), ($3, $4)`.
+pub(super) fn placeholders(start: usize, rows: usize, columns: usize) -> String {
+    let mut sql = String::with_capacity(rows * columns * 5);
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for column in 0..columns {
+            if column > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('$');
+            sql.push_str(&(start + row * columns + column).to_string());
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// A connection that runs statements.
+pub(super) trait Exec {
+    /// Runs `sql`, returning how many rows it changed.
+    async fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64, StoreError>;
+
+    /// Runs `sql`, returning the rows it gives.
+    async fn fetch(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>, StoreError>;
+
+    /// The first row `sql` gives, if any.
+    async fn fetch_optional(
+        &mut self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<Option<Row>, StoreError> {
+        Ok(self.fetch(sql, params).await?.into_iter().next())
+    }
+
+    /// The first row `sql` gives; an error when there is none.
+    async fn fetch_one(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Row, StoreError> {
+        self.fetch_optional(sql, params)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("a statement gave no row".into()))
+    }
+}
+
+/// Runs statements through sqlx on `$connection`, a connection of `$database`.
+macro_rules! through_sqlx {
+    ($connection:ty, $database:ty) => {
+        impl Exec for $connection {
+            async fn execute(
+                &mut self,
+                sql: &str,
+                params: &[Param<'_>],
+            ) -> Result<u64, StoreError> {
+                let query = bind::<$database>(sqlx::query(sqlx::AssertSqlSafe(sql)), params);
+                Ok(query.execute(self).await?.rows_affected())
+            }
+
+            async fn fetch(
+                &mut self,
+                sql: &str,
+                params: &[Param<'_>],
+            ) -> Result<Vec<Row>, StoreError> {
+                let query = bind::<$database>(sqlx::query(sqlx::AssertSqlSafe(sql)), params);
+                query.fetch_all(self).await?.iter().map(from_sqlx).collect()
+            }
+        }
+    };
+}
+
+through_sqlx!(sqlx::PgConnection, sqlx::Postgres);
+through_sqlx!(sqlx::SqliteConnection, sqlx::Sqlite);
+
+/// `query` with `params` bound in order.
+fn bind<'q, Db>(
+    mut query: sqlx::query::Query<'q, Db, <Db as sqlx::Database>::Arguments>,
+    params: &[Param<'q>],
+) -> sqlx::query::Query<'q, Db, <Db as sqlx::Database>::Arguments>
+where
+    Db: sqlx::Database,
+    Option<i64>: sqlx::Encode<'q, Db> + sqlx::Type<Db>,
+    Option<&'q str>: sqlx::Encode<'q, Db> + sqlx::Type<Db>,
+{
+    for param in params {
+        query = match *param {
+            Param::Int(value) => query.bind(value),
+            Param::Text(value) => query.bind(value),
+        };
+    }
+    query
+}
+
+/// A row of integers and text read through sqlx.
+fn from_sqlx<R>(row: &R) -> Result<Row, StoreError>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    (0..row.len())
+        .map(|index| {
+            if let Ok(value) = row.try_get::<Option<i64>, _>(index) {
+                return Ok(value.map_or(Cell::Null, Cell::Int));
+            }
+            Ok(row
+                .try_get::<Option<String>, _>(index)?
+                .map_or(Cell::Null, Cell::Text))
+        })
+        .collect::<Result<_, StoreError>>()
+        .map(Row)
+}
+
+/// SQLite's writer calls SQLite itself: every future here is ready at once.
+impl Exec for rusqlite::Connection {
+    async fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64, StoreError> {
+        let mut statement = prepare(self, sql, params)?;
+        Ok(statement.raw_execute()? as u64)
+    }
+
+    async fn fetch(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>, StoreError> {
+        let mut statement = prepare(self, sql, params)?;
+        let columns = statement.column_count();
+        let mut rows = statement.raw_query();
+        let mut read = Vec::new();
+        while let Some(row) = rows.next()? {
+            let cells = (0..columns)
+                .map(|index| {
+                    Ok(match row.get_ref(index)? {
+                        rusqlite::types::ValueRef::Null => Cell::Null,
+                        rusqlite::types::ValueRef::Integer(value) => Cell::Int(value),
+                        rusqlite::types::ValueRef::Text(text) => Cell::Text(
+                            String::from_utf8(text.to_vec())
+                                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                        ),
+                        _ => return Err(mismatch(index, "an integer or text")),
+                    })
+                })
+                .collect::<Result<_, StoreError>>()?;
+            read.push(Row(cells));
+        }
+        Ok(read)
+    }
+}
+
+/// `sql` prepared (from the connection's cache) with `params` bound to `$1`, `$2`, …: SQLite
+/// numbers named parameters by first appearance, so each is bound by its name.
+fn prepare<'c>(
+    conn: &'c rusqlite::Connection,
+    sql: &str,
+    params: &[Param<'_>],
+) -> Result<rusqlite::CachedStatement<'c>, StoreError> {
+    let mut statement = conn.prepare_cached(sql)?;
+    for index in 1..=statement.parameter_count() {
+        let position = statement
+            .parameter_name(index)
+            .and_then(|name| name.strip_prefix('$'))
+            .and_then(|number| number.parse::<usize>().ok())
+            .and_then(|number| number.checked_sub(1))
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!("parameter {index} of `{sql}` is not $N"))
+            })?;
+        let param = params.get(position).ok_or_else(|| {
+            StoreError::Corrupt(format!("no value for ${} of `{sql}`", position + 1))
+        })?;
+        match *param {
+            Param::Int(value) => statement.raw_bind_parameter(index, value)?,
+            Param::Text(value) => statement.raw_bind_parameter(index, value)?,
+        }
+    }
+    Ok(statement)
+}
