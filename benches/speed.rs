@@ -93,14 +93,13 @@ async fn run(held: Duration) {
 
     let shipped = common::support::repo().join("flows");
     let durable = Server::ferry(&shipped, &scratch.path().join("durable.db"), &lab.url);
-    let delivered_before = lab.count();
     let durable_run = measure(&durable, "/api/v1/test-requests", &body, held, &lab).await;
     durable_run.print("ferry, durable: accepting", &floor_run);
     let accepted = durable_run.requests;
     let drained = lab
-        .wait_for(delivered_before + accepted, Duration::from_secs(300))
+        .wait_for(durable_run.lab_before + accepted, Duration::from_secs(300))
         .await;
-    let delivered = lab.count() - delivered_before;
+    let delivered = lab.count() - durable_run.lab_before;
     let delivering = held + drained;
     println!(
         "{:<34} {:>9.0} {:>8.2}",
@@ -301,6 +300,8 @@ fn pin(pid: u32, cpus: &str) {
 /// What one load did to one server.
 struct Measured {
     requests: u64,
+    /// The orders the lab had when the measured load began (after the warm-up's).
+    lab_before: u64,
     held: Duration,
     cpu: Duration,
     rss_mib: f64,
@@ -342,9 +343,11 @@ async fn measure(
     lab.wait_for(before + warmed, Duration::from_secs(120))
         .await;
     let cpu = server.cpu();
+    let lab_before = lab.count();
     let requests = load(&url, body, held).await;
     Measured {
         requests,
+        lab_before,
         held,
         cpu: server.cpu() - cpu,
         rss_mib: server.peak_rss_mib(),

@@ -27,6 +27,10 @@ const IDLE_POLL: Duration = Duration::from_secs(5);
 /// How many entries a worker claims at a time, as a multiple of its concurrency: claims come
 /// in batches ahead of need, not one per finished attempt.
 const CLAIM_AHEAD: usize = 2;
+/// The most entries a worker claims at a time. Each claim waits for a commit, so while claims
+/// come back full (a backlog) they grow, doubling up to this, and delivery is not held to a
+/// few entries per commit.
+const MAX_CLAIM: usize = 128;
 /// Attempts answered whose outcome is not committed yet, at most, per worker.
 const MAX_UNRECORDED: usize = 1024;
 /// The running delivery workers.
@@ -123,6 +127,8 @@ impl Worker {
         // Whether the store had nothing more due at the last claim, and until when to wait.
         let mut drained: Option<Instant> = None;
         let mut slot = None;
+        let least = CLAIM_AHEAD * concurrency;
+        let mut ahead = least;
         loop {
             while let Some(outcome) = attempts.try_join_next() {
                 retry_at(&mut drained, outcome);
@@ -131,7 +137,7 @@ impl Worker {
                 break;
             }
             if drained.is_none() && ready.len() < concurrency {
-                let wanted = CLAIM_AHEAD * concurrency - ready.len();
+                let wanted = ahead - ready.len();
                 match this
                     .store
                     .claim(&this.flow.name, &target, wanted as u32)
@@ -141,6 +147,9 @@ impl Worker {
                         backoff = Duration::from_millis(500);
                         if claimed.len() < wanted {
                             drained = Some(this.idle_until(&target).await);
+                            ahead = least;
+                        } else {
+                            ahead = (ahead * 2).min(MAX_CLAIM.max(least));
                         }
                         ready.extend(claimed);
                     }
