@@ -186,15 +186,17 @@ impl Worker {
                 }
                 let worker = Arc::clone(&this);
                 attempts.spawn(async move {
-                    let (_, outcome) = deliver(
+                    let (message, record) = attempt(
                         &worker.engine,
-                        &worker.store,
                         &worker.flow,
                         worker.target,
                         entry,
                         Some(send),
                     )
                     .await;
+                    // Only the record waits for the commit, not the message.
+                    drop(message);
+                    let outcome = record_outcome(&worker.store, &worker.flow, record).await;
                     drop(recording);
                     outcome
                 });
@@ -263,24 +265,25 @@ pub async fn deliver_now(engine: &Engine, flow: &Flow, id: &str) -> Option<Messa
             continue;
         };
         for entry in claimed.into_iter().filter(|e| e.message_id == id) {
-            delivered = Some(deliver(engine, store, flow, index, entry, None).await.0);
+            let (message, record) = attempt(engine, flow, index, entry, None).await;
+            record_outcome(store, flow, record).await;
+            delivered = Some(message);
         }
     }
     delivered
 }
 
-/// One attempt of a claimed entry to target number `target` of `flow`, and its outcome
-/// recorded: delivered, retried later, or dead. `sending` is the worker's slot, given back
-/// when the target has answered. Returns the message as the attempt left it, and where the
-/// delivery stands.
-async fn deliver(
+/// One attempt of a claimed entry to target number `target` of `flow`, and its outcome:
+/// delivered, retried later, or dead. `sending` is the worker's slot, given back when the
+/// target has answered. Returns the message as the attempt left it, and the record for
+/// [`record_outcome`].
+async fn attempt(
     engine: &Engine,
-    store: &Store,
     flow: &Flow,
     target: usize,
     entry: Claimed,
     sending: Option<OwnedSemaphorePermit>,
-) -> (Message, AfterAttempt) {
+) -> (Message, AttemptRecord) {
     let target = &flow.targets()[target];
     let number = entry.attempts + 1;
     let mut message = Message::from_document(entry.document, entry.content_type);
@@ -376,10 +379,20 @@ async fn deliver(
         correlation,
         lease_until: entry.lease_until,
     };
+    (message, record)
+}
+
+/// Commits an attempt's record; returns where the delivery stands.
+async fn record_outcome(store: &Store, flow: &Flow, record: AttemptRecord) -> AfterAttempt {
+    let (outcome, target, message_id) = (
+        record.outcome,
+        record.target.clone(),
+        record.message_id.clone(),
+    );
     match store.record_attempt(record).await {
         Ok(()) => {}
         Err(crate::store::StoreError::LeaseLost) => tracing::warn!(
-            flow = %flow.name, target = %target.name(), message_id = %entry.message_id,
+            flow = %flow.name, %target, %message_id,
             "this attempt outlasted its claim and another worker took the delivery over: its outcome counts"
         ),
         // The lease runs out and the entry is attempted again: at least once, never lost.
@@ -387,5 +400,5 @@ async fn deliver(
             tracing::error!(flow = %flow.name, %error, "recording a delivery attempt failed");
         }
     }
-    (message, outcome)
+    outcome
 }
