@@ -149,11 +149,6 @@ impl Engine {
         };
         let key = flow.idempotency_key(&message);
         let fingerprint = key.as_ref().map(|_| message.fingerprint());
-        if let Some(key) = &key
-            && let Some(prior) = store.reply_for(&flow.name, key).await?
-        {
-            return repeat(prior, key, fingerprint.as_deref());
-        }
         let source = Arrival {
             inbound: message.body().clone(),
             meta: message.root()["meta"].clone(),
@@ -163,6 +158,15 @@ impl Engine {
             replay: None,
         };
         let steps = self.process(flow, &mut message, observe).await;
+        // A resubmission gets the first submission's reply. A new key, the usual case, costs
+        // no read for that: the commit finds a key already taken (`Acceptance::Duplicate`).
+        // Only a refusal asks first, as a resubmission of an accepted message is never refused.
+        if steps.is_err()
+            && let Some(key) = &source.key
+            && let Some(prior) = store.reply_for(&flow.name, key).await?
+        {
+            return repeat(prior, key, source.fingerprint.as_deref());
+        }
         self.commit(flow, store, message, steps, source).await
     }
 

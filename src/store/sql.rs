@@ -9,6 +9,7 @@ use serde_json::Value;
 use sqlx::Row as _;
 
 use super::{Conn, DbStore, Lock, Row, WriteConn, lock};
+use crate::json;
 use crate::store::exec::{self, Exec, Param, params};
 use crate::store::{
     Acceptance, Accepted, AfterAttempt, AttemptRecord, Claimed, Correlation, CorrelationWrite,
@@ -517,7 +518,7 @@ async fn load_correlation(conn: &mut Conn, id: i64) -> Result<Option<Correlation
 pub(super) async fn accept(conn: &mut WriteConn, a: &Accepted) -> Result<Acceptance, StoreError> {
     let now = now_ms();
     let reply = serde_json::to_string(&a.reply).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    let document = a.document.to_string();
+    let document = json::text(&a.document);
     if a.replay {
         conn.execute(
             "UPDATE messages SET status = $1, document = $2, content_type = $3, error = $4, reply = $5, updated_at = $6
@@ -531,8 +532,8 @@ pub(super) async fn accept(conn: &mut WriteConn, a: &Accepted) -> Result<Accepta
         )
         .await?;
     } else {
-        let inbound = a.inbound.to_string();
-        let meta = a.meta.to_string();
+        let inbound = json::text(&a.inbound);
+        let meta = json::text(&a.meta);
         let inserted = conn
             .execute(
                 "INSERT INTO messages (id, flow, correlation_id, idempotency_key, fingerprint, status, inbound, meta,
@@ -598,7 +599,7 @@ pub(super) async fn accept(conn: &mut WriteConn, a: &Accepted) -> Result<Accepta
             "INSERT INTO events (message_id, at, kind, detail) VALUES {}",
             exec::placeholders(1, a.events.len(), 4)
         );
-        let details: Vec<String> = a.events.iter().map(|e| e.detail.to_string()).collect();
+        let details: Vec<String> = a.events.iter().map(|e| json::text(&e.detail)).collect();
         let mut bound = Vec::with_capacity(a.events.len() * 4);
         for (event, detail) in a.events.iter().zip(&details) {
             bound.extend(params![&a.id, now, event.kind, detail]);
@@ -617,7 +618,7 @@ async fn insert_event(
 ) -> Result<(), StoreError> {
     conn.execute(
         "INSERT INTO events (message_id, at, kind, detail) VALUES ($1, $2, $3, $4)",
-        &params![message_id, at, kind, &detail.to_string()],
+        &params![message_id, at, kind, &json::text(detail)],
     )
     .await?;
     Ok(())
@@ -688,7 +689,7 @@ async fn correlate(
                     .fetch_one(
                         "INSERT INTO correlations (context, key, data, created_at, updated_at)
                          VALUES ($1, $2, $3, $4, $4) RETURNING id",
-                        &params![context, main, &data.to_string(), now],
+                        &params![context, main, &json::text(&data), now],
                     )
                     .await?
                     .int(0)?;
@@ -725,7 +726,7 @@ async fn correlate(
         merge(&mut data, patch);
         conn.execute(
             "UPDATE correlations SET data = $1, updated_at = $2 WHERE id = $3",
-            &params![&data.to_string(), now, id],
+            &params![&json::text(&data), now, id],
         )
         .await?;
         touched = true;

@@ -22,6 +22,8 @@ pub struct HttpTarget {
     name: String,
     method: Method,
     url: TextTemplate,
+    /// The URL parsed once, when nothing in it comes from the message.
+    fixed_url: Option<reqwest::Url>,
     headers: Vec<(HeaderName, TextTemplate)>,
     timeout: Duration,
     capture: Vec<(String, JsonPath)>,
@@ -112,10 +114,18 @@ impl HttpTarget {
         ok &= capture.is_some();
         let capture = capture.unwrap_or_default();
         let (url, timeout) = (url?, timeout?);
+        let fixed_url = match &url {
+            // One with a control character is refused at each attempt, as a rendered one is.
+            TextTemplate::Literal(literal) if !literal.contains(|c: char| c.is_ascii_control()) => {
+                reqwest::Url::parse(literal).ok()
+            }
+            _ => None,
+        };
         ok.then(|| Self {
             name: name.to_owned(),
             method,
             url,
+            fixed_url,
             headers,
             timeout,
             capture,
@@ -182,6 +192,9 @@ impl HttpTarget {
 
     /// Renders the URL for `message` and holds it to `allow_hosts` when the host is templated.
     fn url(&self, message: &Message, templates: &Templates) -> Result<reqwest::Url, FlowError> {
+        if let Some(url) = &self.fixed_url {
+            return Ok(url.clone());
+        }
         let url = templates
             .render_text(&self.url, message)
             .map_err(|reason| self.unprocessable(reason))?;
@@ -218,7 +231,10 @@ impl HttpTarget {
         let unprocessable = |reason: String| self.unprocessable(reason);
         let url = self.url(message, templates)?;
         let (body, content_type) = match message.content_type() {
-            None => (Bytes::from(message.body().to_string()), "application/json"),
+            None => (
+                Bytes::from(crate::json::text(message.body())),
+                "application/json",
+            ),
             Some(content_type) => (
                 Bytes::from(message.body().as_str().unwrap_or_default().to_owned()),
                 content_type,

@@ -37,7 +37,7 @@ impl QueueTarget {
     /// consumer drops duplicates by, the same on every attempt); done once the queue holds it.
     pub(crate) async fn attempt(&self, message: &Message, reach: &Reach<'_>) -> Attempt {
         let payload = match message.content_type() {
-            None => message.body().to_string().into_bytes(),
+            None => crate::json::text(message.body()).into_bytes(),
             Some(_) => message
                 .body()
                 .as_str()
