@@ -73,9 +73,15 @@ impl HttpTarget {
             Escape::Url
         };
         let url = ctx.text_template(&config.url.value, escape, config.url.referenced);
-        if let Some(TextTemplate::Literal(literal)) = &url {
-            check_url(literal, config.url.referenced, ctx);
-        }
+        let fixed_url = match &url {
+            Some(TextTemplate::Literal(literal)) => {
+                check_url(literal, config.url.referenced, ctx)
+                    // One with a control character is refused at each attempt, as a rendered
+                    // one is.
+                    .filter(|_| !literal.contains(|c: char| c.is_ascii_control()))
+            }
+            _ => None,
+        };
         let credentials = match &config.auth {
             Some(auth) => {
                 let credentials = Credentials::compile(auth, ctx);
@@ -114,13 +120,6 @@ impl HttpTarget {
         ok &= capture.is_some();
         let capture = capture.unwrap_or_default();
         let (url, timeout) = (url?, timeout?);
-        let fixed_url = match &url {
-            // One with a control character is refused at each attempt, as a rendered one is.
-            TextTemplate::Literal(literal) if !literal.contains(|c: char| c.is_ascii_control()) => {
-                reqwest::Url::parse(literal).ok()
-            }
-            _ => None,
-        };
         ok.then(|| Self {
             name: name.to_owned(),
             method,
@@ -283,15 +282,17 @@ impl HttpTarget {
     }
 }
 
-fn check_url(url: &str, at: serde_saphyr::Location, ctx: &mut Ctx<'_>) {
+/// Checks a URL that nothing in the message changes; returns it parsed when it is good.
+fn check_url(url: &str, at: serde_saphyr::Location, ctx: &mut Ctx<'_>) -> Option<reqwest::Url> {
     match reqwest::Url::parse(url) {
-        Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => {}
+        Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => return Some(parsed),
         Ok(parsed) => ctx.error(
             at,
             format!("URL scheme \"{}\" is not http or https", parsed.scheme()),
         ),
         Err(error) => ctx.error(at, format!("invalid URL \"{url}\": {error}")),
     }
+    None
 }
 
 #[cfg(test)]

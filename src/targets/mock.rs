@@ -175,7 +175,7 @@ impl Mocks {
                 &TargetResponse {
                     status: answer.status,
                     retry_after: None,
-                    body: Bytes::from(answer.body.to_string()),
+                    body: Bytes::from(crate::json::text(&answer.body)),
                 },
                 message,
             ),
