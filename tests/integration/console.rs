@@ -127,6 +127,8 @@ async fn an_operator_finds_a_request_sees_both_directions_and_replays_its_dead_l
         portal.accepted().len() == 1
     })
     .await;
+    // The portal's answer is recorded after the portal has the results.
+    wait_for_state(&ferry.url, &id, "delivered_to_portal").await;
 
     // Search by the portal's reference, from the box on every page.
     browser.type_into("#find", "PR-2026-0417").await;

@@ -111,16 +111,23 @@ impl Browser {
         }
     }
 
-    /// The text of the first element `css` selects, waiting for it to appear.
+    /// The text of the first element `css` selects, waiting for it to appear. A live page
+    /// may replace the element between finding and reading it: then it is found again.
     pub(crate) async fn text(&self, css: &str) -> String {
-        self.client
-            .wait()
-            .for_element(Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("no {css} on the page: {e}"))
-            .text()
-            .await
-            .unwrap()
+        let mut tries = 0;
+        loop {
+            let element = self
+                .client
+                .wait()
+                .for_element(Locator::Css(css))
+                .await
+                .unwrap_or_else(|e| panic!("no {css} on the page: {e}"));
+            match element.text().await {
+                Ok(text) => return text,
+                Err(error) if tries < 10 && is_stale(&error) => tries += 1,
+                Err(error) => panic!("cannot read {css}: {error}"),
+            }
+        }
     }
 
     /// Types `text` into the field `css` selects.
@@ -183,4 +190,13 @@ impl Drop for Browser {
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
+}
+
+/// Whether `error` says the element left the page after it was found.
+fn is_stale(error: &fantoccini::error::CmdError) -> bool {
+    matches!(
+        error,
+        fantoccini::error::CmdError::Standard(e)
+            if e.error == fantoccini::error::ErrorStatus::StaleElementReference
+    )
 }
