@@ -415,10 +415,14 @@ impl Engine {
             Err(error) => return Err(error.into()),
         };
         let reply: StoredReply = flow.render_reply(&message)?.into();
-        events.extend(flow.step_labels().map(|label| NewEvent {
-            kind: "step",
-            detail: json!({"step": label}),
-        }));
+        // The steps in one entry: one row to write, not one per step.
+        let steps: Vec<&str> = flow.step_labels().collect();
+        if !steps.is_empty() {
+            events.push(NewEvent {
+                kind: "steps",
+                detail: json!({ "steps": steps }),
+            });
+        }
         let targets: Vec<String> = processed
             .targets
             .iter()

@@ -216,6 +216,9 @@ fn text(value: &Value) -> String {
     match value {
         Value::String(s) => s.clone(),
         Value::Null => "-".into(),
+        Value::Array(items) if items.iter().all(Value::is_string) => {
+            items.iter().map(text).collect::<Vec<_>>().join(", ")
+        }
         other => other.to_string(),
     }
 }

@@ -284,12 +284,7 @@ pub(super) async fn message(
         .filter(|e| e.kind == "attempt")
         .map(|e| e.detail.clone())
         .collect();
-    let steps: Vec<&str> = detail
-        .timeline
-        .iter()
-        .filter(|e| e.kind == "step")
-        .filter_map(|e| e.detail["step"].as_str())
-        .collect();
+    let steps: Vec<&str> = detail.timeline.iter().flat_map(step_labels).collect();
     let data = json!({
         "message": detail.summary,
         "path": message_path(&id),
@@ -320,11 +315,14 @@ fn shown(body: &Value) -> String {
 fn story(timeline: &[Event], this: &str) -> Vec<Value> {
     let mut lines: Vec<Value> = Vec::with_capacity(timeline.len());
     for event in timeline {
-        if let (Some(last), Some(step)) = (lines.last_mut(), step_of(event))
+        // Timelines written before the steps shared one entry have an entry per step.
+        if let Some(last) = lines.last_mut()
+            && event.kind == "step"
             && last["kind"] == "step"
             && last["message_id"] == event.message_id.as_str()
         {
-            let what = format!("{}, {step}", last["what"].as_str().unwrap_or_default());
+            let kinds = step_kinds(event).collect::<Vec<_>>().join(", ");
+            let what = format!("{}, {kinds}", last["what"].as_str().unwrap_or_default());
             last["what"] = json!(what);
             continue;
         }
@@ -333,17 +331,26 @@ fn story(timeline: &[Event], this: &str) -> Vec<Value> {
     lines
 }
 
-/// What a `step` entry names: `validate` for `step 1 (validate)`.
-fn step_of(event: &Event) -> Option<&str> {
-    let label = event.detail["step"]
-        .as_str()
-        .filter(|_| event.kind == "step")?;
-    Some(
+/// The steps a `steps` entry (or an older `step` entry) names, as `step 1 (validate)`.
+fn step_labels(event: &Event) -> Vec<&str> {
+    match event.kind.as_str() {
+        "steps" => event.detail["steps"]
+            .as_array()
+            .map(|steps| steps.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default(),
+        "step" => event.detail["step"].as_str().into_iter().collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// What kind each step of an entry is: `validate` for `step 1 (validate)`.
+fn step_kinds(event: &Event) -> impl Iterator<Item = &str> {
+    step_labels(event).into_iter().map(|label| {
         label
             .split_once('(')
             .and_then(|(_, kind)| kind.strip_suffix(')'))
-            .unwrap_or(label),
-    )
+            .unwrap_or(label)
+    })
 }
 
 /// One timeline entry as a line of the story.
@@ -356,7 +363,10 @@ fn chapter(event: &Event, this: &str) -> Value {
             None => "received".to_owned(),
         },
         "replayed" => format!("replayed by {}: {}", text("by"), text("reason")),
-        "step" => format!("steps: {}", step_of(event).unwrap_or_default()),
+        "steps" | "step" => format!(
+            "steps: {}",
+            step_kinds(event).collect::<Vec<_>>().join(", ")
+        ),
         "queued" => format!("queued for {}", text("target")),
         "attempt" => {
             let status = d["status"]
@@ -547,7 +557,10 @@ async fn replay(console: &Console, session: &Session, ids: Vec<String>, reason: 
 
 #[cfg(test)]
 mod tests {
-    use super::{age, instant};
+    use serde_json::json;
+
+    use super::{age, instant, story};
+    use crate::store::Event;
 
     #[test]
     fn ages_read_as_people_say_them() {
@@ -570,5 +583,27 @@ mod tests {
         );
         let wrong = instant("From", "yesterday").unwrap_err();
         assert!(wrong.starts_with("From: \"yesterday\""), "{wrong}");
+    }
+
+    #[test]
+    fn a_messages_steps_make_one_line_of_its_story() {
+        let event = |kind: &str, detail| Event {
+            at: "2026-04-17T09:30:00Z".into(),
+            message_id: "m1".into(),
+            flow: "portal-to-lab".into(),
+            kind: kind.into(),
+            detail,
+        };
+        let steps = json!({"steps": ["step 1 (validate)", "step 2 (transform)"]});
+        let lines = story(&[event("steps", steps)], "m1");
+        assert_eq!(lines[0]["what"], "steps: validate, transform");
+        // A timeline kept from before the steps shared one entry reads the same.
+        let older = [
+            event("step", json!({"step": "step 1 (validate)"})),
+            event("step", json!({"step": "step 2 (transform)"})),
+        ];
+        let lines = story(&older, "m1");
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0]["what"], "steps: validate, transform");
     }
 }

@@ -128,6 +128,10 @@ async fn a_killed_ferry_loses_nothing_it_accepted() {
     assert!(trace.contains("test-request"), "{trace}");
     assert!(trace.contains("state: delivered_to_lab"), "{trace}");
     assert!(trace.contains("attempt"), "{trace}");
+    assert!(
+        trace.contains("steps=step 1 (validate), step 2 (correlate)"),
+        "{trace}"
+    );
     let (code, listed) = operate(&url, &["dlq", "list"]);
     assert_eq!(code, 0, "{listed}");
     assert!(listed.contains("0 dead letter(s)"), "{listed}");

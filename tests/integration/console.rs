@@ -153,6 +153,7 @@ async fn an_operator_finds_a_request_sees_both_directions_and_replays_its_dead_l
     let story = browser.text("#story").await;
     for line in [
         "portal-to-lab",
+        "steps: validate, correlate, set, route, transform, validate",
         "lab attempt 1: answered 400",
         "replayed by admin: the lab added PB-ICPMS to its catalogue",
         "lab attempt 1: answered 201",
