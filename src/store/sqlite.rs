@@ -396,6 +396,12 @@ fn connect(path: &Path, synchronous: &str) -> Result<rusqlite::Connection, Store
     conn.execute_batch(&format!(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = {synchronous}; PRAGMA foreign_keys = ON;"
     ))?;
+    // Plans that do not depend on bound values: otherwise SQLite plans a claim again whenever
+    // its LIMIT changes, which a worker's growing claims do.
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
