@@ -321,8 +321,11 @@ fn story(timeline: &[Event], this: &str) -> Vec<Value> {
             && last["kind"] == "step"
             && last["message_id"] == event.message_id.as_str()
         {
-            let kinds = step_kinds(event).collect::<Vec<_>>().join(", ");
-            let what = format!("{}, {kinds}", last["what"].as_str().unwrap_or_default());
+            let what = format!(
+                "{}, {}",
+                last["what"].as_str().unwrap_or_default(),
+                step_kinds(event)
+            );
             last["what"] = json!(what);
             continue;
         }
@@ -343,14 +346,19 @@ fn step_labels(event: &Event) -> Vec<&str> {
     }
 }
 
-/// What kind each step of an entry is: `validate` for `step 1 (validate)`.
-fn step_kinds(event: &Event) -> impl Iterator<Item = &str> {
-    step_labels(event).into_iter().map(|label| {
-        label
-            .split_once('(')
-            .and_then(|(_, kind)| kind.strip_suffix(')'))
-            .unwrap_or(label)
-    })
+/// The kinds of an entry's steps, in order: `validate, transform` for `step 1 (validate)`
+/// and `step 2 (transform)`.
+fn step_kinds(event: &Event) -> String {
+    step_labels(event)
+        .into_iter()
+        .map(|label| {
+            label
+                .split_once('(')
+                .and_then(|(_, kind)| kind.strip_suffix(')'))
+                .unwrap_or(label)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// One timeline entry as a line of the story.
@@ -363,10 +371,7 @@ fn chapter(event: &Event, this: &str) -> Value {
             None => "received".to_owned(),
         },
         "replayed" => format!("replayed by {}: {}", text("by"), text("reason")),
-        "steps" | "step" => format!(
-            "steps: {}",
-            step_kinds(event).collect::<Vec<_>>().join(", ")
-        ),
+        "steps" | "step" => format!("steps: {}", step_kinds(event)),
         "queued" => format!("queued for {}", text("target")),
         "attempt" => {
             let status = d["status"]

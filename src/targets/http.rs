@@ -16,14 +16,21 @@ use crate::template::{Escape, Templates, TextTemplate};
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Where a target sends.
+#[derive(Debug)]
+enum Address {
+    /// A URL nothing in the message changes, parsed once when the flow loads.
+    Fixed(reqwest::Url),
+    /// A URL rendered for each message.
+    Rendered(TextTemplate),
+}
+
 /// A compiled `http` target.
 #[derive(Debug)]
 pub struct HttpTarget {
     name: String,
     method: Method,
-    url: TextTemplate,
-    /// The URL parsed once, when nothing in it comes from the message.
-    fixed_url: Option<reqwest::Url>,
+    url: Address,
     headers: Vec<(HeaderName, TextTemplate)>,
     timeout: Duration,
     capture: Vec<(String, JsonPath)>,
@@ -73,13 +80,11 @@ impl HttpTarget {
             Escape::Url
         };
         let url = ctx.text_template(&config.url.value, escape, config.url.referenced);
-        let fixed_url = match &url {
+        let url = match url {
             Some(TextTemplate::Literal(literal)) => {
-                let fixed = check_url(literal, config.url.referenced, ctx);
-                ok &= fixed.is_some();
-                fixed
+                check_url(&literal, config.url.referenced, ctx).map(Address::Fixed)
             }
-            _ => None,
+            rendered => rendered.map(Address::Rendered),
         };
         let credentials = match &config.auth {
             Some(auth) => {
@@ -123,7 +128,6 @@ impl HttpTarget {
             name: name.to_owned(),
             method,
             url,
-            fixed_url,
             headers,
             timeout,
             capture,
@@ -152,7 +156,7 @@ impl HttpTarget {
     ///
     /// [`FlowError::Unprocessable`] saying why.
     pub fn check_request(&self, message: &Message, templates: &Templates) -> Result<(), FlowError> {
-        if !matches!(self.url, TextTemplate::Literal(_)) {
+        if let Address::Rendered(_) = self.url {
             self.url(message, templates)?;
         }
         for (name, template) in &self.headers {
@@ -190,15 +194,14 @@ impl HttpTarget {
 
     /// Renders the URL for `message` and holds it to `allow_hosts` when the host is templated.
     fn url(&self, message: &Message, templates: &Templates) -> Result<reqwest::Url, FlowError> {
-        if let Some(url) = &self.fixed_url {
-            return Ok(url.clone());
-        }
+        let template = match &self.url {
+            Address::Fixed(url) => return Ok(url.clone()),
+            Address::Rendered(template) => template,
+        };
         let url = templates
-            .render_text(&self.url, message)
+            .render_text(template, message)
             .map_err(|reason| self.unprocessable(reason))?;
-        // A URL parser drops tabs and line breaks silently: a value holding them is refused,
-        // not quietly changed.
-        if url.contains(|c: char| c.is_ascii_control()) {
+        if holds_control(&url) {
             return Err(self.unprocessable(
                 "the URL would hold characters a URL cannot (a line break or another control character)".into(),
             ));
@@ -281,10 +284,15 @@ impl HttpTarget {
     }
 }
 
+/// Whether `url` holds a tab, a line break or another control character. A URL parser drops
+/// them silently, so such a URL is refused rather than sent as another one.
+fn holds_control(url: &str) -> bool {
+    url.contains(|c: char| c.is_ascii_control())
+}
+
 /// Checks a URL that nothing in the message changes; returns it parsed when it is good.
 fn check_url(url: &str, at: serde_saphyr::Location, ctx: &mut Ctx<'_>) -> Option<reqwest::Url> {
-    // A URL parser drops tabs and line breaks silently: the URL would not be the one written.
-    if url.contains(|c: char| c.is_ascii_control()) {
+    if holds_control(url) {
         ctx.error(
             at,
             "the URL holds a character a URL cannot (a tab, a line break or another control character)",

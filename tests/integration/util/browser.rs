@@ -124,7 +124,7 @@ impl Browser {
                 .unwrap_or_else(|e| panic!("no {css} on the page: {e}"));
             match element.text().await {
                 Ok(text) => return text,
-                Err(error) if tries < 10 && is_stale(&error) => tries += 1,
+                Err(error) if tries < 10 && error.is_stale_element_reference() => tries += 1,
                 Err(error) => panic!("cannot read {css}: {error}"),
             }
         }
@@ -190,13 +190,4 @@ impl Drop for Browser {
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
-}
-
-/// Whether `error` says the element left the page after it was found.
-fn is_stale(error: &fantoccini::error::CmdError) -> bool {
-    matches!(
-        error,
-        fantoccini::error::CmdError::Standard(e)
-            if e.error == fantoccini::error::ErrorStatus::StaleElementReference
-    )
 }
