@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 
 use crate::error::{FlowError, ServeError};
 use crate::flow::{Flow, Processed};
+use crate::json;
 use crate::message::{Message, Meta};
 use crate::queue::Brokers;
 use crate::retry::RetryAction;
@@ -147,11 +148,14 @@ impl Engine {
             Some(store) if flow.is_durable() => store,
             _ => return self.handle_sync(flow, message, observe).await,
         };
+        // Written out once, before the steps change the message: for the store, and for the
+        // fingerprint.
+        let inbound = json::text(message.body());
         let key = flow.idempotency_key(&message);
-        let fingerprint = key.as_ref().map(|_| message.fingerprint());
+        let fingerprint = key.as_ref().map(|_| message.fingerprint(&inbound));
         let source = Arrival {
-            inbound: message.body().clone(),
-            meta: message.root()["meta"].clone(),
+            inbound,
+            meta: json::text(&message.root()["meta"]),
             key,
             fingerprint,
             received_at: now_ms(),
@@ -476,15 +480,15 @@ impl Engine {
             return;
         };
         let meta_value = serde_json::to_value(meta).unwrap_or(Value::Null);
-        let message = Message::from_parts(inbound.clone(), meta_value.clone());
         let source = Arrival {
-            inbound,
-            meta: meta_value,
+            inbound: json::text(&inbound),
+            meta: json::text(&meta_value),
             key: None,
             fingerprint: None,
             received_at: now_ms(),
             replay: None,
         };
+        let message = Message::from_parts(inbound, meta_value);
         let accepted = Accepted {
             status: MessageStatus::Dead,
             error: Some(error.clone()),
@@ -532,11 +536,12 @@ impl Engine {
                 flow.name
             )));
         }
-        let mut message = Message::from_parts(source.inbound.clone(), source.meta.clone());
+        let mut message = Message::from_parts(source.inbound, source.meta);
         let steps = self.process(flow, &mut message, None).await;
+        // A replay keeps the message's first arrival: only what the steps make of it is written.
         let source = Arrival {
-            inbound: source.inbound,
-            meta: source.meta,
+            inbound: String::new(),
+            meta: String::new(),
             key: None,
             fingerprint: None,
             received_at: now_ms(),
@@ -570,8 +575,10 @@ pub struct ReplayAudit {
 
 /// A message as it arrived, for the store.
 struct Arrival {
-    inbound: Value,
-    meta: Value,
+    /// The body as received, as JSON text.
+    inbound: String,
+    /// `meta` as received, as JSON text.
+    meta: String,
     key: Option<String>,
     fingerprint: Option<String>,
     received_at: i64,
@@ -581,7 +588,7 @@ struct Arrival {
 
 impl Arrival {
     fn into_accepted(self, flow: &Flow, message: &Message) -> Accepted {
-        let meta = &self.meta;
+        let meta = &message.root()["meta"];
         Accepted {
             id: meta["id"].as_str().unwrap_or_default().to_owned(),
             flow: flow.name.clone(),
@@ -594,7 +601,7 @@ impl Arrival {
             received_at: self.received_at,
             inbound: self.inbound,
             meta: self.meta,
-            document: message.root().clone(),
+            document: json::text(message.root()),
             content_type: message.content_type().map(str::to_owned),
             status: MessageStatus::Accepted,
             error: None,

@@ -265,8 +265,10 @@ impl Message {
 
     /// What identifies this request besides an idempotency key: a SHA-256 over its method,
     /// path and body (object keys in order), in hex. Two submissions under one key are the
-    /// same request when their fingerprints agree.
-    pub fn fingerprint(&self) -> String {
+    /// same request when their fingerprints agree. `body` is this message's body as JSON
+    /// text ([`crate::json::text`] of [`Message::body`]), which the store keeps too: written
+    /// once for both.
+    pub fn fingerprint(&self, body: &str) -> String {
         use sha2::Digest as _;
         let root = self.root();
         let mut hash = sha2::Sha256::new();
@@ -274,9 +276,7 @@ impl Message {
             hash.update(part.as_str().unwrap_or_default().as_bytes());
             hash.update([0]);
         }
-        // serde_json writes object keys sorted, so equal bodies hash equally.
-        let mut writer = HashWriter(&mut hash);
-        let _ = serde_json::to_writer(&mut writer, &root["body"]);
+        hash.update(body.as_bytes());
         hex::encode(hash.finalize())
     }
 
@@ -352,20 +352,6 @@ impl Message {
         }
         data.as_object_mut()
             .expect("the root was just made an object")
-    }
-}
-
-/// Feeds what serde writes into a hash, without building the text.
-struct HashWriter<'a>(&'a mut sha2::Sha256);
-
-impl std::io::Write for HashWriter<'_> {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        sha2::Digest::update(self.0, bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 

@@ -184,12 +184,12 @@ pub struct Accepted {
     pub fingerprint: Option<String>,
     /// When it was received.
     pub received_at: Millis,
-    /// The body as received.
-    pub inbound: Value,
-    /// `meta` as received.
-    pub meta: Value,
-    /// `{body, vars, meta}` after the steps.
-    pub document: Value,
+    /// The body as received, as JSON text.
+    pub inbound: String,
+    /// `meta` as received, as JSON text.
+    pub meta: String,
+    /// `{body, vars, meta}` after the steps, as JSON text.
+    pub document: String,
     /// Content type of a text body.
     pub content_type: Option<String>,
     /// Accepted, or dead when it could not be handled.
@@ -204,7 +204,8 @@ pub struct Accepted {
     pub correlation: Vec<CorrelationWrite>,
     /// Timeline entries.
     pub events: Vec<NewEvent>,
-    /// Whether this replays a stored message (same id) instead of storing a new one.
+    /// Whether this replays a stored message (same id) instead of storing a new one: its
+    /// `inbound` and `meta` stay as first stored, and these fields are not read.
     pub replay: bool,
 }
 

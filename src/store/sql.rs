@@ -518,12 +518,11 @@ async fn load_correlation(conn: &mut Conn, id: i64) -> Result<Option<Correlation
 pub(super) async fn accept(conn: &mut WriteConn, a: &Accepted) -> Result<Acceptance, StoreError> {
     let now = now_ms();
     let reply = serde_json::to_string(&a.reply).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    let document = json::text(&a.document);
     if a.replay {
         conn.execute(
             "UPDATE messages SET status = $1, document = $2, content_type = $3, error = $4, reply = $5, updated_at = $6
              WHERE id = $7",
-            &params![a.status.as_str(), &document, &a.content_type, &a.error, &reply, now, &a.id],
+            &params![a.status.as_str(), &a.document, &a.content_type, &a.error, &reply, now, &a.id],
         )
         .await?;
         conn.execute(
@@ -532,8 +531,6 @@ pub(super) async fn accept(conn: &mut WriteConn, a: &Accepted) -> Result<Accepta
         )
         .await?;
     } else {
-        let inbound = json::text(&a.inbound);
-        let meta = json::text(&a.meta);
         let inserted = conn
             .execute(
                 "INSERT INTO messages (id, flow, correlation_id, idempotency_key, fingerprint, status, inbound, meta,
@@ -547,9 +544,9 @@ pub(super) async fn accept(conn: &mut WriteConn, a: &Accepted) -> Result<Accepta
                     &a.idempotency_key,
                     &a.fingerprint,
                     a.status.as_str(),
-                    &inbound,
-                    &meta,
-                    &document,
+                    &a.inbound,
+                    &a.meta,
+                    &a.document,
                     &a.content_type,
                     &reply,
                     &a.error,
