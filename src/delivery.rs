@@ -284,15 +284,20 @@ async fn attempt(
     entry: Claimed,
     sending: Option<OwnedSemaphorePermit>,
 ) -> (Message, AttemptRecord) {
+    let meters = &flow.meters.targets[target];
     let target = &flow.targets()[target];
     let number = entry.attempts + 1;
     let mut message = Message::from_document(entry.document, entry.content_type);
     let started = Instant::now();
-    let labels = [
-        ("flow", flow.name.clone()),
-        ("target", target.name().to_owned()),
-    ];
-    let in_flight = metrics::gauge!("ferry_deliveries_in_flight", &labels);
+    let labels = || {
+        [
+            ("flow", flow.name.clone()),
+            ("target", target.name().to_owned()),
+        ]
+    };
+    let in_flight = meters
+        .in_flight
+        .get(|| metrics::gauge!("ferry_deliveries_in_flight", &labels()));
     in_flight.increment(1.0);
     let Attempt {
         action,
@@ -317,7 +322,9 @@ async fn attempt(
     if action == RetryAction::Done {
         crate::fault::pass(crate::fault::Point::AfterTargetAnswer);
     }
-    metrics::histogram!("ferry_delivery_attempt_duration_seconds", &labels)
+    meters
+        .duration
+        .get(|| metrics::histogram!("ferry_delivery_attempt_duration_seconds", &labels()))
         .record(started.elapsed().as_secs_f64());
     let outcome = match action {
         RetryAction::Done => AfterAttempt::Delivered,
@@ -335,17 +342,18 @@ async fn attempt(
         _ => None,
     };
     let latency_ms = started.elapsed().as_millis() as u64;
-    let counted = match outcome {
-        AfterAttempt::Delivered => "delivered",
-        AfterAttempt::RetryAt(_) => "retried",
-        AfterAttempt::Dead => "dead_lettered",
+    let (counted, counter) = match outcome {
+        AfterAttempt::Delivered => ("delivered", &meters.delivered),
+        AfterAttempt::RetryAt(_) => ("retried", &meters.retried),
+        AfterAttempt::Dead => ("dead_lettered", &meters.dead_lettered),
     };
-    let labels = [
-        ("flow", flow.name.clone()),
-        ("target", target.name().to_owned()),
-        ("outcome", counted.to_owned()),
-    ];
-    metrics::counter!("ferry_deliveries_total", &labels).increment(1);
+    counter
+        .get(|| {
+            let [flow, target] = labels();
+            let labels = [flow, target, ("outcome", counted.to_owned())];
+            metrics::counter!("ferry_deliveries_total", &labels)
+        })
+        .increment(1);
     let correlation_id = message.root()["meta"]["correlation_id"]
         .as_str()
         .unwrap_or_default();

@@ -43,6 +43,7 @@ pub struct Flow {
     pub(crate) reply: Reply,
     pub(crate) templates: Templates,
     pub(crate) sensitive: crate::redact::Sensitive,
+    pub(crate) meters: crate::observe::FlowMeters,
 }
 
 /// How a flow delivers.
@@ -402,7 +403,8 @@ impl Flow {
                 }
                 return Err(error);
             }
-            metrics::histogram!("ferry_step_duration_seconds", "flow" => self.name.clone(), "step" => label.clone())
+            self.meters.steps[index]
+                .get(|| metrics::histogram!("ferry_step_duration_seconds", "flow" => self.name.clone(), "step" => label.clone()))
                 .record(started.elapsed().as_secs_f64());
             watch(label, message);
         }

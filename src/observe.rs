@@ -54,6 +54,71 @@ pub fn render() -> Option<String> {
     HANDLE.get().map(PrometheusHandle::render)
 }
 
+/// A metric with fixed labels, registered with the recorder once and reused: registering
+/// looks the metric up by name and labels, which no message should pay for again.
+///
+/// Before [`install`] nothing is kept, so a message handled that early (a delivery left from
+/// the last run, say) does not tie the metric to no recorder for good.
+pub(crate) struct Registered<T>(OnceLock<T>);
+
+impl<T: Clone> Registered<T> {
+    /// The metric, registered by `register` when not yet.
+    pub(crate) fn get(&self, register: impl FnOnce() -> T) -> T {
+        if HANDLE.get().is_none() {
+            return register();
+        }
+        self.0.get_or_init(register).clone()
+    }
+}
+
+impl<T> Default for Registered<T> {
+    fn default() -> Self {
+        Self(OnceLock::new())
+    }
+}
+
+impl<T> std::fmt::Debug for Registered<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Registered")
+    }
+}
+
+/// A flow's metrics whose labels are fixed when it loads: each registered once.
+#[derive(Debug, Default)]
+pub(crate) struct FlowMeters {
+    pub(crate) received: Registered<metrics::Counter>,
+    pub(crate) accepted: Registered<metrics::Counter>,
+    /// Each step's duration, by the step's index.
+    pub(crate) steps: Vec<Registered<metrics::Histogram>>,
+    /// Each target's deliveries, by the target's index.
+    pub(crate) targets: Vec<TargetMeters>,
+}
+
+impl FlowMeters {
+    /// The meters of a flow with `steps` steps and `targets` targets.
+    pub(crate) fn new(steps: usize, targets: usize) -> Self {
+        Self {
+            steps: std::iter::repeat_with(Registered::default)
+                .take(steps)
+                .collect(),
+            targets: std::iter::repeat_with(TargetMeters::default)
+                .take(targets)
+                .collect(),
+            ..Self::default()
+        }
+    }
+}
+
+/// A target's delivery metrics.
+#[derive(Debug, Default)]
+pub(crate) struct TargetMeters {
+    pub(crate) in_flight: Registered<metrics::Gauge>,
+    pub(crate) duration: Registered<metrics::Histogram>,
+    pub(crate) delivered: Registered<metrics::Counter>,
+    pub(crate) retried: Registered<metrics::Counter>,
+    pub(crate) dead_lettered: Registered<metrics::Counter>,
+}
+
 /// Trace export over OTLP/HTTP, compiled in only with the `otlp` feature.
 #[cfg(feature = "otlp")]
 pub mod otlp {

@@ -107,17 +107,21 @@ fn flow_routes(runtime: &Arc<Runtime>) -> Router {
             let runtime = Arc::clone(runtime);
             move |params: Option<Path<BTreeMap<String, String>>>, request: Request| async move {
                 let params = params.map(|Path(p)| p).unwrap_or_default();
-                let name = flow.name.clone();
-                metrics::counter!("ferry_messages_received_total", "flow" => name.clone())
+                let name = || flow.name.clone();
+                flow.meters
+                    .received
+                    .get(|| metrics::counter!("ferry_messages_received_total", "flow" => name()))
                     .increment(1);
                 match handle(&runtime, &flow, params, request).await {
                     Ok(response) => {
-                        metrics::counter!("ferry_messages_accepted_total", "flow" => name)
+                        flow.meters
+                            .accepted
+                            .get(|| metrics::counter!("ferry_messages_accepted_total", "flow" => name()))
                             .increment(1);
                         response
                     }
                     Err(error) => {
-                        metrics::counter!("ferry_messages_rejected_total", "flow" => name, "reason" => error.code())
+                        metrics::counter!("ferry_messages_rejected_total", "flow" => name(), "reason" => error.code())
                             .increment(1);
                         error.into_response()
                     }

@@ -168,6 +168,7 @@ pub(crate) fn compile(
     if errors_after > errors_before {
         return None;
     }
+    let meters = crate::observe::FlowMeters::new(steps.len(), targets.len());
     Some(Flow {
         name: config.name.value.clone(),
         description: config.description.clone(),
@@ -183,6 +184,7 @@ pub(crate) fn compile(
         reply: reply?,
         templates,
         sensitive,
+        meters,
     })
 }
 
