@@ -424,6 +424,13 @@ impl Flow {
                 targets.extend(&subscriber.targets);
             }
         }
+        // One delivery to each target, however many rules name it.
+        let mut seen = Vec::with_capacity(targets.len());
+        targets.retain(|target| {
+            let first = !seen.contains(target);
+            seen.push(*target);
+            first
+        });
         Ok(Processed {
             targets,
             correlation: state.correlation,

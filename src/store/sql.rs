@@ -578,17 +578,21 @@ pub(super) async fn accept(conn: &mut WriteConn, a: &Accepted) -> Result<Accepta
         )
         .await?;
     }
+    // A replay sends again only to the targets that do not have the message and are not about
+    // to: a subscriber that failed is no reason to send the others a second copy. A new message
+    // has no deliveries yet, and a plain insert is cheaper.
+    let queue = if a.replay {
+        "INSERT INTO outbox (message_id, flow, target, state, attempts, next_attempt_at, created_at, updated_at)
+         SELECT $1, $2, $3, 'pending', 0, $4, $4, $4
+         WHERE NOT EXISTS (SELECT 1 FROM outbox WHERE message_id = $1 AND target = $3
+                           AND state IN ('delivered', 'pending', 'in_flight'))"
+    } else {
+        "INSERT INTO outbox (message_id, flow, target, state, attempts, next_attempt_at, created_at, updated_at)
+         VALUES ($1, $2, $3, 'pending', 0, $4, $4, $4)"
+    };
     for target in &a.targets {
-        // A replay sends again only to the targets that do not have the message and are not
-        // about to: a subscriber that failed is no reason to send the others a second copy.
-        conn.execute(
-            "INSERT INTO outbox (message_id, flow, target, state, attempts, next_attempt_at, created_at, updated_at)
-             SELECT $1, $2, $3, 'pending', 0, $4, $4, $4
-             WHERE NOT EXISTS (SELECT 1 FROM outbox WHERE message_id = $1 AND target = $3
-                               AND state IN ('delivered', 'pending', 'in_flight'))",
-            &params![&a.id, &a.flow, target, now],
-        )
-        .await?;
+        conn.execute(queue, &params![&a.id, &a.flow, target, now])
+            .await?;
     }
     if !a.events.is_empty() {
         // One statement for the whole timeline: statements, not rows, are what cost here.

@@ -572,6 +572,54 @@ reply: { status: 202, body: { id: "{{meta.id}}" } }
 }
 
 #[tokio::test]
+async fn a_flow_subscribed_twice_to_a_message_gets_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("events.yaml"),
+        r#"name: events
+trigger: { http: { method: POST, path: /events, auth: none } }
+targets:
+  portal: { http: { url: "${PORTAL_URL}/events" } }
+reply: { status: 202, body: { id: "{{meta.id}}" } }
+"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("archive.yaml"),
+        r#"name: archive
+subscribes:
+  - to: events
+    when: { path: $.body.kind, equals: order }
+  - to: events
+    when: { path: $.body.urgent, equals: true }
+targets:
+  archive: { http: { url: "${ARCHIVE_URL}/events" } }
+"#,
+    )
+    .unwrap();
+    let portal = Partner::start(200, json!({})).await;
+    let archive = Partner::start(200, json!({})).await;
+    let env = [
+        ("PORTAL_URL", portal.url.as_str()),
+        ("ARCHIVE_URL", archive.url.as_str()),
+    ];
+    let ferry = Ferry::start(dir.path(), &env).await;
+    let event = json!({"kind": "order", "urgent": true});
+    let (status, reply) = post_json(&format!("{}/events", ferry.url), &event).await;
+    assert_eq!(status, 202, "{reply}");
+    wait_until("the archive has it", || archive.accepted().len() == 1).await;
+    let id = reply["id"].as_str().unwrap();
+    let (_, detail) = ferry.admin(&format!("/messages/{id}")).await;
+    assert_eq!(
+        detail["deliveries"].as_array().unwrap().len(),
+        2,
+        "one delivery to the portal, one to the archive flow: {detail}"
+    );
+    wait_until("the portal has it", || portal.accepted().len() == 1).await;
+    assert_eq!(archive.accepted().len(), 1, "the archive got it once");
+}
+
+#[tokio::test]
 async fn a_dead_subscriber_is_a_dead_letter_whose_replay_sends_to_it_alone() {
     let lab = Partner::start(201, json!({"lab_order_id": "LAB-2"})).await;
     let portal = Partner::start(200, json!({})).await;
