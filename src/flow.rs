@@ -421,16 +421,15 @@ impl Flow {
                 Some(condition) => condition.holds(message, &self.templates)?,
             };
             if holds {
-                targets.extend(&subscriber.targets);
+                // One delivery to each target, however many of its subscriptions hold (a rule
+                // never lists a target twice).
+                for target in &subscriber.targets {
+                    if !targets.contains(target) {
+                        targets.push(*target);
+                    }
+                }
             }
         }
-        // One delivery to each target, however many rules name it.
-        let mut seen = Vec::with_capacity(targets.len());
-        targets.retain(|target| {
-            let first = !seen.contains(target);
-            seen.push(*target);
-            first
-        });
         Ok(Processed {
             targets,
             correlation: state.correlation,
