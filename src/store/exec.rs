@@ -149,6 +149,14 @@ pub(super) trait Exec {
             .await?
             .ok_or_else(|| StoreError::Corrupt("a statement gave no row".into()))
     }
+
+    /// Runs `sql`, an `INSERT` of one row into a table whose key is an integer `id`, and
+    /// returns the new row's id.
+    async fn insert_id(&mut self, sql: &str, params: &[Param<'_>]) -> Result<i64, StoreError> {
+        self.fetch_one(&format!("{sql} RETURNING id"), params)
+            .await?
+            .int(0)
+    }
 }
 
 /// Runs statements through sqlx on `$connection`, a connection of `$database`.
@@ -224,6 +232,13 @@ impl Exec for rusqlite::Connection {
     async fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64, StoreError> {
         let mut statement = prepare(self, sql, params)?;
         Ok(statement.raw_execute()? as u64)
+    }
+
+    /// SQLite keeps a `RETURNING` clause's rows in a temporary table: the id SQLite gave
+    /// the row is read back without one.
+    async fn insert_id(&mut self, sql: &str, params: &[Param<'_>]) -> Result<i64, StoreError> {
+        prepare(self, sql, params)?.raw_execute()?;
+        Ok(self.last_insert_rowid())
     }
 
     async fn fetch(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>, StoreError> {

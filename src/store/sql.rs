@@ -153,11 +153,18 @@ async fn record_with_key(
     if keys.is_empty() {
         return Ok(None);
     }
-    // Every key in one statement: statements, not rows, are what cost here.
-    let sql = format!(
-        "SELECT key, correlation_id FROM correlation_keys WHERE context = $1 AND key IN {}",
-        exec::placeholders(2, 1, keys.len())
-    );
+    // Every key in one statement: statements, not rows, are what cost here. One lookup per
+    // key joined by `UNION ALL`, not `key IN (…)`: SQLite builds a temporary table for the
+    // list of an `IN`, which costs more than the lookups.
+    let sql = (0..keys.len())
+        .map(|n| {
+            format!(
+                "SELECT key, correlation_id FROM correlation_keys WHERE context = $1 AND key = ${}",
+                n + 2
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
     let mut bound = vec![Param::from(context)];
     bound.extend(keys.iter().map(|key| Param::from(*key)));
     let found = conn.fetch(&sql, &bound).await?;
@@ -687,13 +694,12 @@ async fn correlate(
                 let mut data = Value::Object(serde_json::Map::new());
                 merge(&mut data, patch);
                 let id = conn
-                    .fetch_one(
+                    .insert_id(
                         "INSERT INTO correlations (context, key, data, created_at, updated_at)
-                         VALUES ($1, $2, $3, $4, $4) RETURNING id",
+                         VALUES ($1, $2, $3, $4, $4)",
                         &params![context, main, &json::text(&data), now],
                     )
-                    .await?
-                    .int(0)?;
+                    .await?;
                 (id, context.clone(), keys, true, None)
             }
         }
