@@ -117,10 +117,9 @@ impl Brokers {
                     .map_err(|e| PublishError(e.to_string()));
             }
             QueueDriver::Amqp => self.amqp.publish(spec, payload, &headers).await,
+            // Boxed, as NATS's futures are large (see `Store`'s backends).
             QueueDriver::Nats => {
-                self.nats
-                    .publish(spec, payload, &headers, retried_for)
-                    .await
+                Box::pin(self.nats.publish(spec, payload, &headers, retried_for)).await
             }
         };
         self.mark(&spec.url, result.is_ok());
@@ -150,7 +149,7 @@ impl Brokers {
                 Ok(Backlog { depth, lag: depth })
             }
             QueueDriver::Amqp => self.amqp.backlog(spec).await,
-            QueueDriver::Nats => self.nats.backlog(spec, &nats_consumer_name(flow)).await,
+            QueueDriver::Nats => Box::pin(self.nats.backlog(spec, &nats_consumer_name(flow))).await,
         }
     }
 

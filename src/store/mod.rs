@@ -564,12 +564,16 @@ enum Backend {
     Postgres(postgres::PgStore),
 }
 
-/// Calls the same method on whichever backend the store has.
+/// Calls the same method on whichever backend the store has, and awaits it.
+///
+/// PostgreSQL's futures (sqlx's) are about 15 KB: boxed, so that a future awaiting the store
+/// does not carry their size whatever the backend. Futures move from caller to caller before
+/// they run, and every move copies their whole size.
 macro_rules! on_backend {
     ($self:ident, $backend:ident => $call:expr) => {
         match &$self.backend {
-            Backend::Sqlite($backend) => $call,
-            Backend::Postgres($backend) => $call,
+            Backend::Sqlite($backend) => $call.await,
+            Backend::Postgres($backend) => Box::pin($call).await,
         }
     };
 }
@@ -657,7 +661,7 @@ impl Store {
     ///
     /// When the database fails; nothing of the message is stored then.
     pub async fn accept(&self, accepted: Accepted) -> Result<Acceptance, StoreError> {
-        on_backend!(self, b => b.accept(accepted).await)
+        on_backend!(self, b => b.accept(accepted))
     }
 
     /// The first submission of `flow` under this idempotency key.
@@ -666,7 +670,7 @@ impl Store {
     ///
     /// When the database fails.
     pub async fn reply_for(&self, flow: &str, key: &str) -> Result<Option<Prior>, StoreError> {
-        on_backend!(self, b => b.reply_for(flow, key).await)
+        on_backend!(self, b => b.reply_for(flow, key))
     }
 
     /// The record in `context` found by the first of `keys` that names one.
@@ -679,7 +683,7 @@ impl Store {
         context: &str,
         keys: &[String],
     ) -> Result<Option<Correlation>, StoreError> {
-        on_backend!(self, b => b.find_correlation(context, keys).await)
+        on_backend!(self, b => b.find_correlation(context, keys))
     }
 
     /// Commits correlation changes that no stored message carries.
@@ -688,7 +692,7 @@ impl Store {
     ///
     /// When the database fails.
     pub async fn correlate(&self, writes: Vec<CorrelationWrite>) -> Result<(), StoreError> {
-        on_backend!(self, b => b.correlate(writes).await)
+        on_backend!(self, b => b.correlate(writes))
     }
 
     /// Claims up to `limit` due outbox entries of `flow`'s `target` for [`Store::lease`];
@@ -704,7 +708,7 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<Claimed>, StoreError> {
         let lease_until = self.lease_until();
-        on_backend!(self, b => b.claim(flow, target, limit, lease_until).await)
+        on_backend!(self, b => b.claim(flow, target, limit, lease_until))
     }
 
     /// Gives claimed entries (outbox id and the claim's `lease_until`) back unattempted, due
@@ -717,7 +721,7 @@ impl Store {
         if entries.is_empty() {
             return Ok(());
         }
-        on_backend!(self, b => b.release(entries).await)
+        on_backend!(self, b => b.release(entries))
     }
 
     /// When the next pending entry of `flow`'s `target` is due.
@@ -726,7 +730,7 @@ impl Store {
     ///
     /// When the database fails.
     pub async fn next_due(&self, flow: &str, target: &str) -> Result<Option<Millis>, StoreError> {
-        on_backend!(self, b => b.next_due(flow, target).await)
+        on_backend!(self, b => b.next_due(flow, target))
     }
 
     /// Records an attempt's outcome.
@@ -735,7 +739,7 @@ impl Store {
     ///
     /// When the database fails.
     pub async fn record_attempt(&self, attempt: AttemptRecord) -> Result<(), StoreError> {
-        on_backend!(self, b => b.record_attempt(attempt).await)
+        on_backend!(self, b => b.record_attempt(attempt))
     }
 
     /// Stored messages, newest first, optionally of one flow and status.
@@ -767,7 +771,7 @@ impl Store {
         &self,
         filter: &MessageFilter,
     ) -> Result<Vec<MessageSummary>, StoreError> {
-        on_backend!(self, b => b.find_messages(filter).await)
+        on_backend!(self, b => b.find_messages(filter))
     }
 
     /// How many messages each flow holds in each state, and each target's backlog.
@@ -776,7 +780,7 @@ impl Store {
     ///
     /// When the database fails.
     pub async fn overview(&self) -> Result<Overview, StoreError> {
-        on_backend!(self, b => b.overview().await)
+        on_backend!(self, b => b.overview())
     }
 
     /// One message with its deliveries, timeline and correlation record.
@@ -785,7 +789,7 @@ impl Store {
     ///
     /// When the database fails.
     pub async fn message(&self, id: &str) -> Result<Option<MessageDetail>, StoreError> {
-        on_backend!(self, b => b.message(id).await)
+        on_backend!(self, b => b.message(id))
     }
 
     /// What replaying message `id` needs.
@@ -794,7 +798,7 @@ impl Store {
     ///
     /// When the database fails.
     pub async fn replay_source(&self, id: &str) -> Result<Option<ReplaySource>, StoreError> {
-        on_backend!(self, b => b.replay_source(id).await)
+        on_backend!(self, b => b.replay_source(id))
     }
 
     /// The journey that `key` belongs to: `key` is a message id, a correlation (request) id,
@@ -804,7 +808,7 @@ impl Store {
     ///
     /// When the database fails.
     pub async fn trace(&self, key: &str) -> Result<Option<Trace>, StoreError> {
-        on_backend!(self, b => b.trace(key).await)
+        on_backend!(self, b => b.trace(key))
     }
 
     /// Deletes delivered messages, and correlation records with no message left, last
@@ -814,7 +818,7 @@ impl Store {
     ///
     /// When the database fails.
     pub async fn prune(&self, before: Millis) -> Result<u64, StoreError> {
-        on_backend!(self, b => b.prune(before).await)
+        on_backend!(self, b => b.prune(before))
     }
 
     /// Takes webhook id `id` of `scope` (a flow) until `expires_at`: true the first time,
@@ -829,7 +833,7 @@ impl Store {
         id: &str,
         expires_at: Millis,
     ) -> Result<bool, StoreError> {
-        on_backend!(self, b => b.first_sight(scope, id, expires_at).await)
+        on_backend!(self, b => b.first_sight(scope, id, expires_at))
     }
 
     /// Lets webhook id `id` of `scope` be taken again: its message was not handled, and its
@@ -839,7 +843,7 @@ impl Store {
     ///
     /// When the database fails.
     pub async fn forget_sight(&self, scope: &str, id: &str) -> Result<(), StoreError> {
-        on_backend!(self, b => b.forget_sight(scope, id).await)
+        on_backend!(self, b => b.forget_sight(scope, id))
     }
 
     /// Appends a message to embedded queue `queue`.
@@ -855,7 +859,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let headers =
             serde_json::to_string(&headers).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        on_backend!(self, b => b.enqueue(queue, payload, headers).await)
+        on_backend!(self, b => b.enqueue(queue, payload, headers))
     }
 
     /// Claims up to `limit` due messages of embedded queue `queue` for [`Store::lease`].
@@ -865,7 +869,7 @@ impl Store {
     /// When the database fails.
     pub async fn claim_queue(&self, queue: &str, limit: u32) -> Result<Vec<QueueItem>, StoreError> {
         let lease_until = self.lease_until();
-        on_backend!(self, b => b.claim_queue(queue, limit, lease_until).await)
+        on_backend!(self, b => b.claim_queue(queue, limit, lease_until))
     }
 
     /// Removes a consumed queue message (`retry_at: None`), or puts it back until `retry_at`.
@@ -874,7 +878,7 @@ impl Store {
     ///
     /// When the database fails.
     pub async fn finish_queue(&self, id: i64, retry_at: Option<Millis>) -> Result<(), StoreError> {
-        on_backend!(self, b => b.finish_queue(id, retry_at).await)
+        on_backend!(self, b => b.finish_queue(id, retry_at))
     }
 
     /// Messages waiting in embedded queue `queue`, including those in flight.
@@ -883,7 +887,7 @@ impl Store {
     ///
     /// When the database fails.
     pub async fn queue_depth(&self, queue: &str) -> Result<u64, StoreError> {
-        on_backend!(self, b => b.queue_depth(queue).await)
+        on_backend!(self, b => b.queue_depth(queue))
     }
 
     /// When the oldest delivery not yet done was accepted.
@@ -892,7 +896,7 @@ impl Store {
     ///
     /// When the database fails.
     pub async fn oldest_undelivered(&self) -> Result<Option<Millis>, StoreError> {
-        on_backend!(self, b => b.oldest_undelivered().await)
+        on_backend!(self, b => b.oldest_undelivered())
     }
 
     /// Outbox entries not yet delivered or dead.
@@ -901,7 +905,7 @@ impl Store {
     ///
     /// When the database fails.
     pub async fn undelivered(&self) -> Result<u64, StoreError> {
-        on_backend!(self, b => b.undelivered().await)
+        on_backend!(self, b => b.undelivered())
     }
 
     /// Whether the store takes writes now: a commit that writes the heartbeat row, through
@@ -912,17 +916,20 @@ impl Store {
     /// When the database cannot be written (locked by another process, a full disk, or a
     /// standby).
     pub async fn writable(&self) -> Result<(), StoreError> {
-        on_backend!(self, b => b.writable().await)
+        on_backend!(self, b => b.writable())
     }
 
     /// Group-commit counters since the store opened.
     pub fn commit_stats(&self) -> CommitStats {
-        on_backend!(self, b => b.commit_stats())
+        match &self.backend {
+            Backend::Sqlite(b) => b.commit_stats(),
+            Backend::Postgres(b) => b.commit_stats(),
+        }
     }
 
     /// Finishes pending writes and closes the database.
     pub async fn close(&self) {
-        on_backend!(self, b => b.close().await);
+        on_backend!(self, b => b.close());
     }
 }
 
