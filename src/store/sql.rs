@@ -150,33 +150,36 @@ async fn record_with_key(
     keys: &[&str],
 ) -> Result<Option<i64>, StoreError> {
     let keys: Vec<&str> = keys.iter().copied().filter(|k| !k.is_empty()).collect();
-    if keys.is_empty() {
-        return Ok(None);
-    }
     // Every key in one statement: statements, not rows, are what cost here. One lookup per
     // key joined by `UNION ALL`, not `key IN (…)`: SQLite builds a temporary table for the
-    // list of an `IN`, which costs more than the lookups.
-    let sql = (0..keys.len())
-        .map(|n| {
-            format!(
-                "SELECT key, correlation_id FROM correlation_keys WHERE context = $1 AND key = ${}",
-                n + 2
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(" UNION ALL ");
-    let mut bound = vec![Param::from(context)];
-    bound.extend(keys.iter().map(|key| Param::from(*key)));
-    let found = conn.fetch(&sql, &bound).await?;
-    for key in &keys {
-        for row in &found {
-            if row.text(0)? == *key {
-                return Ok(Some(row.int(1)?));
+    // list of an `IN`, which costs more than the lookups. SQLite joins at most 500 selects in
+    // one statement, so a step with more keys than that takes several.
+    for keys in keys.chunks(KEYS_PER_LOOKUP) {
+        let sql = (0..keys.len())
+            .map(|n| {
+                format!(
+                    "SELECT key, correlation_id FROM correlation_keys WHERE context = $1 AND key = ${}",
+                    n + 2
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        let mut bound = vec![Param::from(context)];
+        bound.extend(keys.iter().map(|key| Param::from(*key)));
+        let found = conn.fetch(&sql, &bound).await?;
+        for key in keys {
+            for row in &found {
+                if row.text(0)? == *key {
+                    return Ok(Some(row.int(1)?));
+                }
             }
         }
     }
     Ok(None)
 }
+
+/// The most keys one lookup of [`record_with_key`] asks for.
+const KEYS_PER_LOOKUP: usize = 100;
 
 async fn next_due(conn: &mut Conn, flow: &str, target: &str) -> Result<Option<Millis>, StoreError> {
     Ok(sqlx::query_scalar(

@@ -80,7 +80,45 @@ on_both_stores!(
     a_webhook_id_is_taken_once,
     a_failing_write_is_undone_alone_and_its_neighbours_commit,
     operators_find_messages_by_any_key_and_see_each_targets_backlog,
+    a_record_is_found_by_the_first_of_many_keys_that_names_one,
 );
+
+/// More keys than SQLite joins in one statement: the lookup takes several, and still finds
+/// the record by the first key, in the order given, that names one.
+async fn a_record_is_found_by_the_first_of_many_keys_that_names_one(backend: Backend) {
+    let test = TestStore::new(backend).await;
+    let store = test.open().await;
+    for (name, key) in [("early", "K-640"), ("late", "K-700")] {
+        store
+            .correlate(vec![CorrelationWrite::Save {
+                context: "req".into(),
+                keys: vec![key.into()],
+                data: json!({ "name": name }),
+                state: None,
+            }])
+            .await
+            .unwrap();
+    }
+    let keys: Vec<String> = (0..800).map(|n| format!("K-{n}")).collect();
+    let found = store.find_correlation("req", &keys).await.unwrap().unwrap();
+    assert_eq!(found.data, json!({"name": "early"}));
+    let mut backwards = keys.clone();
+    backwards.reverse();
+    let found = store
+        .find_correlation("req", &backwards)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.data, json!({"name": "late"}));
+    assert!(
+        store
+            .find_correlation("req", &keys[..600])
+            .await
+            .unwrap()
+            .is_none()
+    );
+    store.close().await;
+}
 
 async fn a_webhook_id_is_taken_once(backend: Backend) {
     let test = TestStore::new(backend).await;
