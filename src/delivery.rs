@@ -3,18 +3,20 @@
 //! Each worker claims due entries, sends them with at most `concurrency` in flight, and
 //! records the outcome: delivered, retried later with capped exponential backoff and full
 //! jitter (or the target's `Retry-After`), or dead. A slow or dead target only ever holds its
-//! own worker, never another target's.
+//! own worker, never another target's. A message accepted while its worker keeps up reaches
+//! it without a claim, through its [`Handoff`].
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::Engine;
 use crate::flow::Flow;
+use crate::handoff::Handoff;
 use crate::message::Message;
 use crate::retry::RetryAction;
 use crate::store::{AfterAttempt, AttemptRecord, Claimed, Millis, Store, now_ms};
@@ -63,9 +65,10 @@ impl Delivery {
                     engine: Arc::clone(engine),
                     flow: Arc::clone(flow),
                     target: index,
-                    wake: engine
-                        .waker(&flow.name, target.name())
-                        .unwrap_or_else(|| Arc::new(Notify::new())),
+                    handoff: engine
+                        .handoff(&flow.name, index)
+                        .cloned()
+                        .unwrap_or_default(),
                     stop: stop.clone(),
                 };
                 workers.spawn(worker.run());
@@ -99,7 +102,7 @@ struct Worker {
     engine: Arc<Engine>,
     flow: Arc<Flow>,
     target: usize,
-    wake: Arc<Notify>,
+    handoff: Arc<Handoff>,
     stop: CancellationToken,
 }
 
@@ -129,12 +132,16 @@ impl Worker {
         let mut slot = None;
         let least = CLAIM_AHEAD * concurrency;
         let mut ahead = least;
+        this.handoff.open();
         loop {
             while let Some(outcome) = attempts.try_join_next() {
                 retry_at(&mut drained, outcome);
             }
             if this.stop.is_cancelled() {
                 break;
+            }
+            if ready.len() < least {
+                ready.extend(this.handoff.take(least - ready.len()));
             }
             if drained.is_none() && ready.len() < concurrency {
                 let wanted = ahead - ready.len();
@@ -146,6 +153,8 @@ impl Worker {
                     Ok(claimed) => {
                         backoff = Duration::from_millis(500);
                         if claimed.len() < wanted {
+                            // Nothing more due: what is accepted from now on can be handed over.
+                            this.handoff.caught_up();
                             drained = Some(this.idle_until(&target).await);
                             ahead = least;
                         } else {
@@ -208,7 +217,8 @@ impl Worker {
             let idle = drained.unwrap_or_else(|| Instant::now() + IDLE_POLL);
             tokio::select! {
                 () = this.stop.cancelled() => break,
-                () = this.wake.notified() => drained = None,
+                () = this.handoff.due() => drained = None,
+                () = this.handoff.handed() => {}
                 () = tokio::time::sleep_until(idle.into()) => drained = None,
                 permit = Arc::clone(&sending).acquire_owned(), if !ready.is_empty() && slot.is_none() => {
                     slot = permit.ok();
@@ -218,7 +228,9 @@ impl Worker {
                 }
             }
         }
-        // Entries claimed but not sent are due again at once, for whichever worker comes next.
+        // Entries claimed or handed over but not sent are due again at once, for whichever
+        // worker comes next.
+        ready.extend(this.handoff.close());
         let unsent = ready.iter().map(|e| (e.outbox_id, e.lease_until)).collect();
         this.give_back(unsent).await;
         // Let attempts in flight finish; `Delivery::shutdown` bounds how long.

@@ -6,25 +6,26 @@
 //! targets ([`Transport`]) and which store the engine has.
 //!
 //! The engine drives nothing by itself: the delivery workers and queue consumers that call
-//! it are started and stopped by their owner, [`crate::runtime::Runtime`]. It tells them when
-//! new deliveries are due through their wake-up signals ([`Engine::waker`]).
+//! it are started and stopped by their owner, [`crate::runtime::Runtime`]. It hands the
+//! messages it accepts to the delivery workers, or tells them new deliveries are due in the
+//! store, through their [`Handoff`]s ([`Engine::handoff`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde_json::{Value, json};
-use tokio::sync::Notify;
 
 use crate::error::{FlowError, ServeError};
 use crate::flow::{Flow, Processed};
+use crate::handoff::{Handoff, Reservation};
 use crate::json;
 use crate::message::{Message, Meta};
 use crate::queue::Brokers;
 use crate::retry::RetryAction;
 use crate::store::{
-    Acceptance, Accepted, CorrelationWrite, MessageStatus, NewEvent, Prior, Store, StoredReply,
-    now_ms,
+    Acceptance, Accepted, Claimed, CorrelationWrite, MessageStatus, NewEvent, Prior, Queued, Store,
+    Stored, StoredReply, now_ms,
 };
 use crate::targets::{Attempt, Calls, FlowTarget, Mocks, Reach, Target};
 
@@ -55,8 +56,8 @@ pub struct Engine {
     transport: Transport,
     brokers: Brokers,
     store: Option<Store>,
-    /// One per target of every durable flow: wakes its delivery worker.
-    wakers: HashMap<(String, String), Arc<Notify>>,
+    /// Every durable flow's ways to its targets' delivery workers, in the order of its targets.
+    handoffs: HashMap<String, Vec<Arc<Handoff>>>,
     draining: AtomicBool,
 }
 
@@ -64,16 +65,12 @@ impl Engine {
     /// An engine for `flows` with targets behind `transport`. Without a store every flow
     /// delivers synchronously.
     pub fn new(flows: Vec<Arc<Flow>>, transport: Transport, store: Option<Store>) -> Self {
-        let wakers = flows
+        let handoffs = flows
             .iter()
             .filter(|f| f.is_durable())
-            .flat_map(|f| {
-                f.targets().iter().map(|t| {
-                    (
-                        (f.name.clone(), t.name().to_owned()),
-                        Arc::new(Notify::new()),
-                    )
-                })
+            .map(|f| {
+                let handoffs = f.targets().iter().map(|_| Arc::default()).collect();
+                (f.name.clone(), handoffs)
             })
             .collect();
         Self {
@@ -81,7 +78,7 @@ impl Engine {
             transport,
             brokers: Brokers::default(),
             store,
-            wakers,
+            handoffs,
             draining: AtomicBool::new(false),
         }
     }
@@ -106,11 +103,9 @@ impl Engine {
         &self.brokers
     }
 
-    /// The signal that wakes the delivery of `flow`'s `target`.
-    pub fn waker(&self, flow: &str, target: &str) -> Option<Arc<Notify>> {
-        self.wakers
-            .get(&(flow.to_owned(), target.to_owned()))
-            .cloned()
+    /// The way to the delivery worker of target number `target` of durable flow `flow`.
+    pub fn handoff(&self, flow: &str, target: usize) -> Option<&Arc<Handoff>> {
+        self.handoffs.get(flow)?.get(target)
     }
 
     /// Marks the engine as stopping, so readiness answers 503 while requests drain.
@@ -427,38 +422,52 @@ impl Engine {
                 detail: json!({ "steps": steps }),
             });
         }
-        let targets: Vec<String> = processed
-            .targets
-            .iter()
-            .map(|&i| flow.targets()[i].name().to_owned())
-            .collect();
-        for target in &targets {
+        for &index in &processed.targets {
             events.push(NewEvent {
                 kind: "queued",
-                detail: json!({"target": target}),
+                detail: json!({"target": flow.targets()[index].name()}),
             });
         }
-        let status = if targets.is_empty() {
+        let status = if processed.targets.is_empty() {
             MessageStatus::Delivered
         } else {
             MessageStatus::Accepted
         };
+        // A new message goes straight to the workers that keep up; a replay waits its turn.
+        let reservations: Vec<Option<Reservation>> = processed
+            .targets
+            .iter()
+            .map(
+                |&index| match (&source.replay, self.handoff(&flow.name, index)) {
+                    (None, Some(handoff)) => handoff.reserve(),
+                    _ => None,
+                },
+            )
+            .collect();
+        let claimed_until = store.lease_until();
+        let targets = processed
+            .targets
+            .iter()
+            .zip(&reservations)
+            .map(|(&index, reserved)| Queued {
+                target: flow.targets()[index].name().to_owned(),
+                claimed_until: reserved.as_ref().map(|_| claimed_until),
+            })
+            .collect();
         let (key, fingerprint) = (source.key.clone(), source.fingerprint.clone());
         let accepted = Accepted {
             status,
             reply: reply.clone(),
-            targets: targets.clone(),
+            targets,
             correlation: processed.correlation,
             events,
             ..source.into_accepted(flow, &message)
         };
         match store.accept(accepted).await? {
-            Acceptance::Stored => {
-                for target in &targets {
-                    if let Some(wake) = self.waker(&flow.name, target) {
-                        wake.notify_one();
-                    }
-                }
+            Acceptance::Stored(stored) => {
+                let deliveries = processed.targets.iter().copied().zip(reservations);
+                self.hand_over_stored(flow, store, deliveries, &stored, claimed_until, message)
+                    .await;
                 Ok(reply)
             }
             // Another submission with the same key committed first.
@@ -467,6 +476,64 @@ impl Engine {
                 key.as_deref().unwrap_or_default(),
                 fingerprint.as_deref(),
             ),
+        }
+    }
+
+    /// Hands `message`, just committed as `stored`, to the delivery worker of each target
+    /// (its number in `flow`) that has room reserved for it, and wakes the others' workers to
+    /// claim it from the store.
+    async fn hand_over_stored(
+        &self,
+        flow: &Flow,
+        store: &Store,
+        deliveries: impl Iterator<Item = (usize, Option<Reservation>)>,
+        stored: &Stored,
+        claimed_until: i64,
+        message: Message,
+    ) {
+        let mut handed = Vec::new();
+        for ((index, reserved), outbox_id) in deliveries.zip(&stored.claimed) {
+            match (reserved, outbox_id) {
+                (Some(reserved), Some(id)) => handed.push((reserved, *id)),
+                _ => {
+                    if let Some(handoff) = self.handoff(&flow.name, index) {
+                        handoff.wake();
+                    }
+                }
+            }
+        }
+        let Some(last) = handed.len().checked_sub(1) else {
+            return;
+        };
+        let message_id = message.id().to_owned();
+        let (mut document, content_type) = message.into_document();
+        let mut released = Vec::new();
+        for (n, (reserved, outbox_id)) in handed.into_iter().enumerate() {
+            let entry = Claimed {
+                outbox_id,
+                message_id: message_id.clone(),
+                attempts: 0,
+                queued_at: stored.queued_at,
+                // Each target its own copy; the last takes the message's.
+                document: if n == last {
+                    std::mem::take(&mut document)
+                } else {
+                    document.clone()
+                },
+                content_type: content_type.clone(),
+                record_id: stored.record_id,
+                lease_until: claimed_until,
+            };
+            if !reserved.hand_over(entry) {
+                // The worker stopped meanwhile: due again at once, for whichever comes next.
+                released.push((outbox_id, claimed_until));
+            }
+        }
+        if !released.is_empty()
+            && let Err(error) = store.release(released).await
+        {
+            // Their claims run out instead: later, not lost.
+            tracing::warn!(flow = %flow.name, %error, "giving back deliveries failed");
         }
     }
 

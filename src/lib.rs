@@ -24,7 +24,8 @@
 //!    [`steps`] (`validate`, `set`, `transform`, `route`, `correlate`), [`targets`] (HTTP,
 //!    MLLP, queue and flow targets, each making its own attempt, and their mocks),
 //!    [`mllp`] (HL7 v2 over TCP: frames and acknowledgements), [`queue`]
-//!    (embedded, AMQP and NATS queues), [`store`] (the durable store on SQLite or PostgreSQL).
+//!    (embedded, AMQP and NATS queues), [`store`] (the durable store on SQLite or PostgreSQL),
+//!    [`handoff`] (accepted messages on their way to a delivery worker without a claim).
 //! 5. **[`flow`]**: a compiled flow, and what it does to one message.
 //! 6. **[`project`]**: the compiler of flows and projects, every problem at once.
 //! 7. **[`engine`]**: the message path every entry point goes through.
@@ -50,6 +51,7 @@ pub mod engine;
 pub mod error;
 pub mod fault;
 pub mod flow;
+pub mod handoff;
 pub mod hl7;
 pub mod json;
 pub mod jsonpath;

@@ -263,6 +263,11 @@ impl Message {
         }
     }
 
+    /// The whole document and a text body's type, as [`Message::from_document`] takes them.
+    pub fn into_document(mut self) -> (Value, Option<String>) {
+        (std::mem::take(self.context.data_mut()), self.content_type)
+    }
+
     /// What identifies this request besides an idempotency key: a SHA-256 over its method,
     /// path and body (object keys in order), in hex. Two submissions under one key are the
     /// same request when their fingerprints agree. `body` is this message's body as JSON

@@ -198,8 +198,8 @@ pub struct Accepted {
     pub error: Option<String>,
     /// What the caller is answered.
     pub reply: StoredReply,
-    /// Targets to deliver to.
-    pub targets: Vec<String>,
+    /// Deliveries to make, one per target.
+    pub targets: Vec<Queued>,
     /// Correlation changes the steps made.
     pub correlation: Vec<CorrelationWrite>,
     /// Timeline entries.
@@ -209,13 +209,47 @@ pub struct Accepted {
     pub replay: bool,
 }
 
+/// A delivery a message is accepted with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    /// The target.
+    pub target: String,
+    /// Until when the accepting process holds the delivery when its worker takes it over as
+    /// the message commits: the entry is stored claimed (in flight) instead of pending, so the
+    /// worker sends it without claiming it and reading the message back. A replay's entries
+    /// are always pending.
+    pub claimed_until: Option<Millis>,
+}
+
+impl Queued {
+    /// A delivery left pending, for whichever worker claims it.
+    pub fn pending(target: impl Into<String>) -> Self {
+        Self {
+            target: target.into(),
+            claimed_until: None,
+        }
+    }
+}
+
 /// What accepting a message came to: stored, or found to repeat an earlier one.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Acceptance {
     /// Stored.
-    Stored,
+    Stored(Stored),
     /// The flow already has a message with this idempotency key.
     Duplicate(Prior),
+}
+
+/// What a stored message's deliveries need to be sent without reading it back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stored {
+    /// The outbox entry of each of [`Accepted::targets`] stored claimed, in their order;
+    /// `None` for one left pending.
+    pub claimed: Vec<Option<i64>>,
+    /// The message's correlation record.
+    pub record_id: Option<i64>,
+    /// When its deliveries were queued: their retry budgets run from here.
+    pub queued_at: Millis,
 }
 
 /// A correlation record as flows and operators see it.
@@ -651,7 +685,7 @@ impl Store {
     }
 
     /// Until when a claim made now holds.
-    fn lease_until(&self) -> Millis {
+    pub fn lease_until(&self) -> Millis {
         now_ms().saturating_add(i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX))
     }
 

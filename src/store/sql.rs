@@ -15,7 +15,7 @@ use crate::store::{
     Acceptance, Accepted, AfterAttempt, AttemptRecord, Claimed, Correlation, CorrelationWrite,
     Event, FlowCounts, MessageDetail, MessageFilter, MessageStatus, MessageSummary, Millis,
     OutboxEntry, Overview, Prior, QueueItem, Recipient, ReplaySource, StateChange, StoreError,
-    StoredReply, TargetBacklog, Trace, merge, now_ms, rfc3339,
+    Stored, StoredReply, TargetBacklog, Trace, merge, now_ms, rfc3339,
 };
 
 /// The reads, the same calls on both backends: a single query on a pooled connection, several
@@ -591,18 +591,29 @@ pub(super) async fn accept(conn: &mut WriteConn, a: &Accepted) -> Result<Accepta
     // A replay sends again only to the targets that do not have the message and are not about
     // to: a subscriber that failed is no reason to send the others a second copy. A new message
     // has no deliveries yet, and a plain insert is cheaper.
-    let queue = if a.replay {
-        "INSERT INTO outbox (message_id, flow, target, state, attempts, next_attempt_at, created_at, updated_at)
-         SELECT $1, $2, $3, 'pending', 0, $4, $4, $4
-         WHERE NOT EXISTS (SELECT 1 FROM outbox WHERE message_id = $1 AND target = $3
-                           AND state IN ('delivered', 'pending', 'in_flight'))"
-    } else {
-        "INSERT INTO outbox (message_id, flow, target, state, attempts, next_attempt_at, created_at, updated_at)
-         VALUES ($1, $2, $3, 'pending', 0, $4, $4, $4)"
-    };
-    for target in &a.targets {
-        conn.execute(queue, &params![&a.id, &a.flow, target, now])
+    let mut claimed = Vec::with_capacity(a.targets.len());
+    for queued in &a.targets {
+        if a.replay {
+            conn.execute(
+                "INSERT INTO outbox (message_id, flow, target, state, attempts, next_attempt_at, created_at, updated_at)
+                 SELECT $1, $2, $3, 'pending', 0, $4, $4, $4
+                 WHERE NOT EXISTS (SELECT 1 FROM outbox WHERE message_id = $1 AND target = $3
+                                   AND state IN ('delivered', 'pending', 'in_flight'))",
+                &params![&a.id, &a.flow, &queued.target, now],
+            )
             .await?;
+            claimed.push(None);
+            continue;
+        }
+        let id = conn
+            .insert_id(
+                "INSERT INTO outbox (message_id, flow, target, state, attempts, next_attempt_at, lease_until,
+                                     created_at, updated_at)
+                 VALUES ($1, $2, $3, CASE WHEN $5 IS NULL THEN 'pending' ELSE 'in_flight' END, 0, $4, $5, $4, $4)",
+                &params![&a.id, &a.flow, &queued.target, now, queued.claimed_until],
+            )
+            .await?;
+        claimed.push(queued.claimed_until.map(|_| id));
     }
     if !a.events.is_empty() {
         // One statement for the whole timeline: statements, not rows, are what cost here.
@@ -617,7 +628,11 @@ pub(super) async fn accept(conn: &mut WriteConn, a: &Accepted) -> Result<Accepta
         }
         conn.execute(&sql, &bound).await?;
     }
-    Ok(Acceptance::Stored)
+    Ok(Acceptance::Stored(Stored {
+        claimed,
+        record_id: record,
+        queued_at: now,
+    }))
 }
 
 async fn insert_event(

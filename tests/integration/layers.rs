@@ -33,6 +33,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("auth", 3),
     ("steps", 3),
     ("store", 3),
+    ("handoff", 3),
     ("queue", 3),
     ("mllp", 3),
     ("targets", 3),

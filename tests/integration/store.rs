@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ferry::store::{
     Acceptance, Accepted, AfterAttempt, AttemptRecord, Claimed, CorrelationWrite, MessageFilter,
-    MessageStatus, NewEvent, Store, StoreError, StoreOptions, StoredReply, now_ms,
+    MessageStatus, NewEvent, Queued, Store, StoreError, StoreOptions, StoredReply, now_ms,
 };
 use serde_json::json;
 use tokio::task::JoinSet;
@@ -32,7 +32,7 @@ fn accepted(id: &str, key: Option<&str>) -> Accepted {
             headers: vec![],
             body: json!({"id": id}),
         },
-        targets: vec!["lab".into()],
+        targets: vec![Queued::pending("lab")],
         correlation: vec![CorrelationWrite::Save {
             context: "req".into(),
             keys: vec![id.into(), format!("ref-{id}")],
@@ -81,7 +81,76 @@ on_both_stores!(
     a_failing_write_is_undone_alone_and_its_neighbours_commit,
     operators_find_messages_by_any_key_and_see_each_targets_backlog,
     a_record_is_found_by_the_first_of_many_keys_that_names_one,
+    a_delivery_accepted_claimed_is_sent_without_a_claim_and_due_again_when_given_back,
 );
+
+/// A delivery taken over as its message commits is stored in flight under the lease it was
+/// given: nobody claims it, its outcome is recorded under that lease, and given back it is due
+/// at once.
+async fn a_delivery_accepted_claimed_is_sent_without_a_claim_and_due_again_when_given_back(
+    backend: Backend,
+) {
+    let test = TestStore::new(backend).await;
+    let store = test.open().await;
+    let lease_until = store.lease_until();
+    let mut both = accepted("m1", None);
+    both.targets = vec![
+        Queued::pending("lab"),
+        Queued {
+            target: "archive".into(),
+            claimed_until: Some(lease_until),
+        },
+    ];
+    let Acceptance::Stored(stored) = store.accept(both).await.unwrap() else {
+        panic!("a new message is stored");
+    };
+    let [None, Some(archive)] = stored.claimed[..] else {
+        panic!("only the archive's entry is claimed: {:?}", stored.claimed);
+    };
+    let record = stored.record_id.expect("the message saved a record");
+    assert!(stored.queued_at <= now_ms());
+    assert!(store.claim("f", "archive", 10).await.unwrap().is_empty());
+    assert_eq!(store.claim("f", "lab", 10).await.unwrap().len(), 1);
+    assert_eq!(store.undelivered().await.unwrap(), 2);
+    let handed = Claimed {
+        outbox_id: archive,
+        message_id: "m1".into(),
+        attempts: 0,
+        queued_at: stored.queued_at,
+        document: json!({}),
+        content_type: None,
+        record_id: Some(record),
+        lease_until,
+    };
+    store
+        .record_attempt(delivered(&handed, None))
+        .await
+        .unwrap();
+    let detail = store.message("m1").await.unwrap().unwrap();
+    let states: Vec<(&str, &str)> = detail
+        .deliveries
+        .iter()
+        .map(|d| (d.target.as_str(), d.state.as_str()))
+        .collect();
+    assert_eq!(states, [("lab", "in_flight"), ("archive", "delivered")]);
+    assert_eq!(detail.correlation.map(|c| c.id), Some(record));
+
+    let mut again = accepted("m2", None);
+    again.targets = vec![Queued {
+        target: "archive".into(),
+        claimed_until: Some(lease_until),
+    }];
+    let Acceptance::Stored(stored) = store.accept(again).await.unwrap() else {
+        panic!("a new message is stored");
+    };
+    let id = stored.claimed[0].unwrap();
+    store.release(vec![(id, lease_until)]).await.unwrap();
+    let claimed = store.claim("f", "archive", 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].message_id, "m2");
+    assert_eq!(claimed[0].document["body"], json!({"a": 1}));
+    store.close().await;
+}
 
 /// More keys than SQLite joins in one statement: the lookup takes several, and still finds
 /// the record by the first key, in the order given, that names one.
@@ -149,10 +218,10 @@ async fn a_webhook_id_is_taken_once(backend: Backend) {
 async fn accept_claim_deliver_and_trace(backend: Backend) {
     let test = TestStore::new(backend).await;
     let store = test.open().await;
-    assert_eq!(
+    assert!(matches!(
         store.accept(accepted("m1", Some("k1"))).await.unwrap(),
-        Acceptance::Stored
-    );
+        Acceptance::Stored(_)
+    ));
     // The same idempotency key gives the original reply, with what identified the request.
     let again = store.accept(accepted("m2", Some("k1"))).await.unwrap();
     assert!(matches!(&again, Acceptance::Duplicate(p) if p.reply.body == json!({"id": "m1"})));
@@ -592,7 +661,7 @@ async fn postgres_replicas_share_idempotency_and_correlation() {
     assert_eq!(
         outcomes
             .iter()
-            .filter(|o| **o == Acceptance::Stored)
+            .filter(|o| matches!(o, Acceptance::Stored(_)))
             .count(),
         1,
         "{outcomes:?}"
