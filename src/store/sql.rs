@@ -590,7 +590,8 @@ pub(super) async fn accept(conn: &mut WriteConn, a: &Accepted) -> Result<Accepta
     }
     // A replay sends again only to the targets that do not have the message and are not about
     // to: a subscriber that failed is no reason to send the others a second copy. A new message
-    // has no deliveries yet, and a plain insert is cheaper.
+    // has no deliveries yet, and a plain insert is cheaper; each is pending, or in flight for
+    // the worker that takes it over as this commits.
     let mut claimed = Vec::with_capacity(a.targets.len());
     for queued in &a.targets {
         if a.replay {
