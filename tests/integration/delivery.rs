@@ -2,6 +2,7 @@
 //! per idempotency key; permanent refusals become dead letters that replay can deliver.
 
 use std::collections::{BTreeSet, HashMap};
+use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -9,7 +10,7 @@ use tokio::task::JoinSet;
 
 use crate::round_trip::history_states;
 use crate::util::{Backend, Ferry, Partner, features, payload, post_json, wait_for, wait_until};
-use crate::util::{status_of, wait_for_state};
+use crate::util::{TestStore, status_of, wait_for_state, wait_until_within};
 
 on_both_stores!(
     a_lab_down_while_200_requests_arrive_gets_each_once_when_it_is_back,
@@ -357,4 +358,48 @@ async fn a_slow_lab_holds_up_nothing_else(backend: Backend) {
         "{} orders in flight",
         lab.received().len() - 1
     );
+}
+
+/// A ferry that stops gives back the deliveries it took over as their messages committed and
+/// has not sent: the next ferry delivers them at once, not when their claims run out. On
+/// PostgreSQL, where nothing else frees them (a SQLite store frees every claim at start).
+#[tokio::test]
+async fn deliveries_taken_over_and_not_sent_are_given_back_when_ferry_stops() {
+    use crate::util::process::{spawn_on, terminate};
+
+    let store = TestStore::new(Backend::Postgres).await;
+    let lab = Partner::start(201, json!({"lab_order_id": "LAB-G"})).await;
+    // Slow enough that most orders still wait in memory when ferry is told to stop.
+    lab.set_delay(Duration::from_millis(500));
+    let env = [("LAB_URL", lab.url.as_str())];
+    let (child, url) = spawn_on(&store.url, &["--flows", "flows"], &env, Stdio::null());
+    const REQUESTS: usize = 40;
+    let mut sent = JoinSet::new();
+    for i in 0..REQUESTS {
+        let url = format!("{url}/api/v1/test-requests");
+        sent.spawn(async move { post_json(&url, &request(i)).await.0 });
+    }
+    while let Some(status) = sent.join_next().await {
+        assert_eq!(status.unwrap(), 202);
+    }
+    terminate(child).await;
+    let before = lab.accepted().len();
+    assert!(
+        before < REQUESTS,
+        "the lab had every order before ferry stopped: the test missed its window"
+    );
+
+    // Claims hold for the default lease (60 s): only orders given back are due now.
+    lab.set_delay(Duration::ZERO);
+    let (child, _) = spawn_on(&store.url, &["--flows", "flows"], &env, Stdio::null());
+    wait_until_within("the next ferry delivered every order", 20, || {
+        lab.idempotency_keys().len() == REQUESTS
+    })
+    .await;
+    assert_eq!(
+        lab.accepted().len(),
+        REQUESTS,
+        "an order reached the lab twice"
+    );
+    terminate(child).await;
 }
