@@ -414,19 +414,19 @@ impl Engine {
             Err(error) => return Err(error.into()),
         };
         let reply: StoredReply = flow.render_reply(&message)?.into();
-        // The steps in one entry: one row to write, not one per step.
+        // The steps it went through and the targets it is queued for ride on its arrival's
+        // entry: one row to write, which reads as one entry each (`store::arrival_entries`).
         let steps: Vec<&str> = flow.step_labels().collect();
-        if !steps.is_empty() {
-            events.push(NewEvent {
-                kind: "steps",
-                detail: json!({ "steps": steps }),
-            });
-        }
-        for &index in &processed.targets {
-            events.push(NewEvent {
-                kind: "queued",
-                detail: json!({"target": flow.targets()[index].name()}),
-            });
+        let queued: Vec<&str> = (processed.targets.iter())
+            .map(|&index| flow.targets()[index].name())
+            .collect();
+        if let Value::Object(arrival) = &mut events[0].detail {
+            if !steps.is_empty() {
+                arrival.insert("steps".into(), json!(steps));
+            }
+            if !queued.is_empty() {
+                arrival.insert("queued".into(), json!(queued));
+            }
         }
         let status = if processed.targets.is_empty() {
             MessageStatus::Delivered

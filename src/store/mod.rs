@@ -983,6 +983,34 @@ enum Lock<'a> {
     Pruning,
 }
 
+/// The timeline entries stored as `event`: a message's arrival (`received`, `replayed`) is
+/// stored with the steps it went through and the targets it was queued for, one row for what
+/// reads as a `steps` entry and a `queued` entry per target after it, at the same time.
+pub(crate) fn arrival_entries(mut event: Event) -> Vec<Event> {
+    let (steps, queued) = match (&event.kind[..], &mut event.detail) {
+        ("received" | "replayed", Value::Object(detail)) => {
+            (detail.remove("steps"), detail.remove("queued"))
+        }
+        _ => (None, None),
+    };
+    let entry = |kind: &str, detail: Value| Event {
+        kind: kind.to_owned(),
+        detail,
+        ..event.clone()
+    };
+    let mut entries = Vec::new();
+    if let Some(steps) = steps {
+        entries.push(entry("steps", serde_json::json!({ "steps": steps })));
+    }
+    if let Some(Value::Array(targets)) = queued {
+        for target in targets {
+            entries.push(entry("queued", serde_json::json!({ "target": target })));
+        }
+    }
+    entries.insert(0, event);
+    entries
+}
+
 /// Merges `patch` into `data`, field by field; non-objects replace.
 pub(crate) fn merge(data: &mut Value, patch: &Value) {
     match (data, patch) {
@@ -998,7 +1026,50 @@ pub(crate) fn merge(data: &mut Value, patch: &Value) {
 
 #[cfg(test)]
 mod tests {
-    use super::rfc3339;
+    use super::{Event, arrival_entries, rfc3339};
+    use serde_json::json;
+
+    fn event(kind: &str, detail: serde_json::Value) -> Event {
+        Event {
+            at: "2026-12-03T10:00:00.000Z".into(),
+            message_id: "m1".into(),
+            flow: "f".into(),
+            kind: kind.into(),
+            detail,
+        }
+    }
+
+    #[test]
+    fn an_arrival_reads_as_its_entries_and_other_entries_as_stored() {
+        let stored = event(
+            "received",
+            json!({"flow": "f", "idempotency_key": "k", "steps": ["a", "b"], "queued": ["lab", "archive"]}),
+        );
+        let entries = arrival_entries(stored);
+        let read: Vec<(&str, &serde_json::Value)> = entries
+            .iter()
+            .map(|e| (e.kind.as_str(), &e.detail))
+            .collect();
+        assert_eq!(
+            read,
+            [
+                ("received", &json!({"flow": "f", "idempotency_key": "k"})),
+                ("steps", &json!({"steps": ["a", "b"]})),
+                ("queued", &json!({"target": "lab"})),
+                ("queued", &json!({"target": "archive"})),
+            ]
+        );
+        assert!(entries.iter().all(|e| e.at == entries[0].at));
+        // Entries stored one per row, as before, and entries of other kinds, read as stored.
+        for alone in [
+            event("received", json!({"flow": "f", "idempotency_key": null})),
+            event("steps", json!({"steps": ["a"]})),
+            event("attempt", json!({"steps": 1, "queued": ["not an arrival"]})),
+        ] {
+            assert_eq!(arrival_entries(alone.clone()).len(), 1);
+            assert_eq!(arrival_entries(alone.clone())[0].detail, alone.detail);
+        }
+    }
 
     #[test]
     fn stamps_sort_as_text_in_time_order() {

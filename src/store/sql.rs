@@ -15,7 +15,7 @@ use crate::store::{
     Acceptance, Accepted, AfterAttempt, AttemptRecord, Claimed, Correlation, CorrelationWrite,
     Event, FlowCounts, MessageDetail, MessageFilter, MessageStatus, MessageSummary, Millis,
     OutboxEntry, Overview, Prior, QueueItem, Recipient, ReplaySource, StateChange, StoreError,
-    Stored, StoredReply, TargetBacklog, Trace, merge, now_ms, rfc3339,
+    Stored, StoredReply, TargetBacklog, Trace, arrival_entries, merge, now_ms, rfc3339,
 };
 
 /// The reads, the same calls on both backends: a single query on a pooled connection, several
@@ -457,13 +457,13 @@ async fn events(conn: &mut Conn, ids: &[String]) -> Result<Vec<Event>, StoreErro
         .fetch_all(&mut *conn)
         .await?;
         for row in rows {
-            all.push(Event {
+            all.extend(arrival_entries(Event {
                 at: rfc3339(row.get("at")),
                 message_id: row.get("message_id"),
                 flow: row.get("flow"),
                 kind: row.get("kind"),
                 detail: parse(&row.get::<String, _>("detail"))?,
-            });
+            }));
         }
     }
     Ok(all)

@@ -281,6 +281,23 @@ async fn the_status_endpoint_walks_through_each_lifecycle_state(backend: Backend
     );
     assert_eq!(state["lab_order_id"], "LAB-5");
 
+    // The request's own timeline: its arrival, the steps it went through, where it was
+    // queued, then each attempt at the lab.
+    let (status, message) = ferry.admin(&format!("/messages/{id}")).await;
+    assert_eq!(status, 200);
+    let timeline = message["timeline"].as_array().unwrap();
+    let kinds: Vec<&str> = timeline
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds[..3], ["received", "steps", "queued"], "{kinds:?}");
+    assert!(kinds[3..].iter().all(|k| *k == "attempt"), "{kinds:?}");
+    assert_eq!(timeline[0]["detail"]["idempotency_key"], "PR-LOAD-5");
+    assert_eq!(timeline[0]["detail"].get("steps"), None);
+    assert_eq!(timeline[1]["detail"]["steps"].as_array().unwrap().len(), 6);
+    assert_eq!(timeline[2]["detail"], json!({"target": "lab"}));
+    assert!(timeline[..3].iter().all(|e| e["at"] == timeline[0]["at"]));
+
     // The trace joins both directions into one timeline, found by any key.
     for key in [id.as_str(), "PR-LOAD-5", "LAB-5"] {
         let (status, trace) = ferry.admin(&format!("/trace/{key}")).await;
