@@ -463,77 +463,32 @@ impl Engine {
             events,
             ..source.into_accepted(flow, &message)
         };
-        match store.accept(accepted).await? {
-            Acceptance::Stored(stored) => {
-                let deliveries = processed.targets.iter().copied().zip(reservations);
-                self.hand_over_stored(flow, store, deliveries, &stored, claimed_until, message)
-                    .await;
-                Ok(reply)
+        let deliveries: Vec<Delivery> = (processed.targets.iter())
+            .map(|&index| self.handoff(&flow.name, index).cloned())
+            .zip(reservations)
+            .collect();
+        // The commit and the hand-over are a task of their own: a caller that gives up
+        // meanwhile (its timeout, a dropped connection) does not stop a commit that lands all
+        // the same from reaching the workers, which would leave its deliveries claimed by nobody.
+        let (store, name) = (store.clone(), flow.name.clone());
+        let committed = tokio::spawn(async move {
+            let acceptance = store.accept(accepted).await?;
+            if let Acceptance::Stored(stored) = &acceptance {
+                hand_over(&store, &name, deliveries, stored, claimed_until, message).await;
             }
+            Ok::<_, ServeError>(acceptance)
+        });
+        let acceptance = committed
+            .await
+            .map_err(|e| ServeError::Internal(format!("committing the message failed: {e}")))??;
+        match acceptance {
+            Acceptance::Stored(_) => Ok(reply),
             // Another submission with the same key committed first.
             Acceptance::Duplicate(prior) => repeat(
                 prior,
                 key.as_deref().unwrap_or_default(),
                 fingerprint.as_deref(),
             ),
-        }
-    }
-
-    /// Hands `message`, just committed as `stored`, to the delivery worker of each target
-    /// (its number in `flow`) that has room reserved for it, and wakes the others' workers to
-    /// claim it from the store.
-    async fn hand_over_stored(
-        &self,
-        flow: &Flow,
-        store: &Store,
-        deliveries: impl Iterator<Item = (usize, Option<Reservation>)>,
-        stored: &Stored,
-        claimed_until: i64,
-        message: Message,
-    ) {
-        let mut handed = Vec::new();
-        for ((index, reserved), outbox_id) in deliveries.zip(&stored.claimed) {
-            match (reserved, outbox_id) {
-                (Some(reserved), Some(id)) => handed.push((reserved, *id)),
-                _ => {
-                    if let Some(handoff) = self.handoff(&flow.name, index) {
-                        handoff.wake();
-                    }
-                }
-            }
-        }
-        let Some(last) = handed.len().checked_sub(1) else {
-            return;
-        };
-        let message_id = message.id().to_owned();
-        let (mut document, content_type) = message.into_document();
-        let mut released = Vec::new();
-        for (n, (reserved, outbox_id)) in handed.into_iter().enumerate() {
-            let entry = Claimed {
-                outbox_id,
-                message_id: message_id.clone(),
-                attempts: 0,
-                queued_at: stored.queued_at,
-                // Each target its own copy; the last takes the message's.
-                document: if n == last {
-                    std::mem::take(&mut document)
-                } else {
-                    document.clone()
-                },
-                content_type: content_type.clone(),
-                record_id: stored.record_id,
-                lease_until: claimed_until,
-            };
-            if !reserved.hand_over(entry) {
-                // The worker stopped meanwhile: due again at once, for whichever comes next.
-                released.push((outbox_id, claimed_until));
-            }
-        }
-        if !released.is_empty()
-            && let Err(error) = store.release(released).await
-        {
-            // Their claims run out instead: later, not lost.
-            tracing::warn!(flow = %flow.name, %error, "giving back deliveries failed");
         }
     }
 
@@ -628,6 +583,65 @@ impl Calls for Engine {
         caller: &'a mut Message,
     ) -> crate::targets::CallAttempt<'a> {
         Box::pin(self.deliver_through(flow, target, caller))
+    }
+}
+
+/// A delivery of a message being committed: its target's way to the delivery worker, and the
+/// room reserved there when the worker takes the message over.
+type Delivery = (Option<Arc<Handoff>>, Option<Reservation>);
+
+/// Hands `message` of flow `flow`, just committed as `stored`, to the delivery worker of each
+/// of `deliveries` that has room reserved for it, and wakes the others' workers to claim it
+/// from the store.
+async fn hand_over(
+    store: &Store,
+    flow: &str,
+    deliveries: Vec<Delivery>,
+    stored: &Stored,
+    claimed_until: i64,
+    message: Message,
+) {
+    let mut handed = Vec::new();
+    for ((handoff, reserved), outbox_id) in deliveries.into_iter().zip(&stored.claimed) {
+        match (reserved, outbox_id) {
+            (Some(reserved), Some(id)) => handed.push((reserved, *id)),
+            _ => {
+                if let Some(handoff) = handoff {
+                    handoff.wake();
+                }
+            }
+        }
+    }
+    let Some(last) = handed.len().checked_sub(1) else {
+        return;
+    };
+    let message_id = message.id().to_owned();
+    let (mut document, content_type) = message.into_document();
+    let mut released = Vec::new();
+    for (n, (reserved, outbox_id)) in handed.into_iter().enumerate() {
+        let entry = Claimed {
+            outbox_id,
+            message_id: message_id.clone(),
+            attempts: 0,
+            queued_at: stored.queued_at,
+            // Each target its own copy; the last takes the message's.
+            document: if n == last {
+                std::mem::take(&mut document)
+            } else {
+                document.clone()
+            },
+            content_type: content_type.clone(),
+            record_id: stored.record_id,
+            lease_until: claimed_until,
+        };
+        if !reserved.hand_over(entry) {
+            // The worker stopped meanwhile: due again at once, for whichever comes next.
+            released.push((outbox_id, claimed_until));
+        }
+    }
+    if let Err(error) = store.release(released).await {
+        // Their claims run out instead: later, not lost.
+        tracing::warn!(%flow, %error, "giving back deliveries failed");
     }
 }
 

@@ -420,3 +420,37 @@ async fn deliveries_taken_over_and_not_sent_are_given_back_when_ferry_stops() {
     );
     terminate(child).await;
 }
+
+/// A caller that gives up while its message waits for the store (here ferry's own request
+/// timeout, the database locked by another process) does not strand the delivery: SQLite
+/// commits the message all the same, and its worker gets it at once, not when the claim it was
+/// committed under runs out.
+#[tokio::test]
+async fn a_message_committed_after_its_caller_gave_up_is_delivered_at_once() {
+    use crate::util::process::{spawn_on, terminate};
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ferry.db");
+    let store = format!("sqlite://{}", file.display());
+    let lab = Partner::start(201, json!({"lab_order_id": "LAB-T"})).await;
+    let env = [("LAB_URL", lab.url.as_str())];
+    let args = ["--flows", "flows", "--request-timeout", "1s"];
+    let (child, url) = spawn_on(&store, &args, &env, Stdio::null());
+    let orders = format!("{url}/api/v1/test-requests");
+    assert_eq!(post_json(&orders, &request(0)).await.0, 202);
+    wait_until("the lab has the first order", || lab.accepted().len() == 1).await;
+
+    // Another process holds the database's write lock past the request timeout.
+    let locker = rusqlite::Connection::open(&file).unwrap();
+    locker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let (status, _) = post_json(&orders, &request(1)).await;
+    assert_eq!(status, 408, "the caller is told it timed out");
+    locker.execute_batch("COMMIT").unwrap();
+
+    // Claims hold for the default lease (60 s): only a delivery handed over is sent now.
+    wait_until_within("the lab has the order whose caller gave up", 20, || {
+        lab.accepted().len() == 2
+    })
+    .await;
+    terminate(child).await;
+}
