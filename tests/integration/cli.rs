@@ -159,7 +159,8 @@ async fn dlq_commands_list_show_and_replay_dead_letters() {
         if listed.contains(&id) {
             break;
         }
-        std::thread::sleep(std::time::Duration::from_millis(10));
+        // Waits without blocking: the mock lab answers on this runtime.
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     assert!(
         listed.contains(&id) && listed.contains("answered 422"),
