@@ -14,8 +14,11 @@
 //! For each: requests per second, server CPU per request (from `/proc`), and memory. For the
 //! durable flow also orders delivered per second under load held for the whole run, how long
 //! the lab waits for the last accepted order once the load stops, and how long a burst of
-//! 10,000 requests takes to reach the lab. Then start-up (process start to `/readyz` 200) and
-//! `ferry check` of 1,000 flows.
+//! 10,000 requests takes to reach the lab. The durable flow's CPU per request there covers
+//! both halves of its work, accepting and delivering; a second durable run splits them: the
+//! lab holds its answers while the load runs (accepting alone), then takes the backlog
+//! (delivering alone). Then start-up (process start to `/readyz` 200) and `ferry check` of
+//! 1,000 flows.
 //!
 //! Run with `cargo bench --bench speed`; `FERRY_BENCH_SECONDS` (default 10) is how long each
 //! load is held.
@@ -40,6 +43,11 @@ use common::{KEY, serve, test_request};
 const CONNECTIONS: usize = 32;
 /// The requests of a burst.
 const BURST: u64 = 10_000;
+/// Where the portal submits Test Requests.
+const PATH: &str = "/api/v1/test-requests";
+/// The longest the lab holds its answers: under the shipped flow's 10 s timeout, so that ferry
+/// gives up on no order and sends none twice.
+const HOLD_LIMIT: Duration = Duration::from_secs(8);
 /// The environment variable that makes this program the floor proxy, forwarding to its URL.
 const PROXY_ROLE: &str = "FERRY_SPEED_PROXY_TO";
 
@@ -81,19 +89,19 @@ async fn run(held: Duration) {
     );
 
     let floor = Server::proxy(&lab.url);
-    let floor_run = measure(&floor, "/orders", &body, held, &lab).await;
+    let floor_run = measure(&floor, "/orders", &body, held, &lab, |_| {}).await;
     floor_run.print("floor: forwarding proxy", &floor_run);
     drop(floor);
 
     let sync_flows = sync_project(scratch.path());
     let sync = Server::ferry(&sync_flows, &scratch.path().join("sync.db"), &lab.url);
-    let sync_run = measure(&sync, "/api/v1/test-requests", &body, held, &lab).await;
+    let sync_run = measure(&sync, PATH, &body, held, &lab, |_| {}).await;
     sync_run.print("ferry, sync", &floor_run);
     drop(sync);
 
     let shipped = common::support::repo().join("flows");
     let durable = Server::ferry(&shipped, &scratch.path().join("durable.db"), &lab.url);
-    let durable_run = measure(&durable, "/api/v1/test-requests", &body, held, &lab).await;
+    let durable_run = measure(&durable, PATH, &body, held, &lab, |_| {}).await;
     durable_run.print("ferry, durable: accepting", &floor_run);
     let accepted = durable_run.requests;
     let drained = lab
@@ -129,6 +137,29 @@ async fn run(held: Duration) {
     );
     drop(durable);
 
+    // The same flow again, its two halves apart: accepting while the lab holds every order,
+    // then delivering the backlog once the lab takes orders again.
+    let split = Server::ferry(&shipped, &scratch.path().join("split.db"), &lab.url);
+    let accepting = measure(&split, PATH, &body, held.min(HOLD_LIMIT), &lab, Lab::hold).await;
+    println!("\ndurable, the lab holding its answers during the load, then taking the backlog:");
+    accepting.print("ferry, durable: accepting alone", &floor_run);
+    let cpu = split.cpu();
+    lab.release();
+    let drained = lab
+        .wait_for(
+            accepting.lab_before + accepting.requests,
+            Duration::from_secs(300),
+        )
+        .await;
+    let delivering = Measured {
+        held: drained,
+        cpu: split.cpu() - cpu,
+        rss_mib: split.peak_rss_mib(),
+        ..accepting
+    };
+    delivering.print("ferry, durable: delivering alone", &floor_run);
+    drop(split);
+
     let startup = Server::startup(&shipped, &scratch.path().join("startup.db"), &lab.url).await;
     println!(
         "\nstart-up (process start to /readyz 200): {:.0} ms",
@@ -141,21 +172,26 @@ async fn run(held: Duration) {
     );
 }
 
-/// A mock lab on loopback: counts the orders it takes, answering `201` at once.
+/// A mock lab on loopback: counts the orders it takes, answering `201` at once, or once it
+/// opens again when it is held.
 struct Lab {
     url: String,
     taken: Arc<AtomicU64>,
+    open: tokio::sync::watch::Sender<bool>,
 }
 
 impl Lab {
     async fn start() -> Self {
         let taken = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&taken);
+        let (open, gate) = tokio::sync::watch::channel(true);
         let router = Router::new().route(
             "/orders",
             post(move |_body: Bytes| {
                 let counter = Arc::clone(&counter);
+                let mut gate = gate.clone();
                 async move {
+                    let _ = gate.wait_for(|open| *open).await;
                     counter.fetch_add(1, Ordering::Relaxed);
                     (
                         axum::http::StatusCode::CREATED,
@@ -168,7 +204,17 @@ impl Lab {
         Self {
             url: serve(router).await,
             taken,
+            open,
         }
+    }
+
+    /// Holds every order that comes until [`Lab::release`].
+    fn hold(&self) {
+        self.open.send_replace(false);
+    }
+
+    fn release(&self) {
+        self.open.send_replace(true);
     }
 
     fn count(&self) -> u64 {
@@ -328,13 +374,14 @@ impl Measured {
     }
 }
 
-/// Holds the load on `server` for `held` after a one-second warm-up.
+/// Holds the load on `server` for `held` after a one-second warm-up (then `before_load`).
 async fn measure(
     server: &Server,
     path: &str,
     body: &serde_json::Value,
     held: Duration,
     lab: &Lab,
+    before_load: fn(&Lab),
 ) -> Measured {
     let url = format!("{}{path}", server.url);
     let before = lab.count();
@@ -342,6 +389,7 @@ async fn measure(
     // Warm-up deliveries out of the way, so the measured load starts on an empty outbox.
     lab.wait_for(before + warmed, Duration::from_secs(120))
         .await;
+    before_load(lab);
     let cpu = server.cpu();
     let lab_before = lab.count();
     let requests = load(&url, body, held).await;
@@ -448,10 +496,7 @@ fn check_thousand_flows(dir: &Path) -> Duration {
     for n in 0..1000 {
         let copy = shipped
             .replace("name: portal-to-lab", &format!("name: portal-to-lab-{n}"))
-            .replace(
-                "/api/v1/test-requests",
-                &format!("/api/v1/test-requests-{n}"),
-            );
+            .replace(PATH, &format!("/api/v1/test-requests-{n}"));
         std::fs::write(flows.join(format!("flow-{n}.yaml")), copy).unwrap();
     }
     let started = Instant::now();
