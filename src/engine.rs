@@ -434,22 +434,20 @@ impl Engine {
             MessageStatus::Accepted
         };
         // A new message goes straight to the workers that keep up; a replay waits its turn.
-        let reservations: Vec<Option<Reservation>> = processed
-            .targets
-            .iter()
-            .map(
-                |&index| match (&source.replay, self.handoff(&flow.name, index)) {
+        let deliveries: Vec<Delivery> = (processed.targets.iter())
+            .map(|&index| {
+                let handoff = self.handoff(&flow.name, index).cloned();
+                let reserved = match (&source.replay, &handoff) {
                     (None, Some(handoff)) => handoff.reserve(),
                     _ => None,
-                },
-            )
+                };
+                (handoff, reserved)
+            })
             .collect();
         let claimed_until = store.lease_until();
-        let targets = processed
-            .targets
-            .iter()
-            .zip(&reservations)
-            .map(|(&index, reserved)| Queued {
+        let targets = (processed.targets.iter())
+            .zip(&deliveries)
+            .map(|(&index, (_, reserved))| Queued {
                 target: flow.targets()[index].name().to_owned(),
                 claimed_until: reserved.as_ref().map(|_| claimed_until),
             })
@@ -463,10 +461,6 @@ impl Engine {
             events,
             ..source.into_accepted(flow, &message)
         };
-        let deliveries: Vec<Delivery> = (processed.targets.iter())
-            .map(|&index| self.handoff(&flow.name, index).cloned())
-            .zip(reservations)
-            .collect();
         // The commit and the hand-over are a task of their own: a caller that gives up
         // meanwhile (its timeout, a dropped connection) does not stop a commit that lands all
         // the same from reaching the workers, which would leave its deliveries claimed by nobody.
