@@ -347,10 +347,9 @@ async fn attempt(
         RetryAction::Drop => AfterAttempt::Dead,
     };
     let correlation = match (outcome, entry.record_id) {
-        (AfterAttempt::Delivered, Some(record)) => {
-            flow.after_delivery(target, true, record, &message)
-        }
-        (AfterAttempt::Dead, Some(record)) => flow.after_delivery(target, false, record, &message),
+        (AfterAttempt::Delivered | AfterAttempt::Dead, Some(record)) => flow
+            .after_delivery(target, outcome == AfterAttempt::Delivered, &message)
+            .map(|change| change.to(record)),
         _ => None,
     };
     let latency_ms = started.elapsed().as_millis() as u64;

@@ -207,6 +207,7 @@ impl Engine {
             .await?;
         // Each target in turn; the first that fails fails the message.
         let mut called = None;
+        let mut delivered = Vec::with_capacity(processed.targets.len());
         for &index in &processed.targets {
             let target = &flow.targets()[index];
             match self.real_call(target) {
@@ -237,12 +238,13 @@ impl Engine {
                     }
                 }
             }
+            delivered.extend(flow.after_delivery(target, true, &message));
         }
         if let Some(observe) = observe {
             observe.processed(&message, &[]);
         }
         if let (Some(store), false) = (&self.store, processed.correlation.is_empty()) {
-            store.correlate(processed.correlation).await?;
+            store.correlate(processed.correlation, delivered).await?;
         }
         match called {
             Some(reply) if !flow.declares_reply() => Ok(reply),
@@ -291,6 +293,7 @@ impl Engine {
             Err(error) => return refused(&error.into()),
         };
         let mut last = Attempt::done(None);
+        let mut delivered = Vec::with_capacity(processed.targets.len());
         for &index in &processed.targets {
             let target = &callee.targets()[index];
             last = Box::pin(self.attempt(callee, target, &mut message)).await;
@@ -302,9 +305,10 @@ impl Engine {
                 ));
                 return last;
             }
+            delivered.extend(callee.after_delivery(target, true, &message));
         }
         if let (Some(store), false) = (&self.store, processed.correlation.is_empty())
-            && let Err(error) = store.correlate(processed.correlation).await
+            && let Err(error) = store.correlate(processed.correlation, delivered).await
         {
             return refused(&error.into());
         }

@@ -11,7 +11,7 @@ use crate::jsonpath::JsonPath;
 use crate::message::Message;
 use crate::retry::RetryPolicy;
 use crate::steps::{Route, Rule, Step, StepState};
-use crate::store::{CorrelationWrite, Store};
+use crate::store::{CorrelationWrite, RecordChange, Store};
 use crate::targets::{OutboundRequest, Target};
 use crate::template::{JsonTemplate, Templates, TextTemplate};
 
@@ -314,16 +314,15 @@ impl Flow {
         Ok(())
     }
 
-    /// The correlation change `on_delivered` (or `on_failed`) makes to `record` once
-    /// `target` has the message (or never will). None for a subscriber's target: the flow's
-    /// states are about its own targets.
+    /// The change `on_delivered` (or `on_failed`) makes to the message's correlation record
+    /// once `target` has the message (or never will). None for a subscriber's target: the
+    /// flow's states are about its own targets.
     pub fn after_delivery(
         &self,
         target: &Target,
         delivered: bool,
-        record: i64,
         message: &Message,
-    ) -> Option<CorrelationWrite> {
+    ) -> Option<RecordChange> {
         if matches!(target, Target::Flow(call) if call.subscribed) {
             return None;
         }
@@ -346,8 +345,7 @@ impl Flow {
                 .unwrap_or(Value::Null),
             None => Value::Null,
         };
-        Some(CorrelationWrite::Update {
-            record_id: record,
+        Some(RecordChange {
             keys,
             data,
             state: outcome.state.clone(),

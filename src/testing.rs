@@ -239,7 +239,7 @@ pub async fn run_file(project: &Project, file: &Path) -> Result<Vec<CaseResult>,
         .map_err(|e| Diagnostic::error(file, format!("cannot open a scratch store: {e}")))?;
     let given = tests.given.iter().map(GivenCorrelation::to_write).collect();
     store
-        .correlate(given)
+        .correlate(given, Vec::new())
         .await
         .map_err(|e| Diagnostic::error(file, format!("given: {e}")))?;
     let known = target_names(project, flow, &tests.run_flows)
@@ -716,7 +716,10 @@ pub async fn trace(
         return refused(seen.listing, "cannot open a scratch store\n".into());
     };
     if let Err(error) = store
-        .correlate(given.iter().map(GivenCorrelation::to_write).collect())
+        .correlate(
+            given.iter().map(GivenCorrelation::to_write).collect(),
+            Vec::new(),
+        )
         .await
     {
         return refused(seen.listing, format!("given: {error}\n"));

@@ -214,7 +214,10 @@ state: resulted
             "{not_yet:?}"
         );
 
-        store.correlate(state.correlation).await.unwrap();
+        store
+            .correlate(state.correlation, Vec::new())
+            .await
+            .unwrap();
         let mut result = message(json!({"lab_ref": "L-7", "ref": "R-1"}));
         let mut found = StepState::default();
         find.apply(

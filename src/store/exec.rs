@@ -150,6 +150,21 @@ pub(super) trait Exec {
             .ok_or_else(|| StoreError::Corrupt("a statement gave no row".into()))
     }
 
+    /// Inserts `rows` with one statement (statements, not rows, are what cost here): `head`
+    /// is the statement up to `VALUES`, `tail` what follows the rows.
+    async fn insert_rows<const N: usize>(
+        &mut self,
+        head: &str,
+        rows: &[[Param<'_>; N]],
+        tail: &str,
+    ) -> Result<u64, StoreError> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let sql = format!("{head} VALUES {} {tail}", placeholders(1, rows.len(), N));
+        self.execute(&sql, rows.as_flattened()).await
+    }
+
     /// Runs `sql`, an `INSERT` of one row into a table whose key is an integer `id`, and
     /// returns the new row's id.
     async fn insert_id(&mut self, sql: &str, params: &[Param<'_>]) -> Result<i64, StoreError> {

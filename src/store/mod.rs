@@ -169,6 +169,31 @@ pub enum CorrelationWrite {
     },
 }
 
+/// What a delivery changes in its message's correlation record (`on_delivered` /
+/// `on_failed`), before the record is known.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordChange {
+    /// More keys it can be found by.
+    pub keys: Vec<String>,
+    /// Fields merged into its data.
+    pub data: Value,
+    /// A lifecycle state to append.
+    pub state: Option<String>,
+}
+
+impl RecordChange {
+    /// This change, made to `record`.
+    #[must_use]
+    pub fn to(self, record: i64) -> CorrelationWrite {
+        CorrelationWrite::Update {
+            record_id: record,
+            keys: self.keys,
+            data: self.data,
+            state: self.state,
+        }
+    }
+}
+
 /// A message to commit, with its deliveries, correlation changes and timeline.
 #[derive(Debug, Clone)]
 pub struct Accepted {
@@ -720,13 +745,19 @@ impl Store {
         on_backend!(self, b => b.find_correlation(context, keys))
     }
 
-    /// Commits correlation changes that no stored message carries.
+    /// Commits correlation changes that no stored message carries, and `then` (what a
+    /// synchronous delivery changes) to the record the last of `writes` made or found, in
+    /// the same transaction.
     ///
     /// # Errors
     ///
     /// When the database fails.
-    pub async fn correlate(&self, writes: Vec<CorrelationWrite>) -> Result<(), StoreError> {
-        on_backend!(self, b => b.correlate(writes))
+    pub async fn correlate(
+        &self,
+        writes: Vec<CorrelationWrite>,
+        then: Vec<RecordChange>,
+    ) -> Result<(), StoreError> {
+        on_backend!(self, b => b.correlate(writes, then))
     }
 
     /// Claims up to `limit` due outbox entries of `flow`'s `target` for [`Store::lease`];

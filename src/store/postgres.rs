@@ -16,7 +16,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
 use super::{
     Acceptance, Accepted, AttemptRecord, Claimed, CommitStats, CorrelationWrite, Counters, Lock,
-    Millis, QueueItem, StoreError,
+    Millis, QueueItem, RecordChange, StoreError,
 };
 
 /// What claims add to the rows they select: rows another replica is claiming are passed over,
@@ -209,8 +209,12 @@ impl PgStore {
         transaction!(self, (1, 0), conn => sql::attempt_done(conn, &attempt))
     }
 
-    pub(super) async fn correlate(&self, writes: Vec<CorrelationWrite>) -> Result<(), StoreError> {
-        transaction!(self, (1, 0), conn => sql::correlate_all(conn, &writes))
+    pub(super) async fn correlate(
+        &self,
+        writes: Vec<CorrelationWrite>,
+        then: Vec<RecordChange>,
+    ) -> Result<(), StoreError> {
+        transaction!(self, (1, 0), conn => sql::correlate_all(conn, &writes, &then))
     }
 
     pub(super) async fn claim(

@@ -14,8 +14,8 @@ use crate::store::exec::{self, Exec, Param, params};
 use crate::store::{
     Acceptance, Accepted, AfterAttempt, AttemptRecord, Claimed, Correlation, CorrelationWrite,
     Event, FlowCounts, MessageDetail, MessageFilter, MessageStatus, MessageSummary, Millis,
-    OutboxEntry, Overview, Prior, QueueItem, Recipient, ReplaySource, StateChange, StoreError,
-    Stored, StoredReply, TargetBacklog, Trace, arrival_entries, merge, now_ms, rfc3339,
+    OutboxEntry, Overview, Prior, QueueItem, Recipient, RecordChange, ReplaySource, StateChange,
+    StoreError, Stored, StoredReply, TargetBacklog, Trace, arrival_entries, merge, now_ms, rfc3339,
 };
 
 /// The reads, the same calls on both backends: a single query on a pooled connection, several
@@ -579,7 +579,7 @@ pub(super) async fn accept(conn: &mut WriteConn, a: &Accepted) -> Result<Accepta
     }
     let mut record = None;
     for write in &a.correlation {
-        record = Some(correlate(conn, write, Some(&a.id)).await?);
+        record = Some(correlate(conn, write, &[], Some(&a.id)).await?);
     }
     if let Some(record) = record {
         conn.execute(
@@ -616,19 +616,19 @@ pub(super) async fn accept(conn: &mut WriteConn, a: &Accepted) -> Result<Accepta
             .await?;
         claimed.push(queued.claimed_until.map(|_| id));
     }
-    if !a.events.is_empty() {
-        // One statement for the whole timeline: statements, not rows, are what cost here.
-        let sql = format!(
-            "INSERT INTO events (message_id, at, kind, detail) VALUES {}",
-            exec::placeholders(1, a.events.len(), 4)
-        );
-        let details: Vec<String> = a.events.iter().map(|e| json::text(&e.detail)).collect();
-        let mut bound = Vec::with_capacity(a.events.len() * 4);
-        for (event, detail) in a.events.iter().zip(&details) {
-            bound.extend(params![&a.id, now, event.kind, detail]);
-        }
-        conn.execute(&sql, &bound).await?;
-    }
+    let details: Vec<String> = a.events.iter().map(|e| json::text(&e.detail)).collect();
+    let timeline: Vec<_> = a
+        .events
+        .iter()
+        .zip(&details)
+        .map(|(event, detail)| params![&a.id, now, event.kind, detail])
+        .collect();
+    conn.insert_rows(
+        "INSERT INTO events (message_id, at, kind, detail)",
+        &timeline,
+        "",
+    )
+    .await?;
     Ok(Acceptance::Stored(Stored {
         claimed,
         record_id: record,
@@ -651,21 +651,27 @@ async fn insert_event(
     Ok(())
 }
 
-/// Applies correlation changes that no message carries.
+/// Applies correlation changes that no message carries, and `then` to the record the last
+/// of them made or found.
 pub(super) async fn correlate_all(
     conn: &mut WriteConn,
     writes: &[CorrelationWrite],
+    then: &[RecordChange],
 ) -> Result<(), StoreError> {
-    for write in writes {
-        correlate(conn, write, None).await?;
+    for (n, write) in writes.iter().enumerate() {
+        let last = n + 1 == writes.len();
+        correlate(conn, write, if last { then } else { &[] }, None).await?;
     }
     Ok(())
 }
 
-/// Applies a correlation change and returns the record's id.
+/// Applies a correlation change, and `then` to the same record, and returns the record's
+/// id. `then` costs no statement of its own: its data is merged into the write's, its keys
+/// and states go in with the write's.
 async fn correlate(
     conn: &mut WriteConn,
     write: &CorrelationWrite,
+    then: &[RecordChange],
     message_id: Option<&str>,
 ) -> Result<i64, StoreError> {
     let now = now_ms();
@@ -673,6 +679,16 @@ async fn correlate(
         CorrelationWrite::Save { data, state, .. }
         | CorrelationWrite::Update { data, state, .. } => (data, state),
     };
+    let mut combined = None;
+    for change in then.iter().filter(|change| !change.data.is_null()) {
+        merge(combined.get_or_insert_with(|| patch.clone()), &change.data);
+    }
+    let patch = combined.as_ref().unwrap_or(patch);
+    let states: Vec<&str> = state
+        .iter()
+        .chain(then.iter().filter_map(|change| change.state.as_ref()))
+        .map(String::as_str)
+        .collect();
     // An older record's data is read with its row locked, so nobody merges between this read
     // and the write; a record this call makes is made with the patch already in it.
     let (id, context, keys, fresh, data) = match write {
@@ -747,6 +763,14 @@ async fn correlate(
             (*record_id, row.text(0)?.to_owned(), keys, false, data)
         }
     };
+    // Keys a delivery adds are not looked up: they name this record whatever else they name.
+    let mut keys = keys;
+    keys.extend(
+        then.iter()
+            .flat_map(|change| &change.keys)
+            .map(String::as_str)
+            .filter(|k| !k.is_empty()),
+    );
     let mut touched = fresh;
     if let Some(mut data) = data {
         merge(&mut data, patch);
@@ -757,31 +781,30 @@ async fn correlate(
         .await?;
         touched = true;
     }
-    if !keys.is_empty() {
-        // All keys in one statement: statements, not rows, are what cost here.
-        let sql = format!(
-            "INSERT INTO correlation_keys (context, key, correlation_id) VALUES {} ON CONFLICT DO NOTHING",
-            exec::placeholders(1, keys.len(), 3)
-        );
-        let mut bound = Vec::with_capacity(keys.len() * 3);
-        for key in &keys {
-            bound.extend(params![&context, *key, id]);
-        }
-        conn.execute(&sql, &bound).await?;
-    }
-    if let Some(state) = state {
+    let keys: Vec<_> = keys.iter().map(|key| params![&context, *key, id]).collect();
+    conn.insert_rows(
+        "INSERT INTO correlation_keys (context, key, correlation_id)",
+        &keys,
+        "ON CONFLICT DO NOTHING",
+    )
+    .await?;
+    // In order: they are read back by id.
+    let states: Vec<_> = states
+        .iter()
+        .map(|state| params![id, *state, message_id, now])
+        .collect();
+    conn.insert_rows(
+        "INSERT INTO correlation_states (correlation_id, state, message_id, at)",
+        &states,
+        "",
+    )
+    .await?;
+    if !states.is_empty() && !touched {
         conn.execute(
-            "INSERT INTO correlation_states (correlation_id, state, message_id, at) VALUES ($1, $2, $3, $4)",
-            &params![id, state, message_id, now],
+            "UPDATE correlations SET updated_at = $1 WHERE id = $2",
+            &params![now, id],
         )
         .await?;
-        if !touched {
-            conn.execute(
-                "UPDATE correlations SET updated_at = $1 WHERE id = $2",
-                &params![now, id],
-            )
-            .await?;
-        }
     }
     Ok(id)
 }
@@ -1019,7 +1042,7 @@ pub(super) async fn attempt_done(
     });
     insert_event(conn, &a.message_id, now, "attempt", &detail).await?;
     if let Some(write) = &a.correlation {
-        correlate(conn, write, Some(&a.message_id)).await?;
+        correlate(conn, write, &[], Some(&a.message_id)).await?;
     }
     Ok(())
 }

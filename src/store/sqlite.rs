@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Acceptance, Accepted, AttemptRecord, Claimed, CommitStats, CorrelationWrite, Counters, Lock,
-    Millis, QueueItem, StoreError,
+    Millis, QueueItem, RecordChange, StoreError,
 };
 
 /// Writes waiting beyond this many go into the next transaction.
@@ -35,7 +35,7 @@ struct Job {
 enum Work {
     Accept(Box<Accepted>),
     Attempt(Box<AttemptRecord>),
-    Correlate(Vec<CorrelationWrite>),
+    Correlate(Vec<CorrelationWrite>, Vec<RecordChange>),
     Claim {
         flow: String,
         target: String,
@@ -202,8 +202,12 @@ impl SqliteStore {
         self.submit(Work::Attempt(Box::new(attempt))).await
     }
 
-    pub(super) async fn correlate(&self, writes: Vec<CorrelationWrite>) -> Result<(), StoreError> {
-        self.submit(Work::Correlate(writes)).await
+    pub(super) async fn correlate(
+        &self,
+        writes: Vec<CorrelationWrite>,
+        then: Vec<RecordChange>,
+    ) -> Result<(), StoreError> {
+        self.submit(Work::Correlate(writes, then)).await
     }
 
     pub(super) async fn claim(
@@ -527,7 +531,9 @@ async fn run_job(conn: &mut rusqlite::Connection, work: &Work) -> Result<Done, S
         Work::Probe => Done::Nothing(sql::heartbeat(conn).await?),
         Work::Stop => Done::Nothing(()),
         Work::Attempt(attempt) => Done::Nothing(sql::attempt_done(conn, attempt).await?),
-        Work::Correlate(writes) => Done::Nothing(sql::correlate_all(conn, writes).await?),
+        Work::Correlate(writes, then) => {
+            Done::Nothing(sql::correlate_all(conn, writes, then).await?)
+        }
         Work::Claim {
             flow,
             target,

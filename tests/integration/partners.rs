@@ -674,3 +674,40 @@ async fn a_dead_subscriber_is_a_dead_letter_whose_replay_sends_to_it_alone() {
         "the portal had it already: not sent again"
     );
 }
+
+#[tokio::test]
+async fn a_called_flows_on_delivered_is_committed_with_its_record() {
+    // Helix's flow keeps a record of its own for each order, and says in it when Helix has
+    // the order: called from portal-to-lab's delivery, it runs as part of that delivery and
+    // stores no message, so its record and its `on_delivered` commit together.
+    let folder = helix_folder("durable");
+    let flow = folder.path().join("flows/helix-order.yaml");
+    let text = std::fs::read_to_string(&flow).unwrap();
+    let text = text
+        .replace(
+            "steps:\n",
+            "steps:\n  - correlate: { context: helix-order, save: [\"{{body.order_ref}}\"], state: sent }\n",
+        )
+        .replace(
+            "delivery:\n",
+            "delivery:\n  on_delivered: { state: taken, keys: [\"{{vars.lab_order_id}}\"], data: { helix_id: \"{{vars.lab_order_id}}\" } }\n",
+        );
+    std::fs::write(&flow, text).unwrap();
+    let lab = Partner::start(201, json!({})).await;
+    let helix = Partner::start(201, json!({"id": "HX-9"})).await;
+    let ferry = serve_with_helix(folder.path(), &lab, &helix, &[]).await;
+    let id = request_for_helix(&ferry.url).await;
+    wait_for_state(&ferry.url, &id, "delivered_to_lab").await;
+
+    let store = ferry.runtime.store().unwrap();
+    let record = store
+        .find_correlation("helix-order", &["HX-9".to_owned()])
+        .await
+        .unwrap()
+        .expect("found by the key on_delivered added");
+    assert_eq!(record.key, id);
+    assert_eq!(record.data, json!({"helix_id": "HX-9"}));
+    assert_eq!(record.state.as_deref(), Some("taken"));
+    let states: Vec<&str> = record.history.iter().map(|h| h.state.as_str()).collect();
+    assert_eq!(states, ["sent", "taken"]);
+}

@@ -116,21 +116,28 @@ async fn results_correlate_by_the_labs_own_order_id() {
     let request_id = reply["request_id"].as_str().unwrap().to_owned();
     wait_for_state(&ferry.url, &request_id, "delivered_to_lab").await;
 
-    // The lab lost our order_ref and sends its own reference.
+    results_by_lab_order_id(&ferry, &portal, "LAB-77", &request_id).await;
+}
+
+/// The lab lost our order_ref and sends results under its own `lab_order_id`: they reach
+/// the portal as the results of `request_id`.
+async fn results_by_lab_order_id(
+    ferry: &Ferry,
+    portal: &Partner,
+    lab_order_id: &str,
+    request_id: &str,
+) {
     let mut result = payload("test-result.json");
     result["order_ref"] = json!("lab-internal-9");
-    result["lab_order_id"] = json!("LAB-77");
+    result["lab_order_id"] = json!(lab_order_id);
     let (status, reply) = post_json(&format!("{}/api/v1/lab-results", ferry.url), &result).await;
     assert_eq!(status, 202, "{reply}");
-    assert_eq!(reply["request_id"], request_id.as_str());
+    assert_eq!(reply["request_id"], request_id);
     wait_until("the portal has the results", || {
         portal.received().len() == 1
     })
     .await;
-    assert_eq!(
-        portal.received()[0].json()["request_id"],
-        request_id.as_str()
-    );
+    assert_eq!(portal.received()[0].json()["request_id"], request_id);
 }
 
 #[tokio::test]
@@ -188,4 +195,61 @@ async fn caller_correlation_ids_are_passed_on() {
     assert_eq!(response.status(), 202);
     wait_until("the lab has the order", || lab.received().len() == 1).await;
     assert_eq!(lab.received()[0].headers["x-correlation-id"], "trace-42");
+}
+
+/// The shipped flows and schemas in `dir`, with portal-to-lab delivering synchronously (its
+/// `on_delivered` kept).
+fn sync_portal_to_lab(dir: &std::path::Path) -> std::path::PathBuf {
+    let repo = crate::util::repo();
+    for folder in ["flows", "schemas"] {
+        std::fs::create_dir_all(dir.join(folder)).unwrap();
+        for entry in std::fs::read_dir(repo.join(folder)).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, dir.join(folder).join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let flow = dir.join("flows/portal-to-lab.yaml");
+    let shipped = std::fs::read_to_string(&flow).unwrap();
+    assert!(shipped.contains("\ndelivery:\n"));
+    std::fs::write(
+        &flow,
+        shipped.replace("\ndelivery:\n", "\ndelivery:\n  mode: sync\n"),
+    )
+    .unwrap();
+    dir.join("flows")
+}
+
+#[tokio::test]
+async fn a_sync_flows_on_delivered_is_in_the_record_when_it_replies() {
+    let lab = Partner::start(201, json!({"lab_order_id": "LAB-55"})).await;
+    let portal = Partner::start(200, json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let flows = sync_portal_to_lab(dir.path());
+    let ferry = Ferry::start(
+        &flows,
+        &[("LAB_URL", &lab.url), ("PORTAL_URL", &portal.url)],
+    )
+    .await;
+    let url = format!("{}/api/v1/test-requests", ferry.url);
+
+    // A lab that fails it: the portal gets 502, and no record is made.
+    lab.answer_once(503, json!({"error": "maintenance"}));
+    let (status, reply) = post_json(&url, &payload("test-request.json")).await;
+    assert_eq!(status, 502, "{reply}");
+    assert_eq!(status_of(&ferry.url, "PR-2026-0001").await.0, 404);
+
+    // Sent again, the lab takes it: by the reply, the record says so, with the lab's id as
+    // a key and in its data, in one commit with the record itself.
+    let (status, reply) = post_json(&url, &payload("test-request.json")).await;
+    assert_eq!(status, 202, "{reply}");
+    let request_id = reply["request_id"].as_str().unwrap().to_owned();
+    let (status, state) = status_of(&ferry.url, "LAB-55").await;
+    assert_eq!(status, 200, "{state}");
+    assert_eq!(state["request_id"], request_id.as_str());
+    assert_eq!(state["status"], "delivered_to_lab");
+    assert_eq!(state["portal_ref"], "PR-2026-0001");
+    assert_eq!(state["lab_order_id"], "LAB-55");
+    assert_eq!(history_states(&state), ["accepted", "delivered_to_lab"]);
+
+    results_by_lab_order_id(&ferry, &portal, "LAB-55", &request_id).await;
 }

@@ -159,12 +159,15 @@ async fn a_record_is_found_by_the_first_of_many_keys_that_names_one(backend: Bac
     let store = test.open().await;
     for (name, key) in [("early", "K-640"), ("late", "K-700")] {
         store
-            .correlate(vec![CorrelationWrite::Save {
-                context: "req".into(),
-                keys: vec![key.into()],
-                data: json!({ "name": name }),
-                state: None,
-            }])
+            .correlate(
+                vec![CorrelationWrite::Save {
+                    context: "req".into(),
+                    keys: vec![key.into()],
+                    data: json!({ "name": name }),
+                    state: None,
+                }],
+                Vec::new(),
+            )
             .await
             .unwrap();
     }
@@ -675,12 +678,15 @@ async fn postgres_replicas_share_idempotency_and_correlation() {
         data.insert(format!("from_{n}"), json!(true));
         saving.spawn(async move {
             store
-                .correlate(vec![CorrelationWrite::Save {
-                    context: "req".into(),
-                    keys: vec!["PR-9".into(), format!("LAB-{n}")],
-                    data: data.into(),
-                    state: Some(format!("seen_by_{n}")),
-                }])
+                .correlate(
+                    vec![CorrelationWrite::Save {
+                        context: "req".into(),
+                        keys: vec!["PR-9".into(), format!("LAB-{n}")],
+                        data: data.into(),
+                        state: Some(format!("seen_by_{n}")),
+                    }],
+                    Vec::new(),
+                )
                 .await
         });
     }
