@@ -536,7 +536,8 @@ pub struct DeliveryConfig {
     /// Changes to the message's correlation record once a target took it.
     #[serde(default)]
     pub on_delivered: Option<AfterDeliveryConfig>,
-    /// Changes to the message's correlation record once delivery failed for good.
+    /// Changes to the message's correlation record once delivery failed for good (a durable
+    /// flow's: a sync flow's failure fails the request and changes nothing).
     #[serde(default)]
     pub on_failed: Option<AfterDeliveryConfig>,
 }

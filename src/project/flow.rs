@@ -431,7 +431,28 @@ fn compile_delivery(
     }
     policy.on_delivered = compile_outcome(config.on_delivered.as_ref(), ctx, &mut ok);
     policy.on_failed = compile_outcome(config.on_failed.as_ref(), ctx, &mut ok);
+    if let (DeliveryMode::Sync, Some(on_failed)) = (policy.mode, &config.on_failed) {
+        warn_sync_on_failed(on_failed, ctx);
+    }
     ok.then_some(policy)
+}
+
+/// Warns that a sync flow's `on_failed` never applies: a failed target fails the request,
+/// which changes nothing, and the caller sends it again.
+fn warn_sync_on_failed(on_failed: &AfterDeliveryConfig, ctx: &mut Ctx<'_>) {
+    let at = on_failed
+        .state
+        .as_ref()
+        .map(|s| s.referenced)
+        .or_else(|| on_failed.keys.first().map(|k| k.referenced))
+        .or_else(|| on_failed.data.as_ref().map(|d| d.referenced));
+    if let Some(at) = at {
+        ctx.warn_with(
+            at,
+            "sync-on-failed",
+            "`on_failed` never applies in a sync flow: a target that fails fails the request (502) and changes nothing, and the caller sends it again",
+        );
+    }
 }
 
 /// A count-only budget that ends within this after a partner goes down loses messages to

@@ -435,6 +435,25 @@ delivery:
 }
 
 #[test]
+fn a_sync_flows_on_failed_is_reported_as_never_applying() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("sync.yaml"),
+        "name: sync\ntrigger:\n  http: { method: POST, path: /sync, auth: none }\ntargets:\n  partner:\n    http: { url: http://partner.example/x }\ndelivery:\n  mode: sync\n  on_delivered: { state: sent }\n  on_failed:\n    state: failed\n",
+    )
+    .unwrap();
+    let output = check_folder(dir.path(), &[], &[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert_eq!(
+        stderr.matches("warning[sync-on-failed]").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(stderr.contains("sync.yaml:11:12"), "{stderr}");
+}
+
+#[test]
 fn template_mistakes_are_reported_at_their_own_line_with_what_to_write() {
     let output = ferry(&["check", "tests/fixtures/check/templates/flows"]);
     assert_eq!(output.status.code(), Some(1));
