@@ -189,7 +189,8 @@ pub struct MllpTriggerConfig {
     #[schemars(with = "Option<u32>")]
     pub max_connections: Option<Spanned<u32>>,
     /// JSONPath over the message whose value identifies it. Without it, the control id
-    /// (`MSH-10`) does: a message sent again is acknowledged again and handled once.
+    /// (`MSH-10`) does: a message sent again is acknowledged again and, by a durable flow,
+    /// handled once.
     #[serde(default)]
     #[schemars(with = "Option<String>")]
     pub idempotency_key: Option<Spanned<String>>,
@@ -249,9 +250,9 @@ pub struct QueueTriggerConfig {
     #[schemars(with = "Option<String>")]
     pub backoff: Option<Spanned<String>>,
     /// JSONPath over the message whose value identifies it, such as `$.body.result_id`: a
-    /// message delivered again is then handled once even when its publisher gave it no id.
-    /// Without it, the publisher's `ferry-idempotency-key` header or message id does this, and
-    /// a message with neither is handled each time it is delivered.
+    /// message delivered again is then handled once by a durable flow even when its publisher
+    /// gave it no id. Without it, the publisher's `ferry-idempotency-key` header or message id
+    /// does this, and a message with neither is handled each time it is delivered.
     #[serde(default)]
     #[schemars(with = "Option<String>")]
     pub idempotency_key: Option<Spanned<String>>,
@@ -273,7 +274,8 @@ pub struct HttpTriggerConfig {
     pub max_body: Option<Spanned<String>>,
     /// JSONPath over the message whose value identifies a submission, such as
     /// `$.body.portal_ref`: a repeated submission gets the first one's reply and is not
-    /// delivered again. Without it, the caller's `Idempotency-Key` header does this.
+    /// delivered again (by a durable flow; a sync flow keeps no messages). Without it, the
+    /// caller's `Idempotency-Key` header does this.
     #[serde(default)]
     #[schemars(with = "Option<String>")]
     pub idempotency_key: Option<Spanned<String>>,

@@ -141,6 +141,11 @@ pub(crate) fn compile(
     ctx.body_schema = body_schema;
     ctx.part = "delivery".into();
     let delivery = compile_delivery(config.delivery.as_ref(), &mut ctx);
+    if let (Some(DeliveryMode::Sync), Some(trigger)) =
+        (delivery.as_ref().map(|d| d.mode), config.trigger.as_ref())
+    {
+        warn_sync_idempotency_key(trigger, &mut ctx);
+    }
 
     ctx.part = "reply".into();
     let reply = compile_reply(config.reply.as_ref(), &mut ctx);
@@ -435,6 +440,23 @@ fn compile_delivery(
         warn_sync_on_failed(on_failed, ctx);
     }
     ok.then_some(policy)
+}
+
+/// Warns that a sync flow's `idempotency_key` stops no resubmission: a sync flow keeps no
+/// message to answer one from.
+fn warn_sync_idempotency_key(trigger: &TriggerConfig, ctx: &mut Ctx<'_>) {
+    let key = match trigger {
+        TriggerConfig::Http(http) => http.idempotency_key.as_ref(),
+        TriggerConfig::Queue(queue) => queue.idempotency_key.as_ref(),
+        TriggerConfig::Mllp(mllp) => mllp.idempotency_key.as_ref(),
+    };
+    if let Some(key) = key {
+        ctx.warn_with(
+            key.referenced,
+            "sync-idempotency",
+            "a sync flow keeps no messages, so `idempotency_key` does not stop a resubmission: it is delivered again (a durable flow answers it with the first reply)",
+        );
+    }
 }
 
 /// Warns that a sync flow's `on_failed` never applies: a failed target fails the request,

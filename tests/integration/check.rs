@@ -435,11 +435,11 @@ delivery:
 }
 
 #[test]
-fn a_sync_flows_on_failed_is_reported_as_never_applying() {
+fn a_sync_flows_on_failed_and_idempotency_key_are_reported_as_never_applying() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("sync.yaml"),
-        "name: sync\ntrigger:\n  http: { method: POST, path: /sync, auth: none }\ntargets:\n  partner:\n    http: { url: http://partner.example/x }\ndelivery:\n  mode: sync\n  on_delivered: { state: sent }\n  on_failed:\n    state: failed\n",
+        "name: sync\ntrigger:\n  http: { method: POST, path: /sync, auth: none, idempotency_key: $.body.ref }\ntargets:\n  partner:\n    http: { url: http://partner.example/x }\ndelivery:\n  mode: sync\n  on_delivered: { state: sent }\n  on_failed:\n    state: failed\n",
     )
     .unwrap();
     let output = check_folder(dir.path(), &[], &[]);
@@ -451,6 +451,12 @@ fn a_sync_flows_on_failed_is_reported_as_never_applying() {
         "{stderr}"
     );
     assert!(stderr.contains("sync.yaml:11:12"), "{stderr}");
+    assert_eq!(
+        stderr.matches("warning[sync-idempotency]").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(stderr.contains("sync.yaml:3:67"), "{stderr}");
 }
 
 #[test]
