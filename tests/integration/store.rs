@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use ferry::store::{
     Acceptance, Accepted, AfterAttempt, AttemptRecord, Claimed, CorrelationWrite, MessageFilter,
-    MessageStatus, NewEvent, Queued, Store, StoreError, StoreOptions, StoredReply, now_ms,
+    MessageStatus, NewEvent, Queued, RecordChange, Store, StoreError, StoreOptions, StoredReply,
+    now_ms,
 };
 use serde_json::json;
 use tokio::task::JoinSet;
@@ -82,6 +83,7 @@ on_both_stores!(
     operators_find_messages_by_any_key_and_see_each_targets_backlog,
     a_record_is_found_by_the_first_of_many_keys_that_names_one,
     a_delivery_accepted_claimed_is_sent_without_a_claim_and_due_again_when_given_back,
+    what_a_sync_delivery_changes_commits_with_the_record,
 );
 
 /// A delivery taken over as its message commits is stored in flight under the lease it was
@@ -149,6 +151,89 @@ async fn a_delivery_accepted_claimed_is_sent_without_a_claim_and_due_again_when_
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].message_id, "m2");
     assert_eq!(claimed[0].document["body"], json!({"a": 1}));
+    store.close().await;
+}
+
+/// A sync delivery's `on_delivered` goes in with the record the steps saved or found: its keys
+/// added (not looked up), its data merged over theirs, its state after theirs.
+async fn what_a_sync_delivery_changes_commits_with_the_record(backend: Backend) {
+    let test = TestStore::new(backend).await;
+    let store = test.open().await;
+    let delivered = |key: &str, state: &str| RecordChange {
+        keys: vec![key.into()],
+        data: json!({ "lab_order_id": key, "seen": state }),
+        state: Some(state.into()),
+    };
+    let save = CorrelationWrite::Save {
+        context: "req".into(),
+        keys: vec!["R-1".into(), "PR-1".into()],
+        data: json!({ "portal_ref": "PR-1", "seen": "accepted" }),
+        state: Some("accepted".into()),
+    };
+    // A key another record already has is added to neither and finds nothing new.
+    let other = CorrelationWrite::Save {
+        context: "req".into(),
+        keys: vec!["R-0".into(), "LAB-0".into()],
+        data: json!({}),
+        state: None,
+    };
+    store.correlate(vec![other], Vec::new()).await.unwrap();
+    store
+        .correlate(
+            vec![save],
+            vec![
+                delivered("LAB-1", "delivered"),
+                delivered("LAB-0", "copied"),
+            ],
+        )
+        .await
+        .unwrap();
+    let record = store
+        .find_correlation("req", &["LAB-1".into()])
+        .await
+        .unwrap()
+        .expect("found by the key the delivery added");
+    assert_eq!((record.key.as_str(), record.keys.len()), ("R-1", 3));
+    assert_eq!(
+        record.data,
+        json!({ "portal_ref": "PR-1", "lab_order_id": "LAB-0", "seen": "copied" })
+    );
+    let states: Vec<&str> = record.history.iter().map(|h| h.state.as_str()).collect();
+    assert_eq!(states, ["accepted", "delivered", "copied"]);
+    let first = store
+        .find_correlation("req", &["LAB-0".into()])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.key, "R-0");
+
+    // After a found record's update, too.
+    let update = CorrelationWrite::Update {
+        record_id: record.id,
+        keys: Vec::new(),
+        data: serde_json::Value::Null,
+        state: Some("results_received".into()),
+    };
+    store
+        .correlate(
+            vec![update],
+            vec![delivered("LAB-2", "delivered_to_portal")],
+        )
+        .await
+        .unwrap();
+    let record = store
+        .find_correlation("req", &["LAB-2".into()])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.data["seen"], "delivered_to_portal");
+    assert_eq!(
+        record.state.as_deref(),
+        Some("delivered_to_portal"),
+        "{:?}",
+        record.history
+    );
+    assert_eq!(record.history.len(), 5);
     store.close().await;
 }
 
