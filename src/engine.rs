@@ -224,6 +224,7 @@ impl Engine {
                             target: target.name().to_owned(),
                             status: attempt.status,
                             reason: attempt.error.unwrap_or_default(),
+                            retry_after: attempt.retry_after,
                         }
                         .into());
                     }

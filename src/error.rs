@@ -67,6 +67,9 @@ pub enum FlowError {
         status: Option<u16>,
         /// What went wrong, for the log.
         reason: String,
+        /// How long the target asked to be left alone (its `Retry-After`), passed on to the
+        /// caller.
+        retry_after: Option<std::time::Duration>,
     },
 }
 
@@ -275,6 +278,11 @@ impl IntoResponse for ServeError {
         let retry_after = match &self {
             Self::TooManyRequests { retry_after } => Some(retry_after.max(&1).to_string()),
             Self::Overloaded => Some("1".to_owned()),
+            // Whole seconds, rounded up: the caller waits at least as long as the target asked.
+            Self::Flow(FlowError::Target {
+                retry_after: Some(wait),
+                ..
+            }) => Some(wait.as_secs_f64().ceil().max(1.0).to_string()),
             _ => None,
         };
         let mut response = (status, Json(self.body())).into_response();
@@ -310,6 +318,7 @@ mod tests {
                 target: "lab".into(),
                 status: None,
                 reason: reason.clone(),
+                retry_after: None,
             }
             .into(),
             FlowError::Unavailable(reason.clone()).into(),
@@ -336,5 +345,22 @@ mod tests {
         assert!(!stored.contains("SECRET"), "{stored:.200}");
         assert!(stored.len() < 2 * MAX_ERROR_LEN);
         assert!(stored.contains("api_key=[redacted]"), "{stored:.200}");
+    }
+
+    #[test]
+    fn a_failed_targets_retry_after_reaches_the_caller_in_whole_seconds() {
+        let failed = |retry_after| {
+            ServeError::from(FlowError::Target {
+                target: "lab".into(),
+                status: Some(503),
+                reason: "maintenance".into(),
+                retry_after,
+            })
+            .into_response()
+        };
+        let waited = failed(Some(std::time::Duration::from_millis(1200)));
+        assert_eq!(waited.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(waited.headers()["retry-after"], "2");
+        assert!(!failed(None).headers().contains_key("retry-after"));
     }
 }

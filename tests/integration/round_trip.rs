@@ -232,10 +232,13 @@ async fn a_sync_flows_on_delivered_is_in_the_record_when_it_replies() {
     .await;
     let url = format!("{}/api/v1/test-requests", ferry.url);
 
-    // A lab that fails it: the portal gets 502, and no record is made.
-    lab.answer_once(503, json!({"error": "maintenance"}));
-    let (status, reply) = post_json(&url, &payload("test-request.json")).await;
-    assert_eq!(status, 502, "{reply}");
+    // A lab that fails it: the portal gets 502, told to wait as long as the lab asked, and
+    // no record is made.
+    lab.answer_once_with_header(503, json!({"error": "maintenance"}), ("retry-after", "7"));
+    let body = serde_json::to_vec(&payload("test-request.json")).unwrap();
+    let response = crate::util::signed_post(&url, body).send().await.unwrap();
+    assert_eq!(response.status(), 502);
+    assert_eq!(response.headers()["retry-after"], "7");
     assert_eq!(status_of(&ferry.url, "PR-2026-0001").await.0, 404);
 
     // Sent again, the lab takes it: by the reply, the record says so, with the lab's id as
