@@ -396,19 +396,10 @@ pub async fn handle(
             return Settled::Dead;
         }
     };
-    match engine.handle(flow, Message::new(body.clone(), &meta)).await {
-        Ok(reply) if reply.status < 500 => Settled::Done,
-        Ok(reply) => {
-            retry_or_dead(
-                engine,
-                flow,
-                body,
-                &meta,
-                attempt,
-                format!("the flow answered {}", reply.status),
-            )
-            .await
-        }
+    let (failure, retry_after) = match engine.handle(flow, Message::new(body.clone(), &meta)).await
+    {
+        Ok(reply) if reply.status < 500 => return Settled::Done,
+        Ok(reply) => (format!("the flow answered {}", reply.status), None),
         Err(error) if error.status().is_client_error() => {
             // A durable flow already keeps what it could not correlate.
             if !(flow.is_durable()
@@ -421,10 +412,12 @@ pub async fn handle(
                     .dead_letter(flow, body, &meta, error.to_string())
                     .await;
             }
-            Settled::Dead
+            return Settled::Dead;
         }
-        Err(error) => retry_or_dead(engine, flow, body, &meta, attempt, error.to_string()).await,
-    }
+        // A sync flow's target that asked for time (`Retry-After`) gets it.
+        Err(error) => (error.to_string(), error.retry_after()),
+    };
+    retry_or_dead(engine, flow, body, &meta, attempt, failure, retry_after).await
 }
 
 /// A queue message's payload as a body: HL7 v2 when its content type says so, else JSON.
@@ -435,6 +428,8 @@ fn read_payload(payload: &[u8], content_type: Option<&str>) -> Result<Value, Str
     serde_json::from_slice(payload).map_err(|e| format!("the message is not JSON: {e}"))
 }
 
+/// Tries the message again after the trigger's backoff (never sooner than `retry_after`), or
+/// keeps it as a dead letter once its attempts are spent.
 async fn retry_or_dead(
     engine: &Engine,
     flow: &Flow,
@@ -442,6 +437,7 @@ async fn retry_or_dead(
     meta: &Meta,
     attempt: u32,
     error: String,
+    retry_after: Option<Duration>,
 ) -> Settled {
     let trigger = flow.queue_trigger().expect("queue-triggered flow");
     if attempt >= trigger.attempts {
@@ -456,5 +452,5 @@ async fn retry_or_dead(
         return Settled::Dead;
     }
     tracing::debug!(flow = %flow.name, attempt, %error, "queue message will be retried");
-    Settled::Retry(trigger.retry().backoff(attempt, None))
+    Settled::Retry(trigger.retry().backoff(attempt, retry_after))
 }

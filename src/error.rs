@@ -166,6 +166,18 @@ pub enum ServeError {
 }
 
 impl ServeError {
+    /// How long a failed target asked to be left alone (its `Retry-After`, at most an hour):
+    /// the caller's to honour.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Self::Flow(FlowError::Target {
+                retry_after: Some(wait),
+                ..
+            }) => Some((*wait).min(crate::retry::MAX_RETRY_AFTER)),
+            _ => None,
+        }
+    }
+
     /// The HTTP status of the reply.
     pub fn status(&self) -> StatusCode {
         match self {
@@ -279,11 +291,9 @@ impl IntoResponse for ServeError {
             Self::TooManyRequests { retry_after } => Some(retry_after.max(&1).to_string()),
             Self::Overloaded => Some("1".to_owned()),
             // Whole seconds, rounded up: the caller waits at least as long as the target asked.
-            Self::Flow(FlowError::Target {
-                retry_after: Some(wait),
-                ..
-            }) => Some(wait.as_secs_f64().ceil().max(1.0).to_string()),
-            _ => None,
+            _ => self
+                .retry_after()
+                .map(|wait| wait.as_secs_f64().ceil().max(1.0).to_string()),
         };
         let mut response = (status, Json(self.body())).into_response();
         if let Some(seconds) = retry_after.and_then(|s| s.parse().ok()) {

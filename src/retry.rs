@@ -29,7 +29,7 @@ pub fn classify_status(status: u16) -> RetryAction {
 }
 
 /// The longest a target's `Retry-After` can push an attempt back.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// How durable delivery retries: until the target takes the message, within a budget of
 /// time (`for`), of attempts, or both (whichever ends first).

@@ -528,3 +528,35 @@ async fn readiness_follows_a_store_that_cannot_be_written() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_sync_consumers_target_that_asks_for_time_gets_it_on_every_driver() {
+    let sink = Partner::start(200, json!({})).await;
+    let (ferry, _) = queue_flows(&sink).await;
+    for driver in ["embedded", "amqp", "nats"] {
+        // The flows back off 50 ms; the sink asks for a second.
+        sink.answer_once_with_header(503, json!({"error": "busy"}), ("retry-after", "1"));
+        let path = format!("/{driver}");
+        post_json(
+            &format!("{}/{driver}/publish", ferry.url),
+            &json!({"driver": driver}),
+        )
+        .await;
+        let tries = || -> Vec<_> {
+            sink.received()
+                .into_iter()
+                .filter(|r| r.path == path)
+                .collect()
+        };
+        wait_until(&format!("the {driver} message was tried again"), || {
+            tries().len() >= 2
+        })
+        .await;
+        let tries = tries();
+        let waited = tries[1].at - tries[0].at;
+        assert!(
+            waited >= std::time::Duration::from_millis(950),
+            "{driver}: tried again after {waited:?}"
+        );
+    }
+}
