@@ -141,7 +141,7 @@ impl Engine {
     ) -> Result<StoredReply, ServeError> {
         let store = match &self.store {
             Some(store) if flow.is_durable() => store,
-            _ => return self.handle_sync(flow, message, observe).await,
+            _ => return self.handle_sync(flow, &mut message, observe).await,
         };
         // Written out once, before the steps change the message: for the store, and for the
         // fingerprint.
@@ -196,15 +196,15 @@ impl Engine {
         Ok(processed)
     }
 
+    /// Runs a sync flow on `message`: its steps, then each target, then its correlation
+    /// changes, and renders the reply. `message` is left as the targets saw it.
     async fn handle_sync(
         &self,
         flow: &Flow,
-        mut message: Message,
+        message: &mut Message,
         mut observe: Option<&mut (dyn Observe + 'static)>,
     ) -> Result<StoredReply, ServeError> {
-        let processed = self
-            .process(flow, &mut message, observe.as_deref_mut())
-            .await?;
+        let processed = self.process(flow, message, observe.as_deref_mut()).await?;
         // Each target in turn; the first that fails fails the message.
         let mut called = None;
         let mut delivered = Vec::with_capacity(processed.targets.len());
@@ -213,12 +213,12 @@ impl Engine {
             match self.real_call(target) {
                 // A called flow's refusal is the caller's, status and all.
                 Some(call) => {
-                    let reply = self.hand_over(&call.flow, call.name(), &message).await?;
+                    let reply = self.hand_over(&call.flow, call.name(), message).await?;
                     message.merge_vars(&reply.body);
                     called = Some(reply);
                 }
                 None => {
-                    let attempt = self.attempt(flow, target, &mut message).await;
+                    let attempt = self.attempt(flow, target, message).await;
                     if attempt.action != RetryAction::Done {
                         return Err(FlowError::Target {
                             target: target.name().to_owned(),
@@ -239,17 +239,17 @@ impl Engine {
                     }
                 }
             }
-            delivered.extend(flow.after_delivery(target, true, &message));
+            delivered.extend(flow.after_delivery(target, true, message));
         }
         if let Some(observe) = observe {
-            observe.processed(&message, &[]);
+            observe.processed(message, &[]);
         }
         if let (Some(store), false) = (&self.store, processed.correlation.is_empty()) {
             store.correlate(processed.correlation, delivered).await?;
         }
         match called {
             Some(reply) if !flow.declares_reply() => Ok(reply),
-            _ => Ok(flow.render_reply(&message)?.into()),
+            _ => Ok(flow.render_reply(message)?.into()),
         }
     }
 
@@ -381,10 +381,7 @@ impl Engine {
         source: Arrival,
     ) -> Result<StoredReply, ServeError> {
         let mut events = vec![match &source.replay {
-            Some(audit) => NewEvent {
-                kind: "replayed",
-                detail: json!({"flow": flow.name, "by": audit.by, "reason": audit.reason}),
-            },
+            Some(audit) => replayed(flow, audit),
             None => NewEvent {
                 kind: "received",
                 detail: json!({"flow": flow.name, "idempotency_key": source.key}),
@@ -404,11 +401,7 @@ impl Engine {
                 let accepted = Accepted {
                     status: MessageStatus::Dead,
                     error: Some(reason),
-                    reply: StoredReply {
-                        status: refusal.status().as_u16(),
-                        headers: Vec::new(),
-                        body: refusal.body(),
-                    },
+                    reply: refused(&refusal),
                     events,
                     idempotency_key: None,
                     ..source.into_accepted(flow, &message)
@@ -551,26 +544,54 @@ impl Engine {
         let flow = self.flow(&source.flow).ok_or_else(|| {
             ServeError::Internal(format!("flow \"{}\" is no longer loaded", source.flow))
         })?;
-        if !flow.is_durable() {
-            return Err(ServeError::Internal(format!(
-                "flow \"{}\" does not deliver durably",
-                flow.name
-            )));
-        }
         let mut message = Message::from_parts(source.inbound, source.meta);
+        if !flow.is_durable() {
+            return self
+                .replay_sync(flow, store, message, audit)
+                .await
+                .map(Some);
+        }
         let steps = self.process(flow, &mut message, None).await;
-        // A replay keeps the message's first arrival: only what the steps make of it is written.
-        let source = Arrival {
-            inbound: String::new(),
-            meta: String::new(),
-            key: None,
-            fingerprint: None,
-            received_at: now_ms(),
-            replay: Some(audit.clone()),
-        };
-        self.commit(flow, store, message, steps, source)
+        self.commit(flow, store, message, steps, Arrival::replay(audit))
             .await
             .map(Some)
+    }
+}
+
+impl Engine {
+    /// Replays a sync flow's dead letter (a queue message it gave up on, say): the flow runs
+    /// on it as on any message, then the stored message says what came of it, delivered or
+    /// still dead, with the replay in its timeline.
+    async fn replay_sync(
+        &self,
+        flow: &Flow,
+        store: &Store,
+        mut message: Message,
+        audit: &ReplayAudit,
+    ) -> Result<StoredReply, ServeError> {
+        let outcome = self.handle_sync(flow, &mut message, None).await;
+        let mut events = vec![replayed(flow, audit)];
+        let (status, error, reply) = match &outcome {
+            Ok(reply) => (MessageStatus::Delivered, None, reply.clone()),
+            Err(refusal) => {
+                let error = refusal.to_string();
+                events.push(NewEvent {
+                    kind: "dead",
+                    detail: json!({"error": error}),
+                });
+                (MessageStatus::Dead, Some(error), refused(refusal))
+            }
+        };
+        store
+            .accept(Accepted {
+                status,
+                error,
+                reply,
+                events,
+                ..Arrival::replay(audit).into_accepted(flow, &message)
+            })
+            .await?;
+        outcome
     }
 }
 
@@ -653,6 +674,23 @@ pub struct ReplayAudit {
     pub reason: String,
 }
 
+/// The reply kept with a message `refusal` refused.
+fn refused(refusal: &ServeError) -> StoredReply {
+    StoredReply {
+        status: refusal.status().as_u16(),
+        headers: Vec::new(),
+        body: refusal.body(),
+    }
+}
+
+/// The timeline entry of a replay of a message of `flow`: who asked, and why.
+fn replayed(flow: &Flow, audit: &ReplayAudit) -> NewEvent {
+    NewEvent {
+        kind: "replayed",
+        detail: json!({"flow": flow.name, "by": audit.by, "reason": audit.reason}),
+    }
+}
+
 /// A message as it arrived, for the store.
 struct Arrival {
     /// The body as received, as JSON text.
@@ -667,6 +705,19 @@ struct Arrival {
 }
 
 impl Arrival {
+    /// A replay, by `audit`: it keeps the message's first arrival, so only what the flow
+    /// makes of it is written.
+    fn replay(audit: &ReplayAudit) -> Self {
+        Self {
+            inbound: String::new(),
+            meta: String::new(),
+            key: None,
+            fingerprint: None,
+            received_at: now_ms(),
+            replay: Some(audit.clone()),
+        }
+    }
+
     fn into_accepted(self, flow: &Flow, message: &Message) -> Accepted {
         let meta = &message.root()["meta"];
         Accepted {

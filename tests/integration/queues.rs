@@ -181,6 +181,52 @@ async fn a_failing_consumer_retries_then_dead_letters_and_poison_leaves_the_queu
         amqp_depth(&names[1]).await == 0
     })
     .await;
+
+    // The sink is back: the messages given up on are replayed through their sync flows,
+    // reach it, and are dead letters no more. A replay that fails again leaves one dead.
+    let given_up: Vec<String> = dead["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| !d["error"].as_str().unwrap().contains("not JSON"))
+        .map(|d| d["id"].as_str().unwrap().to_owned())
+        .collect();
+    sink.set_reply(200, json!({}));
+    sink.answer_once(503, json!({"error": "busy"}));
+    let (status, replayed) = ferry
+        .admin_post(
+            "/dead-letters/replay",
+            &json!({"ids": given_up, "reason": "the sink is back"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{replayed}");
+    let outcomes: Vec<bool> = replayed["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["replayed"].as_bool().unwrap())
+        .collect();
+    assert_eq!(outcomes, [false, true, true], "{replayed:#}");
+    for driver in ["embedded", "amqp", "nats"] {
+        assert_eq!(attempts(driver), 4, "{driver}: tried once more");
+    }
+    let (_, dead) = ferry.admin("/dead-letters").await;
+    assert_eq!(
+        dead["dead_letters"].as_array().unwrap().len(),
+        4,
+        "{dead:#}"
+    );
+    let (_, detail) = ferry.admin(&format!("/messages/{}", given_up[1])).await;
+    assert_eq!(detail["status"], "delivered", "{detail:#}");
+    let kinds: Vec<&str> = detail["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds.last(), Some(&"replayed"), "{detail:#}");
+    let (_, detail) = ferry.admin(&format!("/messages/{}", given_up[0])).await;
+    assert_eq!(detail["status"], "dead", "{detail:#}");
 }
 
 #[tokio::test]
