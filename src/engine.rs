@@ -216,6 +216,11 @@ impl Engine {
                     let reply = self.hand_over(&call.flow, call.name(), message).await?;
                     message.merge_vars(&reply.body);
                     called = Some(reply);
+                    // A durable flow has only kept the message: its partner has it later, and
+                    // the record says so then (the called flow's own `on_delivered`).
+                    if self.called(&call.flow)?.is_durable() && self.store.is_some() {
+                        continue;
+                    }
                 }
                 None => {
                     let attempt = self.attempt(flow, target, message).await;

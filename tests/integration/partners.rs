@@ -711,3 +711,50 @@ async fn a_called_flows_on_delivered_is_committed_with_its_record() {
     let states: Vec<&str> = record.history.iter().map(|h| h.state.as_str()).collect();
     assert_eq!(states, ["sent", "taken"]);
 }
+
+#[tokio::test]
+async fn a_sync_flows_on_delivered_waits_for_a_partner_a_durable_flow_it_calls_has_not_reached() {
+    for mode in ["sync", "durable"] {
+        let partner = Partner::start(201, json!({})).await;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("caller.yaml"),
+            r#"name: caller
+trigger: { http: { method: POST, path: /caller, auth: none } }
+steps:
+  - correlate: { context: order, save: ["{{body.ref}}"], state: received }
+targets:
+  next: { flow: callee }
+delivery: { mode: sync, on_delivered: { state: passed_on } }
+"#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("callee.yaml"),
+            format!(
+                "name: callee\ntargets:\n  partner: {{ http: {{ url: \"${{PARTNER_URL}}/in\" }} }}\ndelivery: {{ mode: {mode} }}\n"
+            ),
+        )
+        .unwrap();
+        let ferry = Ferry::start(dir.path(), &[("PARTNER_URL", &partner.url)]).await;
+        let (status, reply) =
+            post_json(&format!("{}/caller", ferry.url), &json!({"ref": "R-1"})).await;
+        assert!(status < 300, "{mode}: {status} {reply}");
+        let record = ferry
+            .runtime
+            .store()
+            .unwrap()
+            .find_correlation("order", &["R-1".to_owned()])
+            .await
+            .unwrap()
+            .unwrap();
+        let states: Vec<&str> = record.history.iter().map(|h| h.state.as_str()).collect();
+        // A sync flow called has delivered it; a durable one has only kept it.
+        let expected: &[&str] = match mode {
+            "sync" => &["received", "passed_on"],
+            _ => &["received"],
+        };
+        assert_eq!(states, expected, "{mode}");
+        wait_until("the partner has it", || partner.received().len() == 1).await;
+    }
+}
