@@ -144,6 +144,7 @@ pub(crate) fn compile(
     if let (Some(DeliveryMode::Sync), Some(trigger)) =
         (delivery.as_ref().map(|d| d.mode), config.trigger.as_ref())
     {
+        ctx.part = "trigger".into();
         warn_sync_idempotency_key(trigger, &mut ctx);
     }
 
