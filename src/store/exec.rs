@@ -109,6 +109,13 @@ fn mismatch(index: usize, wanted: &str) -> StoreError {
 /// `$start, $start+1, …` for `rows` rows of `columns` values each: `($1, $2), ($3, $4)`.
 pub(super) fn placeholders(start: usize, rows: usize, columns: usize) -> String {
     let mut sql = String::with_capacity(rows * columns * 5);
+    push_placeholders(&mut sql, start, rows, columns);
+    sql
+}
+
+/// [`placeholders`], written at the end of `sql`.
+fn push_placeholders(sql: &mut String, start: usize, rows: usize, columns: usize) {
+    use std::fmt::Write as _;
     for row in 0..rows {
         if row > 0 {
             sql.push_str(", ");
@@ -118,12 +125,11 @@ pub(super) fn placeholders(start: usize, rows: usize, columns: usize) -> String 
             if column > 0 {
                 sql.push_str(", ");
             }
-            sql.push('$');
-            sql.push_str(&(start + row * columns + column).to_string());
+            // Writing to a String cannot fail.
+            let _ = write!(sql, "${}", start + row * columns + column);
         }
         sql.push(')');
     }
-    sql
 }
 
 /// A connection that runs statements.
@@ -161,7 +167,12 @@ pub(super) trait Exec {
         if rows.is_empty() {
             return Ok(0);
         }
-        let sql = format!("{head} VALUES {} {tail}", placeholders(1, rows.len(), N));
+        let mut sql = String::with_capacity(head.len() + tail.len() + rows.len() * N * 5 + 10);
+        sql.push_str(head);
+        sql.push_str(" VALUES ");
+        push_placeholders(&mut sql, 1, rows.len(), N);
+        sql.push(' ');
+        sql.push_str(tail);
         self.execute(&sql, rows.as_flattened()).await
     }
 
