@@ -207,7 +207,7 @@ impl Engine {
         let processed = self.process(flow, message, observe.as_deref_mut()).await?;
         // Each target in turn; the first that fails fails the message.
         let mut called = None;
-        let mut delivered = Vec::with_capacity(processed.targets.len());
+        let mut delivered = Vec::new();
         for &index in &processed.targets {
             let target = &flow.targets()[index];
             match self.real_call(target) {
@@ -299,7 +299,7 @@ impl Engine {
             Err(error) => return refused(&error.into()),
         };
         let mut last = Attempt::done(None);
-        let mut delivered = Vec::with_capacity(processed.targets.len());
+        let mut delivered = Vec::new();
         for &index in &processed.targets {
             let target = &callee.targets()[index];
             last = Box::pin(self.attempt(callee, target, &mut message)).await;
@@ -406,7 +406,7 @@ impl Engine {
                 let accepted = Accepted {
                     status: MessageStatus::Dead,
                     error: Some(reason),
-                    reply: refused(&refusal),
+                    reply: refusal_reply(&refusal),
                     events,
                     idempotency_key: None,
                     ..source.into_accepted(flow, &message)
@@ -584,7 +584,7 @@ impl Engine {
                     kind: "dead",
                     detail: json!({"error": error}),
                 });
-                (MessageStatus::Dead, Some(error), refused(refusal))
+                (MessageStatus::Dead, Some(error), refusal_reply(refusal))
             }
         };
         store
@@ -680,7 +680,7 @@ pub struct ReplayAudit {
 }
 
 /// The reply kept with a message `refusal` refused.
-fn refused(refusal: &ServeError) -> StoredReply {
+fn refusal_reply(refusal: &ServeError) -> StoredReply {
     StoredReply {
         status: refusal.status().as_u16(),
         headers: Vec::new(),
