@@ -98,6 +98,12 @@ impl Engine {
         self.store.as_ref()
     }
 
+    /// The store that keeps `flow`'s messages: none for a sync flow, or without a store
+    /// (where every flow delivers synchronously).
+    fn keeping(&self, flow: &Flow) -> Option<&Store> {
+        self.store.as_ref().filter(|_| flow.is_durable())
+    }
+
     /// The broker connections.
     pub fn brokers(&self) -> &Brokers {
         &self.brokers
@@ -139,9 +145,8 @@ impl Engine {
         mut message: Message,
         observe: Option<&mut (dyn Observe + 'static)>,
     ) -> Result<StoredReply, ServeError> {
-        let store = match &self.store {
-            Some(store) if flow.is_durable() => store,
-            _ => return self.handle_sync(flow, &mut message, observe).await,
+        let Some(store) = self.keeping(flow) else {
+            return self.handle_sync(flow, &mut message, observe).await;
         };
         // Written out once, before the steps change the message: for the store, and for the
         // fingerprint.
@@ -213,12 +218,13 @@ impl Engine {
             match self.real_call(target) {
                 // A called flow's refusal is the caller's, status and all.
                 Some(call) => {
-                    let reply = self.hand_over(&call.flow, call.name(), message).await?;
+                    let callee = self.called(&call.flow)?;
+                    let reply = self.hand_over(callee, call.name(), message).await?;
                     message.merge_vars(&reply.body);
                     called = Some(reply);
-                    // A durable flow has only kept the message: its partner has it later, and
-                    // the record says so then (the called flow's own `on_delivered`).
-                    if self.called(&call.flow)?.is_durable() && self.store.is_some() {
+                    // A flow that keeps the message has only kept it: its partner has it
+                    // later, and the record says so then (the called flow's `on_delivered`).
+                    if self.keeping(callee).is_some() {
                         continue;
                     }
                 }
@@ -258,16 +264,15 @@ impl Engine {
         }
     }
 
-    /// Hands `caller` over to the flow named `name` (target `target` of a synchronous
-    /// flow): the called flow handles it as a message of its own ([`Meta::for_call`]), and a
-    /// durable one keeps it and answers that it did.
+    /// Hands `caller` over to `callee` (target `target` of a synchronous flow): the called
+    /// flow handles it as a message of its own ([`Meta::for_call`]), and a durable one keeps
+    /// it and answers that it did.
     async fn hand_over(
         &self,
-        name: &str,
+        callee: &Flow,
         target: &str,
         caller: &Message,
     ) -> Result<StoredReply, ServeError> {
-        let callee = self.called(name)?;
         let meta = Meta::for_call(&callee.name, caller, target);
         let message = Message::new(caller.body().clone(), &meta);
         Box::pin(self.handle(callee, message)).await
@@ -399,10 +404,7 @@ impl Engine {
                 // what it answers exists. Without its idempotency key, so a resend is new.
                 let reason = error.to_string();
                 let refusal = ServeError::Flow(error);
-                events.push(NewEvent {
-                    kind: "dead",
-                    detail: json!({"error": reason}),
-                });
+                events.push(dead(&reason));
                 let accepted = Accepted {
                     status: MessageStatus::Dead,
                     error: Some(reason),
@@ -516,10 +518,7 @@ impl Engine {
                     kind: "received",
                     detail: json!({"flow": flow.name}),
                 },
-                NewEvent {
-                    kind: "dead",
-                    detail: json!({"error": error}),
-                },
+                dead(&error),
             ],
             ..source.into_accepted(flow, &message)
         };
@@ -561,9 +560,7 @@ impl Engine {
             .await
             .map(Some)
     }
-}
 
-impl Engine {
     /// Replays a sync flow's dead letter (a queue message it gave up on, say): the flow runs
     /// on it as on any message, then the stored message says what came of it, delivered or
     /// still dead, with the replay in its timeline.
@@ -580,10 +577,7 @@ impl Engine {
             Ok(reply) => (MessageStatus::Delivered, None, reply.clone()),
             Err(refusal) => {
                 let error = refusal.to_string();
-                events.push(NewEvent {
-                    kind: "dead",
-                    detail: json!({"error": error}),
-                });
+                events.push(dead(&error));
                 (MessageStatus::Dead, Some(error), refusal_reply(refusal))
             }
         };
@@ -685,6 +679,14 @@ fn refusal_reply(refusal: &ServeError) -> StoredReply {
         status: refusal.status().as_u16(),
         headers: Vec::new(),
         body: refusal.body(),
+    }
+}
+
+/// The timeline entry of a message that became a dead letter, and why.
+fn dead(error: &str) -> NewEvent {
+    NewEvent {
+        kind: "dead",
+        detail: json!({ "error": error }),
     }
 }
 
