@@ -10,6 +10,11 @@ included (a durable flow's delivery too). Compare two builds in one sitting:
 
     python3 benches/instructions.py --mode sync target/release/ferry /tmp/ferry-before
 
+One connection sends one request at a time, so each commit holds one request's writes;
+`--connections 32` sends from 32 at once, as under load, where a commit holds several and a
+durable flow's worker, falling behind, claims orders from the store instead of taking them
+handed over.
+
 Needs valgrind (Debian's package). `--keep` leaves the callgrind profile for
 `callgrind_annotate --inclusive=yes`. What the kernel does (sockets, fsync) is not counted.
 """
@@ -73,7 +78,20 @@ def delivered(store):
         return db.execute("SELECT COUNT(*) FROM outbox WHERE state = 'delivered'").fetchone()[0]
 
 
-def count(binary, mode, requests, keep):
+def submit_all(submit, numbers, connections):
+    """Submits each of `numbers`, over `connections` connections at once."""
+    numbers = list(numbers)
+    threads = [
+        threading.Thread(target=lambda part=numbers[i::connections]: [submit(n) for n in part])
+        for i in range(connections)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def count(binary, mode, requests, keep, connections):
     """Instructions per request of `binary`."""
     lab = ThreadingHTTPServer(("127.0.0.1", 0), Lab)
     threading.Thread(target=lab.serve_forever, daemon=True).start()
@@ -104,9 +122,13 @@ def count(binary, mode, requests, keep):
         threading.Thread(target=lambda: server.stdout.read(), daemon=True).start()
         with open(os.path.join(REPO, "tests/fixtures/payloads/test-request.json")) as f:
             body = f.read()
-        connection = http.client.HTTPConnection(host, port)
+        local = threading.local()
+        failures = []
 
         def submit(n):
+            if not hasattr(local, "connection"):
+                local.connection = http.client.HTTPConnection(host, port)
+            connection = local.connection
             connection.request(
                 "POST", "/api/v1/test-requests",
                 body.replace("PR-2026-0001", f"PR-INSTR-{n}", 1),
@@ -115,14 +137,15 @@ def count(binary, mode, requests, keep):
             response = connection.getresponse()
             response.read()
             if response.status not in (200, 202):
-                sys.exit(f"request {n} was answered {response.status}")
+                failures.append(f"request {n} was answered {response.status}")
 
         for n in range(WARM_UP):
             submit(n)
         wait_for_lab(mode, store, WARM_UP)
         control("-z", server.pid)
-        for n in range(WARM_UP, WARM_UP + requests):
-            submit(n)
+        submit_all(submit, range(WARM_UP, WARM_UP + requests), connections)
+        if failures:
+            sys.exit(failures[0])
         wait_for_lab(mode, store, WARM_UP + requests)
         control("-d", server.pid)
     finally:
@@ -160,10 +183,12 @@ def main():
     parser.add_argument("binaries", nargs="*", default=[os.path.join(REPO, "target/release/ferry")])
     parser.add_argument("--mode", choices=["sync", "durable"], default="durable")
     parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--connections", type=int, default=1,
+                        help="connections sending at once: under load, a commit holds more writes")
     parser.add_argument("--keep", action="store_true", help="keep each callgrind profile")
     args = parser.parse_args()
     for binary in args.binaries:
-        per_request = count(binary, args.mode, args.requests, args.keep)
+        per_request = count(binary, args.mode, args.requests, args.keep, args.connections)
         print(f"{binary}: {per_request:,.0f} instructions per request ({args.mode})")
 
 
