@@ -166,14 +166,11 @@ pub enum ServeError {
 }
 
 impl ServeError {
-    /// How long a failed target asked to be left alone (its `Retry-After`, at most an hour):
-    /// the caller's to honour.
+    /// How long a failed target asked to be left alone (its `Retry-After`): the caller's to
+    /// honour.
     pub fn retry_after(&self) -> Option<std::time::Duration> {
         match self {
-            Self::Flow(FlowError::Target {
-                retry_after: Some(wait),
-                ..
-            }) => Some((*wait).min(crate::retry::MAX_RETRY_AFTER)),
+            Self::Flow(FlowError::Target { retry_after, .. }) => *retry_after,
             _ => None,
         }
     }

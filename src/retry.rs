@@ -28,8 +28,8 @@ pub fn classify_status(status: u16) -> RetryAction {
     }
 }
 
-/// The longest a target's `Retry-After` can push an attempt back.
-pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// The longest a target's `Retry-After` counts for: longer asks are read as this.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// How durable delivery retries: until the target takes the message, within a budget of
 /// time (`for`), of attempts, or both (whichever ends first).
@@ -68,7 +68,7 @@ impl RetryPolicy {
     pub fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
         let jittered = self.ceiling(attempt).mul_f64(fastrand::f64());
         match retry_after {
-            Some(asked) => jittered.max(asked.min(MAX_RETRY_AFTER)),
+            Some(asked) => jittered.max(asked),
             None => jittered,
         }
     }
@@ -101,7 +101,7 @@ impl RetryPolicy {
         if now >= deadline {
             return None;
         }
-        let asked = retry_after.map_or(now, |r| now.saturating_add(millis(r.min(MAX_RETRY_AFTER))));
+        let asked = retry_after.map_or(now, |r| now.saturating_add(millis(r)));
         Some(at.min(deadline).max(asked))
     }
 
@@ -120,17 +120,18 @@ fn millis(duration: Duration) -> Millis {
     Millis::try_from(duration.as_millis()).unwrap_or(Millis::MAX)
 }
 
-/// Parses `Retry-After`: seconds, or an HTTP date.
+/// Parses `Retry-After`: seconds, or an HTTP date; at most an hour, so every reader of a
+/// target's ask (durable delivery, a sync flow's caller, a queue consumer) holds off as long.
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(
-        at.duration_since(std::time::SystemTime::now())
+    let asked = match value.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => httpdate::parse_http_date(value)
+            .ok()?
+            .duration_since(std::time::SystemTime::now())
             .unwrap_or_default(),
-    )
+    };
+    Some(asked.min(MAX_RETRY_AFTER))
 }
 
 #[cfg(test)]
@@ -211,5 +212,6 @@ mod tests {
             "{parsed:?}"
         );
         assert_eq!(parse_retry_after("soon"), None);
+        assert_eq!(parse_retry_after("86400"), Some(MAX_RETRY_AFTER));
     }
 }
