@@ -21,6 +21,7 @@ Needs valgrind (Debian's package). `--keep` leaves the callgrind profile for
 
 import argparse
 import http.client
+import json
 import os
 import re
 import shutil
@@ -43,8 +44,9 @@ class Lab(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_POST(self):
-        self.rfile.read(int(self.headers.get("content-length", 0)))
-        body = b'{"lab_order_id":"LAB-1"}'
+        order = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
+        # Each order its own id, as a lab gives: the record of its request gains a key.
+        body = json.dumps({"lab_order_id": f"LAB-{order['order_ref']}"}).encode()
         self.send_response(201)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))

@@ -192,11 +192,12 @@ impl Lab {
                 let mut gate = gate.clone();
                 async move {
                     let _ = gate.wait_for(|open| *open).await;
-                    counter.fetch_add(1, Ordering::Relaxed);
+                    // Each order its own id, as a lab gives: its request's record gains a key.
+                    let order = counter.fetch_add(1, Ordering::Relaxed);
                     (
                         axum::http::StatusCode::CREATED,
                         [("content-type", "application/json")],
-                        r#"{"lab_order_id":"LAB-1"}"#,
+                        format!(r#"{{"lab_order_id":"LAB-{order}"}}"#),
                     )
                 }
             }),

@@ -470,29 +470,20 @@ async fn events(conn: &mut Conn, ids: &[String]) -> Result<Vec<Event>, StoreErro
 }
 
 async fn load_correlation(conn: &mut Conn, id: i64) -> Result<Option<Correlation>, StoreError> {
-    let Some(row) =
-        sqlx::query("SELECT context, key, data, created_at FROM correlations WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await?
+    let Some(row) = sqlx::query(
+        "SELECT context, key, data, keys, history, created_at FROM correlations WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?
     else {
         return Ok(None);
     };
-    let keys: Vec<String> = sqlx::query_scalar(
-        "SELECT key FROM correlation_keys WHERE correlation_id = $1 ORDER BY rowid",
-    )
-    .bind(id)
-    .fetch_all(&mut *conn)
-    .await?;
-    let history: Vec<StateChange> = sqlx::query(
-        "SELECT state, at, message_id FROM correlation_states WHERE correlation_id = $1 ORDER BY id",
-    )
-    .bind(id)
-    .fetch_all(&mut *conn)
-    .await?
-    .iter()
-    .map(|r| StateChange { state: r.get("state"), at: rfc3339(r.get("at")), message_id: r.get("message_id") })
-    .collect();
+    let keys: Vec<String> = parse(&row.get::<String, _>("keys"))?;
+    let history: Vec<StateChange> = parse::<Vec<HistoryEntry>>(&row.get::<String, _>("history"))?
+        .into_iter()
+        .map(StateChange::from)
+        .collect();
     // The deliveries of its messages; a replayed one is superseded by the entry it made.
     let recipients = sqlx::query(
         "SELECT m.flow, o.target, o.state, o.attempts, o.updated_at
@@ -665,9 +656,31 @@ pub(super) async fn correlate_all(
     Ok(())
 }
 
+/// A state in a record's `history` column.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct HistoryEntry {
+    state: String,
+    at: Millis,
+    message_id: Option<String>,
+}
+
+impl From<HistoryEntry> for StateChange {
+    fn from(entry: HistoryEntry) -> Self {
+        Self {
+            state: entry.state,
+            at: rfc3339(entry.at),
+            message_id: entry.message_id,
+        }
+    }
+}
+
 /// Applies a correlation change, and `then` to the same record, and returns the record's
 /// id. `then` costs no statement of its own: its data is merged into the write's, its keys
 /// and states go in with the write's.
+///
+/// A record keeps its keys and states in its own row; `correlation_keys` finds it by a key.
+/// A new record is one insert and one insert of its keys; a known one is read (locked),
+/// given the keys it lacks and written back.
 async fn correlate(
     conn: &mut WriteConn,
     write: &CorrelationWrite,
@@ -684,129 +697,182 @@ async fn correlate(
         merge(combined.get_or_insert_with(|| patch.clone()), &change.data);
     }
     let patch = combined.as_ref().unwrap_or(patch);
-    let states: Vec<&str> = state
+    let states: Vec<HistoryEntry> = state
         .iter()
         .chain(then.iter().filter_map(|change| change.state.as_ref()))
-        .map(String::as_str)
+        .map(|state| HistoryEntry {
+            state: state.clone(),
+            at: now,
+            message_id: message_id.map(str::to_owned),
+        })
         .collect();
-    // An older record's data is read with its row locked, so nobody merges between this read
-    // and the write; a record this call makes is made with the patch already in it.
-    let (id, context, keys, fresh, data) = match write {
-        CorrelationWrite::Save { context, keys, .. } => {
-            let keys: Vec<&str> = keys
-                .iter()
-                .map(String::as_str)
-                .filter(|k| !k.is_empty())
-                .collect();
-            let Some(main) = keys.first().copied() else {
-                return Err(StoreError::Corrupt(
-                    "a correlation record needs a key".into(),
-                ));
-            };
-            // Two saves of one key at once must find one record, not make two.
-            lock(
-                conn,
-                Lock::Keys {
-                    context,
-                    keys: &keys,
-                },
-            )
-            .await?;
-            if let Some(id) = record_with_key(conn, context, &keys).await? {
-                let data = if patch.is_null() {
-                    None
-                } else {
-                    let current = conn
-                        .fetch_one(
-                            concat!("SELECT data FROM correlations WHERE id = $1", for_update!()),
-                            &params![id],
-                        )
-                        .await?;
-                    Some(parse(current.text(0)?)?)
-                };
-                (id, context.clone(), keys, false, data)
-            } else {
-                let mut data = Value::Object(serde_json::Map::new());
-                merge(&mut data, patch);
-                let id = conn
-                    .insert_id(
-                        "INSERT INTO correlations (context, key, data, created_at, updated_at)
-                         VALUES ($1, $2, $3, $4, $4)",
-                        &params![context, main, &json::text(&data), now],
-                    )
-                    .await?;
-                (id, context.clone(), keys, true, None)
-            }
-        }
+    // Keys a delivery adds are not looked up: they are given to this record, unless another
+    // holds them already.
+    let added = then.iter().flat_map(|change| &change.keys);
+    let (context, keys) = match write {
         CorrelationWrite::Update {
             record_id, keys, ..
         } => {
-            let row = conn
-                .fetch_one(
-                    concat!(
-                        "SELECT context, data FROM correlations WHERE id = $1",
-                        for_update!()
-                    ),
-                    &params![*record_id],
-                )
-                .await?;
-            let data = if patch.is_null() {
-                None
-            } else {
-                Some(parse(row.text(1)?)?)
-            };
-            let keys = keys
-                .iter()
-                .map(String::as_str)
-                .filter(|k| !k.is_empty())
-                .collect();
-            (*record_id, row.text(0)?.to_owned(), keys, false, data)
+            let keys = distinct(keys.iter().chain(added));
+            update_record(conn, *record_id, patch, keys, states, now).await?;
+            return Ok(*record_id);
         }
+        CorrelationWrite::Save { context, keys, .. } => (context, keys),
     };
-    // Keys a delivery adds are not looked up: they name this record whatever else they name.
-    let mut keys = keys;
-    keys.extend(
-        then.iter()
-            .flat_map(|change| &change.keys)
-            .map(String::as_str)
-            .filter(|k| !k.is_empty()),
-    );
-    let mut touched = fresh;
-    if let Some(mut data) = data {
-        merge(&mut data, patch);
-        conn.execute(
-            "UPDATE correlations SET data = $1, updated_at = $2 WHERE id = $3",
-            &params![&json::text(&data), now, id],
+    let looked_up = distinct(keys.iter());
+    let Some(main) = looked_up.first().copied() else {
+        return Err(StoreError::Corrupt(
+            "a correlation record needs a key".into(),
+        ));
+    };
+    // Two saves of one key at once must find one record, not make two.
+    lock(
+        conn,
+        Lock::Keys {
+            context,
+            keys: &looked_up,
+        },
+    )
+    .await?;
+    let keys = distinct(keys.iter().chain(added));
+    if let Some(id) = record_with_key(conn, context, &looked_up).await? {
+        update_record(conn, id, patch, keys, states, now).await?;
+        return Ok(id);
+    }
+    let mut data = Value::Object(serde_json::Map::new());
+    merge(&mut data, patch);
+    let id = conn
+        .insert_id(
+            "INSERT INTO correlations (context, key, data, keys, history, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $6)",
+            &params![
+                context,
+                main,
+                &json::text(&data),
+                &to_json(&keys)?,
+                &to_json(&states)?,
+                now
+            ],
         )
         .await?;
-        touched = true;
-    }
-    let keys: Vec<_> = keys.iter().map(|key| params![&context, *key, id]).collect();
-    conn.insert_rows(
-        "INSERT INTO correlation_keys (context, key, correlation_id)",
-        &keys,
-        "ON CONFLICT DO NOTHING",
-    )
-    .await?;
-    // In order: they are read back by id.
-    let states: Vec<_> = states
-        .iter()
-        .map(|state| params![id, *state, message_id, now])
-        .collect();
-    conn.insert_rows(
-        "INSERT INTO correlation_states (correlation_id, state, message_id, at)",
-        &states,
-        "",
-    )
-    .await?;
-    if !states.is_empty() && !touched {
+    // A key another record holds stays that record's (only a delivery's keys can be).
+    let held = add_keys(conn, context, id, &keys).await?;
+    if held.len() < keys.len() {
         conn.execute(
-            "UPDATE correlations SET updated_at = $1 WHERE id = $2",
-            &params![now, id],
+            "UPDATE correlations SET keys = $1 WHERE id = $2",
+            &params![&to_json(&held)?, id],
         )
         .await?;
     }
     Ok(id)
+}
+
+/// Gives record `id` the `keys` it lacks, `patch` merged into its data and `states`
+/// appended to its history.
+async fn update_record(
+    conn: &mut WriteConn,
+    id: i64,
+    patch: &Value,
+    keys: Vec<&str>,
+    states: Vec<HistoryEntry>,
+    now: Millis,
+) -> Result<(), StoreError> {
+    // Read with its row locked, so nobody changes it between this read and the write.
+    let row = conn
+        .fetch_one(
+            concat!(
+                "SELECT context, data, keys, history FROM correlations WHERE id = $1",
+                for_update!()
+            ),
+            &params![id],
+        )
+        .await?;
+    let mut held: Vec<String> = parse(row.text(2)?)?;
+    let missing: Vec<&str> = keys
+        .into_iter()
+        .filter(|key| !held.iter().any(|k| k == key))
+        .collect();
+    let added = add_keys(conn, row.text(0)?, id, &missing).await?;
+    if patch.is_null() && states.is_empty() && added.is_empty() {
+        return Ok(());
+    }
+    let data = if patch.is_null() {
+        row.text(1)?.to_owned()
+    } else {
+        let mut data: Value = parse(row.text(1)?)?;
+        merge(&mut data, patch);
+        json::text(&data)
+    };
+    held.extend(added);
+    let mut history: Vec<HistoryEntry> = parse(row.text(3)?)?;
+    history.extend(states);
+    conn.execute(
+        "UPDATE correlations SET data = $1, keys = $2, history = $3, updated_at = $4 WHERE id = $5",
+        &params![&data, &to_json(&held)?, &to_json(&history)?, now, id],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Makes `keys` of `context` find record `id`, and returns those that now do, in order: a
+/// key another record holds stays that record's.
+async fn add_keys(
+    conn: &mut WriteConn,
+    context: &str,
+    id: i64,
+    keys: &[&str],
+) -> Result<Vec<String>, StoreError> {
+    let rows: Vec<_> = keys.iter().map(|key| params![context, *key, id]).collect();
+    let inserted = conn
+        .insert_rows(
+            "INSERT INTO correlation_keys (context, key, correlation_id)",
+            &rows,
+            "ON CONFLICT DO NOTHING",
+        )
+        .await?;
+    if inserted == keys.len() as u64 {
+        return Ok(keys.iter().map(|key| (*key).to_owned()).collect());
+    }
+    // Not `RETURNING`: SQLite runs it as a trigger per row, dearer than this rare lookup.
+    let sql = format!(
+        "SELECT key FROM correlation_keys WHERE context = $1 AND correlation_id = $2 AND key IN ({})",
+        numbered(3, keys.len())
+    );
+    let mut bound = params![context, id].to_vec();
+    bound.extend(keys.iter().map(|key| Param::from(*key)));
+    let held = conn.fetch(&sql, &bound).await?;
+    let held = held
+        .iter()
+        .map(|row| row.text(0))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(keys
+        .iter()
+        .filter(|key| held.contains(key))
+        .map(|key| (*key).to_owned())
+        .collect())
+}
+
+/// `$start, $start+1, …`, `count` of them.
+fn numbered(start: usize, count: usize) -> String {
+    (start..start + count)
+        .map(|n| format!("${n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The non-empty ones of `keys`, each once, in order.
+fn distinct<'a>(keys: impl Iterator<Item = &'a String>) -> Vec<&'a str> {
+    let mut seen: Vec<&str> = Vec::new();
+    for key in keys.filter(|key| !key.is_empty()) {
+        if !seen.contains(&key.as_str()) {
+            seen.push(key);
+        }
+    }
+    seen
+}
+
+fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 /// Claims up to `limit` due (or abandoned) outbox entries of `flow`'s `target`.
@@ -1095,11 +1161,26 @@ pub(super) async fn prune(conn: &mut WriteConn, before: Millis) -> Result<u64, S
             &params![before],
         )
         .await?;
-    conn.execute(
-        "DELETE FROM correlations WHERE updated_at < $1
-         AND NOT EXISTS (SELECT 1 FROM messages WHERE record_id = correlations.id)",
-        &params![before],
-    )
-    .await?;
+    // A record takes its keys with it.
+    let records = conn
+        .fetch(
+            "DELETE FROM correlations WHERE updated_at < $1
+             AND NOT EXISTS (SELECT 1 FROM messages WHERE record_id = correlations.id)
+             RETURNING id, context, keys",
+            &params![before],
+        )
+        .await?;
+    for record in &records {
+        let keys: Vec<String> = parse(record.text(2)?)?;
+        for keys in keys.chunks(KEYS_PER_LOOKUP) {
+            let sql = format!(
+                "DELETE FROM correlation_keys WHERE context = $1 AND correlation_id = $2 AND key IN ({})",
+                numbered(3, keys.len())
+            );
+            let mut bound = params![record.text(1)?, record.int(0)?].to_vec();
+            bound.extend(keys.iter().map(Param::from));
+            conn.execute(&sql, &bound).await?;
+        }
+    }
     Ok(pruned)
 }

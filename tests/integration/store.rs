@@ -84,6 +84,7 @@ on_both_stores!(
     a_record_is_found_by_the_first_of_many_keys_that_names_one,
     a_delivery_accepted_claimed_is_sent_without_a_claim_and_due_again_when_given_back,
     what_a_sync_delivery_changes_commits_with_the_record,
+    records_stored_before_they_kept_their_keys_keep_them_in_order,
 );
 
 /// A delivery taken over as its message commits is stored in flight under the lease it was
@@ -193,7 +194,8 @@ async fn what_a_sync_delivery_changes_commits_with_the_record(backend: Backend) 
         .await
         .unwrap()
         .expect("found by the key the delivery added");
-    assert_eq!((record.key.as_str(), record.keys.len()), ("R-1", 3));
+    assert_eq!(record.key, "R-1");
+    assert_eq!(record.keys, ["R-1", "PR-1", "LAB-1"]);
     assert_eq!(
         record.data,
         json!({ "portal_ref": "PR-1", "lab_order_id": "LAB-0", "seen": "copied" })
@@ -274,6 +276,86 @@ async fn a_record_is_found_by_the_first_of_many_keys_that_names_one(backend: Bac
             .unwrap()
             .is_none()
     );
+    store.close().await;
+}
+
+/// A store made before records kept their keys and states in their own rows opens with
+/// each record's keys and states as they were, in the order they came, and goes on from
+/// there.
+async fn records_stored_before_they_kept_their_keys_keep_them_in_order(backend: Backend) {
+    let test = TestStore::new(backend).await;
+    // The keys in an order of their own (not sorted), the states with and without a message.
+    let earlier = "
+        INSERT INTO correlations (context, key, data, created_at, updated_at)
+            VALUES ('req', 'K-b', '{\"n\": 1}', 1000, 2000);
+        INSERT INTO correlation_keys (context, key, correlation_id)
+            SELECT 'req', k, (SELECT id FROM correlations) FROM (
+                SELECT 'K-b' AS k, 1 AS o UNION ALL SELECT 'K-a', 2 UNION ALL SELECT 'K-c', 3
+            ) AS ordered ORDER BY o;
+        INSERT INTO correlation_states (correlation_id, state, message_id, at)
+            SELECT id, 'accepted', 'm-1', 1000 FROM correlations;
+        INSERT INTO correlation_states (correlation_id, state, message_id, at)
+            SELECT id, 'sent', NULL, 2000 FROM correlations;";
+    match backend {
+        Backend::Sqlite => {
+            let options =
+                <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(&test.url)
+                    .unwrap()
+                    .create_if_missing(true);
+            let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+            sqlx::migrate!("migrations/sqlite")
+                .run_to(7, &pool)
+                .await
+                .unwrap();
+            sqlx::raw_sql(earlier).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&test.url).await.unwrap();
+            sqlx::migrate!("migrations/postgres")
+                .run_to(5, &pool)
+                .await
+                .unwrap();
+            sqlx::raw_sql(earlier).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+    }
+    let store = test.open().await;
+    let record = store
+        .find_correlation("req", &["K-c".into()])
+        .await
+        .unwrap()
+        .expect("found by a key it had");
+    assert_eq!(record.keys, ["K-b", "K-a", "K-c"]);
+    assert_eq!(record.data, json!({"n": 1}));
+    let history: Vec<(&str, Option<&str>, &str)> = record
+        .history
+        .iter()
+        .map(|h| (h.state.as_str(), h.message_id.as_deref(), h.at.as_str()))
+        .collect();
+    assert_eq!(
+        history,
+        [
+            ("accepted", Some("m-1"), "1970-01-01T00:00:01.000Z"),
+            ("sent", None, "1970-01-01T00:00:02.000Z"),
+        ]
+    );
+    let update = CorrelationWrite::Update {
+        record_id: record.id,
+        keys: vec!["K-d".into(), "K-a".into()],
+        data: json!({"m": 2}),
+        state: Some("done".into()),
+    };
+    store.correlate(vec![update], Vec::new()).await.unwrap();
+    let record = store
+        .find_correlation("req", &["K-d".into()])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.keys, ["K-b", "K-a", "K-c", "K-d"]);
+    assert_eq!(record.data, json!({"n": 1, "m": 2}));
+    assert_eq!(record.state.as_deref(), Some("done"));
+    assert_eq!(record.history.len(), 3);
     store.close().await;
 }
 
@@ -379,6 +461,14 @@ async fn accept_claim_deliver_and_trace(backend: Backend) {
     assert_eq!(store.prune(now_ms() + 1).await.unwrap(), 1);
     assert!(store.message("m1").await.unwrap().is_none());
     assert!(store.trace("ref-m1").await.unwrap().is_none());
+    // The record went with its keys: one saved under them again is a new one.
+    assert!(
+        store
+            .find_correlation("req", &["LAB-1".into()])
+            .await
+            .unwrap()
+            .is_none()
+    );
     store.close().await;
 }
 
