@@ -6,6 +6,7 @@ use std::cell::RefCell;
 use std::fmt;
 
 use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
+use serde_json::map::Entry;
 use serde_json::{Map, Value};
 
 use crate::error::ServeError;
@@ -59,7 +60,6 @@ pub fn is_json(content_type: &str) -> bool {
 pub fn parse(bytes: &[u8], max_depth: u32) -> Result<Value, ServeError> {
     let state = State {
         max_depth: max_depth as usize,
-        path: RefCell::new(Vec::new()),
         refused: RefCell::new(None),
     };
     let mut reader = serde_json::Deserializer::from_slice(bytes);
@@ -70,7 +70,10 @@ pub fn parse(bytes: &[u8], max_depth: u32) -> Result<Value, ServeError> {
     .deserialize(&mut reader)
     .and_then(|value| reader.end().map(|()| value));
     parsed.map_err(|error| match state.refused.into_inner() {
-        Some((reason, pointer)) => ServeError::RefusedJson { reason, pointer },
+        Some(refused) => ServeError::RefusedJson {
+            pointer: refused.pointer(),
+            reason: refused.reason,
+        },
         None => ServeError::MalformedJson {
             reason: error.to_string(),
             line: error.line(),
@@ -81,23 +84,44 @@ pub fn parse(bytes: &[u8], max_depth: u32) -> Result<Value, ServeError> {
 
 struct State {
     max_depth: usize,
-    /// The pointer segments to the value being read.
-    path: RefCell<Vec<String>>,
     /// Why the body was refused, and where.
-    refused: RefCell<Option<(String, String)>>,
+    refused: RefCell<Option<Refusal>>,
+}
+
+/// Why a body was refused, and where: the segments of the pointer to the place, innermost
+/// first, each added by its container as the refusal passes up through it (a body read
+/// whole pays for no path).
+struct Refusal {
+    reason: String,
+    segments: Vec<String>,
+}
+
+impl Refusal {
+    fn pointer(&self) -> String {
+        self.segments
+            .iter()
+            .rev()
+            .map(|s| format!("/{}", s.replace('~', "~0").replace('/', "~1")))
+            .collect()
+    }
 }
 
 impl State {
     fn refuse<E: serde::de::Error>(&self, reason: String) -> E {
-        let pointer: String = self
-            .path
-            .borrow()
-            .iter()
-            .map(|s| format!("/{}", s.replace('~', "~0").replace('/', "~1")))
-            .collect();
-        let message = format!("{reason} at {pointer}");
-        *self.refused.borrow_mut() = Some((reason, pointer));
-        E::custom(message)
+        let error = E::custom(&reason);
+        *self.refused.borrow_mut() = Some(Refusal {
+            reason,
+            segments: Vec::new(),
+        });
+        error
+    }
+
+    /// Adds `segment` to the pointer of a refusal passing up out of it.
+    fn within<E>(&self, segment: impl fmt::Display, error: E) -> E {
+        if let Some(refused) = self.refused.borrow_mut().as_mut() {
+            refused.segments.push(segment.to_string());
+        }
+        error
     }
 }
 
@@ -171,12 +195,10 @@ impl<'de> Visitor<'de> for Node<'_> {
         let inner = self.enter()?;
         let mut items = Vec::new();
         loop {
-            self.state.path.borrow_mut().push(items.len().to_string());
-            let item = seq.next_element_seed(Node { ..inner });
-            self.state.path.borrow_mut().pop();
-            match item? {
-                Some(item) => items.push(item),
-                None => return Ok(Value::Array(items)),
+            match seq.next_element_seed(Node { ..inner }) {
+                Ok(Some(item)) => items.push(item),
+                Ok(None) => return Ok(Value::Array(items)),
+                Err(error) => return Err(self.state.within(items.len(), error)),
             }
         }
     }
@@ -185,13 +207,18 @@ impl<'de> Visitor<'de> for Node<'_> {
         let inner = self.enter()?;
         let mut object = Map::new();
         while let Some(key) = map.next_key::<String>()? {
-            self.state.path.borrow_mut().push(key.clone());
-            if object.contains_key(&key) {
-                return Err(self.state.refuse("duplicate key".into()));
+            match object.entry(key) {
+                Entry::Occupied(taken) => {
+                    let refused = self.state.refuse("duplicate key".into());
+                    return Err(self.state.within(taken.key(), refused));
+                }
+                Entry::Vacant(free) => match map.next_value_seed(Node { ..inner }) {
+                    Ok(value) => {
+                        free.insert(value);
+                    }
+                    Err(error) => return Err(self.state.within(free.key(), error)),
+                },
             }
-            let value = map.next_value_seed(Node { ..inner });
-            self.state.path.borrow_mut().pop();
-            object.insert(key, value?);
         }
         Ok(Value::Object(object))
     }
