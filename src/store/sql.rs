@@ -178,7 +178,8 @@ async fn record_with_key(
     Ok(None)
 }
 
-/// The most keys one lookup of [`record_with_key`] asks for.
+/// The most keys one statement names: a lookup of [`record_with_key`], or a delete of a
+/// pruned record's keys.
 const KEYS_PER_LOOKUP: usize = 100;
 
 async fn next_due(conn: &mut Conn, flow: &str, target: &str) -> Result<Option<Millis>, StoreError> {
@@ -835,8 +836,8 @@ async fn add_keys(
     }
     // Not `RETURNING`: SQLite runs it as a trigger per row, dearer than this rare lookup.
     let sql = format!(
-        "SELECT key FROM correlation_keys WHERE context = $1 AND correlation_id = $2 AND key IN ({})",
-        numbered(3, keys.len())
+        "SELECT key FROM correlation_keys WHERE context = $1 AND correlation_id = $2 AND key IN {}",
+        exec::placeholders(3, 1, keys.len())
     );
     let mut bound = params![context, id].to_vec();
     bound.extend(keys.iter().map(|key| Param::from(*key)));
@@ -850,14 +851,6 @@ async fn add_keys(
         .filter(|key| held.contains(key))
         .map(|key| (*key).to_owned())
         .collect())
-}
-
-/// `$start, $start+1, …`, `count` of them.
-fn numbered(start: usize, count: usize) -> String {
-    (start..start + count)
-        .map(|n| format!("${n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// The non-empty ones of `keys`, each once, in order.
@@ -1174,8 +1167,8 @@ pub(super) async fn prune(conn: &mut WriteConn, before: Millis) -> Result<u64, S
         let keys: Vec<String> = parse(record.text(2)?)?;
         for keys in keys.chunks(KEYS_PER_LOOKUP) {
             let sql = format!(
-                "DELETE FROM correlation_keys WHERE context = $1 AND correlation_id = $2 AND key IN ({})",
-                numbered(3, keys.len())
+                "DELETE FROM correlation_keys WHERE context = $1 AND correlation_id = $2 AND key IN {}",
+                exec::placeholders(3, 1, keys.len())
             );
             let mut bound = params![record.text(1)?, record.int(0)?].to_vec();
             bound.extend(keys.iter().map(Param::from));
