@@ -250,7 +250,7 @@ fn mapping(c: &mut Criterion) {
         .build()
         .unwrap();
     let template = |body: &Value| {
-        let mut message = Message::new(body.clone(), &Meta::new("reshape"));
+        let mut message = Message::new(body.clone(), Meta::new("reshape"));
         runtime
             .block_on(flow.run_steps(&mut message, None))
             .unwrap();
@@ -272,7 +272,7 @@ fn mapping(c: &mut Criterion) {
     // message as it is, with no copy.
     group.bench_function("structural template, every construct", |b| {
         b.iter_batched(
-            || Message::new(body.clone(), &Meta::new("reshape")),
+            || Message::new(body.clone(), Meta::new("reshape")),
             |mut message| {
                 runtime
                     .block_on(flow.run_steps(&mut message, None))

@@ -38,7 +38,7 @@ fn portal_to_lab(c: &mut Criterion) {
     group.bench_function("pipeline: parse + steps + request + reply", |b| {
         b.iter(|| {
             let value: Value = serde_json::from_slice(black_box(&body)).unwrap();
-            let mut message = Message::new(value, &Meta::new(&flow.name));
+            let mut message = Message::new(value, Meta::new(&flow.name));
             let processed = runtime
                 .block_on(flow.run_steps(&mut message, None))
                 .unwrap();

@@ -193,7 +193,7 @@ async fn publish(root: &std::path::Path, driver: &str, count: u64) {
         tasks.push(tokio::spawn(async move {
             while next.fetch_add(1, Ordering::Relaxed) < count {
                 let meta = ferry::message::Meta::new(&flow.name);
-                let message = ferry::message::Message::new(json!({"n": 1}), &meta);
+                let message = ferry::message::Message::new(json!({"n": 1}), meta);
                 ferry.handle(&flow, message).await.unwrap();
             }
         }));

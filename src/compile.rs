@@ -564,6 +564,6 @@ pub(crate) mod bench {
 
     /// A message of flow `bench` with `body`, as an HTTP trigger would make it.
     pub(crate) fn message(body: Value) -> Message {
-        Message::new(body, &Meta::new("bench"))
+        Message::new(body, Meta::new("bench"))
     }
 }

@@ -396,7 +396,9 @@ pub async fn handle(
             return Settled::Dead;
         }
     };
-    let (failure, retry_after) = match engine.handle(flow, Message::new(body.clone(), &meta)).await
+    let (failure, retry_after) = match engine
+        .handle(flow, Message::new(body.clone(), meta.clone()))
+        .await
     {
         Ok(reply) if reply.status < 500 => return Settled::Done,
         Ok(reply) => (format!("the flow answered {}", reply.status), None),

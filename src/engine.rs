@@ -274,7 +274,7 @@ impl Engine {
         caller: &Message,
     ) -> Result<StoredReply, ServeError> {
         let meta = Meta::for_call(&callee.name, caller, target);
-        let message = Message::new(caller.body().clone(), &meta);
+        let message = Message::new(caller.body().clone(), meta);
         Box::pin(self.handle(callee, message)).await
     }
 
@@ -298,7 +298,7 @@ impl Engine {
             Err(error) => return refused(&error),
         };
         let meta = Meta::for_call(&callee.name, caller, target);
-        let mut message = Message::new(caller.body().clone(), &meta);
+        let mut message = Message::new(caller.body().clone(), meta);
         let processed = match self.process(callee, &mut message, None).await {
             Ok(processed) => processed,
             Err(error) => return refused(&error.into()),
@@ -500,7 +500,7 @@ impl Engine {
             tracing::error!(flow = %flow.name, "no store to keep the dead letter in");
             return;
         };
-        let meta_value = serde_json::to_value(meta).unwrap_or(Value::Null);
+        let meta_value = Value::from(meta.clone());
         let source = Arrival {
             inbound: json::text(&inbound),
             meta: json::text(&meta_value),

@@ -8,11 +8,10 @@
 use std::collections::BTreeMap;
 
 use handlebars::Context;
-use serde::Serialize;
 use serde_json::{Map, Value};
 
 /// What the trigger received, readable as `meta.*` in templates and `$.meta.*` in JSONPaths.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Meta {
     /// The id ferry gives the message: a UUIDv7 (time-ordered), or for a called message one
     /// derived from its caller's ([`Meta::for_call`]).
@@ -53,6 +52,33 @@ impl Meta {
             query: BTreeMap::new(),
             headers: BTreeMap::new(),
         }
+    }
+}
+
+impl From<Meta> for Value {
+    /// The metadata as the document's `meta`, its strings moved in, not copied.
+    fn from(meta: Meta) -> Self {
+        fn strings(map: BTreeMap<String, String>) -> Value {
+            Value::Object(
+                map.into_iter()
+                    .map(|(k, v)| (k, Value::String(v)))
+                    .collect(),
+            )
+        }
+        // Built at once from its fields (a map built from a list sorts it and fills its nodes
+        // in one go), not inserted one by one.
+        let fields = [
+            ("correlation_id", Value::String(meta.correlation_id)),
+            ("flow", Value::String(meta.flow)),
+            ("headers", strings(meta.headers)),
+            ("id", Value::String(meta.id)),
+            ("method", Value::String(meta.method)),
+            ("params", strings(meta.params)),
+            ("path", Value::String(meta.path)),
+            ("query", strings(meta.query)),
+            ("received_at", Value::String(meta.received_at)),
+        ];
+        Value::Object(fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
     }
 }
 
@@ -123,8 +149,8 @@ impl Meta {
         meta.path = request.path;
         meta.params = request.params;
         meta.query = request.query;
-        for (name, value) in request.headers {
-            let name = name.to_ascii_lowercase();
+        for (mut name, value) in request.headers {
+            name.make_ascii_lowercase();
             let hidden = HIDDEN_HEADERS.contains(&name.as_str())
                 || secret.is_some_and(|s| s.eq_ignore_ascii_case(&name));
             if !hidden {
@@ -239,8 +265,8 @@ pub struct Message {
 
 impl Message {
     /// A message with `body`, no vars, and `meta`.
-    pub fn new(body: Value, meta: &Meta) -> Self {
-        Self::from_parts(body, serde_json::to_value(meta).unwrap_or(Value::Null))
+    pub fn new(body: Value, meta: Meta) -> Self {
+        Self::from_parts(body, meta.into())
     }
 
     /// A message with `body`, no vars, and `meta` as stored.
@@ -368,7 +394,7 @@ mod tests {
     #[test]
     fn exposes_body_vars_and_meta_as_one_document() {
         let meta = Meta::new("orders");
-        let mut message = Message::new(json!({"a": 1}), &meta);
+        let mut message = Message::new(json!({"a": 1}), meta.clone());
         message.set_var("ref", json!("PR-1"));
         assert_eq!(message.root()["body"], json!({"a": 1}));
         assert_eq!(message.root()["vars"]["ref"], json!("PR-1"));
@@ -378,13 +404,37 @@ mod tests {
     }
 
     #[test]
+    fn metadata_reads_as_its_fields() {
+        let mut meta = Meta::new("orders");
+        meta.method = "POST".into();
+        meta.path = "/orders/7".into();
+        meta.params.insert("id".into(), "7".into());
+        meta.query.insert("dry".into(), "1".into());
+        meta.headers.insert("x-correlation-id".into(), "c-1".into());
+        assert_eq!(
+            Value::from(meta.clone()),
+            json!({
+                "id": meta.id,
+                "correlation_id": meta.correlation_id,
+                "flow": "orders",
+                "received_at": meta.received_at,
+                "method": "POST",
+                "path": "/orders/7",
+                "params": {"id": "7"},
+                "query": {"dry": "1"},
+                "headers": {"x-correlation-id": "c-1"},
+            })
+        );
+    }
+
+    #[test]
     fn trace_context_goes_on_with_a_new_parent() {
         let mut meta = Meta::new("f");
         meta.headers.insert(
             "traceparent".into(),
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
         );
-        let next = child_traceparent(&Message::new(json!({}), &meta)).unwrap();
+        let next = child_traceparent(&Message::new(json!({}), meta.clone())).unwrap();
         assert!(
             next.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
             "{next}"
@@ -392,12 +442,15 @@ mod tests {
         assert!(next.ends_with("-01"));
         assert_ne!(&next[36..52], "00f067aa0ba902b7");
         meta.headers.insert("traceparent".into(), "garbage".into());
-        assert_eq!(child_traceparent(&Message::new(json!({}), &meta)), None);
+        assert_eq!(
+            child_traceparent(&Message::new(json!({}), meta.clone())),
+            None
+        );
     }
 
     #[test]
     fn text_bodies_remember_their_content_type() {
-        let mut message = Message::new(json!({}), &Meta::new("f"));
+        let mut message = Message::new(json!({}), Meta::new("f"));
         message.set_text_body("a,b".into(), "text/csv");
         assert_eq!(message.content_type(), Some("text/csv"));
         message.set_body(json!([1]));

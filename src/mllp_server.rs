@@ -278,7 +278,7 @@ impl Listeners {
             let listen = served.mllp_trigger().map_or("", |t| t.listen.as_str());
             let meta = Meta::for_mllp(flow, listen, peer, &body);
             let result = runtime
-                .handle(&served, Message::new(body.clone(), &meta))
+                .handle(&served, Message::new(body.clone(), meta))
                 .await;
             match &result {
                 Ok(_) => crate::fault::pass(crate::fault::Point::BeforeMllpAck),

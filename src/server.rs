@@ -417,21 +417,21 @@ async fn answer(
         .secret_header()
         .map(axum::http::HeaderName::as_str);
     let meta = Meta::for_http(&flow.name, request, secret);
-    let message = Message::new(body, &meta);
-    let handled = runtime.handle(flow, message);
+    // For the log lines below: the message takes the rest.
+    let (id, correlation_id) = (meta.id.clone(), meta.correlation_id.clone());
     #[cfg(feature = "otlp")]
-    let handled = tracing::Instrument::instrument(
-        handled,
-        crate::observe::otlp::span(
-            "ferry.message",
-            &flow.name,
-            meta.headers.get("traceparent").map(String::as_str),
-        ),
+    let span = crate::observe::otlp::span(
+        "ferry.message",
+        &flow.name,
+        meta.headers.get("traceparent").map(String::as_str),
     );
+    let handled = runtime.handle(flow, Message::new(body, meta));
+    #[cfg(feature = "otlp")]
+    let handled = tracing::Instrument::instrument(handled, span);
     let reply = handled.await.inspect_err(|error| {
-        tracing::debug!(flow = %flow.name, message_id = %meta.id, correlation_id = %meta.correlation_id, %error, "message refused");
+        tracing::debug!(flow = %flow.name, message_id = %id, %correlation_id, %error, "message refused");
     })?;
-    tracing::debug!(flow = %flow.name, message_id = %meta.id, correlation_id = %meta.correlation_id, status = reply.status, "message handled");
+    tracing::debug!(flow = %flow.name, message_id = %id, %correlation_id, status = reply.status, "message handled");
     respond(reply)
 }
 

@@ -427,7 +427,7 @@ fn message_for(flow: &Flow, input: &Input, body: Value) -> Message {
             Meta::for_http(&flow.name, request, secret.as_deref())
         }
     };
-    Message::new(body, &meta)
+    Message::new(body, meta)
 }
 
 /// A case's body: JSON as written (or in `body_file`), or, when its `content-type` header

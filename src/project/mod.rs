@@ -277,7 +277,7 @@ fn check_examples(flows: &[Arc<Flow>], schemas: &Schemas, diagnostics: &mut Vec<
         for (index, example) in schemas.examples(schema).iter().enumerate() {
             let mut message = crate::message::Message::new(
                 example.clone(),
-                &crate::message::Meta::new(&flow.name),
+                crate::message::Meta::new(&flow.name),
             );
             let mut label = String::new();
             let outcome = {

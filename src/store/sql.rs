@@ -149,7 +149,18 @@ async fn record_with_key(
     context: &str,
     keys: &[&str],
 ) -> Result<Option<i64>, StoreError> {
+    let holders = key_holders(conn, context, keys).await?;
+    Ok(first_holder(keys, &holders, None))
+}
+
+/// Which record holds each of `keys` that one holds, as `(key, record id)`, in no order.
+async fn key_holders(
+    conn: &mut impl Exec,
+    context: &str,
+    keys: &[&str],
+) -> Result<Vec<(String, i64)>, StoreError> {
     let keys: Vec<&str> = keys.iter().copied().filter(|k| !k.is_empty()).collect();
+    let mut holders = Vec::new();
     // Every key in one statement: statements, not rows, are what cost here. One lookup per
     // key joined by `UNION ALL`, not `key IN (…)`: SQLite builds a temporary table for the
     // list of an `IN`, which costs more than the lookups. SQLite joins at most 500 selects in
@@ -166,16 +177,21 @@ async fn record_with_key(
             .join(" UNION ALL ");
         let mut bound = vec![Param::from(context)];
         bound.extend(keys.iter().map(|key| Param::from(*key)));
-        let found = conn.fetch(&sql, &bound).await?;
-        for key in keys {
-            for row in &found {
-                if row.text(0)? == *key {
-                    return Ok(Some(row.int(1)?));
-                }
-            }
+        for row in conn.fetch(&sql, &bound).await? {
+            holders.push((row.text(0)?.to_owned(), row.int(1)?));
         }
     }
-    Ok(None)
+    Ok(holders)
+}
+
+/// The record that holds the first of `keys` held by one, leaving `except` out.
+fn first_holder(keys: &[&str], holders: &[(String, i64)], except: Option<i64>) -> Option<i64> {
+    keys.iter().find_map(|key| {
+        holders
+            .iter()
+            .find(|(held, id)| held == key && Some(*id) != except)
+            .map(|(_, id)| *id)
+    })
 }
 
 /// The most keys one statement names: a lookup of [`record_with_key`], or a delete of a
@@ -736,10 +752,8 @@ async fn correlate(
     )
     .await?;
     let keys = distinct(keys.iter().chain(added));
-    if let Some(id) = record_with_key(conn, context, &looked_up).await? {
-        update_record(conn, id, patch, keys, states, now).await?;
-        return Ok(id);
-    }
+    // A new record, the usual case, goes in without a lookup first: its row and its keys are
+    // inserted, and only when a key turns out to be held already is it asked by which record.
     let mut data = Value::Object(serde_json::Map::new());
     merge(&mut data, patch);
     let id = conn
@@ -756,15 +770,34 @@ async fn correlate(
             ],
         )
         .await?;
-    // A key another record holds stays that record's (only a delivery's keys can be).
-    let held = add_keys(conn, context, id, &keys).await?;
-    if held.len() < keys.len() {
+    if insert_keys(conn, context, id, &keys).await? {
+        return Ok(id);
+    }
+    let holders = key_holders(conn, context, &keys).await?;
+    // A key the step looks up names another record: that record is the one to change, and
+    // the new one never was.
+    if let Some(found) = first_holder(&looked_up, &holders, Some(id)) {
         conn.execute(
-            "UPDATE correlations SET keys = $1 WHERE id = $2",
-            &params![&to_json(&held)?, id],
+            "DELETE FROM correlation_keys WHERE context = $1 AND correlation_id = $2",
+            &params![context, id],
         )
         .await?;
+        conn.execute("DELETE FROM correlations WHERE id = $1", &params![id])
+            .await?;
+        update_record(conn, found, patch, keys, states, now).await?;
+        return Ok(found);
     }
+    // A key a delivery adds that another record holds stays that record's.
+    let held: Vec<&str> = keys
+        .iter()
+        .copied()
+        .filter(|key| holders.iter().any(|(k, holder)| k == key && *holder == id))
+        .collect();
+    conn.execute(
+        "UPDATE correlations SET keys = $1 WHERE id = $2",
+        &params![&to_json(&held)?, id],
+    )
+    .await?;
     Ok(id)
 }
 
@@ -823,15 +856,7 @@ async fn add_keys(
     id: i64,
     keys: &[&str],
 ) -> Result<Vec<String>, StoreError> {
-    let rows: Vec<_> = keys.iter().map(|key| params![context, *key, id]).collect();
-    let inserted = conn
-        .insert_rows(
-            "INSERT INTO correlation_keys (context, key, correlation_id)",
-            &rows,
-            "ON CONFLICT DO NOTHING",
-        )
-        .await?;
-    if inserted == keys.len() as u64 {
+    if insert_keys(conn, context, id, keys).await? {
         return Ok(keys.iter().map(|key| (*key).to_owned()).collect());
     }
     // Not `RETURNING`: SQLite runs it as a trigger per row, dearer than this rare lookup.
@@ -851,6 +876,25 @@ async fn add_keys(
         .filter(|key| held.contains(key))
         .map(|key| (*key).to_owned())
         .collect())
+}
+
+/// Inserts `keys` of `context` for record `id`, but none another record holds; whether all
+/// went in (the count of rows inserted tells).
+async fn insert_keys(
+    conn: &mut WriteConn,
+    context: &str,
+    id: i64,
+    keys: &[&str],
+) -> Result<bool, StoreError> {
+    let rows: Vec<_> = keys.iter().map(|key| params![context, *key, id]).collect();
+    let inserted = conn
+        .insert_rows(
+            "INSERT INTO correlation_keys (context, key, correlation_id)",
+            &rows,
+            "ON CONFLICT DO NOTHING",
+        )
+        .await?;
+    Ok(inserted == keys.len() as u64)
 }
 
 /// The non-empty ones of `keys`, each once, in order.

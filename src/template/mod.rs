@@ -1193,7 +1193,7 @@ mod tests {
     fn message() -> Message {
         Message::new(
             json!({"name": "A \"q\" {{x}} \\ \n ü", "tests": [{"code": "PH"}], "n": 7.5}),
-            &Meta::new("f"),
+            Meta::new("f"),
         )
     }
 
@@ -1206,7 +1206,7 @@ mod tests {
             let template = templates
                 .compile_json(&json!({"alone": "{{body.value}}", "in_text": "<{{body.value}}>", "nested": ["{{body.value}}"]}))
                 .unwrap();
-            let message = Message::new(json!({"value": value}), &Meta::new("f"));
+            let message = Message::new(json!({"value": value}), Meta::new("f"));
             let out = templates.render_json(&template, &message).unwrap();
             proptest::prop_assert_eq!(&out["alone"], &json!(value));
             proptest::prop_assert_eq!(&out["in_text"], &json!(format!("<{value}>")));
@@ -1223,7 +1223,7 @@ mod tests {
             let template = templates
                 .compile_json(&json!({"items": {"$each": "{{body.list}}", "$as": "x", "alone": "{{x.v}}", "in_text": "<{{x.v}}>", "upper_kept": "{{concat x.v}}"}}))
                 .unwrap();
-            let message = Message::new(json!({"list": [{"v": value}]}), &Meta::new("f"));
+            let message = Message::new(json!({"list": [{"v": value}]}), Meta::new("f"));
             let out = templates.render_json(&template, &message).unwrap();
             let item = &out["items"][0];
             proptest::prop_assert_eq!(&item["alone"], &json!(value));
@@ -1251,7 +1251,7 @@ mod tests {
             .unwrap();
         let message = Message::new(
             json!({"empty": "", "zero": 0, "n": 2, "rows": [{"name": "A", "cells": [1, 2]}, {"name": "B", "cells": []}]}),
-            &Meta::new("f"),
+            Meta::new("f"),
         );
         let out = templates.render_json(&template, &message).unwrap();
         assert_eq!(
@@ -1263,7 +1263,7 @@ mod tests {
     #[test]
     fn expressions_work_in_urls_and_headers_with_their_escaping() {
         let mut templates = Templates::new();
-        let message = Message::new(json!({"lab": "north west", "ref": "a/b"}), &Meta::new("f"));
+        let message = Message::new(json!({"lab": "north west", "ref": "a/b"}), Meta::new("f"));
         let url = templates
             .compile_text(
                 "https://lab.example/{{upper body.lab}}/{{body.ref}}",
@@ -1297,7 +1297,7 @@ mod tests {
             .unwrap();
         let message = Message::new(
             json!({"tests": [{"code": "ph"}, {"code": "pb", "priority": "urgent"}]}),
-            &Meta::new("f"),
+            Meta::new("f"),
         );
         assert_eq!(
             templates.render_text(&template, &message).unwrap(),
@@ -1360,7 +1360,7 @@ mod tests {
     #[test]
     fn text_templates_escape_for_their_destination() {
         let mut templates = Templates::new();
-        let message = Message::new(json!({"v": "a/b?c=d&<x>,\"y\""}), &Meta::new("f"));
+        let message = Message::new(json!({"v": "a/b?c=d&<x>,\"y\""}), Meta::new("f"));
         let cases = [
             (Escape::Url, "a%2Fb%3Fc%3Dd%26%3Cx%3E%2C%22y%22"),
             (Escape::Markup, "a/b?c&#x3D;d&amp;&lt;x&gt;,&quot;y&quot;"),
@@ -1396,7 +1396,7 @@ mod tests {
             ("a=b", "a=b"),
         ];
         for (value, expected) in cases {
-            let message = Message::new(json!({ "v": value }), &Meta::new("f"));
+            let message = Message::new(json!({ "v": value }), Meta::new("f"));
             assert_eq!(
                 templates.render_text(&template, &message).unwrap(),
                 expected,

@@ -82,6 +82,7 @@ on_both_stores!(
     a_failing_write_is_undone_alone_and_its_neighbours_commit,
     operators_find_messages_by_any_key_and_see_each_targets_backlog,
     a_record_is_found_by_the_first_of_many_keys_that_names_one,
+    a_save_that_names_a_kept_record_changes_it_and_makes_none,
     a_delivery_accepted_claimed_is_sent_without_a_claim_and_due_again_when_given_back,
     what_a_sync_delivery_changes_commits_with_the_record,
     records_stored_before_they_kept_their_keys_keep_them_in_order,
@@ -237,6 +238,65 @@ async fn what_a_sync_delivery_changes_commits_with_the_record(backend: Backend) 
     );
     assert_eq!(record.history.len(), 5);
     store.close().await;
+}
+
+/// A save is tried as a new record first; one of its keys naming a kept record makes it a
+/// change of that record (the one its first such key names), and no new record is left.
+async fn a_save_that_names_a_kept_record_changes_it_and_makes_none(backend: Backend) {
+    let test = TestStore::new(backend).await;
+    let store = test.open().await;
+    let save = |keys: &[&str], data: serde_json::Value, state: &str| CorrelationWrite::Save {
+        context: "req".into(),
+        keys: keys.iter().map(|key| (*key).into()).collect(),
+        data,
+        state: Some(state.into()),
+    };
+    for (key, name) in [("A-1", "a"), ("B-1", "b")] {
+        let first = save(&[key], json!({ "name": name }), "accepted");
+        store.correlate(vec![first], Vec::new()).await.unwrap();
+    }
+    let again = save(&["NEW-1", "B-1", "A-1"], json!({ "again": true }), "again");
+    let lab = RecordChange {
+        keys: vec!["LAB-9".into()],
+        data: json!({ "lab": "LAB-9" }),
+        state: Some("delivered".into()),
+    };
+    store.correlate(vec![again], vec![lab]).await.unwrap();
+    let record = store
+        .find_correlation("req", &["NEW-1".into()])
+        .await
+        .unwrap()
+        .expect("the new key finds the record changed");
+    assert_eq!(record.key, "B-1");
+    assert_eq!(record.keys, ["B-1", "NEW-1", "LAB-9"]);
+    assert_eq!(
+        record.data,
+        json!({ "name": "b", "again": true, "lab": "LAB-9" })
+    );
+    let states: Vec<&str> = record.history.iter().map(|h| h.state.as_str()).collect();
+    assert_eq!(states, ["accepted", "again", "delivered"]);
+    let other = store
+        .find_correlation("req", &["A-1".into()])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (other.keys, other.data),
+        (vec!["A-1".to_owned()], json!({ "name": "a" }))
+    );
+    store.close().await;
+    let count = "SELECT COUNT(*) FROM correlations";
+    let records: i64 = match backend {
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&test.url).await.unwrap();
+            sqlx::query_scalar(count).fetch_one(&pool).await.unwrap()
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&test.url).await.unwrap();
+            sqlx::query_scalar(count).fetch_one(&pool).await.unwrap()
+        }
+    };
+    assert_eq!(records, 2);
 }
 
 /// More keys than SQLite joins in one statement: the lookup takes several, and still finds
