@@ -777,11 +777,7 @@ async fn correlate(
     // A key the step looks up names another record: that record is the one to change, and
     // the new one never was.
     if let Some(found) = first_holder(&looked_up, &holders, Some(id)) {
-        conn.execute(
-            "DELETE FROM correlation_keys WHERE context = $1 AND correlation_id = $2",
-            &params![context, id],
-        )
-        .await?;
+        delete_keys(conn, context, id, &keys).await?;
         conn.execute("DELETE FROM correlations WHERE id = $1", &params![id])
             .await?;
         update_record(conn, found, patch, keys, states, now).await?;
@@ -1209,15 +1205,28 @@ pub(super) async fn prune(conn: &mut WriteConn, before: Millis) -> Result<u64, S
         .await?;
     for record in &records {
         let keys: Vec<String> = parse(record.text(2)?)?;
-        for keys in keys.chunks(KEYS_PER_LOOKUP) {
-            let sql = format!(
-                "DELETE FROM correlation_keys WHERE context = $1 AND correlation_id = $2 AND key IN {}",
-                exec::placeholders(3, 1, keys.len())
-            );
-            let mut bound = params![record.text(1)?, record.int(0)?].to_vec();
-            bound.extend(keys.iter().map(Param::from));
-            conn.execute(&sql, &bound).await?;
-        }
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        delete_keys(conn, record.text(1)?, record.int(0)?, &keys).await?;
     }
     Ok(pruned)
+}
+
+/// Deletes those of `keys` of `context` that record `id` holds. Named one by one, they are
+/// found through the key index; `correlation_keys` has no index by record.
+async fn delete_keys(
+    conn: &mut WriteConn,
+    context: &str,
+    id: i64,
+    keys: &[&str],
+) -> Result<(), StoreError> {
+    for keys in keys.chunks(KEYS_PER_LOOKUP) {
+        let sql = format!(
+            "DELETE FROM correlation_keys WHERE context = $1 AND correlation_id = $2 AND key IN {}",
+            exec::placeholders(3, 1, keys.len())
+        );
+        let mut bound = params![context, id].to_vec();
+        bound.extend(keys.iter().map(|key| Param::from(*key)));
+        conn.execute(&sql, &bound).await?;
+    }
+    Ok(())
 }
