@@ -27,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
     for flow in &project().flows {
-        let mut message = Message::new(body.clone(), &Meta::new(&flow.name));
+        let mut message = Message::new(body.clone(), Meta::new(&flow.name));
         let Ok(processed) = runtime.block_on(flow.run_steps(&mut message, None)) else {
             continue;
         };
