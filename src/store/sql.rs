@@ -194,8 +194,8 @@ fn first_holder(keys: &[&str], holders: &[(String, i64)], except: Option<i64>) -
     })
 }
 
-/// The most keys one statement names: a lookup of [`record_with_key`], or a delete of a
-/// pruned record's keys.
+/// The most keys one statement names: a lookup of [`key_holders`], or a delete of
+/// [`delete_keys`].
 const KEYS_PER_LOOKUP: usize = 100;
 
 async fn next_due(conn: &mut Conn, flow: &str, target: &str) -> Result<Option<Millis>, StoreError> {
