@@ -784,11 +784,7 @@ async fn correlate(
         return Ok(found);
     }
     // A key a delivery adds that another record holds stays that record's.
-    let held: Vec<&str> = keys
-        .iter()
-        .copied()
-        .filter(|key| holders.iter().any(|(k, holder)| k == key && *holder == id))
-        .collect();
+    let held = held_by(&keys, &holders, id);
     conn.execute(
         "UPDATE correlations SET keys = $1 WHERE id = $2",
         &params![&to_json(&held)?, id],
@@ -852,30 +848,30 @@ async fn add_keys(
     id: i64,
     keys: &[&str],
 ) -> Result<Vec<String>, StoreError> {
-    if insert_keys(conn, context, id, keys).await? {
-        return Ok(keys.iter().map(|key| (*key).to_owned()).collect());
-    }
-    // Not `RETURNING`: SQLite runs it as a trigger per row, dearer than this rare lookup.
-    let sql = format!(
-        "SELECT key FROM correlation_keys WHERE context = $1 AND correlation_id = $2 AND key IN {}",
-        exec::placeholders(3, 1, keys.len())
-    );
-    let mut bound = params![context, id].to_vec();
-    bound.extend(keys.iter().map(|key| Param::from(*key)));
-    let held = conn.fetch(&sql, &bound).await?;
-    let held = held
-        .iter()
-        .map(|row| row.text(0))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(keys
-        .iter()
-        .filter(|key| held.contains(key))
-        .map(|key| (*key).to_owned())
-        .collect())
+    let held = if insert_keys(conn, context, id, keys).await? {
+        keys.to_vec()
+    } else {
+        let holders = key_holders(conn, context, keys).await?;
+        held_by(keys, &holders, id)
+    };
+    Ok(held.into_iter().map(str::to_owned).collect())
+}
+
+/// Those of `keys` that record `id` holds, by `holders` ([`key_holders`]), in order.
+fn held_by<'k>(keys: &[&'k str], holders: &[(String, i64)], id: i64) -> Vec<&'k str> {
+    keys.iter()
+        .copied()
+        .filter(|key| {
+            holders
+                .iter()
+                .any(|(held, holder)| held == key && *holder == id)
+        })
+        .collect()
 }
 
 /// Inserts `keys` of `context` for record `id`, but none another record holds; whether all
-/// went in (the count of rows inserted tells).
+/// went in (the count of rows inserted tells: not `RETURNING`, which SQLite runs as a
+/// trigger per row, dearer than the rare lookup of [`key_holders`] a shortfall takes).
 async fn insert_keys(
     conn: &mut WriteConn,
     context: &str,
