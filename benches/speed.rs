@@ -24,7 +24,10 @@
 //! 1,000 flows.
 //!
 //! Run with `cargo bench --bench speed`; `FERRY_BENCH_SECONDS` (default 10) is how long each
-//! load is held.
+//! load is held. `FERRY_BENCH_BASELINE`, the path of another ferry binary (an earlier build),
+//! makes it a third to take turns with the floor and the sync flow, and the run ends there:
+//! two builds compared in one run, where figures of two runs differ by more than most
+//! changes do.
 #![allow(missing_docs)]
 
 use std::path::{Path, PathBuf};
@@ -46,6 +49,9 @@ use common::{KEY, serve, test_request};
 const CONNECTIONS: usize = 32;
 /// How many turns the floor and the sync flow take at the load, in alternation.
 const ROUNDS: u32 = 5;
+/// How many turns each takes when two builds are compared: shorter and more of them, as a
+/// loaded machine changes speed from one second to the next.
+const COMPARE_ROUNDS: u32 = 15;
 /// The requests of a burst.
 const BURST: u64 = 10_000;
 /// Where the portal submits Test Requests.
@@ -55,6 +61,8 @@ const PATH: &str = "/api/v1/test-requests";
 const HOLD_LIMIT: Duration = Duration::from_secs(8);
 /// The environment variable that makes this program the floor proxy, forwarding to its URL.
 const PROXY_ROLE: &str = "FERRY_SPEED_PROXY_TO";
+/// The environment variable naming another ferry binary to compare the sync flow with.
+const BASELINE: &str = "FERRY_BENCH_BASELINE";
 
 fn main() {
     if let Ok(lab) = std::env::var(PROXY_ROLE) {
@@ -96,7 +104,20 @@ async fn run(held: Duration) {
     let floor = Server::proxy(&lab.url);
     let sync_flows = sync_project(scratch.path());
     let sync = Server::ferry(&sync_flows, &scratch.path().join("sync.db"), &lab.url);
-    let [floor_run, sync_run] = alternate([(&floor, "/orders"), (&sync, PATH)], &body, held).await;
+    if let Some(baseline) = std::env::var_os(BASELINE) {
+        return compare(
+            &floor,
+            &sync,
+            baseline,
+            &sync_flows,
+            scratch.path(),
+            &lab,
+            held,
+        )
+        .await;
+    }
+    let servers = [(&floor, "/orders"), (&sync, PATH)];
+    let [floor_run, sync_run] = alternate(servers, &body, held, ROUNDS).await;
     floor_run.print("floor: forwarding proxy", &floor_run);
     sync_run.print("ferry, sync", &floor_run);
     drop((floor, sync));
@@ -171,6 +192,33 @@ async fn run(held: Duration) {
     println!(
         "ferry check of 1,000 flows: {:.0} ms",
         check.as_secs_f64() * 1000.0
+    );
+}
+
+/// The floor, this build's sync flow and `baseline`'s, taking turns at the load.
+async fn compare(
+    floor: &Server,
+    sync: &Server,
+    baseline: std::ffi::OsString,
+    flows: &Path,
+    scratch: &Path,
+    lab: &Lab,
+    held: Duration,
+) {
+    let store = scratch.join("baseline.db");
+    let earlier = Server::spawn(ferry_command(baseline, flows, &store, &lab.url), "ferry");
+    let servers = [(floor, "/orders"), (sync, PATH), (&earlier, PATH)];
+    let [floor_run, sync_run, earlier_run] =
+        alternate(servers, &test_request(), held, COMPARE_ROUNDS).await;
+    floor_run.print("floor: forwarding proxy", &floor_run);
+    sync_run.print("ferry, sync", &floor_run);
+    earlier_run.print("ferry, sync: the baseline binary", &floor_run);
+    println!(
+        "{:<34} {:>9.3} {:>8} {:>12.3}",
+        "this build against the baseline",
+        sync_run.per_second() / earlier_run.per_second(),
+        "",
+        sync_run.cpu_per_request_us() / earlier_run.cpu_per_request_us(),
     );
 }
 
@@ -255,13 +303,13 @@ impl Server {
 
     /// `ferry serve` with the flows of `flows` on a SQLite store at `store`.
     fn ferry(flows: &Path, store: &Path, lab: &str) -> Self {
-        Self::spawn(ferry_command(flows, store, lab), "ferry")
+        Self::spawn(ferry_command(FERRY, flows, store, lab), "ferry")
     }
 
     /// How long `ferry serve` takes from process start to `/readyz` answering 200.
     async fn startup(flows: &Path, store: &Path, lab: &str) -> Duration {
         let started = Instant::now();
-        let server = Self::spawn(ferry_command(flows, store, lab), "ferry");
+        let server = Self::spawn(ferry_command(FERRY, flows, store, lab), "ferry");
         let client = reqwest::Client::new();
         loop {
             let ready = client
@@ -315,8 +363,17 @@ impl Drop for Server {
     }
 }
 
-fn ferry_command(flows: &Path, store: &Path, lab: &str) -> Command {
-    let mut command = on_cpu_zero(env!("CARGO_BIN_EXE_ferry"));
+/// This build's ferry.
+const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+
+/// `ferry serve` of the binary `ferry`, as the servers under test run.
+fn ferry_command(
+    ferry: impl AsRef<std::ffi::OsStr>,
+    flows: &Path,
+    store: &Path,
+    lab: &str,
+) -> Command {
+    let mut command = on_cpu_zero(ferry);
     command
         .args(["serve", "--listen", "127.0.0.1:0", "--flows"])
         .arg(flows)
@@ -405,7 +462,7 @@ async fn measure(
     }
 }
 
-/// Holds the load on each of `servers` in turn, [`ROUNDS`] times for a share of `held` each,
+/// Holds the load on each of `servers` in turn, `rounds` times for a share of `held` each,
 /// after a one-second warm-up each. A shared machine that slows down for a while slows them
 /// alike, so their ratios hold; measured one after the other, the sync flow's ratio moved
 /// between 2.6 and 4.3 from run to run.
@@ -413,12 +470,13 @@ async fn alternate<const N: usize>(
     servers: [(&Server, &str); N],
     body: &serde_json::Value,
     held: Duration,
+    rounds: u32,
 ) -> [Measured; N] {
     let urls = servers.map(|(server, path)| format!("{}{path}", server.url));
     for url in &urls {
         load(url, body, Duration::from_secs(1)).await;
     }
-    let share = held / ROUNDS;
+    let share = held / rounds;
     let mut runs = servers.map(|_| Measured {
         requests: 0,
         lab_before: 0,
@@ -426,7 +484,7 @@ async fn alternate<const N: usize>(
         cpu: Duration::ZERO,
         rss_mib: 0.0,
     });
-    for _ in 0..ROUNDS {
+    for _ in 0..rounds {
         for ((server, _), (url, run)) in servers.iter().zip(urls.iter().zip(&mut runs)) {
             let cpu = server.cpu();
             run.requests += load(url, body, share).await;

@@ -113,6 +113,17 @@ pub(super) fn placeholders(start: usize, rows: usize, columns: usize) -> String 
     sql
 }
 
+/// `head VALUES ($1, …), (…) tail` for `rows` rows of `columns` values each.
+fn insert_sql(head: &str, rows: usize, columns: usize, tail: &str) -> String {
+    let mut sql = String::with_capacity(head.len() + tail.len() + rows * columns * 5 + 10);
+    sql.push_str(head);
+    sql.push_str(" VALUES ");
+    push_placeholders(&mut sql, 1, rows, columns);
+    sql.push(' ');
+    sql.push_str(tail);
+    sql
+}
+
 /// [`placeholders`], written at the end of `sql`.
 fn push_placeholders(sql: &mut String, start: usize, rows: usize, columns: usize) {
     use std::fmt::Write as _;
@@ -156,24 +167,32 @@ pub(super) trait Exec {
             .ok_or_else(|| StoreError::Corrupt("a statement gave no row".into()))
     }
 
-    /// Inserts `rows` with one statement (statements, not rows, are what cost here): `head`
-    /// is the statement up to `VALUES`, `tail` what follows the rows.
+    /// How many rows one `INSERT` of [`Exec::insert_rows`] takes; `None` for all of them.
+    const ROWS_PER_INSERT: Option<usize> = None;
+
+    /// Inserts `rows`, returning how many went in: `head` is the statement up to `VALUES`,
+    /// `tail` what follows the rows. One statement for them all, as statements, not rows,
+    /// are what cost through sqlx, unless the connection says otherwise.
     async fn insert_rows<const N: usize>(
         &mut self,
         head: &str,
         rows: &[[Param<'_>; N]],
         tail: &str,
     ) -> Result<u64, StoreError> {
-        if rows.is_empty() {
-            return Ok(0);
+        let per_insert = Self::ROWS_PER_INSERT.unwrap_or(rows.len()).max(1);
+        let full = insert_sql(head, per_insert, N, tail);
+        let mut inserted = 0;
+        for chunk in rows.chunks(per_insert) {
+            let rest;
+            let sql = if chunk.len() == per_insert {
+                &full
+            } else {
+                rest = insert_sql(head, chunk.len(), N, tail);
+                &rest
+            };
+            inserted += self.execute(sql, chunk.as_flattened()).await?;
         }
-        let mut sql = String::with_capacity(head.len() + tail.len() + rows.len() * N * 5 + 10);
-        sql.push_str(head);
-        sql.push_str(" VALUES ");
-        push_placeholders(&mut sql, 1, rows.len(), N);
-        sql.push(' ');
-        sql.push_str(tail);
-        self.execute(&sql, rows.as_flattened()).await
+        Ok(inserted)
     }
 
     /// Runs `sql`, an `INSERT` of one row into a table whose key is an integer `id`, and
@@ -259,6 +278,13 @@ impl Exec for rusqlite::Connection {
         let mut statement = prepare(self, sql, params)?;
         Ok(statement.raw_execute()? as u64)
     }
+
+    /// A statement that inserts several rows may fail after some, so SQLite opens a
+    /// statement journal for it and copies there (4 KiB each) the pages it changes that the
+    /// transaction had already changed: dearer than running a one-row statement (prepared
+    /// once) for each row. A failed row still fails the whole write, which the writer then
+    /// undoes alone.
+    const ROWS_PER_INSERT: Option<usize> = Some(1);
 
     /// SQLite keeps a `RETURNING` clause's rows in a temporary table: the id SQLite gave
     /// the row is read back without one.
