@@ -8,13 +8,13 @@
 use crate::compile::Ctx;
 use crate::config::TransformConfig;
 use crate::message::Message;
-use crate::template::{Escape, JsonTemplate, Templates, TextTemplate};
+use crate::template::{BodyTemplate, Escape, Templates, TextTemplate};
 
 /// A compiled `transform` step.
 #[derive(Debug)]
 pub enum Transform {
     /// A structural template: the new body is JSON.
-    Json(JsonTemplate),
+    Json(BodyTemplate),
     /// A text template and the content type of what it renders.
     Text {
         /// The template.
@@ -39,7 +39,7 @@ impl Transform {
                     return None;
                 }
                 ctx.json_template(&body.value, body.referenced)
-                    .map(Self::Json)
+                    .map(|template| Self::Json(BodyTemplate::new(template)))
             }
             (None, Some(text)) => {
                 let content_type = config
@@ -83,10 +83,7 @@ impl Transform {
 
     pub(crate) fn apply(&self, message: &mut Message, templates: &Templates) -> Result<(), String> {
         match self {
-            Self::Json(template) => {
-                let body = templates.render_json(template, message)?;
-                message.set_body(body);
-            }
+            Self::Json(template) => template.render(templates, message)?,
             Self::Text {
                 template,
                 content_type,

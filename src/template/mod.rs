@@ -15,6 +15,7 @@
 //! syntax: compiled at load (a misspelt helper or table is a `ferry check` error), evaluated
 //! per message without copying the message.
 
+mod body;
 pub mod expr;
 pub mod helpers;
 
@@ -25,6 +26,7 @@ use handlebars::Handlebars;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::{Map, Value};
 
+pub use body::BodyTemplate;
 use expr::{Binding, Expr, Names, Root, Scope, text_of};
 pub use expr::{Env, ExprError, ROOTS, Table};
 
