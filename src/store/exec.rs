@@ -167,32 +167,20 @@ pub(super) trait Exec {
             .ok_or_else(|| StoreError::Corrupt("a statement gave no row".into()))
     }
 
-    /// How many rows one `INSERT` of [`Exec::insert_rows`] takes; `None` for all of them.
-    const ROWS_PER_INSERT: Option<usize> = None;
-
     /// Inserts `rows`, returning how many went in: `head` is the statement up to `VALUES`,
-    /// `tail` what follows the rows. One statement for them all, as statements, not rows,
-    /// are what cost through sqlx, unless the connection says otherwise.
+    /// `tail` what follows the rows. One statement for them all: statements, not rows, are
+    /// what cost through sqlx.
     async fn insert_rows<const N: usize>(
         &mut self,
         head: &str,
         rows: &[[Param<'_>; N]],
         tail: &str,
     ) -> Result<u64, StoreError> {
-        let per_insert = Self::ROWS_PER_INSERT.unwrap_or(rows.len()).max(1);
-        let full = insert_sql(head, per_insert, N, tail);
-        let mut inserted = 0;
-        for chunk in rows.chunks(per_insert) {
-            let rest;
-            let sql = if chunk.len() == per_insert {
-                &full
-            } else {
-                rest = insert_sql(head, chunk.len(), N, tail);
-                &rest
-            };
-            inserted += self.execute(sql, chunk.as_flattened()).await?;
+        if rows.is_empty() {
+            return Ok(0);
         }
-        Ok(inserted)
+        let sql = insert_sql(head, rows.len(), N, tail);
+        self.execute(&sql, rows.as_flattened()).await
     }
 
     /// Runs `sql`, an `INSERT` of one row into a table whose key is an integer `id`, and
@@ -279,12 +267,26 @@ impl Exec for rusqlite::Connection {
         Ok(statement.raw_execute()? as u64)
     }
 
-    /// A statement that inserts several rows may fail after some, so SQLite opens a
-    /// statement journal for it and copies there (4 KiB each) the pages it changes that the
-    /// transaction had already changed: dearer than running a one-row statement (prepared
-    /// once) for each row. A failed row still fails the whole write, which the writer then
-    /// undoes alone.
-    const ROWS_PER_INSERT: Option<usize> = Some(1);
+    /// One row per run of a one-row statement, prepared once. A statement that inserts
+    /// several rows may fail after some, so SQLite opens a statement journal for it and
+    /// copies there (4 KiB each) the pages it changes that the transaction had already
+    /// changed: dearer than the runs. A failed row still fails the whole write, which the
+    /// writer then undoes alone.
+    async fn insert_rows<const N: usize>(
+        &mut self,
+        head: &str,
+        rows: &[[Param<'_>; N]],
+        tail: &str,
+    ) -> Result<u64, StoreError> {
+        let sql = insert_sql(head, 1, N, tail);
+        let mut statement = self.prepare_cached(&sql)?;
+        let mut inserted = 0;
+        for row in rows {
+            bind_numbered(&mut statement, &sql, row)?;
+            inserted += statement.raw_execute()? as u64;
+        }
+        Ok(inserted)
+    }
 
     /// SQLite keeps a `RETURNING` clause's rows in a temporary table: the id SQLite gave
     /// the row is read back without one.
@@ -318,14 +320,24 @@ impl Exec for rusqlite::Connection {
     }
 }
 
-/// `sql` prepared (from the connection's cache) with `params` bound to `$1`, `$2`, …: SQLite
-/// numbers named parameters by first appearance, so each is bound by its name.
+/// `sql` prepared (from the connection's cache) with `params` bound to `$1`, `$2`, ….
 fn prepare<'c>(
     conn: &'c rusqlite::Connection,
     sql: &str,
     params: &[Param<'_>],
 ) -> Result<rusqlite::CachedStatement<'c>, StoreError> {
     let mut statement = conn.prepare_cached(sql)?;
+    bind_numbered(&mut statement, sql, params)?;
+    Ok(statement)
+}
+
+/// Binds `params` to `$1`, `$2`, … of `statement`, prepared from `sql`: SQLite numbers named
+/// parameters by first appearance, so each is bound by its name.
+fn bind_numbered(
+    statement: &mut rusqlite::Statement<'_>,
+    sql: &str,
+    params: &[Param<'_>],
+) -> Result<(), StoreError> {
     for index in 1..=statement.parameter_count() {
         let position = statement
             .parameter_name(index)
@@ -343,5 +355,5 @@ fn prepare<'c>(
             Param::Text(value) => statement.raw_bind_parameter(index, value)?,
         }
     }
-    Ok(statement)
+    Ok(())
 }
