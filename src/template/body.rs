@@ -9,6 +9,7 @@
 use std::borrow::Cow;
 
 use serde_json::Value;
+use smallvec::SmallVec;
 
 use super::expr::{Expr, Path, Root, Scope};
 use super::{JsonTemplate, Templates};
@@ -17,25 +18,25 @@ use crate::message::Message;
 /// A compiled `transform` body: the template, and what it moves from the old body.
 #[derive(Debug)]
 pub struct BodyTemplate {
-    /// What [`BodyTemplate::render`] renders: moved fields are `null` here.
+    /// What [`BodyTemplate::render`] renders: moved nodes are `null` here.
     template: JsonTemplate,
     moves: Vec<Move>,
 }
 
-/// A field whose value is a path into the old body, read nowhere else by another move.
+/// A node of the template that is a path into the old body, read by no other move.
 #[derive(Debug, Clone)]
 struct Move {
-    /// The field's keys in the new body, from its root.
+    /// The node's keys in the new body, from its root (none for the root itself).
     to: Vec<String>,
-    /// The path, which renders the field when the value cannot be taken as it is (a name
+    /// The path, which renders the node when the value cannot be taken as it is (a name
     /// read from an array's every item builds a new array).
     path: Path,
 }
 
 impl BodyTemplate {
-    /// Compiles `template` to move what it takes whole from the body. A field moves when
-    /// its value is exactly one `{{body…}}` path, every object above it in the template is
-    /// a plain object (no `$each`, `$if` or optional key), and no other such field reads
+    /// Compiles `template` to move what it takes whole from the body. A node moves when it
+    /// is exactly one `{{body…}}` path, is the template itself or a field under plain
+    /// objects (no `$each`, `$if` or optional key above it), and no other such node reads
     /// the same value or a value inside or around it.
     pub fn new(template: JsonTemplate) -> Self {
         let mut found = Vec::new();
@@ -70,10 +71,9 @@ impl BodyTemplate {
             root: message.root(),
             items: &[],
         };
-        let mut taken = Vec::with_capacity(self.moves.len());
+        let mut taken: SmallVec<[&Move; 8]> = SmallVec::new();
         for moved in &self.moves {
-            let found = moved.path.find(scope);
-            match found {
+            match moved.path.find(scope) {
                 Some(Cow::Borrowed(_)) => taken.push(moved),
                 Some(Cow::Owned(value)) => place(&mut body, &moved.to, value),
                 None => {}
@@ -91,24 +91,24 @@ impl BodyTemplate {
     }
 }
 
-/// The fields of `template` under plain objects whose value is one `{{body…}}` path.
+/// The nodes of `template`, itself or fields under plain objects, that are one `{{body…}}`
+/// path; `to` holds the keys down to `template`.
 fn collect(template: &JsonTemplate, to: &mut Vec<String>, found: &mut Vec<Move>) {
-    let JsonTemplate::Object(fields) = template else {
-        return;
-    };
-    for field in fields.iter().filter(|field| !field.optional) {
-        to.push(field.key.clone());
-        match &field.value {
-            JsonTemplate::Expr(Expr::Path(path), _) if path.root == Root::Message("body") => {
-                found.push(Move {
-                    to: to.clone(),
-                    path: path.clone(),
-                });
-            }
-            nested @ JsonTemplate::Object(_) => collect(nested, to, found),
-            _ => {}
+    match template {
+        JsonTemplate::Expr(Expr::Path(path), _) if path.root == Root::Message("body") => {
+            found.push(Move {
+                to: to.clone(),
+                path: path.clone(),
+            });
         }
-        to.pop();
+        JsonTemplate::Object(fields) => {
+            for field in fields.iter().filter(|field| !field.optional) {
+                to.push(field.key.clone());
+                collect(&field.value, to, found);
+                to.pop();
+            }
+        }
+        _ => {}
     }
 }
 
@@ -120,7 +120,7 @@ fn overlap(a: &[String], b: &[String]) -> bool {
     })
 }
 
-/// The template of the field at `keys`.
+/// The template of the node at `keys`.
 fn field_mut<'t>(template: &'t mut JsonTemplate, keys: &[String]) -> Option<&'t mut JsonTemplate> {
     let Some((key, rest)) = keys.split_first() else {
         return Some(template);
@@ -145,7 +145,7 @@ fn walk_mut<'v>(mut value: &'v mut Value, segments: &[String]) -> Option<&'v mut
     Some(value)
 }
 
-/// Puts `value` at the keys `to` of the rendered body, where a moved field rendered `null`.
+/// Puts `value` at the keys `to` of the rendered body, where a moved node rendered `null`.
 fn place(body: &mut Value, to: &[String], value: Value) {
     let mut slot = body;
     for key in to {
@@ -236,6 +236,15 @@ mod tests {
         let (moved, copied, moved_to) = render(&tree, &body);
         assert_eq!(moved, copied);
         assert!(moved_to.is_empty(), "{moved_to:?}");
+    }
+
+    #[test]
+    fn a_template_that_is_one_path_moves_that_value() {
+        let body = json!({"envelope": {"id": 7}, "payload": {"tests": [{"code": "CBC"}]}});
+        let (moved, copied, moved_to) = render(&json!("{{body.payload}}"), &body);
+        assert_eq!(moved, json!({"tests": [{"code": "CBC"}]}));
+        assert_eq!(moved, copied);
+        assert_eq!(moved_to, [""]);
     }
 
     #[test]
