@@ -17,6 +17,8 @@ handed over.
 
 Needs valgrind (Debian's package). `--keep` leaves the callgrind profile for
 `callgrind_annotate --inclusive=yes`. What the kernel does (sockets, fsync) is not counted.
+`--cache` simulates the caches as well and prints the data read, written and missed per
+request: copying memory costs far more than its instructions, and shows there.
 """
 
 import argparse
@@ -93,8 +95,9 @@ def submit_all(submit, numbers, connections):
         thread.join()
 
 
-def count(binary, mode, requests, keep, connections):
-    """Instructions per request of `binary`."""
+def count(binary, mode, requests, keep, connections, cache):
+    """Events per request of `binary`, by callgrind's name (`Ir`, instructions, and with
+    `cache` the simulated cache's reads, writes and misses)."""
     lab = ThreadingHTTPServer(("127.0.0.1", 0), Lab)
     threading.Thread(target=lab.serve_forever, daemon=True).start()
     directory = tempfile.mkdtemp(prefix="ferry-instructions-")
@@ -107,8 +110,9 @@ def count(binary, mode, requests, keep, connections):
         PORTAL_API_KEY=KEY,
         RUST_LOG="warn",
     )
+    simulated = ["--cache-sim=yes"] if cache else []
     server = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={profile}", binary, "serve",
+        ["valgrind", "--tool=callgrind", *simulated, f"--callgrind-out-file={profile}", binary, "serve",
          "--listen", "127.0.0.1:0", "--flows", os.path.join(directory, "flows"),
          "--store", f"sqlite://{store}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -156,12 +160,14 @@ def count(binary, mode, requests, keep, connections):
     # The dump asked for is numbered; the file without a number is what ran after it.
     dumps = [f for f in os.listdir(directory) if f.startswith("callgrind.out.")]
     with open(os.path.join(directory, dumps[0])) as f:
-        total = int(re.search(r"^summary: (\d+)", f.read(), re.MULTILINE).group(1))
+        text = f.read()
+    names = re.search(r"^events: (.+)$", text, re.MULTILINE).group(1).split()
+    totals = map(int, re.search(r"^summary: (.+)$", text, re.MULTILINE).group(1).split())
     if keep:
         print(f"  profile: {os.path.join(directory, dumps[0])}")
     else:
         shutil.rmtree(directory)
-    return total / requests
+    return {name: total / requests for name, total in zip(names, totals)}
 
 
 def wait_for_lab(mode, store, total):
@@ -188,10 +194,20 @@ def main():
     parser.add_argument("--connections", type=int, default=1,
                         help="connections sending at once: under load, a commit holds more writes")
     parser.add_argument("--keep", action="store_true", help="keep each callgrind profile")
+    parser.add_argument("--cache", action="store_true",
+                        help="simulate the caches too: data read and written, and missed")
     args = parser.parse_args()
     for binary in args.binaries:
-        per_request = count(binary, args.mode, args.requests, args.keep, args.connections)
-        print(f"{binary}: {per_request:,.0f} instructions per request ({args.mode})")
+        per_request = count(binary, args.mode, args.requests, args.keep, args.connections,
+                            args.cache)
+        line = f"{binary}: {per_request['Ir']:,.0f} instructions per request ({args.mode})"
+        if args.cache:
+            line += (
+                f"; data reads {per_request['Dr']:,.0f}, writes {per_request['Dw']:,.0f},"
+                f" first-level misses {per_request['D1mr'] + per_request['D1mw']:,.0f},"
+                f" last-level misses {per_request['DLmr'] + per_request['DLmw']:,.0f}"
+            )
+        print(line)
 
 
 if __name__ == "__main__":
