@@ -4,7 +4,7 @@
 //! whole from it (`samples: "{{body.samples}}"`) is moved there instead of copied: the field
 //! renders as `null` and, once the whole template has rendered (every other expression read
 //! the old body intact), the value is taken out of the old body into its place. A reshape
-//! that keeps a partner's arrays as they are then costs what the fields around them cost.
+//! that keeps a partner's arrays as they are then copies none of them.
 
 use std::borrow::Cow;
 
