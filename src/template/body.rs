@@ -75,14 +75,14 @@ impl BodyTemplate {
         for moved in &self.moves {
             match moved.path.find(scope) {
                 Some(Cow::Borrowed(_)) => taken.push(moved),
-                Some(Cow::Owned(value)) => place(&mut body, &moved.to, value),
+                Some(Cow::Owned(value)) => put(&mut body, &moved.to, value),
                 None => {}
             }
         }
         message.update_body(|old| {
             for moved in taken {
                 if let Some(value) = walk_mut(old, &moved.path.segments) {
-                    place(&mut body, &moved.to, value.take());
+                    put(&mut body, &moved.to, value.take());
                 }
             }
         });
@@ -146,15 +146,10 @@ fn walk_mut<'v>(mut value: &'v mut Value, segments: &[String]) -> Option<&'v mut
 }
 
 /// Puts `value` at the keys `to` of the rendered body, where a moved node rendered `null`.
-fn place(body: &mut Value, to: &[String], value: Value) {
-    let mut slot = body;
-    for key in to {
-        match slot.get_mut(key) {
-            Some(next) => slot = next,
-            None => return,
-        }
+fn put(body: &mut Value, to: &[String], value: Value) {
+    if let Some(slot) = walk_mut(body, to) {
+        *slot = value;
     }
-    *slot = value;
 }
 
 #[cfg(test)]
