@@ -645,6 +645,9 @@ fn proxy(lab: &str) {
             "proxy listening on http://{}",
             listener.local_addr().unwrap()
         );
-        axum::serve(listener, router).await.unwrap();
+        // Its handler made into a service once, as ferry's are, not again per request.
+        axum::serve(listener, router.with_state::<()>(()))
+            .await
+            .unwrap();
     });
 }

@@ -35,7 +35,7 @@ use serde_json::{Map, Value};
 /// most interface engines send) and `application/hl7-v2`.
 pub fn is_hl7(content_type: &str) -> bool {
     matches!(
-        crate::message::media_type(content_type).as_str(),
+        &*crate::message::media_type(content_type),
         "x-application/hl7-v2+er7" | "application/hl7-v2"
     )
 }

@@ -62,7 +62,9 @@ pub fn parse(bytes: &[u8], max_depth: u32) -> Result<Value, ServeError> {
         max_depth: max_depth as usize,
         refused: RefCell::new(None),
     };
-    let mut reader = serde_json::Deserializer::from_slice(bytes);
+    // One check of the whole body, rather than one per string as `from_slice` makes.
+    let text = std::str::from_utf8(bytes).map_err(|error| not_utf8(bytes, &error))?;
+    let mut reader = serde_json::Deserializer::from_str(text);
     let parsed = Node {
         depth: 0,
         state: &state,
@@ -80,6 +82,21 @@ pub fn parse(bytes: &[u8], max_depth: u32) -> Result<Value, ServeError> {
             column: error.column(),
         },
     })
+}
+
+/// The error for `bytes` that are not UTF-8, at the line and column of the first bad byte
+/// (counted in bytes, as the JSON reader counts them).
+fn not_utf8(bytes: &[u8], error: &std::str::Utf8Error) -> ServeError {
+    let before = &bytes[..error.valid_up_to()];
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |at| at + 1);
+    ServeError::MalformedJson {
+        reason: format!("{error}"),
+        line: before.iter().filter(|&&b| b == b'\n').count() + 1,
+        column: before.len() - line_start + 1,
+    }
 }
 
 struct State {
@@ -286,9 +303,20 @@ mod tests {
             parse(b"{} trailing", 64),
             Err(ServeError::MalformedJson { .. })
         ));
-        assert!(matches!(
-            parse(b"\"\xff\"", 64),
-            Err(ServeError::MalformedJson { .. })
-        ));
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_say_where() {
+        match parse(b"{\"a\": \"x\",\n \"b\": \"\xff\"}", 64) {
+            Err(ServeError::MalformedJson {
+                line,
+                column,
+                reason,
+            }) => {
+                assert_eq!((line, column), (2, 8));
+                assert!(reason.contains("utf-8"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -89,13 +89,14 @@ pub const CORRELATION_ID: &str = "ferry-correlation-id";
 /// Header carrying the key a consumer drops duplicates by: `<message id>:<target>`.
 pub const IDEMPOTENCY_KEY: &str = "ferry-idempotency-key";
 /// A content type's media type, lowercase, without parameters: `Text/CSV; charset=x` → `text/csv`.
-pub fn media_type(content_type: &str) -> String {
-    content_type
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase()
+/// Borrowed from `content_type` when it is lowercase already, as it nearly always is.
+pub fn media_type(content_type: &str) -> std::borrow::Cow<'_, str> {
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    if essence.bytes().any(|b| b.is_ascii_uppercase()) {
+        essence.to_ascii_lowercase().into()
+    } else {
+        essence.into()
+    }
 }
 
 /// The [`CONTENT_TYPE`] among `headers`, whatever the case of its name.

@@ -235,7 +235,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    let router = guarded(router, &options);
+    // Made into services once, here: a router left with its handlers boxed makes each one
+    // into a service again for every request it routes to it.
+    let router: Router = guarded(router, &options).with_state(());
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

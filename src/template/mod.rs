@@ -58,7 +58,7 @@ impl Escape {
     ///
     /// A message naming the supported content types.
     pub fn for_content_type(content_type: &str) -> Result<Self, String> {
-        match media_type(content_type).as_str() {
+        match &*media_type(content_type) {
             "text/plain" => Ok(Self::Plain),
             "text/csv" => Ok(Self::Csv),
             "application/json" => Ok(Self::JsonString),
