@@ -395,9 +395,10 @@ impl Writer {
 
 /// The pages the write-ahead log holds (40 MB at SQLite's 4 KiB) before the writer copies
 /// them into the database. SQLite's default, 1,000, checkpointed several times a second
-/// under load, each time copying the pages that messages, outbox and indexes change over and over
-/// and syncing the database file. Ten times as many pages between checkpoints took about 15%
-/// off the durable path's CPU per message (accepting while delivering, the speed bench).
+/// under load, each time copying the pages that messages, outbox and indexes change over
+/// and over, and syncing the database file. Ten times as many pages between checkpoints
+/// took about 15% off the durable path's CPU per message (accepting while delivering, in
+/// the speed bench).
 const CHECKPOINT_PAGES: u32 = 10_000;
 
 /// Opens the writer's connection to the database at `path`, set as sqlx sets the readers.
