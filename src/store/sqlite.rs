@@ -572,3 +572,28 @@ async fn run_job(conn: &mut rusqlite::Connection, work: &Work) -> Result<Done, S
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::types::Value;
+
+    /// The writer's settings are what the module promises: WAL, synchronous commits, and
+    /// checkpoints only after `CHECKPOINT_PAGES`.
+    #[test]
+    fn the_writer_connection_is_set_as_documented() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = super::connect(&dir.path().join("store.db"), "FULL").unwrap();
+        let pragma = |name: &str| -> Value {
+            conn.query_row(&format!("PRAGMA {name}"), [], |row| row.get(0))
+                .unwrap()
+        };
+        assert_eq!(pragma("journal_mode"), Value::Text("wal".into()));
+        // 2 is FULL: a commit is synced before it is acknowledged.
+        assert_eq!(pragma("synchronous"), Value::Integer(2));
+        assert_eq!(pragma("foreign_keys"), Value::Integer(1));
+        assert_eq!(
+            pragma("wal_autocheckpoint"),
+            Value::Integer(super::CHECKPOINT_PAGES.into())
+        );
+    }
+}
