@@ -27,16 +27,17 @@ fn root() -> &'static std::path::Path {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A lab that takes every order and counts them.
+/// A lab that takes every order, gives each an id of its own (as a lab does: the id becomes
+/// a key of the order's correlation record) and counts them.
 async fn lab() -> (String, Arc<AtomicUsize>) {
     let orders = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&orders);
     let router = Router::new().fallback(move || {
-        counted.fetch_add(1, Ordering::Relaxed);
-        async {
+        let order = counted.fetch_add(1, Ordering::Relaxed);
+        async move {
             (
                 axum::http::StatusCode::CREATED,
-                axum::Json(json!({"lab_order_id": "LAB-1"})),
+                axum::Json(json!({"lab_order_id": format!("LAB-{order}")})),
             )
         }
     });
