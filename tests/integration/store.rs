@@ -86,6 +86,7 @@ on_both_stores!(
     a_delivery_accepted_claimed_is_sent_without_a_claim_and_due_again_when_given_back,
     what_a_sync_delivery_changes_commits_with_the_record,
     records_stored_before_they_kept_their_keys_keep_them_in_order,
+    a_message_whose_deliveries_finish_at_once_is_delivered,
 );
 
 /// A delivery taken over as its message commits is stored in flight under the lease it was
@@ -154,6 +155,47 @@ async fn a_delivery_accepted_claimed_is_sent_without_a_claim_and_due_again_when_
     assert_eq!(claimed[0].message_id, "m2");
     assert_eq!(claimed[0].document["body"], json!({"a": 1}));
     store.close().await;
+}
+
+/// A message is delivered once all its targets have it, however close together their
+/// deliveries finish: two replicas recording the last two at the same moment each see the
+/// other's, and neither leaves the message merely accepted.
+async fn a_message_whose_deliveries_finish_at_once_is_delivered(backend: Backend) {
+    let test = TestStore::new(backend).await;
+    let stores = [test.open().await, test.open().await];
+    const MESSAGES: usize = 40;
+    for i in 0..MESSAGES {
+        let mut both = accepted(&format!("m{i}"), None);
+        both.targets = vec![Queued::pending("lab"), Queued::pending("archive")];
+        stores[0].accept(both).await.unwrap();
+    }
+    let labs = stores[0].claim("f", "lab", 100).await.unwrap();
+    let archives = stores[1].claim("f", "archive", 100).await.unwrap();
+    assert_eq!((labs.len(), archives.len()), (MESSAGES, MESSAGES));
+    let mut finishing = JoinSet::new();
+    for (lab, archive) in labs.iter().zip(&archives) {
+        assert_eq!(lab.message_id, archive.message_id);
+        for (store, entry, target) in [(&stores[0], lab, "lab"), (&stores[1], archive, "archive")] {
+            let (store, mut record) = (store.clone(), delivered(entry, None));
+            record.target = target.into();
+            finishing.spawn(async move { store.record_attempt(record).await });
+        }
+    }
+    while let Some(done) = finishing.join_next().await {
+        done.unwrap().unwrap();
+    }
+    let delivered = stores[0]
+        .list_messages(None, Some("delivered"), 1000)
+        .await
+        .unwrap();
+    assert_eq!(
+        delivered.len(),
+        MESSAGES,
+        "every message has both deliveries"
+    );
+    for store in stores {
+        store.close().await;
+    }
 }
 
 /// A sync delivery's `on_delivered` goes in with the record the steps saved or found: its keys
