@@ -1001,8 +1001,6 @@ impl Store {
 /// What a write must hold before it goes on, where writers run side by side.
 #[derive(Debug, Clone, Copy)]
 enum Lock<'a> {
-    /// A message's row: its status depends on all its deliveries.
-    Message(&'a str),
     /// Correlation keys, whether or not a record has them yet.
     Keys {
         /// The keys' namespace.

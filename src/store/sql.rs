@@ -1,9 +1,9 @@
 //! The SQL both backends run. Each backend compiles this module for its own database
 //! (`#[path]`), naming it `Conn` and `Row` (what reads go through), `WriteConn` (what
 //! writes go through, an [`Exec`]), itself `DbStore` (with a `reader` and a `snapshot` to
-//! read through), and provides [`lock`](super::lock) and the `skip_locked!` and `for_update!`
-//! suffixes of claims and locked reads: what the one SQLite writer gets by running alone,
-//! PostgreSQL gets from row and advisory locks.
+//! read through), and provides [`lock`](super::lock) and the `skip_locked!`, `for_update!` and
+//! `message_locked!` suffixes of claims, locked reads and the recording of an attempt: what the
+//! one SQLite writer gets by running alone, PostgreSQL gets from row and advisory locks.
 
 use serde_json::Value;
 use sqlx::Row as _;
@@ -1086,13 +1086,16 @@ pub(super) async fn attempt_done(
         AfterAttempt::RetryAt(at) => ("pending", at),
         AfterAttempt::Dead => ("dead", now),
     };
-    // The message's status depends on all its deliveries: one attempt at a time decides it.
-    lock(conn, Lock::Message(&a.message_id)).await?;
+    // The message's status depends on all its deliveries: one attempt at a time decides it,
+    // holding the message (`message_locked!`, $9) from this statement on.
     let updated = conn
         .execute(
-            "UPDATE outbox SET state = $1, attempts = $2, next_attempt_at = $3, last_status = $4, last_error = $5,
-                               lease_until = NULL, updated_at = $6
-             WHERE id = $7 AND state = 'in_flight' AND lease_until = $8",
+            concat!(
+                "UPDATE outbox SET state = $1, attempts = $2, next_attempt_at = $3, last_status = $4, last_error = $5,
+                                   lease_until = NULL, updated_at = $6
+                 WHERE id = $7 AND state = 'in_flight' AND lease_until = $8",
+                message_locked!()
+            ),
             &params![
                 state,
                 i64::from(a.attempt),
@@ -1102,6 +1105,7 @@ pub(super) async fn attempt_done(
                 now,
                 a.outbox_id,
                 a.lease_until,
+                &a.message_id,
             ],
         )
         .await?;

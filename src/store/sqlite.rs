@@ -340,6 +340,13 @@ macro_rules! for_update {
     };
 }
 
+/// What the statement recording an attempt adds: nothing, the one writer runs alone.
+macro_rules! message_locked {
+    () => {
+        ""
+    };
+}
+
 /// The SQL both backends share, compiled for SQLite.
 #[path = "sql.rs"]
 #[allow(
