@@ -998,20 +998,6 @@ impl Store {
     }
 }
 
-/// What a write must hold before it goes on, where writers run side by side.
-#[derive(Debug, Clone, Copy)]
-enum Lock<'a> {
-    /// Correlation keys, whether or not a record has them yet.
-    Keys {
-        /// The keys' namespace.
-        context: &'a str,
-        /// The keys.
-        keys: &'a [&'a str],
-    },
-    /// Pruning: one store at a time; the others skip their turn.
-    Pruning,
-}
-
 /// The timeline entries stored as `event`: a message's arrival (`received`, `replayed`) is
 /// stored with the steps it went through and the targets it was queued for, one row for what
 /// reads as a `steps` entry and a `queued` entry per target after it, at the same time.

@@ -15,8 +15,8 @@ use sqlx::Postgres;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
 use super::{
-    Acceptance, Accepted, AttemptRecord, Claimed, CommitStats, CorrelationWrite, Counters, Lock,
-    Millis, QueueItem, RecordChange, StoreError,
+    Acceptance, Accepted, AttemptRecord, Claimed, CommitStats, CorrelationWrite, Counters, Millis,
+    QueueItem, RecordChange, StoreError,
 };
 
 /// What claims add to the rows they select: rows another replica is claiming are passed over,
@@ -44,6 +44,19 @@ macro_rules! message_locked {
     };
 }
 
+/// What the insert of a new correlation record adds: it first takes a lock on each key it
+/// looks up (context `$1`, the keys a JSON array in `$7`), so that two saves of one key at
+/// once make one record. In one order, whoever asks: saves of overlapping keys cannot
+/// deadlock. A condition run before the row goes in, not a statement of its own.
+macro_rules! keys_locked {
+    () => {
+        " WHERE (SELECT count(*) FROM (
+               SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || k, 0))
+               FROM (SELECT DISTINCT json_array_elements_text($7::json) AS k ORDER BY 1) AS sorted
+           ) AS locked) >= 0"
+    };
+}
+
 /// The SQL both backends share, compiled for PostgreSQL.
 #[path = "sql.rs"]
 #[allow(
@@ -67,31 +80,16 @@ const START_WAIT: Duration = Duration::from_secs(30);
 /// How often a transaction that lost a deadlock or a serialization conflict is run again.
 const RETRIES: u32 = 5;
 
-/// Takes what `lock` names until the transaction ends; `Lock::Pruning` is only tried.
-async fn lock(conn: &mut Conn, lock: Lock<'_>) -> Result<bool, StoreError> {
-    match lock {
-        Lock::Keys { context, keys } => {
-            // In one order, whoever asks: two saves of overlapping keys cannot deadlock.
-            sqlx::query(
-                "SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || k, 0))
-                 FROM (SELECT DISTINCT unnest($2::text[]) AS k ORDER BY 1) AS sorted",
-            )
-            .bind(context)
-            .bind(keys)
-            .execute(&mut *conn)
-            .await?;
-        }
-        Lock::Pruning => {
-            return Ok(
-                sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, $2)")
-                    .bind(PRUNING.0)
-                    .bind(PRUNING.1)
-                    .fetch_one(&mut *conn)
-                    .await?,
-            );
-        }
-    }
-    Ok(true)
+/// Whether this store has the turn to prune, until its transaction ends: one store at a time
+/// prunes, the others skip their turn rather than wait.
+async fn pruning_turn(conn: &mut Conn) -> Result<bool, StoreError> {
+    Ok(
+        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, $2)")
+            .bind(PRUNING.0)
+            .bind(PRUNING.1)
+            .fetch_one(&mut *conn)
+            .await?,
+    )
 }
 
 /// Whether PostgreSQL undid the transaction only because it met another (a deadlock, or a

@@ -1,14 +1,15 @@
 //! The SQL both backends run. Each backend compiles this module for its own database
 //! (`#[path]`), naming it `Conn` and `Row` (what reads go through), `WriteConn` (what
 //! writes go through, an [`Exec`]), itself `DbStore` (with a `reader` and a `snapshot` to
-//! read through), and provides [`lock`](super::lock) and the `skip_locked!`, `for_update!` and
-//! `message_locked!` suffixes of claims, locked reads and the recording of an attempt: what the
-//! one SQLite writer gets by running alone, PostgreSQL gets from row and advisory locks.
+//! read through), and provides [`pruning_turn`](super::pruning_turn) and the `skip_locked!`,
+//! `for_update!`, `message_locked!` and `keys_locked!` suffixes of claims, locked reads, the
+//! recording of an attempt and the saving of a correlation record: what the one SQLite writer
+//! gets by running alone, PostgreSQL gets from row and advisory locks.
 
 use serde_json::Value;
 use sqlx::Row as _;
 
-use super::{Conn, DbStore, Lock, Row, WriteConn, lock};
+use super::{Conn, DbStore, Row, WriteConn, pruning_turn};
 use crate::json;
 use crate::store::exec::{self, Exec, Param, params};
 use crate::store::{
@@ -742,31 +743,28 @@ async fn correlate(
             "a correlation record needs a key".into(),
         ));
     };
-    // Two saves of one key at once must find one record, not make two.
-    lock(
-        conn,
-        Lock::Keys {
-            context,
-            keys: &looked_up,
-        },
-    )
-    .await?;
     let keys = distinct(keys.iter().chain(added));
     // A new record, the usual case, goes in without a lookup first: its row and its keys are
     // inserted, and only when a key turns out to be held already is it asked by which record.
+    // Two saves of one key at once must find one record, not make two: the insert first takes
+    // the keys it looks up (`keys_locked!`, $7).
     let mut data = Value::Object(serde_json::Map::new());
     merge(&mut data, patch);
     let id = conn
         .insert_id(
-            "INSERT INTO correlations (context, key, data, keys, history, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $6)",
+            concat!(
+                "INSERT INTO correlations (context, key, data, keys, history, created_at, updated_at)
+                 SELECT $1, $2, $3, $4, $5, $6, $6",
+                keys_locked!()
+            ),
             &params![
                 context,
                 main,
                 &json::text(&data),
                 &to_json(&keys)?,
                 &to_json(&states)?,
-                now
+                now,
+                &to_json(&looked_up)?
             ],
         )
         .await?;
@@ -1180,7 +1178,7 @@ pub(super) async fn forget_sight(
 /// before `before`, and webhook ids past their expiry; does nothing while another store
 /// prunes.
 pub(super) async fn prune(conn: &mut WriteConn, before: Millis) -> Result<u64, StoreError> {
-    if !lock(conn, Lock::Pruning).await? {
+    if !pruning_turn(conn).await? {
         return Ok(0);
     }
     conn.execute(

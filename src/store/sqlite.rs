@@ -18,8 +18,8 @@ use sqlx::sqlite::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Acceptance, Accepted, AttemptRecord, Claimed, CommitStats, CorrelationWrite, Counters, Lock,
-    Millis, QueueItem, RecordChange, StoreError,
+    Acceptance, Accepted, AttemptRecord, Claimed, CommitStats, CorrelationWrite, Counters, Millis,
+    QueueItem, RecordChange, StoreError,
 };
 
 /// Writes waiting beyond this many go into the next transaction.
@@ -347,6 +347,13 @@ macro_rules! message_locked {
     };
 }
 
+/// What the insert of a new correlation record adds: nothing, the one writer runs alone.
+macro_rules! keys_locked {
+    () => {
+        ""
+    };
+}
+
 /// The SQL both backends share, compiled for SQLite.
 #[path = "sql.rs"]
 #[allow(
@@ -360,8 +367,8 @@ type Conn = SqliteConnection;
 type WriteConn = rusqlite::Connection;
 type Row = sqlx::sqlite::SqliteRow;
 
-/// Every write runs on the one writer connection, one after another: nothing to lock.
-async fn lock(_conn: &mut WriteConn, _lock: Lock<'_>) -> Result<bool, StoreError> {
+/// Whether this store has the turn to prune: always, the one writer runs alone.
+async fn pruning_turn(_conn: &mut WriteConn) -> Result<bool, StoreError> {
     Ok(true)
 }
 

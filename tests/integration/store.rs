@@ -985,6 +985,105 @@ async fn postgres_replicas_share_idempotency_and_correlation() {
     assert_eq!(on_0.history.len(), 2);
 }
 
+/// Saves naming the same keys in other orders, from two replicas at once, take the keys in
+/// one order: each pair makes one record, and none is refused for a deadlock.
+#[tokio::test]
+async fn postgres_replicas_saving_overlapping_keys_at_once_make_one_record_each() {
+    let test = TestStore::new(Backend::Postgres).await;
+    let stores = replicas(&test, 2).await;
+    const PAIRS: usize = 40;
+    let mut saving = JoinSet::new();
+    for pair in 0..PAIRS {
+        let keys = [
+            format!("A-{pair}"),
+            format!("B-{pair}"),
+            format!("C-{pair}"),
+        ];
+        for (n, store) in stores.iter().enumerate() {
+            let store = store.clone();
+            let mut keys = keys.to_vec();
+            if n == 1 {
+                keys.reverse();
+            }
+            saving.spawn(async move {
+                store
+                    .correlate(
+                        vec![CorrelationWrite::Save {
+                            context: "req".into(),
+                            keys,
+                            data: json!({ format!("from_{n}"): true }),
+                            state: None,
+                        }],
+                        Vec::new(),
+                    )
+                    .await
+            });
+        }
+    }
+    while let Some(saved) = saving.join_next().await {
+        saved.unwrap().unwrap();
+    }
+    for pair in 0..PAIRS {
+        let by_first = stores[0]
+            .find_correlation("req", &[format!("A-{pair}")])
+            .await
+            .unwrap()
+            .unwrap();
+        let by_last = stores[1]
+            .find_correlation("req", &[format!("C-{pair}")])
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(by_first.id, by_last.id, "pair {pair}: one record");
+        assert_eq!(by_first.data, json!({"from_0": true, "from_1": true}));
+    }
+}
+
+/// A save takes the keys it looks up before its record goes in: while another transaction
+/// holds one (a save of that key by another replica, not yet committed), it waits.
+#[tokio::test]
+async fn postgres_a_save_waits_while_another_holds_its_key() {
+    let test = TestStore::new(Backend::Postgres).await;
+    let store = test.open().await;
+    let key = format!("held-{}", std::process::id());
+    let pool = sqlx::PgPool::connect(&test.url).await.unwrap();
+    let mut other = pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || $2, 0))")
+        .bind("req")
+        .bind(&key)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let saving = tokio::spawn({
+        let store = store.clone();
+        let key = key.clone();
+        async move {
+            store
+                .correlate(
+                    vec![CorrelationWrite::Save {
+                        context: "req".into(),
+                        keys: vec!["free".into(), key],
+                        data: json!({}),
+                        state: None,
+                    }],
+                    Vec::new(),
+                )
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!saving.is_finished(), "the save waits for the key");
+    other.commit().await.unwrap();
+    saving.await.unwrap().unwrap();
+    assert!(
+        store
+            .find_correlation("req", &[key])
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
 #[tokio::test]
 async fn postgres_prunes_on_one_replica_at_a_time() {
     let test = TestStore::new(Backend::Postgres).await;
