@@ -44,13 +44,13 @@ macro_rules! message_locked {
     };
 }
 
-/// What the insert of a new correlation record adds: it first takes a lock on each key it
-/// looks up (context `$1`, the keys a JSON array in `$7`), so that two saves of one key at
-/// once make one record. In one order, whoever asks: saves of overlapping keys cannot
-/// deadlock. A condition run before the row goes in, not a statement of its own.
+/// The row a new correlation record's insert adds (`$1` to `$6`), once it has taken a lock on
+/// each key it looks up (the keys a JSON array in `$7`), so that two saves of one key at once
+/// make one record. In one order, whoever asks: saves of overlapping keys cannot deadlock. A
+/// condition run before the row goes in, not a statement of its own.
 macro_rules! keys_locked {
     () => {
-        " WHERE (SELECT count(*) FROM (
+        " SELECT $1, $2, $3, $4, $5, $6, $6 WHERE (SELECT count(*) FROM (
                SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || k, 0))
                FROM (SELECT DISTINCT json_array_elements_text($7::json) AS k ORDER BY 1) AS sorted
            ) AS locked) >= 0"

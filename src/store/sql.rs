@@ -747,14 +747,13 @@ async fn correlate(
     // A new record, the usual case, goes in without a lookup first: its row and its keys are
     // inserted, and only when a key turns out to be held already is it asked by which record.
     // Two saves of one key at once must find one record, not make two: the insert first takes
-    // the keys it looks up (`keys_locked!`, $7).
+    // the keys it looks up (`keys_locked!`: the row is $1 to $6, the keys $7).
     let mut data = Value::Object(serde_json::Map::new());
     merge(&mut data, patch);
     let id = conn
         .insert_id(
             concat!(
-                "INSERT INTO correlations (context, key, data, keys, history, created_at, updated_at)
-                 SELECT $1, $2, $3, $4, $5, $6, $6",
+                "INSERT INTO correlations (context, key, data, keys, history, created_at, updated_at)",
                 keys_locked!()
             ),
             &params![

@@ -347,10 +347,11 @@ macro_rules! message_locked {
     };
 }
 
-/// What the insert of a new correlation record adds: nothing, the one writer runs alone.
+/// The row a new correlation record's insert adds (`$1` to `$6`), with no lock to take: the
+/// one writer runs alone (`$7`, the keys, goes unused).
 macro_rules! keys_locked {
     () => {
-        ""
+        " VALUES ($1, $2, $3, $4, $5, $6, $6)"
     };
 }
 
