@@ -840,6 +840,23 @@ async fn replicas(test: &TestStore, n: usize) -> Vec<Store> {
     stores
 }
 
+/// Saves a record of context `req` under `keys`, as a `correlate` step does: the store is
+/// taken by value, so the save can run as a task of its own.
+async fn save(
+    store: Store,
+    keys: Vec<String>,
+    data: serde_json::Value,
+    state: Option<String>,
+) -> Result<(), StoreError> {
+    let write = CorrelationWrite::Save {
+        context: "req".into(),
+        keys,
+        data,
+        state,
+    };
+    store.correlate(vec![write], Vec::new()).await
+}
+
 #[tokio::test]
 async fn postgres_replicas_claim_each_entry_once_between_them() {
     let test = TestStore::new(Backend::Postgres).await;
@@ -950,22 +967,12 @@ async fn postgres_replicas_share_idempotency_and_correlation() {
     // Saves of one key from both replicas at once make one record with both changes.
     let mut saving = JoinSet::new();
     for (n, store) in stores.iter().enumerate() {
-        let store = store.clone();
-        let mut data = serde_json::Map::new();
-        data.insert(format!("from_{n}"), json!(true));
-        saving.spawn(async move {
-            store
-                .correlate(
-                    vec![CorrelationWrite::Save {
-                        context: "req".into(),
-                        keys: vec!["PR-9".into(), format!("LAB-{n}")],
-                        data: data.into(),
-                        state: Some(format!("seen_by_{n}")),
-                    }],
-                    Vec::new(),
-                )
-                .await
-        });
+        saving.spawn(save(
+            store.clone(),
+            vec!["PR-9".into(), format!("LAB-{n}")],
+            json!({ format!("from_{n}"): true }),
+            Some(format!("seen_by_{n}")),
+        ));
     }
     while let Some(saved) = saving.join_next().await {
         saved.unwrap().unwrap();
@@ -1000,24 +1007,12 @@ async fn postgres_replicas_saving_overlapping_keys_at_once_make_one_record_each(
             format!("C-{pair}"),
         ];
         for (n, store) in stores.iter().enumerate() {
-            let store = store.clone();
             let mut keys = keys.to_vec();
             if n == 1 {
                 keys.reverse();
             }
-            saving.spawn(async move {
-                store
-                    .correlate(
-                        vec![CorrelationWrite::Save {
-                            context: "req".into(),
-                            keys,
-                            data: json!({ format!("from_{n}"): true }),
-                            state: None,
-                        }],
-                        Vec::new(),
-                    )
-                    .await
-            });
+            let data = json!({ format!("from_{n}"): true });
+            saving.spawn(save(store.clone(), keys, data, None));
         }
     }
     while let Some(saved) = saving.join_next().await {
@@ -1054,23 +1049,8 @@ async fn postgres_a_save_waits_while_another_holds_its_key() {
         .execute(&mut *other)
         .await
         .unwrap();
-    let saving = tokio::spawn({
-        let store = store.clone();
-        let key = key.clone();
-        async move {
-            store
-                .correlate(
-                    vec![CorrelationWrite::Save {
-                        context: "req".into(),
-                        keys: vec!["free".into(), key],
-                        data: json!({}),
-                        state: None,
-                    }],
-                    Vec::new(),
-                )
-                .await
-        }
-    });
+    let keys = vec!["free".into(), key.clone()];
+    let saving = tokio::spawn(save(store.clone(), keys, json!({}), None));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!saving.is_finished(), "the save waits for the key");
     other.commit().await.unwrap();
