@@ -54,7 +54,7 @@ pub(super) fn test(paths: &ProjectPaths, format: TestFormat) -> anyhow::Result<E
         Err(code) => return Ok(code),
     };
     let files = crate::testing::find_test_files(&paths.flows);
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let runtime = super::runtime()?;
     let mut results = Vec::new();
     let mut broken = Vec::new();
     runtime.block_on(async {
@@ -187,7 +187,7 @@ pub(super) fn run_one(args: &RunArgs) -> anyhow::Result<ExitCode> {
         }
         None => Vec::new(),
     };
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let runtime = super::runtime()?;
     let report = runtime.block_on(crate::testing::trace(
         &project,
         flow,

@@ -67,9 +67,7 @@ where
         token,
         http,
     };
-    tokio::runtime::Runtime::new()
-        .context("starting the async runtime")?
-        .block_on(action(client))
+    super::runtime()?.block_on(action(client))
 }
 
 pub(super) async fn dlq(client: AdminClient, action: DlqAction) -> anyhow::Result<ExitCode> {

@@ -91,7 +91,7 @@ pub(super) fn serve(
     )
     .map_err(anyhow::Error::msg)?
     .map(|tokens| tokens.over_tls(options.tls.is_some()));
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let runtime = super::runtime()?;
     runtime.block_on(async {
         let client = crate::targets::http_client().context("building the HTTP client")?;
         let store = crate::store::Store::open_with(store_url, store_options)

@@ -8,7 +8,9 @@ use std::process::{Child, Command, Stdio};
 
 use serde_json::json;
 
-use crate::util::process::{TOKEN, json_lines, spawn_on, stderr_lines, succeeded, terminate};
+use crate::util::process::{
+    TOKEN, json_lines, spawn_on, spawn_on_one_cpu, stderr_lines, succeeded, terminate, thread_names,
+};
 use crate::util::{Partner, SECRETS, payload, post_json, repo, wait_for_state, wait_until};
 
 /// Starts `ferry serve` on an ephemeral port with the shipped flows and a store in `dir`.
@@ -54,6 +56,56 @@ async fn serve_runs_the_shipped_flows_and_stops_on_sigterm() {
     .await;
     assert_eq!(status, 202, "{reply}");
     wait_until("the lab has the order", || lab.accepted().len() == 1).await;
+    terminate(child).await;
+}
+
+/// Allowed one CPU, ferry runs on one thread, not a pool of one worker: the round trip works
+/// there, both ways, under concurrent requests, and SIGTERM stops it.
+#[tokio::test]
+async fn serve_on_one_cpu_runs_the_round_trip_on_one_thread() {
+    let lab = Partner::start(201, json!({"lab_order_id": "LAB-ONE"})).await;
+    let portal = Partner::start(200, json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}/ferry.db", dir.path().display());
+    let env = [("LAB_URL", lab.url.as_str()), ("PORTAL_URL", &portal.url)];
+    let (child, url) = spawn_on_one_cpu(&store, &["--flows", "flows"], &env);
+    let threads = thread_names(child.id());
+    assert!(
+        !threads
+            .iter()
+            .any(|name| name.starts_with("tokio-rt-worker")),
+        "{threads:?}"
+    );
+
+    let mut sent = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let mut request = payload("test-request.json");
+        request["portal_ref"] = json!(format!("PR-ONE-{i}"));
+        let orders = format!("{url}/api/v1/test-requests");
+        sent.spawn(async move { post_json(&orders, &request).await });
+    }
+    let mut ids = BTreeSet::new();
+    while let Some(answer) = sent.join_next().await {
+        let (status, reply) = answer.unwrap();
+        assert_eq!(status, 202, "{reply}");
+        ids.insert(reply["request_id"].as_str().unwrap().to_owned());
+    }
+    wait_until("the lab has every order", || {
+        lab.idempotency_keys().len() == 20
+    })
+    .await;
+    let one = ids.first().unwrap();
+    wait_for_state(&url, one, "delivered_to_lab").await;
+
+    let mut result = payload("test-result.json");
+    result["order_ref"] = json!(one);
+    let (status, reply) = post_json(&format!("{url}/api/v1/lab-results"), &result).await;
+    assert_eq!(status, 202, "{reply}");
+    wait_until("the portal has the results", || {
+        portal.received().len() == 1
+    })
+    .await;
+    assert_eq!(portal.received()[0].json()["request_id"], one.as_str());
     terminate(child).await;
 }
 

@@ -16,7 +16,36 @@ pub(crate) fn spawn_on(
     env: &[(&str, &str)],
     stderr: Stdio,
 ) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+    start(
+        Command::new(env!("CARGO_BIN_EXE_ferry")),
+        store,
+        args,
+        env,
+        stderr,
+    )
+}
+
+/// [`spawn_on`], the process allowed one CPU (through `taskset`), as a container's quota or
+/// a pinned process allows it.
+pub(crate) fn spawn_on_one_cpu(
+    store: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Child, String) {
+    let mut taskset = Command::new("taskset");
+    taskset.args(["--cpu-list", "0", env!("CARGO_BIN_EXE_ferry")]);
+    start(taskset, store, args, env, Stdio::null())
+}
+
+/// Runs `command`, which starts `ferry`, as `ferry serve` with what [`spawn_on`] takes.
+fn start(
+    mut command: Command,
+    store: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    stderr: Stdio,
+) -> (Child, String) {
+    let mut child = command
         .args(["serve", "--listen", "127.0.0.1:0", "--store", store])
         .args(args)
         .current_dir(repo())
@@ -41,6 +70,15 @@ pub(crate) fn stderr_lines(child: &mut Child) -> std::thread::JoinHandle<Vec<Str
             .map_while(Result::ok)
             .collect()
     })
+}
+
+/// The names of the threads of process `pid`.
+pub(crate) fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).unwrap())
+        .map(|name| name.trim_end().to_owned())
+        .collect()
 }
 
 /// The JSON log entries among the lines [`stderr_lines`] collected, once the child has exited.
