@@ -67,7 +67,8 @@ mod sql;
 
 type DbStore = PgStore;
 type Conn = PgConnection;
-type WriteConn = PgConnection;
+/// What writes go through: a transaction's connection (the lifetime is SQLite's writer's).
+type WriteConn<'c> = PgConnection;
 type Row = sqlx::postgres::PgRow;
 
 /// The advisory lock pruning holds (two-key form: apart from the one-key locks on

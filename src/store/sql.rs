@@ -123,7 +123,7 @@ fn prior(row: &exec::Row) -> Result<Prior, StoreError> {
 }
 
 /// Writes the heartbeat: a commit that writes, as every accepted message does.
-pub(super) async fn heartbeat(conn: &mut WriteConn) -> Result<(), StoreError> {
+pub(super) async fn heartbeat(conn: &mut WriteConn<'_>) -> Result<(), StoreError> {
     conn.execute(
         "INSERT INTO heartbeat (id, at) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
         &params![now_ms()],
@@ -534,7 +534,10 @@ async fn load_correlation(conn: &mut Conn, id: i64) -> Result<Option<Correlation
 }
 
 /// Commits a message with its outbox entries, correlation changes and timeline.
-pub(super) async fn accept(conn: &mut WriteConn, a: &Accepted) -> Result<Acceptance, StoreError> {
+pub(super) async fn accept(
+    conn: &mut WriteConn<'_>,
+    a: &Accepted,
+) -> Result<Acceptance, StoreError> {
     let now = now_ms();
     let reply = serde_json::to_string(&a.reply).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     if a.replay {
@@ -646,7 +649,7 @@ pub(super) async fn accept(conn: &mut WriteConn, a: &Accepted) -> Result<Accepta
 }
 
 async fn insert_event(
-    conn: &mut WriteConn,
+    conn: &mut WriteConn<'_>,
     message_id: &str,
     at: Millis,
     kind: &str,
@@ -663,7 +666,7 @@ async fn insert_event(
 /// Applies correlation changes that no message carries, and `then` to the record the last
 /// of them made or found.
 pub(super) async fn correlate_all(
-    conn: &mut WriteConn,
+    conn: &mut WriteConn<'_>,
     writes: &[CorrelationWrite],
     then: &[RecordChange],
 ) -> Result<(), StoreError> {
@@ -700,7 +703,7 @@ impl From<HistoryEntry> for StateChange {
 /// A new record is one insert and one insert of its keys; a known one is read (locked),
 /// given the keys it lacks and written back.
 async fn correlate(
-    conn: &mut WriteConn,
+    conn: &mut WriteConn<'_>,
     write: &CorrelationWrite,
     then: &[RecordChange],
     message_id: Option<&str>,
@@ -793,7 +796,7 @@ async fn correlate(
 /// Gives record `id` the `keys` it lacks, `patch` merged into its data and `states`
 /// appended to its history.
 async fn update_record(
-    conn: &mut WriteConn,
+    conn: &mut WriteConn<'_>,
     id: i64,
     patch: &Value,
     keys: Vec<&str>,
@@ -840,7 +843,7 @@ async fn update_record(
 /// Makes `keys` of `context` find record `id`, and returns those that now do, in order: a
 /// key another record holds stays that record's.
 async fn add_keys(
-    conn: &mut WriteConn,
+    conn: &mut WriteConn<'_>,
     context: &str,
     id: i64,
     keys: &[&str],
@@ -870,7 +873,7 @@ fn held_by<'k>(keys: &[&'k str], holders: &[(String, i64)], id: i64) -> Vec<&'k 
 /// went in (the count of rows inserted tells: not `RETURNING`, which SQLite runs as a
 /// trigger per row, dearer than the rare lookup of [`key_holders`] a shortfall takes).
 async fn insert_keys(
-    conn: &mut WriteConn,
+    conn: &mut WriteConn<'_>,
     context: &str,
     id: i64,
     keys: &[&str],
@@ -907,7 +910,7 @@ fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String, StoreError
 /// statements, each an index range on `(flow, target, state, …)`: one statement with an `OR`
 /// on the state would walk every row the target ever had, delivered ones included.
 pub(super) async fn claim(
-    conn: &mut WriteConn,
+    conn: &mut WriteConn<'_>,
     flow: &str,
     target: &str,
     limit: u32,
@@ -981,7 +984,7 @@ pub(super) async fn claim(
 /// Gives claimed entries back unattempted: due again at once, for any worker, instead of when
 /// their lease runs out. An entry whose claim already ran out is left to its new owner.
 pub(super) async fn release(
-    conn: &mut WriteConn,
+    conn: &mut WriteConn<'_>,
     entries: &[(i64, Millis)],
 ) -> Result<(), StoreError> {
     let now = now_ms();
@@ -998,7 +1001,7 @@ pub(super) async fn release(
 
 /// Claims up to `limit` due (or abandoned) messages of embedded queue `queue`.
 pub(super) async fn claim_queue(
-    conn: &mut WriteConn,
+    conn: &mut WriteConn<'_>,
     queue: &str,
     limit: u32,
     lease_until: Millis,
@@ -1034,7 +1037,7 @@ pub(super) async fn claim_queue(
 
 /// Appends a message to embedded queue `queue`.
 pub(super) async fn enqueue(
-    conn: &mut WriteConn,
+    conn: &mut WriteConn<'_>,
     queue: &str,
     payload: &str,
     headers: &str,
@@ -1050,7 +1053,7 @@ pub(super) async fn enqueue(
 
 /// Removes a consumed queue message, or puts it back until `retry_at`.
 pub(super) async fn finish_queue(
-    conn: &mut WriteConn,
+    conn: &mut WriteConn<'_>,
     id: i64,
     retry_at: Option<Millis>,
 ) -> Result<(), StoreError> {
@@ -1074,7 +1077,7 @@ pub(super) async fn finish_queue(
 /// Records an attempt's outcome, unless the claim it was made under has run out (another
 /// worker owns the entry then, and its word counts).
 pub(super) async fn attempt_done(
-    conn: &mut WriteConn,
+    conn: &mut WriteConn<'_>,
     a: &AttemptRecord,
 ) -> Result<(), StoreError> {
     let now = now_ms();
@@ -1145,7 +1148,7 @@ pub(super) async fn attempt_done(
 
 /// Takes webhook id `id` in `scope` until `expires_at`; false when it was already taken.
 pub(super) async fn first_sight(
-    conn: &mut WriteConn,
+    conn: &mut WriteConn<'_>,
     scope: &str,
     id: &str,
     expires_at: Millis,
@@ -1161,7 +1164,7 @@ pub(super) async fn first_sight(
 
 /// Lets webhook id `id` in `scope` be taken again.
 pub(super) async fn forget_sight(
-    conn: &mut WriteConn,
+    conn: &mut WriteConn<'_>,
     scope: &str,
     id: &str,
 ) -> Result<(), StoreError> {
@@ -1176,7 +1179,7 @@ pub(super) async fn forget_sight(
 /// Deletes delivered messages, and correlation records with no message left, last changed
 /// before `before`, and webhook ids past their expiry; does nothing while another store
 /// prunes.
-pub(super) async fn prune(conn: &mut WriteConn, before: Millis) -> Result<u64, StoreError> {
+pub(super) async fn prune(conn: &mut WriteConn<'_>, before: Millis) -> Result<u64, StoreError> {
     if !pruning_turn(conn).await? {
         return Ok(0);
     }
@@ -1211,7 +1214,7 @@ pub(super) async fn prune(conn: &mut WriteConn, before: Millis) -> Result<u64, S
 /// Deletes those of `keys` of `context` that record `id` holds. Named one by one, they are
 /// found through the key index; `correlation_keys` has no index by record.
 async fn delete_keys(
-    conn: &mut WriteConn,
+    conn: &mut WriteConn<'_>,
     context: &str,
     id: i64,
     keys: &[&str],

@@ -17,6 +17,7 @@ use sqlx::sqlite::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+use super::exec::Writing;
 use super::{
     Acceptance, Accepted, AttemptRecord, Claimed, CommitStats, CorrelationWrite, Counters, Millis,
     QueueItem, RecordChange, StoreError,
@@ -365,11 +366,11 @@ mod sql;
 
 type DbStore = SqliteStore;
 type Conn = SqliteConnection;
-type WriteConn = rusqlite::Connection;
+type WriteConn<'c> = Writing<'c>;
 type Row = sqlx::sqlite::SqliteRow;
 
 /// Whether this store has the turn to prune: always, the one writer runs alone.
-async fn pruning_turn(_conn: &mut WriteConn) -> Result<bool, StoreError> {
+async fn pruning_turn(_conn: &mut WriteConn<'_>) -> Result<bool, StoreError> {
     Ok(true)
 }
 
@@ -391,20 +392,16 @@ impl Writer {
         })
     }
 
-    /// The connection, opened again if the last commit failed.
-    fn conn(&mut self) -> Result<&mut rusqlite::Connection, StoreError> {
-        if self.conn.is_none() {
-            self.conn = Some(connect(&self.path, self.synchronous)?);
-            tracing::info!("store writer connection opened again");
+    /// The connection, a new one if the last commit failed. A connection whose commit
+    /// failed is dropped: SQLite may have rolled the transaction back itself (a full disk, an
+    /// I/O error) or not, and a new connection starts clean, with nothing half-done.
+    fn take(&mut self) -> Result<rusqlite::Connection, StoreError> {
+        if let Some(conn) = self.conn.take() {
+            return Ok(conn);
         }
-        Ok(self.conn.as_mut().expect("just opened"))
-    }
-
-    /// Drops a connection whose commit failed. SQLite may have rolled the transaction back
-    /// itself (a full disk, an I/O error) or not: a new connection starts clean, with nothing
-    /// half-done.
-    fn discard(&mut self) {
-        self.conn = None;
+        let conn = connect(&self.path, self.synchronous)?;
+        tracing::info!("store writer connection opened again");
+        Ok(conn)
     }
 }
 
@@ -430,7 +427,6 @@ fn connect(path: &Path, synchronous: &str) -> Result<rusqlite::Connection, Store
         rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
         true,
     )?;
-    conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
 
@@ -440,25 +436,42 @@ fn connect(path: &Path, synchronous: &str) -> Result<rusqlite::Connection, Store
 /// connection, so the store recovers as soon as the cause (a full disk, say) has passed.
 fn write_loop(mut writer: Writer, mut jobs: mpsc::Receiver<Job>, stats: &Counters) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(job) = jobs.blocking_recv() {
-        batch.push(job);
-        // Where this thread shares a busy CPU with the tasks that queue writes, they run
-        // first and queue theirs: one commit, and one sync, for more writes. On an idle CPU
-        // this returns at once.
-        std::thread::yield_now();
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+    while next_batch(&mut jobs, &mut batch) {
+        match writer.take() {
+            Ok(conn) => {
+                if write_through(&conn, &mut jobs, &mut batch, stats) == Ended::Stopped {
+                    return;
+                }
             }
+            Err(error) => fail(&mut batch, &error),
         }
+    }
+}
+
+/// How the writer's run on one connection ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    Stopped,
+    CommitFailed,
+}
+
+/// Commits `batch`, and each batch after it, through `conn` (its statements prepared once)
+/// until the writer stops or a commit fails.
+fn write_through(
+    conn: &rusqlite::Connection,
+    jobs: &mut mpsc::Receiver<Job>,
+    batch: &mut Vec<Job>,
+    stats: &Counters,
+) -> Ended {
+    let mut writing = Writing::new(conn);
+    loop {
         let messages = batch
             .iter()
             .filter(|j| matches!(j.work, Work::Accept(..)))
             .count();
         let stop = batch.iter().any(|j| matches!(j.work, Work::Stop));
         let started = std::time::Instant::now();
-        let committed = writer.conn().and_then(|conn| commit_batch(conn, &batch));
+        let committed = commit_batch(&mut writing, batch);
         metrics::histogram!("ferry_store_commit_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         match committed {
@@ -470,16 +483,43 @@ fn write_loop(mut writer: Writer, mut jobs: mpsc::Receiver<Job>, stats: &Counter
             }
             Err(error) => {
                 tracing::error!(%error, "store commit failed");
-                writer.discard();
-                for job in batch.drain(..) {
-                    let failed = StoreError::Corrupt(format!("commit failed: {error}"));
-                    let _ = job.reply.send(Err(failed));
+                fail(batch, &error);
+                if !stop {
+                    return Ended::CommitFailed;
                 }
             }
         }
-        if stop {
-            break;
+        if stop || !next_batch(jobs, batch) {
+            return Ended::Stopped;
         }
+    }
+}
+
+/// Waits for a write and takes with it whatever else is queued, up to [`MAX_BATCH`]; false
+/// once no more can come.
+fn next_batch(jobs: &mut mpsc::Receiver<Job>, batch: &mut Vec<Job>) -> bool {
+    let Some(job) = jobs.blocking_recv() else {
+        return false;
+    };
+    batch.push(job);
+    // Where this thread shares a busy CPU with the tasks that queue writes, they run first
+    // and queue theirs: one commit, and one sync, for more writes. On an idle CPU this
+    // returns at once.
+    std::thread::yield_now();
+    while batch.len() < MAX_BATCH {
+        match jobs.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+    true
+}
+
+/// Tells each job of `batch` that its commit failed.
+fn fail(batch: &mut Vec<Job>, error: &StoreError) {
+    for job in batch.drain(..) {
+        let failed = StoreError::Corrupt(format!("commit failed: {error}"));
+        let _ = job.reply.send(Err(failed));
     }
 }
 
@@ -490,7 +530,7 @@ fn write_loop(mut writer: Writer, mut jobs: mpsc::Receiver<Job>, stats: &Counter
 /// through whole (nearly all) do without: when a job fails there, the batch is rolled back and
 /// run again with them.
 fn commit_batch(
-    conn: &mut rusqlite::Connection,
+    conn: &mut Writing<'_>,
     batch: &[Job],
 ) -> Result<Vec<Result<Done, StoreError>>, StoreError> {
     match run_batch(conn, batch, false)? {
@@ -503,11 +543,11 @@ fn commit_batch(
 /// when a job failed outside a savepoint (then nothing was committed). On an error the
 /// transaction may still be open: the caller drops the connection.
 fn run_batch(
-    conn: &mut rusqlite::Connection,
+    conn: &mut Writing<'_>,
     batch: &[Job],
     isolated: bool,
 ) -> Result<Option<Vec<Result<Done, StoreError>>>, StoreError> {
-    conn.execute_batch(if isolated {
+    conn.conn().execute_batch(if isolated {
         "BEGIN IMMEDIATE; SAVEPOINT job"
     } else {
         "BEGIN IMMEDIATE"
@@ -517,19 +557,19 @@ fn run_batch(
         let result = ready(run_job(conn, &job.work));
         if isolated {
             // Ending one job's savepoint and opening the next's is one call, not two.
-            conn.execute_batch(if result.is_ok() {
+            conn.conn().execute_batch(if result.is_ok() {
                 "RELEASE job; SAVEPOINT job"
             } else {
                 "ROLLBACK TO job; RELEASE job; SAVEPOINT job"
             })?;
         } else if result.is_err() {
-            conn.execute_batch("ROLLBACK")?;
+            conn.conn().execute_batch("ROLLBACK")?;
             return Ok(None);
         }
         results.push(result);
     }
     // COMMIT ends the last job's savepoint with the transaction.
-    conn.execute_batch("COMMIT")?;
+    conn.conn().execute_batch("COMMIT")?;
     Ok(Some(results))
 }
 
@@ -549,7 +589,7 @@ fn ready<T>(write: impl Future<Output = Result<T, StoreError>>) -> Result<T, Sto
 }
 
 /// Runs one job.
-async fn run_job(conn: &mut rusqlite::Connection, work: &Work) -> Result<Done, StoreError> {
+async fn run_job(conn: &mut Writing<'_>, work: &Work) -> Result<Done, StoreError> {
     Ok(match work {
         Work::Accept(accepted) => Done::Accepted(sql::accept(conn, accepted).await?),
         Work::Probe => Done::Nothing(sql::heartbeat(conn).await?),
