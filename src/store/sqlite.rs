@@ -443,7 +443,10 @@ fn write_loop(mut writer: Writer, mut jobs: mpsc::Receiver<Job>, stats: &Counter
                     return;
                 }
             }
-            Err(error) => fail(&mut batch, &error),
+            Err(error) => {
+                tracing::error!(%error, "store writer cannot open its connection");
+                fail(&mut batch, &error);
+            }
         }
     }
 }
