@@ -6,6 +6,8 @@
 //! Statements use `$1`, `$2`, … placeholders on every connection. Values are typed even when
 //! null, as PostgreSQL wants them.
 
+use hashlink::linked_hash_map::RawEntryMut;
+
 use super::StoreError;
 
 /// A value bound to a statement's placeholder.
@@ -268,7 +270,7 @@ where
 /// together 24k of the 630k instructions a durable message cost (callgrind, one connection).
 pub(super) struct Writing<'c> {
     conn: &'c rusqlite::Connection,
-    statements: hashbrown::HashMap<String, Prepared<'c>>,
+    statements: hashlink::LruCache<String, Prepared<'c>>,
 }
 
 /// A prepared statement, and for each of its parameters the index of the value it takes.
@@ -277,17 +279,17 @@ struct Prepared<'c> {
     positions: Vec<usize>,
 }
 
-/// The most statements kept prepared. The store runs about forty, and one more for each
-/// length of a list it names in full (a claim's messages, a step's keys); past this many,
-/// all are let go and prepared again as they come.
-const PREPARED: usize = 128;
+/// The most statements kept prepared, as many as rusqlite's cache kept (each holds memory),
+/// the least recently run let go first. The store runs about forty, and one more for each
+/// length of a list it names in full (a claim's messages, a step's keys).
+const PREPARED: usize = 64;
 
 impl<'c> Writing<'c> {
     /// Statements through `conn`, none prepared yet.
     pub(super) fn new(conn: &'c rusqlite::Connection) -> Self {
         Self {
             conn,
-            statements: hashbrown::HashMap::new(),
+            statements: hashlink::LruCache::new(PREPARED),
         }
     }
 
@@ -303,13 +305,15 @@ impl<'c> Writing<'c> {
         sql: &str,
         params: &[Param<'_>],
     ) -> Result<&mut rusqlite::Statement<'c>, StoreError> {
-        if self.statements.len() >= PREPARED && !self.statements.contains_key(sql) {
-            self.statements.clear();
-        }
-        let prepared = match self.statements.entry_ref(sql) {
-            hashbrown::hash_map::EntryRef::Occupied(entry) => entry.into_mut(),
-            hashbrown::hash_map::EntryRef::Vacant(entry) => {
-                entry.insert(Prepared::new(self.conn, sql)?)
+        let prepared = match self.statements.raw_entry_mut().from_key(sql) {
+            RawEntryMut::Occupied(mut entry) => {
+                entry.to_back();
+                entry.into_mut()
+            }
+            RawEntryMut::Vacant(entry) => {
+                entry
+                    .insert(sql.to_owned(), Prepared::new(self.conn, sql)?)
+                    .1
             }
         };
         for (index, position) in prepared.positions.iter().enumerate() {
