@@ -412,3 +412,37 @@ impl Exec for Writing<'_> {
         Ok(read)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::ready;
+
+    #[test]
+    fn the_writer_binds_by_number_and_prepares_again_what_it_let_go() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t (a INTEGER, b TEXT)")
+            .unwrap();
+        let mut writing = Writing::new(&conn);
+        // `$2` comes first, and SQLite numbers it 1: each value still goes to its `$N`.
+        let insert = "INSERT INTO t (b, a) VALUES ($2, $1)";
+        for n in 0..3 {
+            ready(writing.execute(insert, &params![n, "x"])).unwrap();
+        }
+        // More statements than are kept: the first is let go, and prepared again when run.
+        for n in 0..=PREPARED as i64 {
+            let sql = format!("SELECT COUNT(*) FROM t WHERE a >= $1 AND {n} = {n}");
+            ready(writing.fetch_one(&sql, &params![1])).unwrap();
+        }
+        assert!(!writing.statements.contains_key(insert));
+        ready(writing.execute(insert, &params![7, "y"])).unwrap();
+        let row = ready(writing.fetch_one(
+            "SELECT COUNT(*), MAX(a) FROM t WHERE b = $2 OR a = $1",
+            &params![7, "x"],
+        ))
+        .unwrap();
+        assert_eq!((row.int(0).unwrap(), row.int(1).unwrap()), (4, 7));
+        let missing = ready(writing.execute(insert, &params![1])).unwrap_err();
+        assert!(missing.to_string().contains("no value for $2"), "{missing}");
+    }
+}

@@ -578,7 +578,9 @@ fn run_batch(
 
 /// The outcome of a write, which never waits: the writer's statements call SQLite directly,
 /// on this thread, so their futures are ready when first polled.
-fn ready<T>(write: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+pub(super) fn ready<T>(
+    write: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
     let mut write = std::pin::pin!(write);
     match write
         .as_mut()
