@@ -399,19 +399,7 @@ async fn records_stored_before_they_kept_their_keys_keep_them_in_order(backend: 
         INSERT INTO correlation_states (correlation_id, state, message_id, at)
             SELECT id, 'sent', NULL, 2000 FROM correlations;";
     match backend {
-        Backend::Sqlite => {
-            let options =
-                <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(&test.url)
-                    .unwrap()
-                    .create_if_missing(true);
-            let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
-            sqlx::migrate!("migrations/sqlite")
-                .run_to(7, &pool)
-                .await
-                .unwrap();
-            sqlx::raw_sql(earlier).execute(&pool).await.unwrap();
-            pool.close().await;
-        }
+        Backend::Sqlite => sqlite_as_of(&test.url, 7, earlier).await,
         Backend::Postgres => {
             let pool = sqlx::PgPool::connect(&test.url).await.unwrap();
             sqlx::migrate!("migrations/postgres")
@@ -1090,4 +1078,97 @@ async fn postgres_prunes_on_one_replica_at_a_time() {
     );
     sqlx::raw_sql("COMMIT").execute(&mut other).await.unwrap();
     assert_eq!(store.prune(now_ms() + 1).await.unwrap(), 1);
+}
+
+/// A SQLite store made while deliveries and timeline entries took AUTOINCREMENT ids keeps
+/// them, ids included, still removed with their message; new ones take the ids after them,
+/// with no sequence kept for them any more.
+#[tokio::test]
+async fn sqlite_deliveries_and_timelines_from_before_rowids_keep_their_ids_and_order() {
+    let test = TestStore::new(Backend::Sqlite).await;
+    let earlier = r#"
+        INSERT INTO messages (id, flow, correlation_id, status, inbound, meta, document, reply,
+                              received_at, updated_at)
+            VALUES ('old', 'f', 'old', 'accepted', '{"a":1}', '{"id":"old"}',
+                    '{"body":{"a":1},"vars":{},"meta":{"id":"old"}}', '{}', 1000, 1000);
+        INSERT INTO outbox (id, message_id, flow, target, state, attempts, next_attempt_at,
+                            created_at, updated_at)
+            VALUES (40, 'old', 'f', 'lab', 'pending', 0, 1000, 1000, 1000);
+        INSERT INTO events (id, message_id, at, kind, detail)
+            VALUES (70, 'old', 1000, 'received', '{"n":1}'), (71, 'old', 1001, 'note', '{"n":2}');"#;
+    sqlite_as_of(&test.url, 9, earlier).await;
+
+    let store = test.open().await;
+    let claimed = store.claim("f", "lab", 10).await.unwrap();
+    assert_eq!(
+        claimed.iter().map(|c| c.outbox_id).collect::<Vec<_>>(),
+        [40]
+    );
+    store
+        .record_attempt(delivered(&claimed[0], None))
+        .await
+        .unwrap();
+    let Acceptance::Stored(stored) = store.accept(accepted("new", None)).await.unwrap() else {
+        panic!("a new message is stored");
+    };
+    let old = store.message("old").await.unwrap().unwrap();
+    assert_eq!(old.summary.status, "delivered");
+    assert_eq!(
+        old.timeline
+            .iter()
+            .map(|e| e.kind.as_str())
+            .collect::<Vec<_>>(),
+        ["received", "note", "attempt"]
+    );
+    let new = store.claim("f", "lab", 10).await.unwrap();
+    assert_eq!(new.len(), 1);
+    assert_eq!(new[0].outbox_id, 41, "{stored:?}");
+    store.close().await;
+
+    let pool = sqlx::SqlitePool::connect(&test.url).await.unwrap();
+    let (sequences, autoincrement): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM sqlite_sequence WHERE name IN ('outbox', 'events')),
+                (SELECT COUNT(*) FROM sqlite_schema WHERE name IN ('outbox', 'events')
+                                                    AND sql LIKE '%AUTOINCREMENT%')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((sequences, autoincrement), (0, 0));
+    let (newest_event,): (i64,) = sqlx::query_as("SELECT MAX(id) FROM events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(
+        newest_event > 71,
+        "new entries come after the old: {newest_event}"
+    );
+    // Removing a message still removes its deliveries and timeline.
+    sqlx::raw_sql("PRAGMA foreign_keys = ON; DELETE FROM messages WHERE id = 'old';")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (left,): (i64,) = sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM outbox WHERE message_id = 'old')
+              + (SELECT COUNT(*) FROM events WHERE message_id = 'old')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(left, 0);
+    pool.close().await;
+}
+
+/// Makes the SQLite store at `url` as migration `version` left it, holding what `sql` writes.
+async fn sqlite_as_of(url: &str, version: i64, sql: &'static str) {
+    let options = <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(url)
+        .unwrap()
+        .create_if_missing(true);
+    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    sqlx::migrate!("migrations/sqlite")
+        .run_to(version, &pool)
+        .await
+        .unwrap();
+    sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+    pool.close().await;
 }
