@@ -11,12 +11,14 @@
 //! - **durable**: the shipped flow as it ships (SQLite, synchronous commits): accepted,
 //!   answered `202`, delivered by the outbox.
 //!
-//! The floor and the sync flow take turns at the load, five rounds each, so that a shared
-//! machine slowing down for a while slows both alike and their ratio holds.
+//! The three take turns at the load, five rounds each, so that a shared machine slowing down
+//! for a while slows them alike and their ratios hold. A turn ends when the lab has every order
+//! the server accepted, so a durable turn counts its deliveries (and their CPU) in full.
 //!
 //! For each: requests per second, server CPU per request (from `/proc`), and memory. For the
-//! durable flow also orders delivered per second under load held for the whole run, how long
-//! the lab waits for the last accepted order once the load stops, and how long a burst of
+//! durable flow also orders delivered per second and its throughput end to end against sync's;
+//! then, with the load held on it for the whole time at once, how long the lab waits for the
+//! last accepted order once the load stops, and how long a burst of
 //! 10,000 requests takes to reach the lab. The durable flow's CPU per request there covers
 //! both halves of its work, accepting and delivering; a second durable run splits them: the
 //! lab holds its answers while the load runs (accepting alone), then takes the backlog
