@@ -61,6 +61,8 @@ const PATH: &str = "/api/v1/test-requests";
 /// The longest the lab holds its answers: under the shipped flow's 10 s timeout, so that ferry
 /// gives up on no order and sends none twice.
 const HOLD_LIMIT: Duration = Duration::from_secs(8);
+/// The longest the lab may take to have every order a load's requests were answered for.
+const DRAIN_LIMIT: Duration = Duration::from_secs(300);
 /// The environment variable that makes this program the floor proxy, forwarding to its URL.
 const PROXY_ROLE: &str = "FERRY_SPEED_PROXY_TO";
 /// The environment variable naming another ferry binary to compare the sync flow with.
@@ -144,10 +146,7 @@ async fn run(held: Duration) {
     // Held at once for the whole time: whether delivery keeps up with a load that lasts.
     let held_run = measure(&durable, PATH, &body, held, &lab, |_| {}).await;
     let drained = lab
-        .wait_for(
-            held_run.lab_before + held_run.requests,
-            Duration::from_secs(300),
-        )
+        .wait_for(held_run.lab_before + held_run.requests, DRAIN_LIMIT)
         .await;
     println!(
         "\ndurable, the load held {} s at once: {:.0} accepted/s, {:.0} delivered/s; the lab had the last accepted order {:.2} s after the load ended",
@@ -160,7 +159,7 @@ async fn run(held: Duration) {
     let started = Instant::now();
     let sent = burst(&durable.url, &body, BURST).await;
     let accepted_in = started.elapsed();
-    lab.wait_for(before + sent, Duration::from_secs(300)).await;
+    lab.wait_for(before + sent, DRAIN_LIMIT).await;
     println!(
         "burst of {sent}: accepted in {:.2} s, all at the lab after {:.2} s",
         accepted_in.as_secs_f64(),
@@ -177,15 +176,10 @@ async fn run(held: Duration) {
     let cpu = split.cpu();
     lab.release();
     let drained = lab
-        .wait_for(
-            accepting.lab_before + accepting.requests,
-            Duration::from_secs(300),
-        )
+        .wait_for(accepting.lab_before + accepting.requests, DRAIN_LIMIT)
         .await;
     let delivering = Measured {
         held: drained,
-        drained: Duration::ZERO,
-        longest_drain: Duration::ZERO,
         cpu: split.cpu() - cpu,
         rss_mib: split.peak_rss_mib(),
         ..accepting
@@ -421,8 +415,6 @@ struct Measured {
     held: Duration,
     /// How long, over all its turns, the lab waited for the last order once the load stopped.
     drained: Duration,
-    /// The longest of those waits.
-    longest_drain: Duration,
     cpu: Duration,
     rss_mib: f64,
 }
@@ -472,7 +464,6 @@ async fn measure(
         lab_before,
         held,
         drained: Duration::ZERO,
-        longest_drain: Duration::ZERO,
         cpu: server.cpu() - cpu,
         rss_mib: server.peak_rss_mib(),
     }
@@ -492,7 +483,6 @@ async fn alternate<const N: usize>(
     rounds: u32,
     lab: &Lab,
 ) -> [Measured; N] {
-    const DRAIN_LIMIT: Duration = Duration::from_secs(300);
     let urls = servers.map(|(server, path)| format!("{}{path}", server.url));
     for url in &urls {
         let before = lab.count();
@@ -505,7 +495,6 @@ async fn alternate<const N: usize>(
         lab_before: 0,
         held: Duration::ZERO,
         drained: Duration::ZERO,
-        longest_drain: Duration::ZERO,
         cpu: Duration::ZERO,
         rss_mib: 0.0,
     });
@@ -518,7 +507,6 @@ async fn alternate<const N: usize>(
             run.cpu += server.cpu() - cpu;
             run.held += share;
             run.drained += drained;
-            run.longest_drain = run.longest_drain.max(drained);
         }
     }
     for ((server, _), run) in servers.iter().zip(&mut runs) {

@@ -1108,9 +1108,11 @@ async fn sqlite_deliveries_and_timelines_from_before_rowids_keep_their_ids_and_o
         .record_attempt(delivered(&claimed[0], None))
         .await
         .unwrap();
-    let Acceptance::Stored(stored) = store.accept(accepted("new", None)).await.unwrap() else {
-        panic!("a new message is stored");
-    };
+    let acceptance = store.accept(accepted("new", None)).await.unwrap();
+    assert!(
+        matches!(acceptance, Acceptance::Stored(_)),
+        "{acceptance:?}"
+    );
     let old = store.message("old").await.unwrap().unwrap();
     assert_eq!(old.summary.status, "delivered");
     assert_eq!(
@@ -1122,7 +1124,7 @@ async fn sqlite_deliveries_and_timelines_from_before_rowids_keep_their_ids_and_o
     );
     let new = store.claim("f", "lab", 10).await.unwrap();
     assert_eq!(new.len(), 1);
-    assert_eq!(new[0].outbox_id, 41, "{stored:?}");
+    assert_eq!(new[0].outbox_id, 41);
     store.close().await;
 
     let pool = sqlx::SqlitePool::connect(&test.url).await.unwrap();
