@@ -112,11 +112,14 @@ impl Prior {
 }
 
 /// Where a stored message stands.
+///
+/// A message with deliveries to make is stored `Accepted` and read as `Delivered` once none is
+/// left: its deliveries, not a write to the message, say so.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MessageStatus {
     /// Committed; deliveries pending.
     Accepted,
-    /// Every delivery done.
+    /// Every delivery done (stored as such when there was nothing to deliver).
     Delivered,
     /// A delivery failed for good, or the message could not be correlated: a dead letter.
     Dead,

@@ -34,16 +34,6 @@ macro_rules! for_update {
     };
 }
 
-/// What the statement recording an attempt adds: the message's row (its id is `$9`) is
-/// locked first, so that deliveries of one message finishing at once take turns deciding its
-/// status, each seeing the others'. A condition, not a statement of its own: one round trip
-/// less per delivery.
-macro_rules! message_locked {
-    () => {
-        " AND EXISTS (SELECT 1 FROM messages WHERE id = $9 FOR UPDATE)"
-    };
-}
-
 /// The row a new correlation record's insert adds (`$1` to `$6`), once it has taken a lock on
 /// each key it looks up (the keys a JSON array in `$7`), so that two saves of one key at once
 /// make one record. In one order, whoever asks: saves of overlapping keys cannot deadlock. A

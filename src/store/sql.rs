@@ -2,9 +2,9 @@
 //! (`#[path]`), naming it `Conn` and `Row` (what reads go through), `WriteConn` (what
 //! writes go through, an [`Exec`]), itself `DbStore` (with a `reader` and a `snapshot` to
 //! read through), and provides [`pruning_turn`](super::pruning_turn) and the `skip_locked!`,
-//! `for_update!`, `message_locked!` and `keys_locked!` suffixes of claims, locked reads, the
-//! recording of an attempt and the saving of a correlation record: what the one SQLite writer
-//! gets by running alone, PostgreSQL gets from row and advisory locks.
+//! `for_update!` and `keys_locked!` suffixes of claims, locked reads and the saving of a
+//! correlation record: what the one SQLite writer gets by running alone, PostgreSQL gets from
+//! row and advisory locks.
 
 use serde_json::Value;
 use sqlx::Row as _;
@@ -18,6 +18,41 @@ use crate::store::{
     OutboxEntry, Overview, Prior, QueueItem, Recipient, RecordChange, ReplaySource, StateChange,
     StoreError, Stored, StoredReply, TargetBacklog, Trace, arrival_entries, merge, now_ms, rfc3339,
 };
+
+/// A message's status as it stands, read from a row of `messages`. Its deliveries decide it
+/// without writing it: a message is `accepted` while one is still to be made, and `delivered`
+/// once none is (a row written `delivered` said so when it was stored). Recording each
+/// delivery rewrote the message's row, its largest, only to say so.
+macro_rules! status_now {
+    () => {
+        "CASE WHEN messages.status = 'accepted' AND NOT EXISTS (SELECT 1 FROM outbox
+              WHERE outbox.message_id = messages.id AND outbox.state IN ('pending', 'in_flight'))
+         THEN 'delivered' ELSE messages.status END"
+    };
+}
+
+/// When a message last changed, read from a row of `messages`: its own row, or a delivery
+/// of it since.
+macro_rules! updated_now {
+    () => {
+        "COALESCE((SELECT MAX(outbox.updated_at) FROM outbox
+                   WHERE outbox.message_id = messages.id AND outbox.updated_at > messages.updated_at),
+                  messages.updated_at)"
+    };
+}
+
+/// A message's summary columns, as they stand, from a row of `messages`.
+macro_rules! summary_columns {
+    () => {
+        concat!(
+            "messages.id, messages.flow, ",
+            status_now!(),
+            " AS status, messages.correlation_id, messages.error, messages.received_at, ",
+            updated_now!(),
+            " AS updated_at"
+        )
+    };
+}
 
 /// The reads, the same calls on both backends: a single query on a pooled connection, several
 /// in one snapshot.
@@ -237,15 +272,22 @@ async fn find_messages(
     conn: &mut Conn,
     filter: &MessageFilter,
 ) -> Result<Vec<MessageSummary>, StoreError> {
-    let rows = sqlx::query(
-        "SELECT id, flow, status, correlation_id, error, received_at, updated_at FROM messages
-         WHERE (CAST($1 AS TEXT) IS NULL OR flow = $1) AND (CAST($2 AS TEXT) IS NULL OR status = $2)
+    // The stored status narrows the search (a message written `accepted` may be delivered by
+    // now), the status as it stands decides.
+    let rows = sqlx::query(concat!(
+        "SELECT * FROM (SELECT ",
+        summary_columns!(),
+        " FROM messages
+         WHERE (CAST($1 AS TEXT) IS NULL OR flow = $1)
+           AND (CAST($2 AS TEXT) IS NULL OR messages.status = $2
+                OR (messages.status = 'accepted' AND $2 = 'delivered'))
            AND (CAST($3 AS TEXT) IS NULL OR EXISTS (SELECT 1 FROM outbox
                 WHERE outbox.message_id = messages.id AND outbox.target = $3 AND outbox.state = 'dead'))
            AND (CAST($4 AS BIGINT) IS NULL OR received_at >= $4)
-           AND (CAST($5 AS BIGINT) IS NULL OR received_at < $5)
-         ORDER BY received_at DESC, id DESC LIMIT $6",
-    )
+           AND (CAST($5 AS BIGINT) IS NULL OR received_at < $5)) AS found
+         WHERE CAST($2 AS TEXT) IS NULL OR status = $2
+         ORDER BY received_at DESC, id DESC LIMIT $6"
+    ))
     .bind(&filter.flow)
     .bind(&filter.status)
     .bind(&filter.dead_target)
@@ -280,6 +322,26 @@ async fn overview(conn: &mut Conn) -> Result<Overview, StoreError> {
             "delivered" => counts.delivered = n,
             _ => counts.dead += n,
         }
+    }
+    // Of the messages written `accepted`, those with no delivery left to make are delivered
+    // (`status_now!`): the few that have one are counted from the deliveries, rather than
+    // every message from its own.
+    let open: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT messages.flow, COUNT(DISTINCT messages.id) FROM outbox
+         JOIN messages ON messages.id = outbox.message_id
+         WHERE outbox.state IN ('pending', 'in_flight') AND messages.status = 'accepted'
+         GROUP BY messages.flow",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    for counts in &mut flows {
+        let undelivered = open
+            .iter()
+            .find(|(flow, _)| *flow == counts.flow)
+            .map_or(0, |(_, n)| u64::try_from(*n).unwrap_or(0))
+            .min(counts.accepted);
+        counts.delivered += counts.accepted - undelivered;
+        counts.accepted = undelivered;
     }
     let mut targets: Vec<TargetBacklog> = Vec::new();
     for row in sqlx::query(
@@ -344,10 +406,11 @@ async fn replay_source(conn: &mut Conn, id: &str) -> Result<Option<ReplaySource>
 }
 
 async fn message(conn: &mut Conn, id: &str) -> Result<Option<MessageDetail>, StoreError> {
-    let Some(row) = sqlx::query(
-        "SELECT id, flow, status, correlation_id, error, received_at, updated_at, inbound, document, reply, record_id
-         FROM messages WHERE id = $1",
-    )
+    let Some(row) = sqlx::query(concat!(
+        "SELECT ",
+        summary_columns!(),
+        ", inbound, document, reply, record_id FROM messages WHERE id = $1"
+    ))
     .bind(id)
     .fetch_optional(&mut *conn)
     .await?
@@ -411,11 +474,13 @@ async fn trace(conn: &mut Conn, key: &str) -> Result<Option<Trace>, StoreError> 
     if by_message.is_none() && record.is_none() {
         return Ok(None);
     }
-    let rows = sqlx::query(
-        "SELECT id, flow, status, correlation_id, error, received_at, updated_at FROM messages
+    let rows = sqlx::query(concat!(
+        "SELECT ",
+        summary_columns!(),
+        " FROM messages
          WHERE record_id = $1 OR id = $2 OR correlation_id = $2 OR idempotency_key = $2
-         ORDER BY received_at, id",
-    )
+         ORDER BY received_at, id"
+    ))
     .bind(record)
     .bind(key)
     .fetch_all(&mut *conn)
@@ -1086,16 +1151,11 @@ pub(super) async fn attempt_done(
         AfterAttempt::RetryAt(at) => ("pending", at),
         AfterAttempt::Dead => ("dead", now),
     };
-    // The message's status depends on all its deliveries: one attempt at a time decides it,
-    // holding the message (`message_locked!`, $9) from this statement on.
     let updated = conn
         .execute(
-            concat!(
-                "UPDATE outbox SET state = $1, attempts = $2, next_attempt_at = $3, last_status = $4, last_error = $5,
-                                   lease_until = NULL, updated_at = $6
-                 WHERE id = $7 AND state = 'in_flight' AND lease_until = $8",
-                message_locked!()
-            ),
+            "UPDATE outbox SET state = $1, attempts = $2, next_attempt_at = $3, last_status = $4, last_error = $5,
+                               lease_until = NULL, updated_at = $6
+             WHERE id = $7 AND state = 'in_flight' AND lease_until = $8",
             &params![
                 state,
                 i64::from(a.attempt),
@@ -1105,30 +1165,20 @@ pub(super) async fn attempt_done(
                 now,
                 a.outbox_id,
                 a.lease_until,
-                &a.message_id,
             ],
         )
         .await?;
     if updated == 0 {
         return Err(StoreError::LeaseLost);
     }
-    match a.outcome {
-        AfterAttempt::Delivered => {
-            conn.execute(
-                "UPDATE messages SET status = 'delivered', updated_at = $1 WHERE id = $2
-                 AND NOT EXISTS (SELECT 1 FROM outbox WHERE message_id = $2 AND state NOT IN ('delivered', 'replayed'))",
-                &params![now, &a.message_id],
-            )
-            .await?;
-        }
-        AfterAttempt::Dead => {
-            conn.execute(
-                "UPDATE messages SET status = $1, error = $2, updated_at = $3 WHERE id = $4",
-                &params![MessageStatus::Dead.as_str(), &a.error, now, &a.message_id],
-            )
-            .await?;
-        }
-        AfterAttempt::RetryAt(_) => {}
+    // A delivery leaves the message's row alone: the message reads `delivered` once no
+    // delivery is left to make (`status_now!`). A dead one marks it, whatever the others do.
+    if a.outcome == AfterAttempt::Dead {
+        conn.execute(
+            "UPDATE messages SET status = $1, error = $2, updated_at = $3 WHERE id = $4",
+            &params![MessageStatus::Dead.as_str(), &a.error, now, &a.message_id],
+        )
+        .await?;
     }
     let outcome = match a.outcome {
         AfterAttempt::Delivered => "delivered".to_owned(),
@@ -1190,7 +1240,9 @@ pub(super) async fn prune(conn: &mut WriteConn<'_>, before: Millis) -> Result<u6
     .await?;
     let pruned = conn
         .execute(
-            "DELETE FROM messages WHERE status = 'delivered' AND updated_at < $1",
+            "DELETE FROM messages WHERE status IN ('accepted', 'delivered') AND updated_at < $1
+             AND NOT EXISTS (SELECT 1 FROM outbox WHERE outbox.message_id = messages.id
+                             AND (outbox.state IN ('pending', 'in_flight') OR outbox.updated_at >= $1))",
             &params![before],
         )
         .await?;

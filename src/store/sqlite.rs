@@ -341,13 +341,6 @@ macro_rules! for_update {
     };
 }
 
-/// What the statement recording an attempt adds: nothing, the one writer runs alone.
-macro_rules! message_locked {
-    () => {
-        ""
-    };
-}
-
 /// The row a new correlation record's insert adds (`$1` to `$6`), with no lock to take: the
 /// one writer runs alone (`$7`, the keys, goes unused).
 macro_rules! keys_locked {

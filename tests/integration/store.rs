@@ -87,6 +87,7 @@ on_both_stores!(
     what_a_sync_delivery_changes_commits_with_the_record,
     records_stored_before_they_kept_their_keys_keep_them_in_order,
     a_message_whose_deliveries_finish_at_once_is_delivered,
+    a_message_reads_delivered_from_its_last_delivery_and_is_kept_a_retention_after_it,
 );
 
 /// A delivery taken over as its message commits is stored in flight under the lease it was
@@ -154,6 +155,74 @@ async fn a_delivery_accepted_claimed_is_sent_without_a_claim_and_due_again_when_
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].message_id, "m2");
     assert_eq!(claimed[0].document["body"], json!({"a": 1}));
+    store.close().await;
+}
+
+/// A message's status and last change are its deliveries': accepted while one is still to be
+/// made, wherever it is read (its detail, a search, the overview), then delivered as of the
+/// last one, and kept until a retention has passed since then, not since it came in.
+async fn a_message_reads_delivered_from_its_last_delivery_and_is_kept_a_retention_after_it(
+    backend: Backend,
+) {
+    let test = TestStore::new(backend).await;
+    let store = test.open().await;
+    let mut both = accepted("m1", None);
+    both.targets = vec![Queued::pending("lab"), Queued::pending("archive")];
+    store.accept(both).await.unwrap();
+    let received = store.message("m1").await.unwrap().unwrap().summary;
+    let lab = store.claim("f", "lab", 10).await.unwrap();
+    let archive = store.claim("f", "archive", 10).await.unwrap();
+    let mut first = delivered(&archive[0], None);
+    first.target = "archive".into();
+    store.record_attempt(first).await.unwrap();
+
+    let stands = |status: &'static str| {
+        let store = store.clone();
+        async move {
+            let detail = store.message("m1").await.unwrap().unwrap().summary;
+            assert_eq!(detail.status, status, "detail");
+            let found = store
+                .find_messages(&MessageFilter {
+                    status: Some(status.into()),
+                    limit: 10,
+                    ..MessageFilter::default()
+                })
+                .await
+                .unwrap();
+            assert_eq!(found.len(), 1, "found as {status}");
+            assert_eq!(found[0].status, status);
+            let trace = store.trace("m1").await.unwrap().unwrap();
+            assert_eq!(trace.messages[0].status, status, "trace");
+            let counts = store.overview().await.unwrap().flows.remove(0);
+            assert_eq!(
+                (counts.accepted, counts.delivered),
+                match status {
+                    "accepted" => (1, 0),
+                    _ => (0, 1),
+                }
+            );
+            detail
+        }
+    };
+    stands("accepted").await;
+    // Retention counted from before the last delivery: too soon to prune.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let before_last = now_ms();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    store
+        .record_attempt(delivered(&lab[0], None))
+        .await
+        .unwrap();
+    let done = stands("delivered").await;
+    assert!(
+        done.updated_at > received.updated_at,
+        "last changed by its delivery: {} after {}",
+        done.updated_at,
+        received.updated_at
+    );
+    assert_eq!(store.prune(before_last).await.unwrap(), 0);
+    assert_eq!(store.prune(now_ms() + 1).await.unwrap(), 1);
+    assert!(store.message("m1").await.unwrap().is_none());
     store.close().await;
 }
 
