@@ -19,15 +19,25 @@ use crate::store::{
     StoreError, Stored, StoredReply, TargetBacklog, Trace, arrival_entries, merge, now_ms, rfc3339,
 };
 
+/// A delivery still to be made, a row of `outbox`: what keeps its message `accepted`.
+macro_rules! open_delivery {
+    () => {
+        "outbox.state IN ('pending', 'in_flight')"
+    };
+}
+
 /// A message's status as it stands, read from a row of `messages`. Its deliveries decide it
 /// without writing it: a message is `accepted` while one is still to be made, and `delivered`
 /// once none is (a row written `delivered` said so when it was stored). Recording each
 /// delivery rewrote the message's row, its largest, only to say so.
 macro_rules! status_now {
     () => {
-        "CASE WHEN messages.status = 'accepted' AND NOT EXISTS (SELECT 1 FROM outbox
-              WHERE outbox.message_id = messages.id AND outbox.state IN ('pending', 'in_flight'))
-         THEN 'delivered' ELSE messages.status END"
+        concat!(
+            "CASE WHEN messages.status = 'accepted' AND NOT EXISTS (SELECT 1 FROM outbox
+                  WHERE outbox.message_id = messages.id AND ",
+            open_delivery!(),
+            ") THEN 'delivered' ELSE messages.status END"
+        )
     };
 }
 
@@ -272,21 +282,24 @@ async fn find_messages(
     conn: &mut Conn,
     filter: &MessageFilter,
 ) -> Result<Vec<MessageSummary>, StoreError> {
-    // The stored status narrows the search (a message written `accepted` may be delivered by
-    // now), the status as it stands decides.
+    // A page of messages is found by what is stored, each message written `accepted` asked
+    // whether it is still (the deliveries still to be made are read once, not per message),
+    // and only the page's are read as they stand.
     let rows = sqlx::query(concat!(
-        "SELECT * FROM (SELECT ",
+        "SELECT ",
         summary_columns!(),
-        " FROM messages
+        " FROM (SELECT id, flow, status, correlation_id, error, received_at, updated_at FROM messages
          WHERE (CAST($1 AS TEXT) IS NULL OR flow = $1)
-           AND (CAST($2 AS TEXT) IS NULL OR messages.status = $2
-                OR (messages.status = 'accepted' AND $2 = 'delivered'))
+           AND (CAST($2 AS TEXT) IS NULL OR (status = $2 AND $2 <> 'accepted')
+                OR (status = 'accepted' AND $2 = CASE WHEN id IN (SELECT message_id FROM outbox WHERE ",
+        open_delivery!(),
+        ") THEN 'accepted' ELSE 'delivered' END))
            AND (CAST($3 AS TEXT) IS NULL OR EXISTS (SELECT 1 FROM outbox
                 WHERE outbox.message_id = messages.id AND outbox.target = $3 AND outbox.state = 'dead'))
            AND (CAST($4 AS BIGINT) IS NULL OR received_at >= $4)
-           AND (CAST($5 AS BIGINT) IS NULL OR received_at < $5)) AS found
-         WHERE CAST($2 AS TEXT) IS NULL OR status = $2
-         ORDER BY received_at DESC, id DESC LIMIT $6"
+           AND (CAST($5 AS BIGINT) IS NULL OR received_at < $5)
+         ORDER BY received_at DESC, id DESC LIMIT $6) AS messages
+         ORDER BY received_at DESC, id DESC"
     ))
     .bind(&filter.flow)
     .bind(&filter.status)
@@ -326,12 +339,12 @@ async fn overview(conn: &mut Conn) -> Result<Overview, StoreError> {
     // Of the messages written `accepted`, those with no delivery left to make are delivered
     // (`status_now!`): the few that have one are counted from the deliveries, rather than
     // every message from its own.
-    let open: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT messages.flow, COUNT(DISTINCT messages.id) FROM outbox
-         JOIN messages ON messages.id = outbox.message_id
-         WHERE outbox.state IN ('pending', 'in_flight') AND messages.status = 'accepted'
-         GROUP BY messages.flow",
-    )
+    let open: Vec<(String, i64)> = sqlx::query_as(concat!(
+        "SELECT flow, COUNT(DISTINCT message_id) FROM outbox WHERE ",
+        open_delivery!(),
+        " AND EXISTS (SELECT 1 FROM messages WHERE messages.id = outbox.message_id AND messages.status = 'accepted')
+         GROUP BY flow"
+    ))
     .fetch_all(&mut *conn)
     .await?;
     for counts in &mut flows {
@@ -1240,9 +1253,13 @@ pub(super) async fn prune(conn: &mut WriteConn<'_>, before: Millis) -> Result<u6
     .await?;
     let pruned = conn
         .execute(
-            "DELETE FROM messages WHERE status IN ('accepted', 'delivered') AND updated_at < $1
-             AND NOT EXISTS (SELECT 1 FROM outbox WHERE outbox.message_id = messages.id
-                             AND (outbox.state IN ('pending', 'in_flight') OR outbox.updated_at >= $1))",
+            concat!(
+                "DELETE FROM messages WHERE status IN ('accepted', 'delivered') AND updated_at < $1
+                 AND NOT EXISTS (SELECT 1 FROM outbox WHERE outbox.message_id = messages.id
+                                 AND (outbox.updated_at >= $1 OR ",
+                open_delivery!(),
+                "))"
+            ),
             &params![before],
         )
         .await?;
