@@ -19,7 +19,8 @@ use crate::store::{
     StoreError, Stored, StoredReply, TargetBacklog, Trace, arrival_entries, merge, now_ms, rfc3339,
 };
 
-/// A delivery still to be made, a row of `outbox`: what keeps its message `accepted`.
+/// A delivery still to be made, a row of `outbox`: what keeps its message `accepted`, and
+/// the condition of the `outbox_open` index, which finds such rows without a scan.
 macro_rules! open_delivery {
     () => {
         "outbox.state IN ('pending', 'in_flight')"
@@ -255,18 +256,21 @@ async fn next_due(conn: &mut Conn, flow: &str, target: &str) -> Result<Option<Mi
 }
 
 async fn oldest_undelivered(conn: &mut Conn) -> Result<Option<Millis>, StoreError> {
-    Ok(sqlx::query_scalar(
-        "SELECT MIN(created_at) FROM outbox WHERE state IN ('pending', 'in_flight')",
-    )
+    Ok(sqlx::query_scalar(concat!(
+        "SELECT MIN(created_at) FROM outbox WHERE ",
+        open_delivery!()
+    ))
     .fetch_one(&mut *conn)
     .await?)
 }
 
 async fn undelivered(conn: &mut Conn) -> Result<u64, StoreError> {
-    let count: i64 =
-        sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE state IN ('pending', 'in_flight')")
-            .fetch_one(&mut *conn)
-            .await?;
+    let count: i64 = sqlx::query_scalar(concat!(
+        "SELECT COUNT(*) FROM outbox WHERE ",
+        open_delivery!()
+    ))
+    .fetch_one(&mut *conn)
+    .await?;
     Ok(u64::try_from(count).unwrap_or_default())
 }
 
@@ -357,13 +361,15 @@ async fn overview(conn: &mut Conn) -> Result<Overview, StoreError> {
         counts.accepted = undelivered;
     }
     let mut targets: Vec<TargetBacklog> = Vec::new();
-    for row in sqlx::query(
+    for row in sqlx::query(concat!(
         "SELECT flow, target, COUNT(*) AS open, SUM(CASE WHEN attempts > 0 THEN 1 ELSE 0 END) AS retrying,
                 MIN(created_at) AS oldest, 0 AS dead
-         FROM outbox WHERE state IN ('pending', 'in_flight') GROUP BY flow, target
+         FROM outbox WHERE ",
+        open_delivery!(),
+        " GROUP BY flow, target
          UNION ALL
-         SELECT flow, target, 0, 0, NULL, COUNT(*) FROM outbox WHERE state = 'dead' GROUP BY flow, target",
-    )
+         SELECT flow, target, 0, 0, NULL, COUNT(*) FROM outbox WHERE state = 'dead' GROUP BY flow, target"
+    ))
     .fetch_all(&mut *conn)
     .await?
     {
